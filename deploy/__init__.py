@@ -1,0 +1,1 @@
+"""Deployment artefacts that are generated from Python (the Envoy edge config)."""

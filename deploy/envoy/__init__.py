@@ -1,0 +1,1 @@
+"""The Envoy edge: its config generator and Lua filter."""

@@ -1,0 +1,243 @@
+"""Generates the Envoy edge config (YAML, via pyyaml) from the service addresses."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import FileDescriptor
+
+from meshserve.llm.v1 import llm_pb2
+
+LUA = Path(__file__).with_name("openai.lua")
+TRANSCODED_SERVICES = [llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name]
+# OpenAI's error `type` and a short `code` for each HTTP status the edge returns. Used for local
+# replies (no route, no healthy router, a body the transcoder cannot parse) and, through the Lua
+# filter, for gRPC errors the transcoder turned into HTTP statuses.
+ERROR_TYPES = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "permission_denied"),
+    404: ("not_found_error", "not_found"),
+    409: ("conflict_error", "conflict"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    499: ("server_error", "cancelled"),
+    500: ("server_error", "internal_error"),
+    501: ("invalid_request_error", "not_implemented"),
+    502: ("server_error", "bad_gateway"),
+    503: ("server_error", "service_unavailable"),
+    504: ("server_error", "timeout"),
+}
+
+
+@dataclass(frozen=True)
+class Address:
+    """host:port of a listener or an upstream."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        host, _, port = text.rpartition(":")
+        return cls(host or "127.0.0.1", int(port))
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """What the edge config depends on."""
+
+    listen: Address
+    admin: Address
+    router: Address
+    # Largest request body the edge buffers (the Lua stream routing reads whole bodies).
+    max_request_bytes: int = 16 * 1024 * 1024
+    # A stream with no bytes either way for this long is reset.
+    stream_idle_timeout_s: int = 300
+
+
+def descriptor_set() -> bytes:
+    """The FileDescriptorSet of the public API and everything it imports."""
+    seen: dict[str, FileDescriptor] = {}
+
+    def visit(fd: FileDescriptor) -> None:
+        if fd.name in seen:
+            return
+        for dep in fd.dependencies:
+            visit(dep)
+        seen[fd.name] = fd
+
+    visit(llm_pb2.DESCRIPTOR)
+    out = descriptor_pb2.FileDescriptorSet()
+    for fd in seen.values():
+        fd.CopyToProto(out.file.add())
+    return out.SerializeToString()
+
+
+def _socket(addr: Address) -> dict[str, Any]:
+    return {"socket_address": {"address": addr.host, "port_value": addr.port}}
+
+
+def _error_body(kind: str, code: str) -> dict[str, Any]:
+    return {"json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": kind, "param": None, "code": code}}}
+
+
+def lua_source() -> str:
+    """The Lua filter with the error table filled in."""
+    rows = ",\n".join(f'  [{status}] = {{"{kind}", "{code}"}}' for status, (kind, code) in ERROR_TYPES.items())
+    return LUA.read_text().replace("%%ERROR_TYPES%%", rows)
+
+
+def _local_reply_config() -> dict[str, Any]:
+    mappers = [
+        {
+            "filter": {
+                "status_code_filter": {
+                    "comparison": {
+                        "op": "EQ",
+                        "value": {"default_value": status, "runtime_key": f"meshserve.local_reply.{status}"},
+                    }
+                }
+            },
+            "body_format_override": _error_body(kind, code),
+        }
+        for status, (kind, code) in ERROR_TYPES.items()
+    ]
+    return {"mappers": mappers, "body_format": _error_body("server_error", "internal_error")}
+
+
+def _access_log() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                "log_format": {
+                    "json_format": {
+                        "ts": "%START_TIME%",
+                        "service": "edge",
+                        "msg": "access",
+                        "request_id": "%REQ(X-REQUEST-ID)%",
+                        "method": "%REQ(:METHOD)%",
+                        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+                        "protocol": "%PROTOCOL%",
+                        "status": "%RESPONSE_CODE%",
+                        "grpc_status": "%GRPC_STATUS%",
+                        "duration_ms": "%DURATION%",
+                        "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+                        "bytes_in": "%BYTES_RECEIVED%",
+                        "bytes_out": "%BYTES_SENT%",
+                    }
+                },
+            },
+        }
+    ]
+
+
+def _http_filters() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": lua_source()},
+            },
+        },
+        {
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                "proto_descriptor_bin": base64.b64encode(descriptor_set()).decode(),
+                "services": TRANSCODED_SERVICES,
+                "print_options": {
+                    "add_whitespace": False,
+                    "always_print_primitive_fields": True,
+                    "always_print_enums_as_ints": False,
+                    "preserve_proto_field_names": True,
+                    "stream_sse_style_delimited": True,
+                },
+                "convert_grpc_status": True,
+                "request_validation_options": {"reject_unknown_method": True},
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def _grpc_cluster(name: str, addr: Address) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {"connection_keepalive": {"interval": "20s", "timeout": "5s"}}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(addr)}}]}],
+        },
+    }
+
+
+def render(cfg: EdgeConfig) -> dict[str, Any]:
+    """The whole Envoy bootstrap as a dict."""
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "edge",
+        "codec_type": "AUTO",
+        "generate_request_id": True,
+        "stream_idle_timeout": f"{cfg.stream_idle_timeout_s}s",
+        "access_log": _access_log(),
+        "local_reply_config": _local_reply_config(),
+        "route_config": {
+            "name": "edge",
+            "virtual_hosts": [
+                {
+                    "name": "meshserve",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            # Streams last as long as generation does: no overall timeout, only idleness.
+                            "route": {"cluster": "router", "timeout": "0s", "idle_timeout": f"{cfg.stream_idle_timeout_s}s"},
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": _http_filters(),
+    }
+    return {
+        "admin": {"address": _socket(cfg.admin)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "edge",
+                    "address": _socket(cfg.listen),
+                    "per_connection_buffer_limit_bytes": cfg.max_request_bytes,
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": [_grpc_cluster("router", cfg.router)],
+        },
+    }
+
+
+def write(cfg: EdgeConfig, path: Path) -> Path:
+    """Writes the config as YAML to path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(render(cfg), sort_keys=False, width=120))
+    return path

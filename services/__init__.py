@@ -1,0 +1,1 @@
+"""meshserve services: one package per service over a shared runtime."""

@@ -1,0 +1,1 @@
+"""The meshserve command line: run the local mesh, build models, generate stubs."""

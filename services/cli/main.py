@@ -1,0 +1,132 @@
+"""meshserve: run the local mesh, build model store entries, regenerate stubs."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from services.mesh.local import LocalMesh, MeshError, MeshOptions
+
+app = typer.Typer(help="meshserve: self-hosted LLM serving behind an OpenAI-compatible edge.", no_args_is_help=True)
+model_app = typer.Typer(help="The model store.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+console = Console(stderr=True)
+out = Console(soft_wrap=True)
+
+
+@model_app.command("pull")
+def model_pull(
+    name: str = typer.Argument("smollm2-135m-instruct", help="Model to build into the store."),
+    store: Path = typer.Option(Path("var/models"), help="Model store folder."),
+) -> None:
+    """Builds a model store entry (an HF folder) once; a no-op when it exists."""
+    from services.inference import model_store
+
+    with console.status(f"building {name} in {store} (once; about 20 s)"):
+        path = model_store.ensure(model_store.ModelStore(store), name)
+    console.print(f"[green]ready[/]: {path}")
+
+
+@model_app.command("list")
+def model_list(store: Path = typer.Option(Path("var/models"), help="Model store folder.")) -> None:
+    """Lists the complete entries of the model store."""
+    from services.inference.model_store import ModelStore
+
+    for name in ModelStore(store).names():
+        print(name)
+
+
+@app.command()
+def gen() -> None:
+    """Regenerates the Python stubs in gen/ from protos/."""
+    from services.cli import protogen
+
+    protogen.main()
+
+
+def _examples(url: str, model: str) -> str:
+    return f"""[bold]Edge[/]: {url}  (REST + SSE, OpenAI-compatible; native gRPC on the same port)
+
+[bold]curl[/]
+  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32}}'
+
+[bold]OpenAI SDK[/]
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  for chunk in client.chat.completions.create(model="{model}", stream=True,
+          messages=[{{"role": "user", "content": "Tell me a joke."}}]):
+      print(chunk.choices[0].delta.content or "", end="", flush=True) if chunk.choices else None
+
+Ctrl-C stops everything."""
+
+
+@app.command()
+def up(
+    port: int = typer.Option(8080, help="Edge port (REST and gRPC)."),
+    host: str = typer.Option("127.0.0.1", help="Address every process binds to."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Model to serve from the store."),
+    store: Path = typer.Option(Path("var/models"), help="Model store folder."),
+    state: Path = typer.Option(Path("var/run"), help="Folder for logs and generated configs."),
+    dtype: str = typer.Option("auto", help="Weights dtype (auto, bfloat16, float32)."),
+) -> None:
+    """Starts the local mesh (inference on vLLM, router, Envoy edge) and runs until Ctrl-C."""
+    from services.inference import model_store
+
+    with console.status(f"model store: {model}"):
+        model_store.ensure(model_store.ModelStore(store), model)
+    mesh = LocalMesh(MeshOptions(state_dir=state, model=model, model_store=store, host=host, edge_port=port,
+                                 dtype=dtype))
+    started = time.monotonic()
+    stop_requested = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        with console.status("starting") as status:
+            log = state / "inference.log"
+
+            def tick() -> None:
+                last = _last_engine_line(log)
+                status.update(f"loading {model} on vLLM ({time.monotonic() - started:.0f}s): {last}")
+
+            mesh.start(timeout=900, tick=tick)
+        console.print(f"[green]meshserve is up[/] in {time.monotonic() - started:.0f}s; logs in {state}/")
+        out.print(_examples(mesh.edge_url, model))
+        while True:
+            dead = mesh.dead()
+            if dead:
+                raise MeshError(f"{dead[0].name} exited with code {dead[0].popen.returncode}\n{dead[0].tail()}")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    except MeshError as exc:
+        console.print(f"[red]meshserve failed[/]: {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        mesh.stop()
+        console.print("stopped")
+
+
+def _last_engine_line(log: Path) -> str:
+    if not log.exists():
+        return "starting"
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        return "starting"
+    last = lines[-1]
+    if "] " in last:
+        last = last.split("] ", 1)[1]
+    return last[:80]
+
+
+if __name__ == "__main__":
+    app()

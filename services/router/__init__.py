@@ -1,0 +1,1 @@
+"""The router: the public OpenAI-shaped API, in front of the inference replicas."""

@@ -1,0 +1,16 @@
+"""Router settings (env prefix MESHSERVE_ROUTER_)."""
+
+from __future__ import annotations
+
+from pydantic_settings import SettingsConfigDict
+
+from services.runtime.settings import ServiceSettings
+
+
+class RouterSettings(ServiceSettings):
+    """Settings of the router."""
+
+    model_config = SettingsConfigDict(env_prefix="MESHSERVE_ROUTER_", extra="ignore")
+
+    # Path of the model catalogue YAML (models and their replica addresses).
+    catalogue: str = "deploy/local/catalogue.yaml"

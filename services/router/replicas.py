@@ -1,0 +1,97 @@
+"""Inference replicas over gRPC: one channel per address, engine errors as domain errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc import aio
+
+from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.runtime import errors
+
+# Keepalive notices a dead replica on an idle channel; the service config lets gRPC
+# itself retry a call that failed before the replica answered anything.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "meshserve.inference.v1.InferenceService"}],
+                "waitForReady": False,
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+_OPTIONS = [
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
+
+
+def domain_error(exc: aio.AioRpcError, address: str) -> errors.DomainError:
+    """The domain error a caller should see for a failed engine call."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return errors.InvalidArgument(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return errors.ResourceExhausted(details)
+    return errors.Unavailable(f"inference replica {address} failed: {code.name}: {details}")
+
+
+class GrpcReplica:
+    """One inference replica."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = aio.insecure_channel(address, options=_OPTIONS)
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+
+    async def generate(
+        self, request: inference_pb2.GenerateRequest
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        call = self._stub.Generate(request)
+        try:
+            async for step in call:
+                yield step
+        except aio.AioRpcError as exc:
+            raise domain_error(exc, self.address) from exc
+        finally:
+            # Closing early (client gone, router stopping) must abort the generation on the engine.
+            call.cancel()
+
+    async def get_load(self) -> inference_pb2.GetLoadResponse:
+        try:
+            return await self._stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=2)
+        except aio.AioRpcError as exc:
+            raise domain_error(exc, self.address) from exc
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class ReplicaPool:
+    """Channels by address, opened on first use and closed together."""
+
+    def __init__(self) -> None:
+        self._replicas: dict[str, GrpcReplica] = {}
+
+    def get(self, address: str) -> GrpcReplica:
+        if address not in self._replicas:
+            self._replicas[address] = GrpcReplica(address)
+        return self._replicas[address]
+
+    async def close(self) -> None:
+        for replica in self._replicas.values():
+            await replica.close()
+        self._replicas.clear()

@@ -1,0 +1,45 @@
+"""The router's gRPC servicer: protobuf in, domain calls, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+
+from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.router.completions import Completions
+
+Context = aio.ServicerContext[Any, Any]
+
+
+class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
+    """meshserve.llm.v1.LlmService over Completions."""
+
+    def __init__(self, completions: Completions) -> None:
+        self._completions = completions
+
+    async def CreateChatCompletion(
+        self, request: llm_pb2.CreateChatCompletionRequest, context: Context
+    ) -> llm_pb2.CreateChatCompletionResponse:
+        return await self._completions.chat(request.params)
+
+    async def StreamChatCompletion(  # type: ignore[override]
+        self, request: llm_pb2.StreamChatCompletionRequest, context: Context
+    ) -> AsyncIterator[llm_pb2.StreamChatCompletionResponse]:
+        async for chunk in self._completions.chat_stream(request.params):
+            yield chunk
+
+    async def CreateCompletion(
+        self, request: llm_pb2.CreateCompletionRequest, context: Context
+    ) -> llm_pb2.CreateCompletionResponse:
+        return await self._completions.completion(request.params)
+
+    async def StreamCompletion(  # type: ignore[override]
+        self, request: llm_pb2.StreamCompletionRequest, context: Context
+    ) -> AsyncIterator[llm_pb2.StreamCompletionResponse]:
+        async for chunk in self._completions.completion_stream(request.params):
+            yield chunk
+
+    async def ListModels(self, request: llm_pb2.ListModelsRequest, context: Context) -> llm_pb2.ListModelsResponse:
+        return self._completions.list_models()

@@ -1,0 +1,158 @@
+"""Checks an OpenAI-shaped request and turns it into a generation spec; every rule is here, once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from google.protobuf import struct_pb2
+
+from meshserve.llm.v1 import llm_pb2
+from services.runtime.errors import InvalidArgument
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP = 4
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Validated sampling settings; None takes the engine's default."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    stop: tuple[str, ...]
+    seed: int | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A validated request: which model, what input, how to sample, how to stream."""
+
+    model: str
+    # Exactly one of text and turns is set.
+    text: str | None
+    turns: tuple[tuple[str, str], ...]
+    sampling: SamplingSpec
+    include_usage: bool
+
+
+class _Common(Protocol):
+    """The fields chat and text completion bodies share."""
+
+    model: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: struct_pb2.Value
+    seed: int
+    presence_penalty: float
+    frequency_penalty: float
+    n: int
+    stream: bool
+    stream_options: llm_pb2.StreamOptions
+
+    def HasField(self, name: str) -> bool: ...
+
+
+def _optional(params: _Common, name: str) -> float | None:
+    return getattr(params, name) if params.HasField(name) else None  # type: ignore[no-any-return]
+
+
+def _in_range(name: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:
+    if value is None:
+        return
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise InvalidArgument(f"{name}: {value:g} is out of range; it must be in {bracket}{low:g}, {high:g}]")
+
+
+def _stop(value: struct_pb2.Value) -> tuple[str, ...]:
+    kind = value.WhichOneof("kind")
+    if kind is None or kind == "null_value":
+        return ()
+    if kind == "string_value":
+        strings: Sequence[object] = [value.string_value]
+    elif kind == "list_value":
+        strings = [v.string_value if v.WhichOneof("kind") == "string_value" else v for v in value.list_value.values]
+    else:
+        raise InvalidArgument("stop: must be a string or a list of strings")
+    if len(strings) > MAX_STOP:
+        raise InvalidArgument(f"stop: at most {MAX_STOP} stop strings, got {len(strings)}")
+    out = []
+    for s in strings:
+        if not isinstance(s, str):
+            raise InvalidArgument("stop: must be a string or a list of strings")
+        if not s:
+            raise InvalidArgument("stop: stop strings must not be empty")
+        out.append(s)
+    return tuple(out)
+
+
+def _common(params: _Common, max_tokens: int | None) -> tuple[str, SamplingSpec, bool]:
+    if not params.model:
+        raise InvalidArgument("model: is required")
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidArgument(f"max_tokens: must be at least 1, got {max_tokens}")
+    n = _optional(params, "n")
+    if n is not None and n != 1:
+        raise InvalidArgument(f"n: only 1 choice per request is served, got {n:g}")
+    temperature = _optional(params, "temperature")
+    top_p = _optional(params, "top_p")
+    presence = _optional(params, "presence_penalty")
+    frequency = _optional(params, "frequency_penalty")
+    _in_range("temperature", temperature, 0.0, 2.0)
+    _in_range("top_p", top_p, 0.0, 1.0, low_open=True)
+    _in_range("presence_penalty", presence, -2.0, 2.0)
+    _in_range("frequency_penalty", frequency, -2.0, 2.0)
+    if params.HasField("stream_options") and not params.stream:
+        raise InvalidArgument("stream_options: only allowed when stream is true")
+    seed = params.seed if params.HasField("seed") else None
+    sampling = SamplingSpec(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop=_stop(params.stop),
+        seed=seed,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+    )
+    return params.model, sampling, params.stream_options.include_usage
+
+
+def chat(params: llm_pb2.ChatCompletionParams) -> GenerationSpec:
+    """Validates a chat completion body."""
+    if params.HasField("max_tokens") and params.HasField("max_completion_tokens"):
+        raise InvalidArgument("max_tokens: set either max_tokens or max_completion_tokens, not both")
+    max_tokens: int | None = None
+    if params.HasField("max_tokens"):
+        max_tokens = params.max_tokens
+    elif params.HasField("max_completion_tokens"):
+        max_tokens = params.max_completion_tokens
+    model, sampling, include_usage = _common(params, max_tokens)
+    if not params.messages:
+        raise InvalidArgument("messages: must contain at least one message")
+    turns = []
+    for i, message in enumerate(params.messages):
+        if message.role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role: must be one of {', '.join(ROLES)}, got {message.role!r}")
+        turns.append((message.role, message.content))
+    return GenerationSpec(model, None, tuple(turns), sampling, include_usage)
+
+
+def completion(params: llm_pb2.CompletionParams) -> GenerationSpec:
+    """Validates a text completion body."""
+    # OpenAI's legacy completions default to 16 tokens, not to the rest of the context.
+    max_tokens = params.max_tokens if params.HasField("max_tokens") else 16
+    model, sampling, include_usage = _common(params, max_tokens)
+    if not params.prompt:
+        raise InvalidArgument("prompt: must not be empty")
+    if params.echo:
+        raise InvalidArgument("echo: is not supported")
+    if params.suffix:
+        raise InvalidArgument("suffix: is not supported")
+    return GenerationSpec(model, params.prompt, (), sampling, include_usage)

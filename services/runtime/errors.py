@@ -1,0 +1,44 @@
+"""Domain errors: raised by modules that import no gRPC, mapped to status codes at the edge of a servicer."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base of every error a caller should see with its own status."""
+
+    # Short machine-readable code, shown to clients (OpenAI's error `code`).
+    code = "internal_error"
+
+
+class InvalidArgument(DomainError):
+    """The request is malformed; the message names the field and why."""
+
+    code = "invalid_request"
+
+
+class NotFound(DomainError):
+    """The named thing (a model, a key) does not exist."""
+
+    code = "not_found"
+
+
+class ResourceExhausted(DomainError):
+    """A limit or a queue is full; the caller may retry later."""
+
+    code = "resource_exhausted"
+
+    def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class Unavailable(DomainError):
+    """A dependency (an engine replica, Redis) cannot be reached right now."""
+
+    code = "unavailable"
+
+
+class FailedPrecondition(DomainError):
+    """The service is not in a state to do this (e.g. the model is not loaded)."""
+
+    code = "failed_precondition"

@@ -1,0 +1,96 @@
+"""Server interceptors in one fixed order: per-RPC metrics, then domain errors to status codes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from services.runtime import errors, metrics
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[errors.DomainError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_of(exc: errors.DomainError) -> grpc.StatusCode:
+    """The status code for a domain error: the nearest mapped base class, else INTERNAL."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort_for(exc: errors.DomainError, context: aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_seconds is not None:
+        context.set_trailing_metadata((("retry-after", str(max(1, round(exc.retry_after_seconds)))),))
+    await context.abort(status_of(exc), str(exc))
+
+
+def _code_of(context: aio.ServicerContext[Any, Any]) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return str(code)
+
+
+class ServiceInterceptor(aio.ServerInterceptor):
+    """Counts and times every RPC, and turns DomainError into its own status code."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        service = self._service
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                start = time.perf_counter()
+                try:
+                    return await inner_unary(request, context)
+                except errors.DomainError as exc:
+                    await _abort_for(exc, context)
+                finally:
+                    metrics.observe_rpc(service, method, _code_of(context), time.perf_counter() - start)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                start = time.perf_counter()
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except errors.DomainError as exc:
+                    await _abort_for(exc, context)
+                finally:
+                    metrics.observe_rpc(service, method, _code_of(context), time.perf_counter() - start)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler

@@ -1,0 +1,31 @@
+"""Process settings every service shares, read from environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of the shared runtime; each service subclasses with its own env prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="MESHSERVE_", extra="ignore")
+
+    # Address the gRPC server binds to.
+    host: str = "127.0.0.1"
+    # gRPC port; 0 picks a free one (written to ready_file).
+    port: int = 0
+    # Port of the Prometheus /metrics endpoint; 0 picks a free one, -1 disables it.
+    metrics_port: int = 0
+    # Seconds health reports NOT_SERVING before the server stops taking calls.
+    drain_seconds: float = 5.0
+    # Seconds in-flight calls get to finish once the server stops.
+    grace_seconds: float = 60.0
+    # Log level name (DEBUG, INFO, WARNING, ERROR).
+    log_level: str = "INFO"
+    # JSON log lines (true) or plain text for a terminal (false).
+    log_json: bool = True
+    # If set, a JSON file with the bound ports is written here once serving.
+    ready_file: str = ""
+    # Maximum size of one gRPC message, in bytes.
+    max_message_bytes: int = Field(default=16 * 1024 * 1024)

@@ -1,0 +1,34 @@
+"""Fixtures shared by every test: paths, free ports and the real local mesh."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.inference import model_store
+from services.mesh.local import LocalMesh, MeshOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = model_store.SMOLLM2
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The packaged model in the repo's model store, built once."""
+    return model_store.ensure(model_store.ModelStore(ROOT / "var" / "models"), MODEL)
+
+
+@pytest.fixture(scope="session")
+def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """The whole local mesh (real vLLM, router, Envoy) on free ports, shared by the session."""
+    state = tmp_path_factory.mktemp("mesh")
+    m = LocalMesh(MeshOptions(state_dir=state, model=MODEL, model_store=model_dir.parent))
+    try:
+        m.start(timeout=600)
+        yield m
+    finally:
+        m.stop()
