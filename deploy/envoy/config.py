@@ -180,7 +180,9 @@ def _grpc_cluster(name: str, addr: Address) -> dict[str, Any]:
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {"connection_keepalive": {"interval": "20s", "timeout": "5s"}}},
+                "explicit_http_config": {
+                    "http2_protocol_options": {"connection_keepalive": {"interval": "20s", "timeout": "5s"}}
+                },
             }
         },
         "load_assignment": {
@@ -190,10 +192,13 @@ def _grpc_cluster(name: str, addr: Address) -> dict[str, Any]:
     }
 
 
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
 def render(cfg: EdgeConfig) -> dict[str, Any]:
     """The whole Envoy bootstrap as a dict."""
     hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": HCM_TYPE,
         "stat_prefix": "edge",
         "codec_type": "AUTO",
         "generate_request_id": True,
@@ -210,7 +215,11 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                         {
                             "match": {"prefix": "/"},
                             # Streams last as long as generation does: no overall timeout, only idleness.
-                            "route": {"cluster": "router", "timeout": "0s", "idle_timeout": f"{cfg.stream_idle_timeout_s}s"},
+                            "route": {
+                                "cluster": "router",
+                                "timeout": "0s",
+                                "idle_timeout": f"{cfg.stream_idle_timeout_s}s",
+                            },
                         }
                     ],
                 }

@@ -79,8 +79,9 @@ def up(
 
     with console.status(f"model store: {model}"):
         model_store.ensure(model_store.ModelStore(store), model)
-    mesh = LocalMesh(MeshOptions(state_dir=state, model=model, model_store=store, host=host, edge_port=port,
-                                 dtype=dtype))
+    mesh = LocalMesh(
+        MeshOptions(state_dir=state, model=model, model_store=store, host=host, edge_port=port, dtype=dtype)
+    )
     started = time.monotonic()
     stop_requested = False
 

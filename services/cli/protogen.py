@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -56,8 +57,13 @@ def stale_files() -> list[str]:
         generate(fresh)
         names = {str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.is_file()}
         names |= {str(p.relative_to(GEN)) for p in GEN.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-        return sorted(n for n in names if not (GEN / n).is_file() or not (fresh / n).is_file()
-                      or (GEN / n).read_bytes() != (fresh / n).read_bytes())
+        return sorted(
+            n
+            for n in names
+            if not (GEN / n).is_file()
+            or not (fresh / n).is_file()
+            or (GEN / n).read_bytes() != (fresh / n).read_bytes()
+        )
 
 
 def main() -> None:
@@ -69,3 +75,17 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def buf(*args: str) -> subprocess.CompletedProcess[str]:
+    """Runs the buf CLI (buf-bin) in the repo, with google/api protos copied into var/buf-deps."""
+    import google.api
+
+    deps = ROOT / "var" / "buf-deps" / "google" / "api"
+    deps.mkdir(parents=True, exist_ok=True)
+    for name in ("annotations.proto", "http.proto"):
+        shutil.copyfile(Path(next(iter(google.api.__path__))) / name, deps / name)
+    exe = shutil.which("buf", path=str(Path(sys.executable).parent))
+    if exe is None:
+        raise SystemExit("buf not found: install buf-bin")
+    return subprocess.run([exe, *args], cwd=ROOT, capture_output=True, text=True, check=False)

@@ -95,7 +95,7 @@ class Engine:
         args = AsyncEngineArgs(
             model=str(config.model_dir),
             served_model_name=[config.model_name],
-            dtype=config.dtype,
+            dtype=config.dtype,  # type: ignore[arg-type]  # checked by vLLM, named in settings
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,

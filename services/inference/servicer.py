@@ -41,7 +41,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return engine.tokenize_chat([(t.role, t.content) for t in model_input.conversation.turns])
         raise InvalidArgument("input: set text or conversation")
 
-    async def Generate(  # type: ignore[override]
+    async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         engine = self._engine(request.model)

@@ -124,8 +124,16 @@ class LocalMesh:
         catalogue = self.options.state_dir / f"{name}.catalogue.yaml"
         catalogue.write_text(
             yaml.safe_dump(
-                {"models": [{"id": self.options.model, "replicas": replicas, "owned_by": "meshserve",
-                             "created": int(time.time())}]}
+                {
+                    "models": [
+                        {
+                            "id": self.options.model,
+                            "replicas": replicas,
+                            "owned_by": "meshserve",
+                            "created": int(time.time()),
+                        }
+                    ]
+                }
             )
         )
         prefix = "MESHSERVE_ROUTER_"
@@ -143,8 +151,17 @@ class LocalMesh:
             EdgeConfig(listen=self.edge, admin=self.admin, router=Address(self.options.host, router.grpc_port)),
             self.options.state_dir / "envoy.yaml",
         )
-        args = [envoy_binary(), "-c", str(config), "--log-level", "warn", "--concurrency", "1",
-                "--base-id", str(self.edge.port)]
+        args = [
+            envoy_binary(),
+            "-c",
+            str(config),
+            "--log-level",
+            "warn",
+            "--concurrency",
+            "1",
+            "--base-id",
+            str(self.edge.port),
+        ]
         return self._spawn("envoy", args, {}, ready=False)
 
     def wait_bound(self, proc: Proc, timeout: float) -> None:

@@ -204,9 +204,7 @@ class Completions:
         self,
         request_id: str,
         spec: GenerationSpec,
-        chunk: Callable[
-            [str | None, str | None, llm_pb2.Usage | None, llm_pb2.ErrorDetail | None], Chunk
-        ],
+        chunk: Callable[[str | None, str | None, llm_pb2.Usage | None, llm_pb2.ErrorDetail | None], Chunk],
     ) -> AsyncIterator[Chunk]:
         steps = self._generate(request_id, spec)
         # Until the first step arrives an error is still a status code (a 4xx/5xx on REST);

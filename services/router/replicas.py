@@ -57,9 +57,7 @@ class GrpcReplica:
         self._channel = aio.insecure_channel(address, options=_OPTIONS)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
 
-    async def generate(
-        self, request: inference_pb2.GenerateRequest
-    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    async def generate(self, request: inference_pb2.GenerateRequest) -> AsyncIterator[inference_pb2.GenerateResponse]:
         call = self._stub.Generate(request)
         try:
             async for step in call:

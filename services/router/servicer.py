@@ -24,7 +24,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     ) -> llm_pb2.CreateChatCompletionResponse:
         return await self._completions.chat(request.params)
 
-    async def StreamChatCompletion(  # type: ignore[override]
+    async def StreamChatCompletion(
         self, request: llm_pb2.StreamChatCompletionRequest, context: Context
     ) -> AsyncIterator[llm_pb2.StreamChatCompletionResponse]:
         async for chunk in self._completions.chat_stream(request.params):
@@ -35,7 +35,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     ) -> llm_pb2.CreateCompletionResponse:
         return await self._completions.completion(request.params)
 
-    async def StreamCompletion(  # type: ignore[override]
+    async def StreamCompletion(
         self, request: llm_pb2.StreamCompletionRequest, context: Context
     ) -> AsyncIterator[llm_pb2.StreamCompletionResponse]:
         async for chunk in self._completions.completion_stream(request.params):

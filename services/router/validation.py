@@ -59,7 +59,8 @@ class _Common(Protocol):
 
 
 def _optional(params: _Common, name: str) -> float | None:
-    return getattr(params, name) if params.HasField(name) else None  # type: ignore[no-any-return]
+    value: float | None = getattr(params, name) if params.HasField(name) else None
+    return value
 
 
 def _in_range(name: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:

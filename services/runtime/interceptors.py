@@ -54,16 +54,17 @@ class ServiceInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+    ) -> Any:
+        # Typed as Any: grpc's stubs describe sync handlers; under grpc.aio the behaviours are coroutines.
+        handler: Any = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         service = self._service
         if handler.unary_unary is not None:
-            inner_unary = handler.unary_unary
+            inner_unary: Any = handler.unary_unary
 
             async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 start = time.perf_counter()
@@ -74,11 +75,9 @@ class ServiceInterceptor(aio.ServerInterceptor):
                 finally:
                     metrics.observe_rpc(service, method, _code_of(context), time.perf_counter() - start)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+            inner_stream: Any = handler.unary_stream
 
             async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 start = time.perf_counter()

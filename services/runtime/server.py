@@ -10,6 +10,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -55,9 +56,7 @@ class Runtime:
 
     async def set_serving(self, serving: bool) -> None:
         """Sets the health of the whole server and of each of its services."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
@@ -144,7 +143,8 @@ def check_health(target: str, service: str = "", timeout: float = 2.0) -> bool:
     """True when the server at target reports SERVING (a blocking probe for CLIs and tests)."""
     with grpc.insecure_channel(target) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            stub: Any = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.RpcError:

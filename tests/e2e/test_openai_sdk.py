@@ -143,12 +143,13 @@ def test_invalid_arguments_are_bad_requests_naming_the_field(mesh: LocalMesh, kw
 
 def test_malformed_body_is_a_bad_request_with_a_useful_message(mesh: LocalMesh) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        openai_client(mesh).chat.completions.create(
-            model=MODEL, messages=QUESTION, extra_body={"max_tokens": "many"}
-        )
+        openai_client(mesh).chat.completions.create(model=MODEL, messages=QUESTION, extra_body={"max_tokens": "many"})
     assert "max_tokens" in info.value.message
-    raw = httpx.post(f"{mesh.edge_url}/v1/chat/completions", content=b'{"model": "x", "messages": [',
-                     headers={"content-type": "application/json"})
+    raw = httpx.post(
+        f"{mesh.edge_url}/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"content-type": "application/json"},
+    )
     assert raw.status_code == 400
     error = raw.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]

@@ -1,0 +1,18 @@
+# The README's two commands: `make up` and `make test`. Both install what is missing first.
+.PHONY: up test lint bench gen
+
+up:
+	@scripts/bootstrap.sh
+	@.venv/bin/meshserve up $(ARGS)
+
+test:
+	@scripts/bootstrap.sh
+	@.venv/bin/ruff check services deploy tests bench
+	@.venv/bin/python -m pytest $(ARGS)
+
+bench:
+	@scripts/bootstrap.sh
+	@.venv/bin/python -m bench.edge_vs_vllm $(ARGS)
+
+gen:
+	@.venv/bin/meshserve gen

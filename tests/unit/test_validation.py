@@ -1,0 +1,97 @@
+"""Every request rule, checked without a server."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import struct_pb2
+
+from meshserve.llm.v1 import llm_pb2
+from services.router import validation
+from services.runtime.errors import InvalidArgument
+
+
+def chat(**kw: object) -> llm_pb2.ChatCompletionParams:
+    base: dict[str, object] = {"model": "m", "messages": [llm_pb2.ChatMessage(role="user", content="hi")]}
+    base.update(kw)
+    return llm_pb2.ChatCompletionParams(**base)  # type: ignore[arg-type]
+
+
+def test_a_plain_chat_request_keeps_engine_defaults() -> None:
+    spec = validation.chat(chat())
+    assert spec.turns == (("user", "hi"),)
+    assert spec.text is None
+    assert spec.sampling.max_tokens is None and spec.sampling.temperature is None and spec.sampling.stop == ()
+
+
+def test_set_fields_pass_through() -> None:
+    stop = struct_pb2.Value(list_value=struct_pb2.ListValue(values=[struct_pb2.Value(string_value="x")]))
+    spec = validation.chat(chat(max_tokens=5, temperature=0.0, top_p=0.5, seed=3, stop=stop))
+    assert spec.sampling.max_tokens == 5
+    assert spec.sampling.temperature == 0.0
+    assert spec.sampling.top_p == 0.5
+    assert spec.sampling.seed == 3
+    assert spec.sampling.stop == ("x",)
+
+
+def test_max_completion_tokens_is_an_alias() -> None:
+    assert validation.chat(chat(max_completion_tokens=7)).sampling.max_tokens == 7
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (chat(model=""), "model"),
+        (chat(messages=[]), "messages"),
+        (chat(messages=[llm_pb2.ChatMessage(role="tool", content="x")]), "messages[0].role"),
+        (chat(max_tokens=0), "max_tokens"),
+        (chat(max_tokens=3, max_completion_tokens=3), "max_tokens"),
+        (chat(temperature=-0.1), "temperature"),
+        (chat(temperature=2.01), "temperature"),
+        (chat(top_p=0.0), "top_p"),
+        (chat(top_p=1.5), "top_p"),
+        (chat(presence_penalty=3), "presence_penalty"),
+        (chat(frequency_penalty=-3), "frequency_penalty"),
+        (chat(n=2), "n"),
+        (chat(stream_options=llm_pb2.StreamOptions(include_usage=True)), "stream_options"),
+        (chat(stop=struct_pb2.Value(number_value=3)), "stop"),
+        (chat(stop=struct_pb2.Value(string_value="")), "stop"),
+        (
+            chat(
+                stop=struct_pb2.Value(
+                    list_value=struct_pb2.ListValue(values=[struct_pb2.Value(string_value=str(i)) for i in range(5)])
+                )
+            ),
+            "stop",
+        ),
+    ],
+)
+def test_invalid_chat_requests_name_the_field(params: llm_pb2.ChatCompletionParams, field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validation.chat(params)
+    assert str(info.value).startswith(field + ":")
+
+
+def test_completions_default_to_16_tokens_like_openai() -> None:
+    spec = validation.completion(llm_pb2.CompletionParams(model="m", prompt="Once"))
+    assert spec.text == "Once" and spec.turns == ()
+    assert spec.sampling.max_tokens == 16
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (llm_pb2.CompletionParams(model="m", prompt=""), "prompt"),
+        (llm_pb2.CompletionParams(model="m", prompt="x", echo=True), "echo"),
+        (llm_pb2.CompletionParams(model="m", prompt="x", suffix="y"), "suffix"),
+        (llm_pb2.CompletionParams(model="m", prompt="x", max_tokens=0), "max_tokens"),
+    ],
+)
+def test_invalid_completions_name_the_field(params: llm_pb2.CompletionParams, field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validation.completion(params)
+    assert str(info.value).startswith(field + ":")
+
+
+def test_stream_options_are_read_when_streaming() -> None:
+    spec = validation.chat(chat(stream=True, stream_options=llm_pb2.StreamOptions(include_usage=True)))
+    assert spec.include_usage
