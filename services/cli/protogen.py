@@ -14,11 +14,9 @@ GEN = ROOT / "gen"
 
 
 def _include_dirs() -> list[str]:
-    import google.api
     import grpc_tools
 
-    api_root = Path(next(iter(google.api.__path__))).parents[1]  # site-packages holding google/api/*.proto
-    return [str(PROTOS), str(Path(grpc_tools.__file__).parent / "_proto"), str(api_root)]
+    return [str(PROTOS), str(ROOT / "third_party" / "googleapis"), str(Path(grpc_tools.__file__).parent / "_proto")]
 
 
 def generate(out: Path) -> None:
@@ -78,13 +76,7 @@ if __name__ == "__main__":
 
 
 def buf(*args: str) -> subprocess.CompletedProcess[str]:
-    """Runs the buf CLI (buf-bin) in the repo, with google/api protos copied into var/buf-deps."""
-    import google.api
-
-    deps = ROOT / "var" / "buf-deps" / "google" / "api"
-    deps.mkdir(parents=True, exist_ok=True)
-    for name in ("annotations.proto", "http.proto"):
-        shutil.copyfile(Path(next(iter(google.api.__path__))) / name, deps / name)
+    """Runs the buf CLI (from buf-bin) in the repo root."""
     exe = shutil.which("buf", path=str(Path(sys.executable).parent))
     if exe is None:
         raise SystemExit("buf not found: install buf-bin")

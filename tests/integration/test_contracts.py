@@ -35,3 +35,8 @@ def test_envoy_accepts_the_generated_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "OK" in result.stdout + result.stderr
+
+
+def test_no_breaking_change_against_main() -> None:
+    result = protogen.buf("breaking", "--against", ".git#branch=main")
+    assert result.returncode == 0, result.stdout + result.stderr
