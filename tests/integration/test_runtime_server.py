@@ -1,0 +1,112 @@
+"""The shared runtime in a real process: readiness from warm-up, reflection, metrics, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Sample:
+    def __init__(self, tmp: Path, drain: float) -> None:
+        self.gate = tmp / "gate"
+        self.ready = tmp / "ready.json"
+        env = {
+            **os.environ,
+            "SAMPLE_GATE": str(self.gate),
+            "MESHSERVE_READY_FILE": str(self.ready),
+            "MESHSERVE_DRAIN_SECONDS": str(drain),
+            "MESHSERVE_GRACE_SECONDS": "5",
+        }
+        self.log = tmp / "sample.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.integration.sample_service"], cwd=ROOT, env=env, stdout=out, stderr=out
+            )
+        deadline = time.monotonic() + 30
+        while not self.ready.exists():
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ports = json.loads(self.ready.read_text())
+        self.target = f"127.0.0.1:{ports['grpc_port']}"
+        self.metrics_port = ports["metrics_port"]
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.target) as channel:
+            return int(
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                .status
+            )
+
+
+@pytest.fixture
+def sample(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Sample]:
+    s = Sample(tmp_path, getattr(request, "param", 0.0))
+    yield s
+    if s.proc.poll() is None:
+        s.proc.kill()
+        s.proc.wait()
+
+
+def wait_status(sample: Sample, status: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while sample.health() != status:
+        assert time.monotonic() < deadline, f"health never became {status}"
+        time.sleep(0.05)
+
+
+def test_not_serving_until_warm_up_is_done_then_serving(sample: Sample) -> None:
+    assert sample.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert sample.health("meshserve.sample.v1.SampleService") == health_pb2.HealthCheckResponse.NOT_SERVING
+    sample.gate.write_text("go")
+    wait_status(sample, health_pb2.HealthCheckResponse.SERVING)
+    assert sample.health("meshserve.sample.v1.SampleService") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(sample: Sample) -> None:
+    with grpc.insecure_channel(sample.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert {"meshserve.sample.v1.SampleService", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_endpoint_exports_rpc_counts(sample: Sample) -> None:
+    sample.health()
+    with urllib.request.urlopen(f"http://127.0.0.1:{sample.metrics_port}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    assert 'meshserve_rpc_requests_total{code="OK",method="Check",service="sample"}' in body
+
+
+@pytest.mark.parametrize("sample", [1.5], indirect=True)
+def test_sigterm_drains_not_serving_first_then_exits_cleanly(sample: Sample) -> None:
+    sample.gate.write_text("go")
+    wait_status(sample, health_pb2.HealthCheckResponse.SERVING)
+    sample.proc.send_signal(signal.SIGTERM)
+    # During the drain the server still answers, and says NOT_SERVING so balancers move away.
+    wait_status(sample, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=1.0)
+    assert sample.proc.poll() is None
+    assert sample.proc.wait(15) == 0
+    log = sample.log.read_text()
+    assert '"msg": "draining"' in log and '"msg": "stopped"' in log
+
+
+def test_a_failed_warm_up_exits_non_zero(sample: Sample) -> None:
+    sample.gate.write_text("fail")
+    assert sample.proc.wait(15) == 1
+    assert "warm-up failed" in sample.log.read_text()
