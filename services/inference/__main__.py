@@ -17,17 +17,10 @@ SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_nam
 
 
 def vllm_environment(settings: InferenceSettings) -> None:
-    """vLLM reads these at import time; they are set here, once, from the settings."""
-    cache = Path(settings.cache_dir).resolve()
-    cache.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_HOST_IP", settings.host if settings.host != "0.0.0.0" else "127.0.0.1")
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache))
-    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(cache))
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if settings.in_process_engine else "1"
+    """vLLM reads its settings at import time: exported here, once, before it is imported."""
+    Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
+    for key, value in settings.vllm_env().items():
+        os.environ.setdefault(key, value)
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic_settings import SettingsConfigDict
 
 from services.runtime.settings import ServiceSettings
@@ -30,3 +32,17 @@ class InferenceSettings(ServiceSettings):
     gpu_memory_utilization: float = 0.9
     # Folder for vLLM's caches and IPC sockets.
     cache_dir: str = "var/cache/vllm"
+
+    def vllm_env(self) -> dict[str, str]:
+        """The environment vLLM reads at import time, derived from these settings."""
+        cache = str(Path(self.cache_dir).resolve())
+        return {
+            "VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib),
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_HOST_IP": self.host if self.host != "0.0.0.0" else "127.0.0.1",
+            "VLLM_CACHE_ROOT": cache,
+            "VLLM_RPC_BASE_PATH": cache,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if self.in_process_engine else "1",
+        }

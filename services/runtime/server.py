@@ -144,9 +144,7 @@ def check_health(target: str, service: str = "", timeout: float = 2.0) -> bool:
     with grpc.insecure_channel(target) as channel:
         try:
             stub: Any = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError:
             return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

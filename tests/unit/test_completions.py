@@ -50,7 +50,10 @@ def completions(replica: FakeReplica) -> Completions:
 def chat(**kw: object) -> llm_pb2.ChatCompletionParams:
     return llm_pb2.ChatCompletionParams(
         model="m",
-        messages=[llm_pb2.ChatMessage(role="system", content="be brief"), llm_pb2.ChatMessage(role="user", content="hi")],
+        messages=[
+            llm_pb2.ChatMessage(role="system", content="be brief"),
+            llm_pb2.ChatMessage(role="user", content="hi"),
+        ],
         **kw,  # type: ignore[arg-type]
     )
 
@@ -110,8 +113,9 @@ async def test_an_engine_abort_is_unavailable_not_a_silent_finish() -> None:
 
 async def test_unknown_model_is_not_found_and_lists_the_known_ones() -> None:
     with pytest.raises(NotFound, match="available models: m"):
-        await completions(FakeReplica(steps("a"))).chat(llm_pb2.ChatCompletionParams(
-            model="x", messages=[llm_pb2.ChatMessage(role="user", content="hi")]))
+        await completions(FakeReplica(steps("a"))).chat(
+            llm_pb2.ChatCompletionParams(model="x", messages=[llm_pb2.ChatMessage(role="user", content="hi")])
+        )
 
 
 async def test_text_completion_both_ways() -> None:
@@ -127,6 +131,4 @@ async def test_text_completion_both_ways() -> None:
 def test_models_come_from_the_catalogue() -> None:
     listed = completions(FakeReplica([])).list_models()
     assert listed.object == "list"
-    assert [(m.id, m.object, m.created, m.owned_by) for m in listed.data] == [
-        ("m", "model", 1700000000, "meshserve")
-    ]
+    assert [(m.id, m.object, m.created, m.owned_by) for m in listed.data] == [("m", "model", 1700000000, "meshserve")]

@@ -62,7 +62,8 @@ def test_local_replies_are_openai_shaped() -> None:
     hcm = render(CFG)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     mappers = hcm["local_reply_config"]["mappers"]
     by_status = {
-        m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]: m["body_format_override"] for m in mappers
+        m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]: m["body_format_override"]
+        for m in mappers
     }
     assert by_status[404]["json_format"]["error"]["type"] == "not_found_error"
     assert by_status[400]["json_format"]["error"]["message"] == "%LOCAL_REPLY_BODY%"

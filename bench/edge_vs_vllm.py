@@ -1,0 +1,184 @@
+"""meshserve's edge against vLLM's own OpenAI server: same model, engine settings and machine, one run.
+
+Both servers run at once; each concurrency level alternates rounds (vLLM, mesh, vLLM, mesh) so drift
+on a shared machine hits both alike. Reports output tokens/s and TTFT p50/p99, and the mesh/vLLM ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.loadgen import RoundResult, percentile, run_round
+from services.inference import model_store
+from services.inference.config import InferenceSettings
+from services.mesh.local import LocalMesh, MeshOptions, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = model_store.SMOLLM2
+PROMPTS = [
+    "Explain what a hash map is.",
+    "Write a short poem about autumn.",
+    "List five uses of a paperclip.",
+    "Describe the water cycle.",
+    "What makes a good cup of tea?",
+    "Give three tips for learning to code.",
+    "Summarize the plot of Cinderella.",
+    "Why is the sky blue?",
+]
+
+
+def start_vllm_server(model_dir: Path, port: int, state: Path, settings: InferenceSettings) -> subprocess.Popen[bytes]:
+    """vLLM's own OpenAI server with the engine settings the inference service uses."""
+    env = {**os.environ, **settings.vllm_env()}
+    args = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        settings.dtype,
+        "--max-model-len",
+        str(settings.max_model_len),
+        "--max-num-seqs",
+        str(settings.max_num_seqs),
+        "--enforce-eager",
+        "--no-enable-log-requests",
+    ]
+    log = (state / "vllm-serve.log").open("wb")
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready in {timeout}s")
+
+
+def summarize(rounds: list[RoundResult]) -> dict[str, float]:
+    ttfts = [t for r in rounds for t in r.ttfts_s]
+    wall = sum(r.wall_s for r in rounds)
+    tokens = sum(r.completion_tokens for r in rounds)
+    return {
+        "tokens_per_s": tokens / wall if wall else 0.0,
+        "ttft_p50_ms": percentile(ttfts, 50) * 1000,
+        "ttft_p99_ms": percentile(ttfts, 99) * 1000,
+        "requests": sum(r.requests for r in rounds),
+        "errors": sum(r.errors for r in rounds),
+        "completion_tokens": tokens,
+    }
+
+
+def report(results: dict[int, dict[str, dict[str, float]]], args: argparse.Namespace, started: float) -> str:
+    lines = [
+        "# meshserve edge vs vLLM's OpenAI server",
+        "",
+        f"Model {MODEL}, greedy, max_tokens {args.max_tokens}, streamed with usage; "
+        f"{args.rounds} alternating rounds per target and concurrency, {args.requests} requests per round "
+        f"(x concurrency/4, at least the concurrency). Machine: {os.cpu_count()} cores. "
+        f"Run took {time.time() - started:.0f} s on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| concurrency | target | output tok/s | TTFT p50 ms | TTFT p99 ms | requests | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c, by_target in results.items():
+        for target in ("vllm-serve", "meshserve"):
+            s = by_target[target]
+            lines.append(
+                f"| {c} | {target} | {s['tokens_per_s']:.1f} | {s['ttft_p50_ms']:.1f} | {s['ttft_p99_ms']:.1f} "
+                f"| {s['requests']:.0f} | {s['errors']:.0f} |"
+            )
+    lines += [
+        "",
+        "| concurrency | tok/s ratio mesh/vllm (target ≥ 1.0) | TTFT p50 ratio (target ≤ 1.05) | TTFT p99 ratio |",
+        "|---|---|---|---|",
+    ]
+    for c, by_target in results.items():
+        m, v = by_target["meshserve"], by_target["vllm-serve"]
+        lines.append(
+            f"| {c} | {m['tokens_per_s'] / v['tokens_per_s']:.3f} | {m['ttft_p50_ms'] / v['ttft_p50_ms']:.3f} "
+            f"| {m['ttft_p99_ms'] / v['ttft_p99_ms']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+async def measure(args: argparse.Namespace, targets: dict[str, str]) -> dict[int, dict[str, dict[str, float]]]:
+    results: dict[int, dict[str, dict[str, float]]] = {}
+    # Unrecorded warm-up: first requests pay for lazy start-up on both sides.
+    for target, url in targets.items():
+        await run_round(target, url, MODEL, PROMPTS, 4, args.max_tokens)
+    for c in args.concurrency:
+        n = max(c, args.requests * max(1, c // 4))
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+        rounds: dict[str, list[RoundResult]] = {t: [] for t in targets}
+        for _ in range(args.rounds):
+            for target, url in targets.items():
+                r = await run_round(target, url, MODEL, prompts, c, args.max_tokens)
+                rounds[target].append(r)
+                print(
+                    f"c={c:<3} {target:<11} {r.tokens_per_s:7.1f} tok/s  "
+                    f"ttft p50 {percentile(r.ttfts_s, 50) * 1000:7.1f} ms  errors {r.errors}",
+                    flush=True,
+                )
+        results[c] = {t: summarize(rs) for t, rs in rounds.items()}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=8, help="requests per round at concurrency <= 4")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "edge_vs_vllm.md")
+    args = parser.parse_args()
+    started = time.time()
+    model_dir = model_store.ensure(model_store.ModelStore(ROOT / "var" / "models"), MODEL)
+    state = ROOT / "var" / "bench"
+    state.mkdir(parents=True, exist_ok=True)
+    settings = InferenceSettings(cache_dir=str(state / "vllm-cache"))
+    port = free_port()
+    vllm = start_vllm_server(model_dir, port, state, settings)
+    mesh = LocalMesh(MeshOptions(state_dir=state / "mesh", model=MODEL, model_store=model_dir.parent))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", vllm, 600)
+        mesh.start(timeout=600)
+        targets = {"vllm-serve": f"http://127.0.0.1:{port}", "meshserve": mesh.edge_url}
+        results = asyncio.run(measure(args, targets))
+    finally:
+        mesh.stop()
+        vllm.terminate()
+        vllm.wait(30)
+    text = report(results, args, started)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    print(text)
+    print(f"report written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
