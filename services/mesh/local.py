@@ -95,7 +95,12 @@ class LocalMesh:
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)
         # Locally the edge stops first, so a drain period would only delay Ctrl-C.
-        local = {"MESHSERVE_ROUTER_DRAIN_SECONDS": "0", "MESHSERVE_INFERENCE_DRAIN_SECONDS": "0", "HF_HUB_OFFLINE": "1"}
+        local = {
+            "MESHSERVE_DRAIN_SECONDS": "0",
+            "MESHSERVE_ROUTER_DRAIN_SECONDS": "0",
+            "MESHSERVE_INFERENCE_DRAIN_SECONDS": "0",
+            "HF_HUB_OFFLINE": "1",
+        }
         full_env = {**os.environ, **local, **self.options.env, **env}
         with log.open("wb") as out:
             popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
@@ -103,19 +108,23 @@ class LocalMesh:
         self.procs[name] = proc
         return proc
 
+    def start_service(self, name: str, module: str, env_prefix: str, env: dict[str, str] | None = None) -> Proc:
+        """Starts `python -m module`, a service on the shared runtime, bound to the mesh's host."""
+        ready = str((self.options.state_dir / f"{name}.ready.json").resolve())
+        base = {env_prefix + "HOST": self.options.host, env_prefix + "READY_FILE": ready}
+        return self._spawn(name, [sys.executable, "-m", module], {**base, **(env or {})})
+
     def start_inference(self, name: str = "inference") -> Proc:
         """Starts an inference replica; it serves once the model is loaded and warmed up."""
         prefix = "MESHSERVE_INFERENCE_"
         env = {
-            prefix + "HOST": self.options.host,
             prefix + "MODEL": self.options.model,
             prefix + "MODEL_STORE": str(self.options.model_store.resolve()),
             prefix + "DTYPE": self.options.dtype,
             prefix + "MAX_MODEL_LEN": str(self.options.max_model_len),
             prefix + "CACHE_DIR": str((self.options.state_dir / "vllm-cache").resolve()),
-            prefix + "READY_FILE": str((self.options.state_dir / f"{name}.ready.json").resolve()),
         }
-        return self._spawn(name, [sys.executable, "-m", "services.inference"], env)
+        return self.start_service(name, "services.inference", prefix, env)
 
     def start_router(self, name: str = "router", replicas: list[str] | None = None) -> Proc:
         """Starts a router whose catalogue points the model at the given (or the running) replicas."""
@@ -136,13 +145,9 @@ class LocalMesh:
                 }
             )
         )
-        prefix = "MESHSERVE_ROUTER_"
-        env = {
-            prefix + "HOST": self.options.host,
-            prefix + "CATALOGUE": str(catalogue),
-            prefix + "READY_FILE": str((self.options.state_dir / f"{name}.ready.json").resolve()),
-        }
-        return self._spawn(name, [sys.executable, "-m", "services.router"], env)
+        return self.start_service(
+            name, "services.router", "MESHSERVE_ROUTER_", {"MESHSERVE_ROUTER_CATALOGUE": str(catalogue)}
+        )
 
     def start_envoy(self) -> Proc:
         """Writes the edge config for the running router and starts Envoy on it."""

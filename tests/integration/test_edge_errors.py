@@ -2,68 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import grpc
 import httpx
 import openai
 import pytest
-from grpc import aio
 
-from meshserve.inference.v1 import inference_pb2 as ipb
-from meshserve.inference.v1 import inference_pb2_grpc
 from services.mesh.local import LocalMesh, MeshOptions
 
 MODEL = "smollm2-135m-instruct"
 
 
-class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
-    """Streams two tokens, then fails if the prompt says so; refuses outright for 'down'."""
-
-    async def Generate(self, request: ipb.GenerateRequest, context: Any) -> AsyncIterator[ipb.GenerateResponse]:
-        prompt = request.input.conversation.turns[-1].content
-        if prompt == "down":
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is restarting")
-        for i, text in enumerate(["Hello", " there"], 1):
-            yield ipb.GenerateResponse(text=text, token_ids=[i], prompt_tokens=3, completion_tokens=i)
-            await asyncio.sleep(0.05)
-        if prompt == "fail":
-            await context.abort(grpc.StatusCode.INTERNAL, "engine crashed")
-        yield ipb.GenerateResponse(prompt_tokens=3, completion_tokens=2, finish_reason=ipb.FINISH_REASON_STOP)
-
-
 @pytest.fixture(scope="module")
-def scripted_replica() -> Iterator[str]:
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def run() -> None:
-        server = aio.server()
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(ScriptedInference(), server)
-        holder["port"] = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        holder["server"] = server
-        started.set()
-        await server.wait_for_termination()
-
-    thread = threading.Thread(target=lambda: loop.run_until_complete(run()), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    yield f"127.0.0.1:{holder['port']}"
-    asyncio.run_coroutine_threadsafe(holder["server"].stop(0), loop).result(10)
-    thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def edge(scripted_replica: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     mesh = LocalMesh(MeshOptions(state_dir=tmp_path_factory.mktemp("edge"), model=MODEL, model_store=Path("unused")))
     try:
-        mesh.wait_serving(mesh.start_router(replicas=[scripted_replica]), 60)
+        replica = mesh.start_service("scripted", "tests.integration.scripted_inference", "MESHSERVE_")
+        mesh.wait_serving(replica, 30)
+        mesh.wait_serving(mesh.start_router(replicas=[f"127.0.0.1:{replica.grpc_port}"]), 60)
         mesh.start_envoy()
         mesh.wait_edge(30)
         yield mesh
