@@ -160,6 +160,7 @@ def main() -> None:
     state = ROOT / "var" / "bench"
     state.mkdir(parents=True, exist_ok=True)
     settings = InferenceSettings(cache_dir=str(state / "vllm-cache"))
+    settings.ipc_dir().mkdir(mode=0o700, exist_ok=True)
     port = free_port()
     vllm = start_vllm_server(model_dir, port, state, settings)
     mesh = LocalMesh(MeshOptions(state_dir=state / "mesh", model=MODEL, model_store=model_dir.parent))

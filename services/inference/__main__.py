@@ -19,6 +19,7 @@ SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_nam
 def vllm_environment(settings: InferenceSettings) -> None:
     """vLLM reads its settings at import time: exported here, once, before it is imported."""
     Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
+    settings.ipc_dir().mkdir(mode=0o700, exist_ok=True)
     for key, value in settings.vllm_env().items():
         os.environ.setdefault(key, value)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from pathlib import Path
 
 from pydantic_settings import SettingsConfigDict
@@ -33,6 +35,12 @@ class InferenceSettings(ServiceSettings):
     # Folder for vLLM's caches and IPC sockets.
     cache_dir: str = "var/cache/vllm"
 
+    def ipc_dir(self) -> Path:
+        """A short folder for vLLM's IPC sockets: a Unix socket path must fit in 107 bytes,
+        which a cache folder deep in a checkout need not."""
+        digest = hashlib.sha256(str(Path(self.cache_dir).resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"meshserve-ipc-{digest}"
+
     def vllm_env(self) -> dict[str, str]:
         """The environment vLLM reads at import time, derived from these settings."""
         cache = str(Path(self.cache_dir).resolve())
@@ -43,6 +51,6 @@ class InferenceSettings(ServiceSettings):
             "HF_HUB_OFFLINE": "1",
             "VLLM_HOST_IP": self.host if self.host != "0.0.0.0" else "127.0.0.1",
             "VLLM_CACHE_ROOT": cache,
-            "VLLM_RPC_BASE_PATH": cache,
+            "VLLM_RPC_BASE_PATH": str(self.ipc_dir()),
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if self.in_process_engine else "1",
         }

@@ -47,3 +47,13 @@ def test_catalogue_reads_models_and_rejects_entries_without_replicas(tmp_path: P
     bad.write_text("models:\n  - id: a\n")
     with pytest.raises(errors.InvalidArgument, match="replica"):
         Catalogue.from_yaml(bad)
+
+
+def test_vllm_ipc_sockets_fit_a_unix_socket_path_from_any_checkout() -> None:
+    from services.inference.config import InferenceSettings
+
+    deep = "/tmp/" + "/".join(["a-rather-long-folder-name"] * 8) + "/vllm-cache"
+    env = InferenceSettings(cache_dir=deep).vllm_env()
+    # vLLM appends a 36-character uuid; the whole path must stay under 107 bytes.
+    assert len(env["VLLM_RPC_BASE_PATH"]) + 1 + 36 < 100
+    assert env["VLLM_CACHE_ROOT"] == deep
