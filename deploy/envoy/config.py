@@ -11,28 +11,14 @@ import yaml
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor
 
+from meshserve.auth.v1 import auth_pb2
 from meshserve.llm.v1 import llm_pb2
+from services.runtime.openai_errors import ERROR_TYPES
 
 LUA = Path(__file__).with_name("openai.lua")
+# Native gRPC admin calls go to the auth service, which checks the admin credential itself.
+ADMIN_PREFIX = "/" + auth_pb2.DESCRIPTOR.services_by_name["AuthAdminService"].full_name + "/"
 TRANSCODED_SERVICES = [llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name]
-# OpenAI's error `type` and a short `code` for each HTTP status the edge returns. Used for local
-# replies (no route, no healthy router, a body the transcoder cannot parse) and, through the Lua
-# filter, for gRPC errors the transcoder turned into HTTP statuses.
-ERROR_TYPES = {
-    400: ("invalid_request_error", "invalid_request"),
-    401: ("authentication_error", "invalid_api_key"),
-    403: ("permission_error", "permission_denied"),
-    404: ("not_found_error", "not_found"),
-    409: ("conflict_error", "conflict"),
-    413: ("invalid_request_error", "request_too_large"),
-    429: ("rate_limit_error", "rate_limit_exceeded"),
-    499: ("server_error", "cancelled"),
-    500: ("server_error", "internal_error"),
-    501: ("invalid_request_error", "not_implemented"),
-    502: ("server_error", "bad_gateway"),
-    503: ("server_error", "service_unavailable"),
-    504: ("server_error", "timeout"),
-}
 
 
 @dataclass(frozen=True)
@@ -55,6 +41,8 @@ class EdgeConfig:
     listen: Address
     admin: Address
     router: Address
+    # The auth service; None runs the edge without ext_authz (only for tests of the edge itself).
+    auth: Address | None = None
     # Largest request body the edge buffers (the Lua stream routing reads whole bodies).
     max_request_bytes: int = 16 * 1024 * 1024
     # A stream with no bytes either way for this long is reset.
@@ -139,8 +127,23 @@ def _access_log() -> list[dict[str, Any]]:
     ]
 
 
-def _http_filters() -> list[dict[str, Any]]:
+def _ext_authz() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "auth"}, "timeout": "1s"},
+            # Auth unreachable: refuse (503), never let requests through unchecked.
+            "failure_mode_allow": False,
+            "status_on_error": {"code": 503},
+        },
+    }
+
+
+def _http_filters(cfg: EdgeConfig) -> list[dict[str, Any]]:
     return [
+        *([_ext_authz()] if cfg.auth is not None else []),
         {
             "name": "envoy.filters.http.lua",
             "typed_config": {
@@ -212,6 +215,11 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                     "name": "meshserve",
                     "domains": ["*"],
                     "routes": [
+                        *(
+                            [{"match": {"prefix": ADMIN_PREFIX}, "route": {"cluster": "auth", "timeout": "10s"}}]
+                            if cfg.auth is not None
+                            else []
+                        ),
                         {
                             "match": {"prefix": "/"},
                             # Streams last as long as generation does: no overall timeout, only idleness.
@@ -220,12 +228,12 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                                 "timeout": "0s",
                                 "idle_timeout": f"{cfg.stream_idle_timeout_s}s",
                             },
-                        }
+                        },
                     ],
                 }
             ],
         },
-        "http_filters": _http_filters(),
+        "http_filters": _http_filters(cfg),
     }
     return {
         "admin": {"address": _socket(cfg.admin)},
@@ -240,7 +248,10 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                     ],
                 }
             ],
-            "clusters": [_grpc_cluster("router", cfg.router)],
+            "clusters": [
+                _grpc_cluster("router", cfg.router),
+                *([_grpc_cluster("auth", cfg.auth)] if cfg.auth is not None else []),
+            ],
         },
     }
 

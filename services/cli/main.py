@@ -9,11 +9,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from services.cli import keys
 from services.mesh.local import LocalMesh, MeshError, MeshOptions
 
 app = typer.Typer(help="meshserve: self-hosted LLM serving behind an OpenAI-compatible edge.", no_args_is_help=True)
 model_app = typer.Typer(help="The model store.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(keys.app, name="keys")
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
@@ -48,16 +50,21 @@ def gen() -> None:
     protogen.main()
 
 
-def _examples(url: str, model: str) -> str:
+def _examples(url: str, model: str, key: str, admin_file: Path, key_file: Path) -> str:
     return f"""[bold]Edge[/]: {url}  (REST + SSE, OpenAI-compatible; native gRPC on the same port)
 
+[bold]API key[/] (tenant "default", all models; also in {key_file}):
+  export MESHSERVE_API_KEY={key}
+[bold]Admin key[/]: in {admin_file} (mode 0600); `meshserve keys --help` manages keys.
+
 [bold]curl[/]
-  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+  curl -s {url}/v1/chat/completions -H "Authorization: Bearer $MESHSERVE_API_KEY" -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32}}'
 
 [bold]OpenAI SDK[/]
+  import os
   from openai import OpenAI
-  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  client = OpenAI(base_url="{url}/v1", api_key=os.environ["MESHSERVE_API_KEY"])
   for chunk in client.chat.completions.create(model="{model}", stream=True,
           messages=[{{"role": "user", "content": "Tell me a joke."}}]):
       print(chunk.choices[0].delta.content or "", end="", flush=True) if chunk.choices else None
@@ -74,7 +81,7 @@ def up(
     state: Path = typer.Option(Path("var/run"), help="Folder for logs and generated configs."),
     dtype: str = typer.Option("auto", help="Weights dtype (auto, bfloat16, float32)."),
 ) -> None:
-    """Starts the local mesh (inference on vLLM, router, Envoy edge) and runs until Ctrl-C."""
+    """Starts the local mesh (Redis, auth, inference on vLLM, router, Envoy edge) and runs until Ctrl-C."""
     from services.inference import model_store
 
     with console.status(f"model store: {model}"):
@@ -101,7 +108,7 @@ def up(
 
             mesh.start(timeout=900, tick=tick)
         console.print(f"[green]meshserve is up[/] in {time.monotonic() - started:.0f}s; logs in {state}/")
-        out.print(_examples(mesh.edge_url, model))
+        out.print(_examples(mesh.edge_url, model, mesh.user_key, mesh.admin_key_file, mesh.user_key_file))
         while True:
             dead = mesh.dead()
             if dead:

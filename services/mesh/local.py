@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,10 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import yaml
 
 from deploy.envoy.config import Address, EdgeConfig
 from deploy.envoy.config import write as write_envoy_config
+from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.runtime.files import write_private
 from services.runtime.server import check_health
 
 
@@ -45,6 +49,11 @@ class Proc:
     ready_file: Path | None = None
     grpc_port: int = 0
     metrics_port: int = 0
+    # How it was started, so that restart() can start it again on the same port.
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    nice: int = 0
+    port_env: str = ""
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -111,7 +120,7 @@ class LocalMesh:
             args = ["nice", "-n", str(nice), *args]
         with log.open("wb") as out:
             popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-        proc = Proc(name, popen, log, ready_file)
+        proc = Proc(name, popen, log, ready_file, args=args, env=env, nice=nice)
         self.procs[name] = proc
         return proc
 
@@ -121,7 +130,73 @@ class LocalMesh:
         """Starts `python -m module`, a service on the shared runtime, bound to the mesh's host."""
         ready = str((self.options.state_dir / f"{name}.ready.json").resolve())
         base = {env_prefix + "HOST": self.options.host, env_prefix + "READY_FILE": ready}
-        return self._spawn(name, [sys.executable, "-m", module], {**base, **(env or {})}, nice=nice)
+        proc = self._spawn(name, [sys.executable, "-m", module], {**base, **(env or {})}, nice=nice)
+        proc.port_env = env_prefix + "PORT"
+        return proc
+
+    def restart(self, name: str, timeout: float = 60) -> Proc:
+        """Stops a service and starts it again on the same port, as a Kubernetes Service address stays put."""
+        old = self.procs[name]
+        self.stop_proc(old)
+        proc = self._spawn(name, old.args, {**old.env, old.port_env: str(old.grpc_port)}, nice=0)
+        proc.port_env = old.port_env
+        self.wait_serving(proc, timeout)
+        return proc
+
+    def start_redis(self) -> Proc:
+        """A private redis-server on a free port, persisting to the state folder (append-only file)."""
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise MeshError("redis-server not found: install Debian's redis-server (make up does)")
+        data = self.options.state_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        port = free_port(self.options.host)
+        args = [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            self.options.host,
+            "--dir",
+            str(data.resolve()),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+        ]
+        proc = self._spawn("redis", args, {}, ready=False)
+        proc.grpc_port = port
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            self._check_alive(proc)
+            try:
+                with socket.create_connection((self.options.host, port), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return proc
+            except OSError:
+                time.sleep(0.05)
+        raise MeshError(f"redis did not answer within 20s\n{proc.tail()}")
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.options.host}:{self.procs['redis'].grpc_port}/0"
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.options.state_dir / "admin-key.json"
+
+    def start_auth(self, name: str = "auth") -> Proc:
+        """Starts an auth replica on the mesh's Redis; the first one creates the bootstrap admin key."""
+        env = {
+            "MESHSERVE_AUTH_REDIS_URL": self.redis_url,
+            "MESHSERVE_AUTH_BOOTSTRAP_ADMIN_FILE": str(self.admin_key_file.resolve()),
+        }
+        return self.start_service(name, "services.auth", "MESHSERVE_AUTH_", env, nice=self.options.support_nice)
 
     def start_inference(self, name: str = "inference") -> Proc:
         """Starts an inference replica; it serves once the model is loaded and warmed up."""
@@ -135,7 +210,9 @@ class LocalMesh:
         }
         return self.start_service(name, "services.inference", prefix, env)
 
-    def start_router(self, name: str = "router", replicas: list[str] | None = None) -> Proc:
+    def start_router(
+        self, name: str = "router", replicas: list[str] | None = None, require_caller: bool = True
+    ) -> Proc:
         """Starts a router whose catalogue points the model at the given (or the running) replicas."""
         if replicas is None:
             replicas = [f"{self.options.host}:{self.procs['inference'].grpc_port}"]
@@ -154,15 +231,20 @@ class LocalMesh:
                 }
             )
         )
-        return self.start_service(
-            name, "services.router", "MESHSERVE_ROUTER_", {"MESHSERVE_ROUTER_CATALOGUE": str(catalogue)}
-        )
+        env = {"MESHSERVE_ROUTER_CATALOGUE": str(catalogue), "MESHSERVE_ROUTER_REQUIRE_CALLER": str(require_caller)}
+        return self.start_service(name, "services.router", "MESHSERVE_ROUTER_", env, nice=self.options.support_nice)
 
     def start_envoy(self) -> Proc:
         """Writes the edge config for the running router and starts Envoy on it."""
         router = self.procs["router"]
+        auth = self.procs.get("auth")
         config = write_envoy_config(
-            EdgeConfig(listen=self.edge, admin=self.admin, router=Address(self.options.host, router.grpc_port)),
+            EdgeConfig(
+                listen=self.edge,
+                admin=self.admin,
+                router=Address(self.options.host, router.grpc_port),
+                auth=Address(self.options.host, auth.grpc_port) if auth is not None else None,
+            ),
             self.options.state_dir / "envoy.yaml",
         )
         args = [
@@ -226,14 +308,54 @@ class LocalMesh:
             raise MeshError(f"{proc.name} exited with code {proc.popen.returncode}\n{proc.tail()}")
 
     def start(self, timeout: float = 600, tick: Callable[[], None] | None = None) -> None:
-        """Starts the whole mesh and waits until the edge serves."""
+        """Starts the whole mesh and waits until the edge serves and a first user key exists."""
+        self.start_redis()
+        auth = self.start_auth()
         inference = self.start_inference()
         self.wait_bound(inference, 120)
         router = self.start_router()
+        self.wait_serving(auth, 60)
         self.wait_serving(router, 60)
         self.start_envoy()
         self.wait_edge(30)
+        self.ensure_user_key()
         self.wait_serving(inference, timeout, tick)
+
+    @property
+    def admin_key(self) -> str:
+        return str(json.loads(self.admin_key_file.read_text())["secret"])
+
+    @property
+    def user_key_file(self) -> Path:
+        return self.options.state_dir / "first-key.json"
+
+    @property
+    def user_key(self) -> str:
+        return str(json.loads(self.user_key_file.read_text())["secret"])
+
+    def admin_stub(
+        self,
+    ) -> tuple[grpc.Channel, auth_pb2_grpc.AuthAdminServiceStub, tuple[tuple[str, str | bytes], ...]]:
+        """The admin API through the edge, and the metadata that authenticates as the admin key."""
+        channel = grpc.insecure_channel(f"{self.edge.host}:{self.edge.port}")
+        return channel, auth_pb2_grpc.AuthAdminServiceStub(channel), (("authorization", f"Bearer {self.admin_key}"),)
+
+    def ensure_user_key(self) -> None:
+        """Keeps the first user key if it still works; otherwise creates one (tenant "default", all models)."""
+        channel, stub, auth = self.admin_stub()
+        with channel:
+            if self.user_key_file.exists():
+                key_id = json.loads(self.user_key_file.read_text())["key_id"]
+                try:
+                    key = stub.GetKey(auth_pb2.GetKeyRequest(key_id=key_id), metadata=auth, timeout=10).key
+                    if not key.HasField("revoked_at"):
+                        return
+                except grpc.RpcError:
+                    pass
+            created = stub.CreateKey(
+                auth_pb2.CreateKeyRequest(tenant="default", label="first key"), metadata=auth, timeout=10
+            )
+        write_private(self.user_key_file, {"key_id": created.key.key_id, "secret": created.secret})
 
     def dead(self) -> list[Proc]:
         """Processes that exited on their own."""

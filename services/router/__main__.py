@@ -21,7 +21,9 @@ def main() -> None:
     async def setup(rt: Runtime) -> None:
         catalogue = Catalogue.from_yaml(Path(settings.catalogue))
         pool = ReplicaPool()
-        llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(Completions(catalogue, pool.get)), rt.server)
+        llm_pb2_grpc.add_LlmServiceServicer_to_server(
+            LlmServicer(Completions(catalogue, pool.get), settings.require_caller), rt.server
+        )
         rt.on_shutdown(pool.close)
 
     serve("router", settings, [SERVICE], setup)

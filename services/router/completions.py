@@ -11,6 +11,7 @@ from typing import Protocol, TypeVar
 from meshserve.inference.v1 import inference_pb2
 from meshserve.llm.v1 import llm_pb2
 from services.router import validation
+from services.router.caller import Caller
 from services.router.catalogue import Catalogue
 from services.router.validation import GenerationSpec
 from services.runtime.errors import DomainError, Unavailable
@@ -69,17 +70,22 @@ class Completions:
         self._replica = replica
         self._clock = clock
 
-    def list_models(self) -> llm_pb2.ListModelsResponse:
-        """Every model in the catalogue."""
+    def list_models(self, caller: Caller) -> llm_pb2.ListModelsResponse:
+        """The catalogue's models that the caller may use."""
         return llm_pb2.ListModelsResponse(
             object="list",
             data=[
                 llm_pb2.Model(id=e.id, object="model", created=e.created, owned_by=e.owned_by)
                 for e in self._catalogue.entries()
+                if caller.may_use(e.id)
             ],
         )
 
-    def _generate(self, request_id: str, spec: GenerationSpec) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    def _generate(
+        self, request_id: str, spec: GenerationSpec, caller: Caller
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        # Permission before existence: a key learns nothing about models it may not use.
+        caller.require(spec.model)
         entry = self._catalogue.get(spec.model)
         replica = self._replica(entry.replicas[0])
         s = spec.sampling
@@ -101,20 +107,22 @@ class Completions:
         )
         return replica.generate(request)
 
-    async def _collect(self, request_id: str, spec: GenerationSpec) -> tuple[str, inference_pb2.GenerateResponse]:
+    async def _collect(
+        self, request_id: str, spec: GenerationSpec, caller: Caller
+    ) -> tuple[str, inference_pb2.GenerateResponse]:
         parts = []
         last = inference_pb2.GenerateResponse()
-        async for step in self._generate(request_id, spec):
+        async for step in self._generate(request_id, spec, caller):
             parts.append(step.text)
             last = step
         _finish_reason(last)
         return "".join(parts), last
 
-    async def chat(self, params: llm_pb2.ChatCompletionParams) -> llm_pb2.CreateChatCompletionResponse:
+    async def chat(self, params: llm_pb2.ChatCompletionParams, caller: Caller) -> llm_pb2.CreateChatCompletionResponse:
         """A whole chat reply."""
         spec = validation.chat(params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        text, last = await self._collect(request_id, spec)
+        text, last = await self._collect(request_id, spec, caller)
         return llm_pb2.CreateChatCompletionResponse(
             id=request_id,
             object="chat.completion",
@@ -130,11 +138,11 @@ class Completions:
             usage=_usage(last),
         )
 
-    async def completion(self, params: llm_pb2.CompletionParams) -> llm_pb2.CreateCompletionResponse:
+    async def completion(self, params: llm_pb2.CompletionParams, caller: Caller) -> llm_pb2.CreateCompletionResponse:
         """A whole text continuation."""
         spec = validation.completion(params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        text, last = await self._collect(request_id, spec)
+        text, last = await self._collect(request_id, spec, caller)
         return llm_pb2.CreateCompletionResponse(
             id=request_id,
             object="text_completion",
@@ -144,7 +152,9 @@ class Completions:
             usage=_usage(last),
         )
 
-    def chat_stream(self, params: llm_pb2.ChatCompletionParams) -> AsyncIterator[llm_pb2.StreamChatCompletionResponse]:
+    def chat_stream(
+        self, params: llm_pb2.ChatCompletionParams, caller: Caller
+    ) -> AsyncIterator[llm_pb2.StreamChatCompletionResponse]:
         """A chat reply as chunks."""
         spec = validation.chat(params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -174,9 +184,11 @@ class Completions:
                 msg.error.CopyFrom(error)
             return msg
 
-        return self._stream(request_id, spec, chunk)
+        return self._stream(request_id, spec, caller, chunk)
 
-    def completion_stream(self, params: llm_pb2.CompletionParams) -> AsyncIterator[llm_pb2.StreamCompletionResponse]:
+    def completion_stream(
+        self, params: llm_pb2.CompletionParams, caller: Caller
+    ) -> AsyncIterator[llm_pb2.StreamCompletionResponse]:
         """A text continuation as chunks."""
         spec = validation.completion(params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -198,15 +210,16 @@ class Completions:
                 msg.error.CopyFrom(error)
             return msg
 
-        return self._stream(request_id, spec, chunk)
+        return self._stream(request_id, spec, caller, chunk)
 
     async def _stream(
         self,
         request_id: str,
         spec: GenerationSpec,
+        caller: Caller,
         chunk: Callable[[str | None, str | None, llm_pb2.Usage | None, llm_pb2.ErrorDetail | None], Chunk],
     ) -> AsyncIterator[Chunk]:
-        steps = self._generate(request_id, spec)
+        steps = self._generate(request_id, spec, caller)
         # Until the first step arrives an error is still a status code (a 4xx/5xx on REST);
         # after it, the HTTP status is sent and errors go in-band on a chunk.
         step = await anext(steps, None)

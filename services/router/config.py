@@ -14,3 +14,6 @@ class RouterSettings(ServiceSettings):
 
     # Path of the model catalogue YAML (models and their replica addresses).
     catalogue: str = "deploy/local/catalogue.yaml"
+    # Refuse calls without the identity headers the edge's auth check adds. Turn off only for a
+    # router that trusted internal callers reach directly (never one behind a public edge).
+    require_caller: bool = True

@@ -42,3 +42,15 @@ class FailedPrecondition(DomainError):
     """The service is not in a state to do this (e.g. the model is not loaded)."""
 
     code = "failed_precondition"
+
+
+class Unauthenticated(DomainError):
+    """No usable credential: missing, malformed, unknown, expired or revoked."""
+
+    code = "invalid_api_key"
+
+
+class PermissionDenied(DomainError):
+    """A valid credential that may not do this."""
+
+    code = "permission_denied"

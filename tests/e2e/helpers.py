@@ -13,8 +13,14 @@ MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def openai_client(mesh: LocalMesh) -> OpenAI:
-    return OpenAI(base_url=f"{mesh.edge_url}/v1", api_key="unused", max_retries=0, timeout=120)
+def openai_client(mesh: LocalMesh, api_key: str | None = None) -> OpenAI:
+    """The official SDK on the edge, as the mesh's first user key unless told otherwise."""
+    key = mesh.user_key if api_key is None else api_key
+    return OpenAI(base_url=f"{mesh.edge_url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def bearer(secret: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {secret}"),)
 
 
 def edge_stub(mesh: LocalMesh) -> tuple[grpc.Channel, llm_pb2_grpc.LlmServiceStub]:

@@ -54,15 +54,18 @@ def test_up_serves_then_ctrl_c_stops_everything(tmp_path: Path, model_dir: Path)
     text = "".join(printed)
     assert f"http://127.0.0.1:{port}" in text
     curl = re.search(r"curl -s (\S+/v1/chat/completions)", text)
-    assert curl is not None and "from openai import OpenAI" in text
+    key = re.search(r"export MESHSERVE_API_KEY=(msk-\S+)", text)
+    assert curl is not None and key is not None and "from openai import OpenAI" in text
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
     reply = httpx.post(
         curl.group(1),
+        headers={"authorization": f"Bearer {key.group(1)}"},
         json={"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
         timeout=60,
     )
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
     spawned = children_of(proc.pid)
-    assert len(spawned) == 3  # inference, router, envoy
+    assert len(spawned) == 5  # redis, auth, inference, router, envoy
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0
     time.sleep(0.5)

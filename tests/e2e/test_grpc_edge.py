@@ -7,7 +7,7 @@ import pytest
 
 from meshserve.llm.v1 import llm_pb2
 from services.mesh.local import LocalMesh
-from tests.e2e.helpers import MODEL, edge_stub, openai_client
+from tests.e2e.helpers import MODEL, bearer, edge_stub, openai_client
 
 pytestmark = pytest.mark.mesh
 
@@ -26,7 +26,11 @@ def test_grpc_stream_gets_the_same_tokens_as_rest(mesh: LocalMesh) -> None:
     )
     channel, stub = edge_stub(mesh)
     with channel:
-        chunks = list(stub.StreamChatCompletion(llm_pb2.StreamChatCompletionRequest(params=params), timeout=120))
+        chunks = list(
+            stub.StreamChatCompletion(
+                llm_pb2.StreamChatCompletionRequest(params=params), timeout=120, metadata=bearer(mesh.user_key)
+            )
+        )
     grpc_text = "".join(c.choices[0].delta.content for c in chunks if c.choices)
     assert chunks[-1].usage.completion_tokens > 0
     rest_text = "".join(
@@ -55,13 +59,16 @@ def test_grpc_errors_keep_their_status_codes_through_the_edge(mesh: LocalMesh) -
                     )
                 ),
                 timeout=30,
+                metadata=bearer(mesh.user_key),
             )
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.RpcError) as invalid:
             stub.CreateChatCompletion(
-                llm_pb2.CreateChatCompletionRequest(params=llm_pb2.ChatCompletionParams(model=MODEL)), timeout=30
+                llm_pb2.CreateChatCompletionRequest(params=llm_pb2.ChatCompletionParams(model=MODEL)),
+                timeout=30,
+                metadata=bearer(mesh.user_key),
             )
         assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "messages" in (invalid.value.details() or "")
-        models = stub.ListModels(llm_pb2.ListModelsRequest(), timeout=30)
+        models = stub.ListModels(llm_pb2.ListModelsRequest(), timeout=30, metadata=bearer(mesh.user_key))
         assert [m.id for m in models.data] == [MODEL]

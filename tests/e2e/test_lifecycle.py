@@ -60,7 +60,11 @@ def test_sigterm_lets_a_running_stream_finish(mesh: LocalMesh) -> None:
                 stream=True,
                 stream_options=llm_pb2.StreamOptions(include_usage=True),
             )
-            chunks = stub.StreamChatCompletion(llm_pb2.StreamChatCompletionRequest(params=params), timeout=120)
+            # Straight to the router, with the identity headers the edge's auth check would add.
+            identity = (("x-meshserve-key-id", "key_test"), ("x-meshserve-tenant", "test"), ("x-meshserve-models", "*"))
+            chunks = stub.StreamChatCompletion(
+                llm_pb2.StreamChatCompletionRequest(params=params), timeout=120, metadata=identity
+            )
             received = [next(chunks)]
             router.popen.send_signal(signal.SIGTERM)
             received.extend(chunks)

@@ -8,9 +8,12 @@ import pytest
 
 from meshserve.inference.v1 import inference_pb2 as ipb
 from meshserve.llm.v1 import llm_pb2
+from services.router.caller import Caller
 from services.router.catalogue import Catalogue, ModelEntry
 from services.router.completions import Completions
-from services.runtime.errors import InvalidArgument, NotFound, Unavailable
+from services.runtime.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
+
+ANY = Caller(tenant="t", key_id="key_1", allowed_models=None)
 
 
 class FakeReplica:
@@ -60,7 +63,7 @@ def chat(**kw: object) -> llm_pb2.ChatCompletionParams:
 
 async def test_chat_joins_the_deltas_and_reports_usage() -> None:
     replica = FakeReplica(steps("Hel", "lo", finish=ipb.FINISH_REASON_LENGTH))
-    reply = await completions(replica).chat(chat(max_tokens=2, temperature=0.0))
+    reply = await completions(replica).chat(chat(max_tokens=2, temperature=0.0), ANY)
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
     assert reply.created == 1700000123
     assert reply.choices[0].message.content == "Hello"
@@ -76,7 +79,7 @@ async def test_chat_joins_the_deltas_and_reports_usage() -> None:
 async def test_stream_sends_role_first_then_deltas_finish_and_usage() -> None:
     replica = FakeReplica(steps("a", "b"))
     params = chat(stream=True, stream_options=llm_pb2.StreamOptions(include_usage=True))
-    chunks = [c async for c in completions(replica).chat_stream(params)]
+    chunks = [c async for c in completions(replica).chat_stream(params, ANY)]
     assert [c.choices[0].delta.content for c in chunks[:2]] == ["a", "b"]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert not chunks[1].choices[0].delta.HasField("role")
@@ -88,13 +91,13 @@ async def test_stream_sends_role_first_then_deltas_finish_and_usage() -> None:
 
 
 async def test_stream_without_include_usage_has_no_usage_chunk() -> None:
-    chunks = [c async for c in completions(FakeReplica(steps("a"))).chat_stream(chat(stream=True))]
+    chunks = [c async for c in completions(FakeReplica(steps("a"))).chat_stream(chat(stream=True), ANY)]
     assert not any(c.HasField("usage") for c in chunks)
 
 
 async def test_an_error_after_the_first_token_goes_in_band() -> None:
     replica = FakeReplica(steps("a", finish=ipb.FINISH_REASON_UNSPECIFIED), fail_after=Unavailable("replica died"))
-    chunks = [c async for c in completions(replica).chat_stream(chat(stream=True))]
+    chunks = [c async for c in completions(replica).chat_stream(chat(stream=True), ANY)]
     assert chunks[0].choices[0].delta.content == "a"
     assert chunks[-1].error.message == "replica died"
     assert chunks[-1].error.type == "server_error" and chunks[-1].error.code == "unavailable"
@@ -103,32 +106,43 @@ async def test_an_error_after_the_first_token_goes_in_band() -> None:
 async def test_an_error_before_the_first_token_is_a_status() -> None:
     replica = FakeReplica([], fail_after=InvalidArgument("messages: too long"))
     with pytest.raises(InvalidArgument):
-        [c async for c in completions(replica).chat_stream(chat(stream=True))]
+        [c async for c in completions(replica).chat_stream(chat(stream=True), ANY)]
 
 
 async def test_an_engine_abort_is_unavailable_not_a_silent_finish() -> None:
     with pytest.raises(Unavailable):
-        await completions(FakeReplica(steps("a", finish=ipb.FINISH_REASON_ABORT))).chat(chat())
+        await completions(FakeReplica(steps("a", finish=ipb.FINISH_REASON_ABORT))).chat(chat(), ANY)
 
 
 async def test_unknown_model_is_not_found_and_lists_the_known_ones() -> None:
     with pytest.raises(NotFound, match="available models: m"):
         await completions(FakeReplica(steps("a"))).chat(
-            llm_pb2.ChatCompletionParams(model="x", messages=[llm_pb2.ChatMessage(role="user", content="hi")])
+            llm_pb2.ChatCompletionParams(model="x", messages=[llm_pb2.ChatMessage(role="user", content="hi")]), ANY
         )
+
+
+async def test_a_key_limited_to_other_models_is_denied_before_any_engine_work() -> None:
+    replica = FakeReplica(steps("a"))
+    limited = Caller(tenant="t", key_id="key_2", allowed_models=frozenset({"other"}))
+    with pytest.raises(PermissionDenied, match="key_2 may not use model 'm'"):
+        await completions(replica).chat(chat(), limited)
+    with pytest.raises(PermissionDenied):
+        [c async for c in completions(replica).chat_stream(chat(stream=True), limited)]
+    assert replica.requests == []
+    assert list(completions(replica).list_models(limited).data) == []
 
 
 async def test_text_completion_both_ways() -> None:
     params = llm_pb2.CompletionParams(model="m", prompt="Once", max_tokens=2)
-    whole = await completions(FakeReplica(steps("up", "on"))).completion(params)
+    whole = await completions(FakeReplica(steps("up", "on"))).completion(params, ANY)
     assert whole.object == "text_completion" and whole.choices[0].text == "upon"
     params.stream = True
-    chunks = [c async for c in completions(FakeReplica(steps("up", "on"))).completion_stream(params)]
+    chunks = [c async for c in completions(FakeReplica(steps("up", "on"))).completion_stream(params, ANY)]
     assert [c.choices[0].text for c in chunks] == ["up", "on", ""]
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_models_come_from_the_catalogue() -> None:
-    listed = completions(FakeReplica([])).list_models()
+    listed = completions(FakeReplica([])).list_models(ANY)
     assert listed.object == "list"
     assert [(m.id, m.object, m.created, m.owned_by) for m in listed.data] == [("m", "model", 1700000000, "meshserve")]

@@ -6,7 +6,8 @@ import base64
 
 from google.protobuf import descriptor_pb2
 
-from deploy.envoy.config import ERROR_TYPES, Address, EdgeConfig, lua_source, render
+from deploy.envoy.config import Address, EdgeConfig, lua_source, render
+from services.runtime.openai_errors import ERROR_TYPES
 
 CFG = EdgeConfig(listen=Address("127.0.0.1", 8080), admin=Address("127.0.0.1", 9901), router=Address("10.0.0.2", 50051))
 

@@ -57,3 +57,16 @@ def test_vllm_ipc_sockets_fit_a_unix_socket_path_from_any_checkout() -> None:
     # vLLM appends a 36-character uuid; the whole path must stay under 107 bytes.
     assert len(env["VLLM_RPC_BASE_PATH"]) + 1 + 36 < 100
     assert env["VLLM_CACHE_ROOT"] == deep
+
+
+def test_caller_comes_from_the_edge_headers_and_is_required_by_default() -> None:
+    from services.router import caller
+
+    c = caller.from_metadata(
+        {"x-meshserve-key-id": "key_1", "x-meshserve-tenant": "acme", "x-meshserve-models": "a,b"}, required=True
+    )
+    assert c.tenant == "acme" and c.may_use("a") and not c.may_use("c")
+    assert caller.from_metadata({"x-meshserve-key-id": "key_1"}, required=True).allowed_models is None
+    with pytest.raises(errors.Unauthenticated):
+        caller.from_metadata({}, required=True)
+    assert caller.from_metadata({}, required=False) is caller.INTERNAL

@@ -1,0 +1,61 @@
+"""Runs an auth replica: python -m services.auth."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import redis.asyncio as redis
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.auth.authenticator import Authenticator
+from services.auth.bootstrap import ensure_admin
+from services.auth.config import AuthSettings
+from services.auth.servicers import AdminServicer, ExtAuthzServicer
+from services.auth.store import KeyStore
+from services.runtime.server import Runtime, serve
+
+SERVICES = [
+    auth_pb2.DESCRIPTOR.services_by_name["AuthAdminService"].full_name,
+    external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+]
+
+
+def main() -> None:
+    settings = AuthSettings()
+
+    async def setup(rt: Runtime) -> None:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        # Pub/sub holds its connection open indefinitely: no read timeout on it.
+        listener = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+        store = KeyStore(client)
+        authenticator = Authenticator(store, settings.cache_entries, settings.cache_max_age_seconds)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(ExtAuthzServicer(authenticator), rt.server)
+        auth_pb2_grpc.add_AuthAdminServiceServicer_to_server(AdminServicer(authenticator, store), rt.server)
+        follower: list[asyncio.Task[None]] = []
+
+        async def ready() -> None:
+            await client.ping()
+            follower.append(asyncio.create_task(authenticator.follow_changes(listener)))
+            await asyncio.wait_for(authenticator.subscribed.wait(), timeout=10)
+            if settings.bootstrap_admin_file:
+                await ensure_admin(store, Path(settings.bootstrap_admin_file))
+
+        async def close() -> None:
+            for task in follower:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await client.aclose()
+            await listener.aclose()
+
+        rt.warm_up_with(ready)
+        rt.on_shutdown(close)
+
+    serve("auth", settings, SERVICES, setup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Who is calling: the identity the edge's auth check attached to the request."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.runtime.errors import PermissionDenied, Unauthenticated
+from services.runtime.identity import KEY_ID_HEADER, MODELS_HEADER, TENANT_HEADER
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A tenant's key and the models it may use (None: all)."""
+
+    tenant: str
+    key_id: str
+    allowed_models: frozenset[str] | None
+
+    def may_use(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+    def require(self, model: str) -> None:
+        if not self.may_use(model):
+            raise PermissionDenied(f"API key {self.key_id} may not use model {model!r}")
+
+
+# Trusted internal callers (require_caller off): every model, no tenant.
+INTERNAL = Caller(tenant="", key_id="internal", allowed_models=None)
+
+
+def from_metadata(metadata: Mapping[str, str], required: bool) -> Caller:
+    """The caller described by the auth headers; without them, refused unless not required."""
+    key_id = metadata.get(KEY_ID_HEADER, "")
+    if not key_id:
+        if required:
+            raise Unauthenticated("no caller identity: requests must come through the edge with an API key")
+        return INTERNAL
+    models = metadata.get(MODELS_HEADER, "*")
+    allowed = None if models == "*" else frozenset(m for m in models.split(",") if m)
+    return Caller(tenant=metadata.get(TENANT_HEADER, ""), key_id=key_id, allowed_models=allowed)

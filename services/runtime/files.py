@@ -1,0 +1,16 @@
+"""Small file helpers shared by services and tools."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_private(path: Path, data: dict[str, str]) -> None:
+    """Writes JSON atomically, readable only by its owner (credentials)."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    tmp.replace(path)

@@ -1,0 +1,20 @@
+"""OpenAI's error shape: one table of `type` and `code` per HTTP status, for every error body meshserve sends."""
+
+from __future__ import annotations
+
+# HTTP status -> (OpenAI error type, short code).
+ERROR_TYPES: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "permission_denied"),
+    404: ("not_found_error", "not_found"),
+    409: ("conflict_error", "conflict"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    499: ("server_error", "cancelled"),
+    500: ("server_error", "internal_error"),
+    501: ("invalid_request_error", "not_implemented"),
+    502: ("server_error", "bad_gateway"),
+    503: ("server_error", "service_unavailable"),
+    504: ("server_error", "timeout"),
+}
