@@ -12,7 +12,9 @@ test:
 
 bench:
 	@scripts/bootstrap.sh
+	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null
 	@.venv/bin/python -m bench.edge_vs_vllm $(ARGS)
+	@.venv/bin/python -m bench.auth_overhead
 
 gen:
 	@.venv/bin/meshserve gen

@@ -125,18 +125,21 @@ def report(results: dict[int, dict[str, dict[str, float]]], args: argparse.Names
     return "\n".join(lines) + "\n"
 
 
-async def measure(args: argparse.Namespace, targets: dict[str, str]) -> dict[int, dict[str, dict[str, float]]]:
+Target = tuple[str, dict[str, str]]  # base URL, headers
+
+
+async def measure(args: argparse.Namespace, targets: dict[str, Target]) -> dict[int, dict[str, dict[str, float]]]:
     results: dict[int, dict[str, dict[str, float]]] = {}
     # Unrecorded warm-up: first requests pay for lazy start-up on both sides.
-    for target, url in targets.items():
-        await run_round(target, url, MODEL, PROMPTS, 4, args.max_tokens)
+    for target, (url, headers) in targets.items():
+        await run_round(target, url, MODEL, PROMPTS, 4, args.max_tokens, headers)
     for c in args.concurrency:
         n = max(c, args.requests * max(1, c // 4))
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
         rounds: dict[str, list[RoundResult]] = {t: [] for t in targets}
         for _ in range(args.rounds):
-            for target, url in targets.items():
-                r = await run_round(target, url, MODEL, prompts, c, args.max_tokens)
+            for target, (url, headers) in targets.items():
+                r = await run_round(target, url, MODEL, prompts, c, args.max_tokens, headers)
                 rounds[target].append(r)
                 print(
                     f"c={c:<3} {target:<11} {r.tokens_per_s:7.1f} tok/s  "
@@ -167,7 +170,11 @@ def main() -> None:
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", vllm, 600)
         mesh.start(timeout=600)
-        targets = {"vllm-serve": f"http://127.0.0.1:{port}", "meshserve": mesh.edge_url}
+        targets: dict[str, Target] = {
+            "vllm-serve": (f"http://127.0.0.1:{port}", {}),
+            # The whole mesh path: ext_authz with a real API key, router, inference.
+            "meshserve": (mesh.edge_url, {"authorization": f"Bearer {mesh.user_key}"}),
+        }
         results = asyncio.run(measure(args, targets))
     finally:
         mesh.stop()

