@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,10 +176,19 @@ def _http_filters(cfg: EdgeConfig) -> list[dict[str, Any]]:
     ]
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _grpc_cluster(name: str, addr: Address) -> dict[str, Any]:
     return {
         "name": name,
-        "type": "STATIC",
+        # Kubernetes Service names resolve through DNS; local addresses are fixed.
+        "type": "STATIC" if _is_ip(addr.host) else "STRICT_DNS",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {

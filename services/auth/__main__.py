@@ -11,7 +11,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.authenticator import Authenticator
-from services.auth.bootstrap import ensure_admin
+from services.auth.bootstrap import ensure_admin, ensure_admin_secret
 from services.auth.config import AuthSettings
 from services.auth.servicers import AdminServicer, ExtAuthzServicer
 from services.auth.store import KeyStore
@@ -40,6 +40,8 @@ def main() -> None:
             await client.ping()
             follower.append(asyncio.create_task(authenticator.follow_changes(listener)))
             await asyncio.wait_for(authenticator.subscribed.wait(), timeout=10)
+            if settings.bootstrap_admin_secret:
+                await ensure_admin_secret(store, settings.bootstrap_admin_secret)
             if settings.bootstrap_admin_file:
                 await ensure_admin(store, Path(settings.bootstrap_admin_file))
 

@@ -7,11 +7,23 @@ import logging
 import time
 from pathlib import Path
 
-from services.auth.keys import KeyRecord, decide, hash_secret
+from services.auth.keys import KeyRecord, decide, hash_secret, parse_bearer
 from services.auth.store import KeyStore
 from services.runtime.files import write_private
 
 log = logging.getLogger(__name__)
+
+
+async def ensure_admin_secret(store: KeyStore, secret: str) -> None:
+    """Makes secret (given by the operator, e.g. from a Kubernetes Secret) a working admin key."""
+    parse_bearer(f"Bearer {secret}")
+    grant = await store.lookup(hash_secret(secret))
+    if grant is not None and grant.record.admin and grant.record.revoked_at is None:
+        return
+    record = await store.create_with_secret(
+        KeyRecord(key_id="", tenant="admin", label="operator admin", admin=True), secret
+    )
+    log.info("created the operator admin key", extra={"key_id": record.key_id})
 
 
 async def ensure_admin(store: KeyStore, path: Path) -> None:

@@ -20,3 +20,5 @@ class AuthSettings(ServiceSettings):
     cache_max_age_seconds: float = 60.0
     # If set and no valid admin key is stored there, one is created and its secret written here (mode 0600).
     bootstrap_admin_file: str = ""
+    # If set (from a Kubernetes Secret), an admin key with this secret is created unless it exists.
+    bootstrap_admin_secret: str = ""

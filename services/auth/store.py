@@ -68,6 +68,10 @@ class KeyStore:
     async def create(self, template: KeyRecord) -> tuple[KeyRecord, str]:
         """Stores a new key built from template (its id and secret are made here); returns the secret once."""
         secret = new_secret()
+        return await self.create_with_secret(template, secret), secret
+
+    async def create_with_secret(self, template: KeyRecord, secret: str) -> KeyRecord:
+        """Stores a new key with a given secret (bootstrap from an operator's Secret)."""
         record = replace(template, key_id=new_key_id(), created_at=time.time(), secret_hashes=()).with_secret(secret)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(_record_key(record.key_id), record.to_json())
@@ -75,7 +79,7 @@ class KeyStore:
             pipe.zadd(_INDEX, {record.key_id: record.created_at})
             pipe.publish(CHANGES, record.key_id)
             await self._call(pipe.execute())
-        return record, secret
+        return record
 
     async def rotate(self, key_id: str, grace_seconds: float) -> tuple[KeyRecord, str, float]:
         """A new current secret; the previous one works until now + grace, then its hash is deleted."""

@@ -6,9 +6,12 @@ import asyncio
 import os
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceSettings
 from services.inference.engine import Engine, EngineConfig
+from services.inference.metrics import LoadCollector
 from services.inference.model_store import ModelStore
 from services.inference.servicer import InferenceServicer
 from services.runtime.server import Runtime, serve
@@ -50,6 +53,9 @@ def main() -> None:
             if servicer.engine is not None:
                 servicer.engine.shutdown()
 
+        REGISTRY.register(
+            LoadCollector(settings.model, lambda: servicer.engine.load() if servicer.engine is not None else None)
+        )
         rt.warm_up_with(load_and_warm_up)
         rt.on_shutdown(stop_engine)
 

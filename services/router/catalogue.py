@@ -1,9 +1,11 @@
-"""The model catalogue: which models the router serves and where their replicas are (a YAML file)."""
+"""The model catalogue: which models the router serves, their versions with traffic weights, and replicas."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -11,13 +13,52 @@ from services.runtime.errors import InvalidArgument, NotFound
 
 
 @dataclass(frozen=True)
+class Version:
+    """One version of a model: its share of traffic and where it runs."""
+
+    name: str
+    weight: float
+    # host:port, or dns:///name:port for a Kubernetes headless Service.
+    replicas: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """One servable model."""
 
     id: str
-    replicas: tuple[str, ...]
+    versions: tuple[Version, ...]
     created: int
     owned_by: str
+
+    def pick(self, rng: random.Random) -> Version:
+        """A version drawn by weight (a 90/10 canary sends about 10% of requests to the second)."""
+        if len(self.versions) == 1:
+            return self.versions[0]
+        return rng.choices(self.versions, weights=[v.weight for v in self.versions])[0]
+
+
+def _replicas(raw: Any, where: str) -> tuple[str, ...]:
+    if not raw or not isinstance(raw, list) or not all(isinstance(r, str) and r for r in raw):
+        raise InvalidArgument(f"{where}: needs at least one replica address (host:port or dns:///name:port)")
+    return tuple(raw)
+
+
+def _versions(raw: dict[str, Any], where: str) -> tuple[Version, ...]:
+    if "versions" not in raw:
+        return (Version("default", 1.0, _replicas(raw.get("replicas"), where)),)
+    versions = []
+    for j, v in enumerate(raw["versions"] or []):
+        at = f"{where}.versions[{j}]"
+        if not isinstance(v, dict) or not v.get("name"):
+            raise InvalidArgument(f"{at}: needs a name")
+        weight = float(v.get("weight", 1))
+        if weight < 0:
+            raise InvalidArgument(f"{at}: weight must not be negative")
+        versions.append(Version(str(v["name"]), weight, _replicas(v.get("replicas"), at)))
+    if not versions or sum(v.weight for v in versions) <= 0:
+        raise InvalidArgument(f"{where}: needs at least one version with a positive weight")
+    return tuple(versions)
 
 
 class Catalogue:
@@ -28,20 +69,17 @@ class Catalogue:
 
     @classmethod
     def from_yaml(cls, path: Path) -> Catalogue:
-        """Reads a catalogue file: `models: [{id, replicas: [host:port], created, owned_by}]`."""
+        """Reads `models: [{id, replicas: [...]} | {id, versions: [{name, weight, replicas}]}]`."""
         data = yaml.safe_load(path.read_text()) or {}
         entries = []
         for i, raw in enumerate(data.get("models") or []):
             where = f"{path}: models[{i}]"
             if not isinstance(raw, dict) or not raw.get("id"):
                 raise InvalidArgument(f"{where}: needs an id")
-            replicas = raw.get("replicas") or []
-            if not replicas or not all(isinstance(r, str) and r for r in replicas):
-                raise InvalidArgument(f"{where}: needs at least one replica address (host:port)")
             entries.append(
                 ModelEntry(
                     id=str(raw["id"]),
-                    replicas=tuple(replicas),
+                    versions=_versions(raw, where),
                     created=int(raw.get("created", 0)),
                     owned_by=str(raw.get("owned_by", "meshserve")),
                 )

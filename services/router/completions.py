@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -65,10 +66,12 @@ class Completions:
         catalogue: Catalogue,
         replica: Callable[[str], Replica],
         clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         self._catalogue = catalogue
         self._replica = replica
         self._clock = clock
+        self._rng = rng or random.Random()
 
     def list_models(self, caller: Caller) -> llm_pb2.ListModelsResponse:
         """The catalogue's models that the caller may use."""
@@ -87,7 +90,8 @@ class Completions:
         # Permission before existence: a key learns nothing about models it may not use.
         caller.require(spec.model)
         entry = self._catalogue.get(spec.model)
-        replica = self._replica(entry.replicas[0])
+        # One address per version: a host:port, or a headless Service that gRPC balances over.
+        replica = self._replica(entry.pick(self._rng).replicas[0])
         s = spec.sampling
         sampling = inference_pb2.SamplingParams(stop=s.stop)
         for name in ("max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):

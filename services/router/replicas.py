@@ -12,9 +12,12 @@ from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.runtime import errors
 
 # Keepalive notices a dead replica on an idle channel; the service config lets gRPC
-# itself retry a call that failed before the replica answered anything.
+# itself retry a call that failed before the replica answered anything. round_robin spreads
+# calls over every address a target resolves to: a Kubernetes headless Service
+# (dns:///inference-headless:50051) is the set of ready replicas.
 _SERVICE_CONFIG = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{"service": "meshserve.inference.v1.InferenceService"}],
@@ -27,7 +30,7 @@ _SERVICE_CONFIG = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
     }
 )
 _OPTIONS = [

@@ -86,3 +86,16 @@ def test_the_token_relays_yield_the_cpu_to_the_engine(mesh: LocalMesh) -> None:
 
     assert nice("router") == nice("envoy") == mesh.options.support_nice > 0
     assert nice("inference") == 0 and nice("auth") == 0
+
+
+def test_the_engine_load_is_exported_for_the_autoscaler(mesh: LocalMesh) -> None:
+    import urllib.request
+
+    from services.inference.metrics import QUEUE_DEPTH
+
+    port = mesh.procs["inference"].metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    assert f'{QUEUE_DEPTH}{{model="{MODEL}"}} 0.0' in body
+    assert "meshserve_inference_running_requests" in body
+    assert 'meshserve_rpc_requests_total{code="OK",method="Generate",service="inference"}' in body

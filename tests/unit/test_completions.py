@@ -9,7 +9,7 @@ import pytest
 from meshserve.inference.v1 import inference_pb2 as ipb
 from meshserve.llm.v1 import llm_pb2
 from services.router.caller import Caller
-from services.router.catalogue import Catalogue, ModelEntry
+from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.completions import Completions
 from services.runtime.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 
@@ -46,7 +46,7 @@ def steps(*texts: str, finish: int = ipb.FINISH_REASON_STOP) -> list[ipb.Generat
 
 
 def completions(replica: FakeReplica) -> Completions:
-    catalogue = Catalogue([ModelEntry("m", ("fake:1",), 1700000000, "meshserve")])
+    catalogue = Catalogue([ModelEntry("m", (Version("v1", 1.0, ("fake:1",)),), 1700000000, "meshserve")])
     return Completions(catalogue, lambda address: replica, clock=lambda: 1700000123.0)
 
 

@@ -42,7 +42,7 @@ def test_catalogue_reads_models_and_rejects_entries_without_replicas(tmp_path: P
     good = tmp_path / "good.yaml"
     good.write_text("models:\n  - id: a\n    replicas: ['127.0.0.1:1']\n    created: 5\n")
     entry = Catalogue.from_yaml(good).get("a")
-    assert entry.replicas == ("127.0.0.1:1",) and entry.created == 5 and entry.owned_by == "meshserve"
+    assert entry.versions[0].replicas == ("127.0.0.1:1",) and entry.created == 5 and entry.owned_by == "meshserve"
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  - id: a\n")
     with pytest.raises(errors.InvalidArgument, match="replica"):
@@ -70,3 +70,22 @@ def test_caller_comes_from_the_edge_headers_and_is_required_by_default() -> None
     with pytest.raises(errors.Unauthenticated):
         caller.from_metadata({}, required=True)
     assert caller.from_metadata({}, required=False) is caller.INTERNAL
+
+
+def test_a_90_10_canary_splits_traffic_by_weight(tmp_path: Path) -> None:
+    import random
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "models:\n  - id: m\n    versions:\n"
+        "      - {name: v1, weight: 90, replicas: ['dns:///v1:50051']}\n"
+        "      - {name: v2, weight: 10, replicas: ['dns:///v2:50051']}\n"
+    )
+    entry = Catalogue.from_yaml(path).get("m")
+    rng = random.Random(7)
+    picks = [entry.pick(rng).name for _ in range(1000)]
+    assert 870 <= picks.count("v1") <= 930
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - id: m\n    versions: [{name: v1, weight: 0, replicas: ['a:1']}]\n")
+    with pytest.raises(errors.InvalidArgument, match="positive weight"):
+        Catalogue.from_yaml(bad)
