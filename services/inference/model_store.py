@@ -36,24 +36,25 @@ class ModelStore:
         return self.root / name
 
     def names(self) -> list[str]:
-        """The complete entries."""
+        """The complete entries (hub ids like org/name are nested folders)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / _COMPLETE).is_file())
+        return sorted(str(p.parent.relative_to(self.root)) for p in self.root.rglob(_COMPLETE))
 
     def build(self, name: str, writer: Callable[[Path], None]) -> Path:
         """Builds the entry with writer into a temporary folder and moves it in place; once."""
         if self.has(name):
             return self.root / name
         self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=f".{name}-") as tmp:
-            staging = Path(tmp) / name
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=f".{name.replace('/', '_')}-") as tmp:
+            staging = Path(tmp) / "entry"
             staging.mkdir()
             writer(staging)
             (staging / _COMPLETE).write_text("ok\n")
             target = self.root / name
             if target.exists():
                 shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(target)
         return self.root / name
 
@@ -93,10 +94,27 @@ def write_smollm2(target: Path) -> None:
 BUILDERS: dict[str, Callable[[Path], None]] = {SMOLLM2: write_smollm2}
 
 
+def hub_writer(repo_id: str) -> Callable[[Path], None]:
+    """Downloads a Hugging Face hub repository (weights, config, tokenizer) into the entry."""
+
+    def write(target: Path) -> None:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(
+            repo_id=repo_id,
+            local_dir=target,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"],
+        )
+
+    return write
+
+
 def ensure(store: ModelStore, name: str) -> Path:
-    """Returns the entry for name, building it first if a builder for it exists."""
+    """Returns the entry for name, building it first: a packaged model, or an org/name hub repository."""
     if store.has(name):
         return store.path(name)
-    if name not in BUILDERS:
-        raise NotFound(f"model {name!r} is not in the model store and meshserve cannot build it")
-    return store.build(name, BUILDERS[name])
+    if name in BUILDERS:
+        return store.build(name, BUILDERS[name])
+    if "/" in name:
+        return store.build(name, hub_writer(name))
+    raise NotFound(f"model {name!r} is not in the model store and meshserve cannot build it")

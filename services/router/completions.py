@@ -63,7 +63,7 @@ class Completions:
 
     def __init__(
         self,
-        catalogue: Catalogue,
+        catalogue: Callable[[], Catalogue],
         replica: Callable[[str], Replica],
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
@@ -79,7 +79,7 @@ class Completions:
             object="list",
             data=[
                 llm_pb2.Model(id=e.id, object="model", created=e.created, owned_by=e.owned_by)
-                for e in self._catalogue.entries()
+                for e in self._catalogue().entries()
                 if caller.may_use(e.id)
             ],
         )
@@ -89,7 +89,7 @@ class Completions:
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         # Permission before existence: a key learns nothing about models it may not use.
         caller.require(spec.model)
-        entry = self._catalogue.get(spec.model)
+        entry = self._catalogue().get(spec.model)
         # One address per version: a host:port, or a headless Service that gRPC balances over.
         replica = self._replica(entry.pick(self._rng).replicas[0])
         s = spec.sampling

@@ -12,8 +12,10 @@ class RouterSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="MESHSERVE_ROUTER_", extra="ignore")
 
-    # Path of the model catalogue YAML (models and their replica addresses).
+    # Path of the model catalogue YAML (models, versions with weights, replica addresses).
     catalogue: str = "deploy/local/catalogue.yaml"
+    # Seconds between checks of the catalogue file for changes.
+    catalogue_poll_seconds: float = 2.0
     # Refuse calls without the identity headers the edge's auth check adds. Turn off only for a
     # router that trusted internal callers reach directly (never one behind a public edge).
     require_caller: bool = True

@@ -47,7 +47,7 @@ def steps(*texts: str, finish: int = ipb.FINISH_REASON_STOP) -> list[ipb.Generat
 
 def completions(replica: FakeReplica) -> Completions:
     catalogue = Catalogue([ModelEntry("m", (Version("v1", 1.0, ("fake:1",)),), 1700000000, "meshserve")])
-    return Completions(catalogue, lambda address: replica, clock=lambda: 1700000123.0)
+    return Completions(lambda: catalogue, lambda address: replica, clock=lambda: 1700000123.0)
 
 
 def chat(**kw: object) -> llm_pb2.ChatCompletionParams:

@@ -50,3 +50,10 @@ def test_unknown_models_cannot_be_built(tmp_path: Path) -> None:
 def test_the_packaged_gguf_is_found_without_importing_its_package() -> None:
     gguf = model_store.packaged_gguf()
     assert gguf.suffix == ".gguf" and gguf.stat().st_size > 50_000_000
+
+
+def test_hub_ids_are_nested_entries(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.build("org/model", lambda target: (target / "config.json").write_text("{}"))  # type: ignore[func-returns-value]
+    assert store.has("org/model") and store.names() == ["org/model"]
+    assert (tmp_path / "org" / "model" / "config.json").is_file()

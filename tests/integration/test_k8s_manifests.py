@@ -1,0 +1,236 @@
+"""The rendered Kubernetes manifests of every overlay: schema-valid, secure, wired together."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy.k8s.render import OVERLAYS, render
+from services.inference.metrics import METRICS, QUEUE_DEPTH
+
+ROOT = Path(__file__).resolve().parents[2]
+Doc = dict[str, Any]
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
+
+
+@cache
+def docs(overlay: str) -> tuple[Doc, ...]:
+    return tuple(d for d in yaml.safe_load_all(render(overlay)) if d)
+
+
+def of_kind(overlay: str, *kinds: str) -> list[Doc]:
+    return [d for d in docs(overlay) if d["kind"] in kinds]
+
+
+def named(overlay: str, kind: str, name: str) -> Doc:
+    [doc] = [d for d in of_kind(overlay, kind) if d["metadata"]["name"] == name]
+    return doc
+
+
+def pod_specs(overlay: str) -> list[tuple[Doc, Doc]]:
+    return [(w, w["spec"]["template"]["spec"]) for w in of_kind(overlay, *WORKLOADS)]
+
+
+def env(container: Doc) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_the_overlays_are_the_documented_ones() -> None:
+    assert OVERLAYS == ["canary", "cpu-dev", "gpu"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_manifest_validates_against_the_kubernetes_schemas(overlay: str) -> None:
+    for doc in docs(overlay):
+        kubernetes_validate.validate(doc, "1.37.0", strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_is_non_root_read_only_and_bounded(overlay: str) -> None:
+    for workload, spec in pod_specs(overlay):
+        pod_sc = spec.get("securityContext", {})
+        for c in spec["containers"] + spec.get("initContainers", []):
+            where = f"{overlay}/{workload['metadata']['name']}/{c['name']}"
+            sc = c.get("securityContext", {})
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, where
+            assert sc.get("runAsUser", pod_sc.get("runAsUser", 0)) != 0, where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c.get("resources", {}).get(bound, {})), f"{where} {bound}"
+            names = [e["name"] for e in c.get("env", [])]
+            assert len(names) == len(set(names)), f"{where}: duplicate env {names}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_long_running_container_has_probes_and_grpc_services_use_native_grpc_probes(overlay: str) -> None:
+    for workload in of_kind(overlay, "Deployment", "StatefulSet"):
+        for c in workload["spec"]["template"]["spec"]["containers"]:
+            where = f"{overlay}/{workload['metadata']['name']}"
+            assert "readinessProbe" in c and "livenessProbe" in c, where
+            if any(p.get("name") == "grpc" for p in c.get("ports", [])):
+                assert c["readinessProbe"]["grpc"]["port"] == 50051, where
+                assert c["livenessProbe"]["grpc"]["port"] == 50051, where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inference_start_up_fits_model_loading_and_shutdown_fits_streams(overlay: str) -> None:
+    for d in of_kind(overlay, "Deployment"):
+        if d["metadata"]["labels"]["app.kubernetes.io/name"] not in ("inference", "router"):
+            continue
+        spec = d["spec"]["template"]["spec"]
+        main = spec["containers"][0]
+        e = env(main)
+        prefix = "MESHSERVE_INFERENCE_" if "inference" in d["metadata"]["name"] else "MESHSERVE_ROUTER_"
+        assert spec["terminationGracePeriodSeconds"] > int(e[prefix + "GRACE_SECONDS"]) + int(
+            e[prefix + "DRAIN_SECONDS"]
+        )
+        if prefix == "MESHSERVE_INFERENCE_":
+            startup = main["startupProbe"]
+            assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+            assert e["MESHSERVE_INFERENCE_MODEL_STORE"] == "/models"
+            # The init container waits for the very model the engine will load.
+            assert env(spec["initContainers"][0])["MODEL"] == e["MESHSERVE_INFERENCE_MODEL"]
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "model-store"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_selects_pods_that_exist(overlay: str) -> None:
+    templates = [w["spec"]["template"]["metadata"]["labels"] for w in of_kind(overlay, "Deployment", "StatefulSet")]
+    for service in of_kind(overlay, "Service"):
+        selector = service["spec"]["selector"]
+        assert any(selector.items() <= labels.items() for labels in templates), service["metadata"]["name"]
+        for port in service["spec"]["ports"]:
+            assert port.get("name"), service["metadata"]["name"]
+    for pdb in of_kind(overlay, "PodDisruptionBudget"):
+        selector = pdb["spec"]["selector"]["matchLabels"]
+        assert any(selector.items() <= labels.items() for labels in templates), pdb["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_referenced_configmap_and_secret_exists(overlay: str) -> None:
+    have = {(d["kind"], d["metadata"]["name"]) for d in docs(overlay)}
+    for workload, spec in pod_specs(overlay):
+        for v in spec.get("volumes", []):
+            if "configMap" in v:
+                assert ("ConfigMap", v["configMap"]["name"]) in have
+            if "secret" in v:
+                assert ("Secret", v["secret"]["secretName"]) in have
+            if "persistentVolumeClaim" in v:
+                assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in have
+        for c in spec["containers"] + spec.get("initContainers", []):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {})
+                for key, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
+                    if key in ref and not ref[key].get("optional"):
+                        assert (kind, ref[key]["name"]) in have, f"{workload['metadata']['name']}: {ref}"
+        assert ("ServiceAccount", spec["serviceAccountName"]) in have
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_inference_hpa_scales_on_a_metric_the_inference_service_exports(overlay: str) -> None:
+    hpa = named(overlay, "HorizontalPodAutoscaler", "inference")
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == QUEUE_DEPTH
+    assert QUEUE_DEPTH in METRICS
+    behavior = hpa["spec"]["behavior"]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] < behavior["scaleDown"]["stabilizationWindowSeconds"]
+    rules = yaml.safe_load(
+        named(overlay, "ConfigMap", _generated(overlay, "prometheus-adapter-rules"))["data"]["config.yaml"]
+    )
+    assert any(QUEUE_DEPTH in r["seriesQuery"] for r in rules["rules"])
+    for name in ("router", "auth", "edge"):
+        [m] = named(overlay, "HorizontalPodAutoscaler", name)["spec"]["metrics"]
+        assert m["resource"]["name"] == "cpu"
+
+
+def _generated(overlay: str, prefix: str) -> str:
+    """The hashed name kustomize gave a generated ConfigMap."""
+    [name] = [d["metadata"]["name"] for d in of_kind(overlay, "ConfigMap") if d["metadata"]["name"].startswith(prefix)]
+    return name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_router_discovers_inference_through_headless_services(overlay: str) -> None:
+    catalogue = yaml.safe_load(
+        named(overlay, "ConfigMap", _generated(overlay, "router-catalogue"))["data"]["catalogue.yaml"]
+    )
+    router = named(overlay, "Deployment", "router")["spec"]["template"]["spec"]
+    assert any(v.get("configMap", {}).get("name", "").startswith("router-catalogue") for v in router["volumes"])
+    served = {
+        env(d["spec"]["template"]["spec"]["containers"][0]).get("MESHSERVE_INFERENCE_SERVED_NAME")
+        or env(d["spec"]["template"]["spec"]["containers"][0])["MESHSERVE_INFERENCE_MODEL"]
+        for d in of_kind(overlay, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/name"] == "inference"
+    }
+    for model in catalogue["models"]:
+        assert model["id"] in served
+        for version in model["versions"]:
+            for address in version["replicas"]:
+                assert address.startswith("dns:///")
+                service = named(overlay, "Service", address.removeprefix("dns:///").rsplit(":", 1)[0])
+                assert service["spec"]["clusterIP"] == "None"
+                assert any(
+                    service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+                    for d in of_kind(overlay, "Deployment")
+                    if d["metadata"]["labels"]["app.kubernetes.io/name"] == "inference"
+                )
+
+
+def test_the_canary_splits_90_10_over_two_versions() -> None:
+    catalogue = yaml.safe_load(
+        named("canary", "ConfigMap", _generated("canary", "router-catalogue"))["data"]["catalogue.yaml"]
+    )
+    [model] = catalogue["models"]
+    assert [(v["name"], v["weight"]) for v in model["versions"]] == [("v1", 90), ("v2", 10)]
+    v2 = named("canary", "Deployment", "inference-v2")
+    assert v2["spec"]["selector"]["matchLabels"]["meshserve.dev/version"] == "v2"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpus_only_where_the_overlay_says(overlay: str) -> None:
+    for d in of_kind(overlay, "Deployment"):
+        spec = d["spec"]["template"]["spec"]
+        gpus = spec["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+        if overlay != "cpu-dev" and d["metadata"]["labels"]["app.kubernetes.io/name"] == "inference":
+            assert gpus == "1"
+            assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+            assert spec["nodeSelector"]
+        else:
+            assert gpus is None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_edge_is_reachable_from_outside(overlay: str) -> None:
+    policies = of_kind(overlay, "NetworkPolicy")
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
+    assert deny, "no default-deny policy"
+    for p in policies:
+        for rule in p["spec"].get("ingress", []):
+            if "from" not in rule:
+                assert p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "edge"
+    lb = [s for s in of_kind(overlay, "Service") if s["spec"].get("type") == "LoadBalancer"]
+    assert [s["metadata"]["name"] for s in lb] == ["edge"]
+
+
+def test_the_edge_config_map_holds_the_generated_envoy_config_for_in_cluster_services() -> None:
+    config = yaml.safe_load(named("gpu", "ConfigMap", _generated("gpu", "envoy-config"))["data"]["envoy.yaml"])
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    assert clusters["router"]["type"] == "STRICT_DNS" and clusters["auth"]["type"] == "STRICT_DNS"
+    listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener == {"address": "0.0.0.0", "port_value": 8080}
+
+
+def test_the_image_definition_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), str(ROOT / "deploy/docker/Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
