@@ -13,13 +13,12 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from bench.loadgen import RoundResult, percentile, run_round
 from services.inference import model_store
 from services.inference.config import InferenceSettings
-from services.mesh.local import LocalMesh, MeshOptions, free_port
+from services.mesh.local import LocalMesh, MeshOptions, free_port, wait_http_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = model_store.SMOLLM2
@@ -64,18 +63,12 @@ def start_vllm_server(model_dir: Path, port: int, state: Path, settings: Inferen
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def alive() -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"vLLM server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready in {timeout}s")
+
+    if not wait_http_ok(url, alive, timeout):
+        raise RuntimeError(f"{url} not ready in {timeout}s")
 
 
 def paired_ratio(mesh: list[RoundResult], vllm: list[RoundResult]) -> float:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def wait_http_ok(url: str, check_alive: Callable[[], None], timeout: float) -> bool:
+    """Polls url until it answers 200 (True) or timeout passes (False); check_alive raises if the server died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
 
 
 def envoy_binary() -> str:
@@ -289,20 +305,11 @@ class LocalMesh:
 
     def wait_edge(self, timeout: float) -> None:
         """Waits until Envoy answers on its admin /ready."""
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
         proc = self.procs["envoy"]
-        while time.monotonic() < deadline:
-            self._check_alive(proc)
-            try:
-                with urllib.request.urlopen(f"http://{self.admin.host}:{self.admin.port}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise MeshError(f"envoy was not ready within {timeout:.0f}s\n{proc.tail()}")
+        if not wait_http_ok(
+            f"http://{self.admin.host}:{self.admin.port}/ready", lambda: self._check_alive(proc), timeout
+        ):
+            raise MeshError(f"envoy was not ready within {timeout:.0f}s\n{proc.tail()}")
 
     def _check_alive(self, proc: Proc) -> None:
         if not proc.alive():
