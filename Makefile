@@ -8,6 +8,7 @@ up:
 test:
 	@scripts/bootstrap.sh
 	@.venv/bin/ruff check services deploy tests bench
+	@.venv/bin/mypy
 	@.venv/bin/python -m pytest $(ARGS)
 
 bench:
