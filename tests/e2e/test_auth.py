@@ -148,3 +148,39 @@ def test_an_auth_restart_keeps_every_key_working(mesh: LocalMesh) -> None:
     _, secret = create_key(mesh, label="survives restart")
     mesh.restart("auth")
     assert works(mesh, secret) and works(mesh, mesh.user_key)
+
+
+def test_the_keys_cli_creates_lists_rotates_and_revokes(mesh: LocalMesh) -> None:
+    import re
+    import subprocess
+    import sys
+
+    cli = [str(Path(sys.executable).parent / "meshserve"), "keys"]
+    where = ["--edge", f"{mesh.edge.host}:{mesh.edge.port}", "--admin-key", mesh.admin_key]
+
+    def run(*args: str) -> str:
+        result = subprocess.run([*cli, *args, *where], capture_output=True, text=True, env={"COLUMNS": "200"})
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    created = run("create", "--tenant", "cli-tenant", "--model", MODEL, "--label", "from the cli")
+    secret = re.search(r"secret \(shown once\): (msk-\S+)", created)
+    key_id = re.search(r"(key_[0-9a-f]{16})", created)
+    assert secret and key_id
+    SECRETS.append(secret.group(1))
+    assert [m.id for m in openai_client(mesh, secret.group(1)).models.list().data] == [MODEL]
+    listed = run("list", "--tenant", "cli-tenant")
+    assert key_id.group(1) in listed and secret.group(1) not in listed
+    rotated = run("rotate", key_id.group(1), "--grace", "0s")
+    new_secret = re.search(r"new secret \(shown once\): (msk-\S+)", rotated)
+    assert new_secret
+    SECRETS.append(new_secret.group(1))
+    assert works(mesh, new_secret.group(1)) and not works(mesh, secret.group(1))
+    run("revoke", key_id.group(1))
+    assert not works(mesh, new_secret.group(1))
+    denied = subprocess.run(
+        [*cli, "list", "--edge", f"{mesh.edge.host}:{mesh.edge.port}", "--admin-key", mesh.user_key],
+        capture_output=True,
+        text=True,
+    )
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
