@@ -97,7 +97,8 @@ def report(results: dict[int, dict[str, dict[str, float]]], args: argparse.Names
         "",
         f"Model {MODEL}, greedy, max_tokens {args.max_tokens}, streamed with usage; "
         f"{args.rounds} alternating rounds per target and concurrency, {args.requests} requests per round "
-        f"(x concurrency/4, at least the concurrency). Machine: {os.cpu_count()} cores. "
+        f"(x concurrency/4, at least the concurrency), {args.settle:g} s of quiet before each round. "
+        f"Machine: {os.cpu_count()} cores. "
         f"Run took {time.time() - started:.0f} s on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "| concurrency | target | output tok/s | TTFT p50 ms | TTFT p99 ms | requests | errors |",
@@ -139,6 +140,9 @@ async def measure(args: argparse.Namespace, targets: dict[str, Target]) -> dict[
         rounds: dict[str, list[RoundResult]] = {t: [] for t in targets}
         for _ in range(args.rounds):
             for target, (url, headers) in targets.items():
+                # Both engines share the cores; vLLM's engine core spins for about 1 s after its last
+                # step, so the other target's first requests would pay for it.
+                await asyncio.sleep(args.settle)
                 r = await run_round(target, url, MODEL, prompts, c, args.max_tokens, headers)
                 rounds[target].append(r)
                 print(
@@ -156,6 +160,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=8, help="requests per round at concurrency <= 4")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each round")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "edge_vs_vllm.md")
     args = parser.parse_args()
