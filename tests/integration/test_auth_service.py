@@ -88,3 +88,20 @@ def test_backends_get_the_identity_and_never_the_authorization_header(mesh: Loca
 def test_the_bootstrap_admin_key_file_is_private(mesh: LocalMesh) -> None:
     assert mesh.admin_key_file.stat().st_mode & 0o077 == 0
     assert mesh.admin_key.startswith("msk-")
+
+
+def test_an_operator_secret_becomes_the_admin_key_once(mesh: LocalMesh) -> None:
+    from meshserve.auth.v1 import auth_pb2_grpc
+    from services.auth.keys import new_secret
+
+    secret = new_secret()
+    env = {"MESHSERVE_AUTH_REDIS_URL": mesh.redis_url, "MESHSERVE_AUTH_BOOTSTRAP_ADMIN_SECRET": secret}
+    for attempt in range(2):  # a restart must not create a second key
+        replica = mesh.start_service(f"auth-operator-{attempt}", "services.auth", "MESHSERVE_AUTH_", env)
+        mesh.wait_serving(replica, 30)
+        with grpc.insecure_channel(f"127.0.0.1:{replica.grpc_port}") as channel:
+            keys = auth_pb2_grpc.AuthAdminServiceStub(channel).ListKeys(
+                auth_pb2.ListKeysRequest(tenant="admin"), metadata=(("authorization", f"Bearer {secret}"),), timeout=10
+            )
+        mesh.stop_proc(replica)
+        assert [k.label for k in keys.keys].count("operator admin") == 1
