@@ -125,8 +125,38 @@ def _common(params: _Common, max_tokens: int | None) -> tuple[str, SamplingSpec,
     return params.model, sampling, params.stream_options.include_usage
 
 
+def _is_empty(value: struct_pb2.Value) -> bool:
+    kind = value.WhichOneof("kind")
+    return (
+        kind is None
+        or kind == "null_value"
+        or (kind == "list_value" and not value.list_value.values)
+        or (kind == "struct_value" and not value.struct_value.fields)
+    )
+
+
+def _refuse_unserved_chat_fields(params: llm_pb2.ChatCompletionParams) -> None:
+    """OpenAI fields meshserve does not serve: refused when set to anything but their default, never ignored."""
+    if params.HasField("logprobs") and params.logprobs:
+        raise InvalidArgument("logprobs: log probabilities are not supported")
+    if params.HasField("top_logprobs"):
+        raise InvalidArgument("top_logprobs: log probabilities are not supported")
+    for name in ("tools", "functions"):
+        if not _is_empty(getattr(params, name)):
+            raise InvalidArgument(f"{name}: tool and function calling are not supported")
+    choice = params.tool_choice
+    if not _is_empty(choice) and not (choice.WhichOneof("kind") == "string_value" and choice.string_value == "none"):
+        raise InvalidArgument("tool_choice: tool calling is not supported")
+    fmt = params.response_format.fields
+    if fmt and not (set(fmt) == {"type"} and fmt["type"].string_value == "text"):
+        raise InvalidArgument('response_format: only {"type": "text"} is supported')
+    if params.logit_bias.fields:
+        raise InvalidArgument("logit_bias: is not supported")
+
+
 def chat(params: llm_pb2.ChatCompletionParams) -> GenerationSpec:
     """Validates a chat completion body."""
+    _refuse_unserved_chat_fields(params)
     if params.HasField("max_tokens") and params.HasField("max_completion_tokens"):
         raise InvalidArgument("max_tokens: set either max_tokens or max_completion_tokens, not both")
     max_tokens: int | None = None
@@ -156,4 +186,10 @@ def completion(params: llm_pb2.CompletionParams) -> GenerationSpec:
         raise InvalidArgument("echo: is not supported")
     if params.suffix:
         raise InvalidArgument("suffix: is not supported")
+    if params.HasField("logprobs"):
+        raise InvalidArgument("logprobs: log probabilities are not supported")
+    if params.logit_bias.fields:
+        raise InvalidArgument("logit_bias: is not supported")
+    if params.HasField("best_of") and params.best_of != 1:
+        raise InvalidArgument("best_of: only 1 is supported")
     return GenerationSpec(model, params.prompt, (), sampling, include_usage)

@@ -95,3 +95,49 @@ def test_invalid_completions_name_the_field(params: llm_pb2.CompletionParams, fi
 def test_stream_options_are_read_when_streaming() -> None:
     spec = validation.chat(chat(stream=True, stream_options=llm_pb2.StreamOptions(include_usage=True)))
     assert spec.include_usage
+
+
+def _value(obj: object) -> struct_pb2.Value:
+    from google.protobuf import json_format
+
+    value = struct_pb2.Value()
+    json_format.ParseDict(obj, value)
+    return value
+
+
+def _struct(obj: dict[str, object]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(obj)
+    return s
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (chat(logprobs=True), "logprobs"),
+        (chat(top_logprobs=2), "top_logprobs"),
+        (chat(tools=_value([{"type": "function", "function": {"name": "f"}}])), "tools"),
+        (chat(functions=_value([{"name": "f"}])), "functions"),
+        (chat(tool_choice=_value("auto")), "tool_choice"),
+        (chat(response_format=_struct({"type": "json_object"})), "response_format"),
+        (chat(logit_bias=_struct({"50256": -100})), "logit_bias"),
+        (llm_pb2.CompletionParams(model="m", prompt="x", logprobs=1), "logprobs"),
+        (llm_pb2.CompletionParams(model="m", prompt="x", best_of=2), "best_of"),
+    ],
+)
+def test_unserved_openai_fields_are_refused_not_ignored(params: object, field: str) -> None:
+    check = validation.chat if isinstance(params, llm_pb2.ChatCompletionParams) else validation.completion
+    with pytest.raises(InvalidArgument) as info:
+        check(params)  # type: ignore[arg-type]
+    assert str(info.value).startswith(field + ":")
+
+
+def test_defaults_of_unserved_fields_are_accepted() -> None:
+    validation.chat(
+        chat(
+            logprobs=False,
+            tools=_value([]),
+            tool_choice=_value("none"),
+            response_format=_struct({"type": "text"}),
+        )
+    )
