@@ -107,3 +107,11 @@ def test_the_catalogue_file_reloads_when_changed_and_keeps_the_last_good_one(tmp
     path.write_text("models:\n  - {id: broken}\n")
     assert not followed.refresh()
     assert [e.id for e in followed.current.entries()] == ["b", "c"]
+
+
+def test_the_routers_default_catalogue_exists_and_parses() -> None:
+    from services.router.config import RouterSettings
+
+    root = Path(__file__).resolve().parents[2]
+    entry = Catalogue.from_yaml(root / RouterSettings().catalogue).get("smollm2-135m-instruct")
+    assert entry.versions[0].replicas == ("127.0.0.1:50051",)
