@@ -160,14 +160,14 @@ class LocalMesh:
         self.wait_serving(proc, timeout)
         return proc
 
-    def start_redis(self) -> Proc:
-        """A private redis-server on a free port, persisting to the state folder (append-only file)."""
+    def start_redis(self, port: int = 0) -> Proc:
+        """A private redis-server on a free (or the given) port, persisting to the state folder (append-only)."""
         exe = shutil.which("redis-server")
         if exe is None:
             raise MeshError("redis-server not found: install Debian's redis-server (make up does)")
         data = self.options.state_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        port = free_port(self.options.host)
+        port = port or free_port(self.options.host)
         args = [
             exe,
             "--port",

@@ -105,3 +105,24 @@ def test_an_operator_secret_becomes_the_admin_key_once(mesh: LocalMesh) -> None:
             )
         mesh.stop_proc(replica)
         assert [k.label for k in keys.keys].count("operator admin") == 1
+
+
+def test_redis_down_fails_closed_and_auth_recovers_when_it_returns(mesh: LocalMesh) -> None:
+    created = create(mesh)
+    headers = {"authorization": f"Bearer {created.secret}"}
+    assert httpx.get(f"{mesh.edge_url}/v1/models", headers=headers).status_code == 200
+    port = mesh.procs["redis"].grpc_port
+    mesh.stop_proc(mesh.procs["redis"])
+    # Changes can no longer be heard, so nothing is trusted from the cache: refuse, never let through.
+    deadline = time.monotonic() + 10
+    while (down := httpx.get(f"{mesh.edge_url}/v1/models", headers=headers)).status_code == 200:
+        assert time.monotonic() < deadline, "requests were still let through with Redis down"
+        time.sleep(0.1)
+    assert down.status_code == 503
+    assert down.json()["error"]["type"] == "server_error"
+    assert created.secret not in down.text
+    mesh.start_redis(port=port)
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{mesh.edge_url}/v1/models", headers=headers).status_code != 200:
+        assert time.monotonic() < deadline, "auth did not recover after Redis returned"
+        time.sleep(0.2)
