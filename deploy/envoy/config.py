@@ -12,13 +12,11 @@ import yaml
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor
 
-from meshserve.auth.v1 import auth_pb2
 from meshserve.llm.v1 import llm_pb2
+from services.auth.keys import ADMIN_PATH_PREFIX
 from services.runtime.openai_errors import ERROR_TYPES
 
 LUA = Path(__file__).with_name("openai.lua")
-# Native gRPC admin calls go to the auth service, which checks the admin credential itself.
-ADMIN_PREFIX = "/" + auth_pb2.DESCRIPTOR.services_by_name["AuthAdminService"].full_name + "/"
 TRANSCODED_SERVICES = [llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name]
 
 
@@ -226,7 +224,7 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                     "domains": ["*"],
                     "routes": [
                         *(
-                            [{"match": {"prefix": ADMIN_PREFIX}, "route": {"cluster": "auth", "timeout": "10s"}}]
+                            [{"match": {"prefix": ADMIN_PATH_PREFIX}, "route": {"cluster": "auth", "timeout": "10s"}}]
                             if cfg.auth is not None
                             else []
                         ),

@@ -8,9 +8,12 @@ import secrets
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from meshserve.auth.v1 import auth_pb2
 from services.runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 SECRET_PREFIX = "msk-"
+# gRPC paths of the admin API: only admin keys may call them.
+ADMIN_PATH_PREFIX = "/" + auth_pb2.DESCRIPTOR.services_by_name["AuthAdminService"].full_name + "/"
 # 32 random bytes: with this much entropy a plain SHA-256 is the right hash (no need to slow guessing).
 _SECRET_BYTES = 32
 

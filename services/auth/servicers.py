@@ -14,14 +14,13 @@ from grpc import aio
 
 from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.authenticator import Authenticator
-from services.auth.keys import KeyRecord, validate_new_key
+from services.auth.keys import ADMIN_PATH_PREFIX, KeyRecord, validate_new_key
 from services.auth.store import KeyStore
 from services.runtime.errors import DomainError, PermissionDenied, Unauthenticated, Unavailable
 from services.runtime.identity import KEY_ID_HEADER, MODELS_HEADER, TENANT_HEADER
 
 Context = aio.ServicerContext[Any, Any]
 
-ADMIN_PREFIX = "/" + auth_pb2.DESCRIPTOR.services_by_name["AuthAdminService"].full_name + "/"
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _DENIALS: dict[type[DomainError], tuple[int, int]] = {
@@ -73,7 +72,7 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
 
     async def Check(self, request: external_auth_pb2.CheckRequest, context: Context) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
-        admin_call = http.path.startswith(ADMIN_PREFIX)
+        admin_call = http.path.startswith(ADMIN_PATH_PREFIX)
         try:
             record = await self._auth.check(http.headers.get("authorization"), admin_call)
         except (Unauthenticated, PermissionDenied, Unavailable) as exc:

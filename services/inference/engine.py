@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,10 @@ class Sampling:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+
+
+# Sampling fields that are unset (None) unless the caller gives them.
+OPTIONAL_SAMPLING = tuple(f.name for f in fields(Sampling) if f.name != "stop")
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,9 @@ class Engine:
             "stop": list(sampling.stop),
             "output_kind": RequestOutputKind.DELTA,
         }
-        for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+        for name in OPTIONAL_SAMPLING:
+            if name == "max_tokens":
+                continue
             value = getattr(sampling, name)
             if value is not None:
                 kwargs[name] = value

@@ -8,7 +8,7 @@ from typing import Any
 from grpc import aio
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.inference.engine import Engine, Sampling
+from services.inference.engine import OPTIONAL_SAMPLING, Engine, Sampling
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 Context = aio.ServicerContext[Any, Any]
@@ -49,13 +49,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidArgument("request_id: is required")
         s = request.sampling
         sampling = Sampling(
-            max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
-            temperature=s.temperature if s.HasField("temperature") else None,
-            top_p=s.top_p if s.HasField("top_p") else None,
-            stop=tuple(s.stop),
-            seed=s.seed if s.HasField("seed") else None,
-            presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else None,
-            frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else None,
+            stop=tuple(s.stop), **{name: getattr(s, name) for name in OPTIONAL_SAMPLING if s.HasField(name)}
         )
         prompt_ids = self._prompt_ids(engine, request.input)
         async for step in engine.generate(request.request_id, prompt_ids, sampling):

@@ -14,7 +14,7 @@ from meshserve.llm.v1 import llm_pb2
 from services.router import validation
 from services.router.caller import Caller
 from services.router.catalogue import Catalogue
-from services.router.validation import GenerationSpec
+from services.router.validation import OPTIONAL_SAMPLING, GenerationSpec
 from services.runtime.errors import DomainError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Completions:
         replica = self._replica(entry.pick(self._rng).replicas[0])
         s = spec.sampling
         sampling = inference_pb2.SamplingParams(stop=s.stop)
-        for name in ("max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+        for name in OPTIONAL_SAMPLING:
             value = getattr(s, name)
             if value is not None:
                 setattr(sampling, name, value)

@@ -71,12 +71,6 @@ class GrpcReplica:
             # Closing early (client gone, router stopping) must abort the generation on the engine.
             call.cancel()
 
-    async def get_load(self) -> inference_pb2.GetLoadResponse:
-        try:
-            return await self._stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=2)
-        except aio.AioRpcError as exc:
-            raise domain_error(exc, self.address) from exc
-
     async def close(self) -> None:
         await self._channel.close()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 from google.protobuf import struct_pb2
@@ -26,6 +26,10 @@ class SamplingSpec:
     seed: int | None
     presence_penalty: float | None
     frequency_penalty: float | None
+
+
+# Sampling fields left to the engine's default unless the caller sets them.
+OPTIONAL_SAMPLING = tuple(f.name for f in fields(SamplingSpec) if f.name != "stop")
 
 
 @dataclass(frozen=True)
