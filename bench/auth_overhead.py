@@ -8,42 +8,14 @@ keep-alive connections at concurrency 1 and 8, alternating rounds, and reports p
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
+from bench.loadgen import compare_edges, edge_tables
 from services.mesh.local import LocalMesh, MeshOptions
 
 ROOT = Path(__file__).resolve().parents[1]
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
-def wrk(url: str, connections: int, seconds: int, headers: dict[str, str]) -> dict[str, float]:
-    """p50/p99 latency (ms) and requests/s from one wrk run."""
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
-    for k, v in headers.items():
-        args += ["-H", f"{k}: {v}"]
-    text = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)$", text, re.M))
-
-    def ms(v: str) -> float:
-        m = re.match(r"([\d.]+)(\w+)", v)
-        assert m is not None
-        return float(m.group(1)) * _UNITS[m.group(2)]
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    if non2xx:
-        raise RuntimeError(f"{non2xx.group(1)} failed requests against {url}:\n{text}")
-    assert rps is not None
-    return {"p50_ms": ms(lat["50"]), "p99_ms": ms(lat["99"]), "rps": float(rps.group(1))}
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 def main() -> None:
@@ -73,18 +45,7 @@ def main() -> None:
             "no ext_authz": (f"{without.edge_url}/v1/models", {}),
             "ext_authz": (f"{with_auth.edge_url}/v1/models", {"authorization": f"Bearer {with_auth.user_key}"}),
         }
-        for url, headers in targets.values():
-            wrk(url, 4, 2, headers)  # warm-up
-        results: dict[int, dict[str, list[dict[str, float]]]] = {}
-        for c in (1, 8):
-            results[c] = {t: [] for t in targets}
-            for _ in range(args.rounds):
-                for target, (url, headers) in targets.items():
-                    r = wrk(url, c, args.seconds, headers)
-                    results[c][target].append(r)
-                    print(
-                        f"c={c} {target:13s} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  {r['rps']:.0f} req/s"
-                    )
+        results = compare_edges(targets, args.rounds, args.seconds)
     finally:
         with_auth.stop()
         without.stop()
@@ -95,22 +56,8 @@ def main() -> None:
         f"wrk with keep-alive, {args.rounds} alternating rounds of {args.seconds} s; medians of the rounds. "
         f"Run took {time.time() - started:.0f} s on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
-        "| concurrency | edge | p50 ms | p99 ms | req/s |",
-        "|---|---|---|---|---|",
+        *edge_tables(results, "no ext_authz", "ext_authz", "auth"),
     ]
-    for c, by_target in results.items():
-        for target, rounds in by_target.items():
-            lines.append(
-                f"| {c} | {target} | {median([r['p50_ms'] for r in rounds]):.3f} | "
-                f"{median([r['p99_ms'] for r in rounds]):.3f} | {median([r['rps'] for r in rounds]):.0f} |"
-            )
-    lines += ["", "| concurrency | p50 added by auth, ms (target ≤ 0.3) | p99 added, ms |", "|---|---|---|"]
-    for c, by_target in results.items():
-        a, b = by_target["ext_authz"], by_target["no ext_authz"]
-        lines.append(
-            f"| {c} | {median([r['p50_ms'] for r in a]) - median([r['p50_ms'] for r in b]):.3f} | "
-            f"{median([r['p99_ms'] for r in a]) - median([r['p99_ms'] for r in b]):.3f} |"
-        )
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

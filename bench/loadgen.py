@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -103,3 +105,72 @@ async def run_round(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         result.wall_s = time.perf_counter() - start
     return result
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(url: str, connections: int, seconds: int, headers: dict[str, str]) -> dict[str, float]:
+    """p50/p99 latency (ms) and requests/s from one wrk run."""
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    for k, v in headers.items():
+        args += ["-H", f"{k}: {v}"]
+    text = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)$", text, re.M))
+
+    def ms(v: str) -> float:
+        m = re.match(r"([\d.]+)(\w+)", v)
+        assert m is not None
+        return float(m.group(1)) * _UNITS[m.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if non2xx:
+        raise RuntimeError(f"{non2xx.group(1)} failed requests against {url}:\n{text}")
+    assert rps is not None
+    return {"p50_ms": ms(lat["50"]), "p99_ms": ms(lat["99"]), "rps": float(rps.group(1))}
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+Targets = dict[str, tuple[str, dict[str, str]]]
+EdgeResults = dict[int, dict[str, list[dict[str, float]]]]
+
+
+def compare_edges(targets: Targets, rounds: int, seconds: int) -> EdgeResults:
+    """wrk on each target (name: url, headers) at concurrency 1 and 8, rounds alternating between targets."""
+    for url, headers in targets.values():
+        wrk(url, 4, 2, headers)  # warm-up
+    results: EdgeResults = {}
+    for c in (1, 8):
+        results[c] = {t: [] for t in targets}
+        for _ in range(rounds):
+            for target, (url, headers) in targets.items():
+                r = wrk(url, c, seconds, headers)
+                results[c][target].append(r)
+                print(f"c={c} {target:22s} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  {r['rps']:.0f} req/s")
+    return results
+
+
+def edge_tables(results: EdgeResults, baseline: str, measured: str, what: str) -> list[str]:
+    """Markdown: p50/p99/req/s per target, then what `measured` adds over `baseline` (medians of the rounds)."""
+
+    def med(rs: list[dict[str, float]], k: str) -> float:
+        return median([r[k] for r in rs])
+
+    lines = ["| concurrency | edge | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|"]
+    for c, by_target in results.items():
+        for target, rs in by_target.items():
+            lines.append(
+                f"| {c} | {target} | {med(rs, 'p50_ms'):.3f} | {med(rs, 'p99_ms'):.3f} | {med(rs, 'rps'):.0f} |"
+            )
+    lines += ["", f"| concurrency | p50 added by {what}, ms (target ≤ 0.3) | p99 added, ms |", "|---|---|---|"]
+    for c, by_target in results.items():
+        a, b = by_target[measured], by_target[baseline]
+        lines.append(
+            f"| {c} | {med(a, 'p50_ms') - med(b, 'p50_ms'):.3f} | {med(a, 'p99_ms') - med(b, 'p99_ms'):.3f} |"
+        )
+    return lines

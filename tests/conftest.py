@@ -26,7 +26,8 @@ def model_dir() -> Path:
 def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     """The whole local mesh (real vLLM, router, Envoy) on free ports, shared by the session."""
     state = tmp_path_factory.mktemp("mesh")
-    m = LocalMesh(MeshOptions(state_dir=state, model=MODEL, model_store=model_dir.parent))
+    rules = ROOT / "tests" / "e2e" / "ratelimits.yaml"
+    m = LocalMesh(MeshOptions(state_dir=state, model=MODEL, model_store=model_dir.parent, ratelimit_rules=rules))
     try:
         m.start(timeout=600)
         yield m

@@ -14,6 +14,7 @@ from google.protobuf.descriptor import FileDescriptor
 
 from meshserve.llm.v1 import llm_pb2
 from services.auth.keys import ADMIN_PATH_PREFIX
+from services.runtime.identity import KEY_ID_HEADER, KEY_RPM_HEADER, MODEL_HEADER, TENANT_HEADER
 from services.runtime.openai_errors import ERROR_TYPES
 
 LUA = Path(__file__).with_name("openai.lua")
@@ -42,6 +43,11 @@ class EdgeConfig:
     router: Address
     # The auth service; None runs the edge without ext_authz (only for tests of the edge itself).
     auth: Address | None = None
+    # The rate-limit service; None runs the edge without request limits.
+    ratelimit: Address | None = None
+    # The rate-limit service unreachable (or failing closed on Redis): refuse with 503 instead of letting through.
+    ratelimit_fail_closed: bool = False
+    ratelimit_domain: str = "meshserve"
     # Largest request body the edge buffers (the Lua stream routing reads whole bodies).
     max_request_bytes: int = 16 * 1024 * 1024
     # A stream with no bytes either way for this long is reset.
@@ -77,7 +83,8 @@ def _error_body(kind: str, code: str) -> dict[str, Any]:
 def lua_source() -> str:
     """The Lua filter with the error table filled in."""
     rows = ",\n".join(f'  [{status}] = {{"{kind}", "{code}"}}' for status, (kind, code) in ERROR_TYPES.items())
-    return LUA.read_text().replace("%%ERROR_TYPES%%", rows)
+    source = LUA.read_text().replace("%%ERROR_TYPES%%", rows).replace("%%MODEL_HEADER%%", MODEL_HEADER)
+    return source.replace("%%LLM_SERVICE%%", TRANSCODED_SERVICES[0])
 
 
 def _local_reply_config() -> dict[str, Any]:
@@ -140,9 +147,46 @@ def _ext_authz() -> dict[str, Any]:
     }
 
 
+def _ratelimit(cfg: EdgeConfig) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            "domain": cfg.ratelimit_domain,
+            "timeout": "0.5s",
+            "failure_mode_deny": cfg.ratelimit_fail_closed,
+            "status_on_error": {"code": 503},
+            # gRPC clients get RESOURCE_EXHAUSTED, as from the router's token limits, not UNAVAILABLE.
+            "rate_limited_as_resource_exhausted": True,
+            "rate_limit_service": {
+                "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}},
+                "transport_api_version": "V3",
+            },
+        },
+    }
+
+
+def _header_entry(header: str, key: str) -> dict[str, Any]:
+    return {"request_headers": {"header_name": header, "descriptor_key": key}}
+
+
+def rate_limit_descriptors() -> list[dict[str, Any]]:
+    """Per key, per tenant and per tenant+model, from the headers auth and the Lua filter set.
+
+    A descriptor whose header is absent is not sent (e.g. no model on GET /v1/models).
+    """
+    tenant = _header_entry(TENANT_HEADER, "tenant")
+    return [
+        {"actions": [tenant, _header_entry(KEY_ID_HEADER, "key_id"), _header_entry(KEY_RPM_HEADER, "key_rpm")]},
+        {"actions": [tenant]},
+        {"actions": [tenant, _header_entry(MODEL_HEADER, "model")]},
+    ]
+
+
 def _http_filters(cfg: EdgeConfig) -> list[dict[str, Any]]:
     return [
         *([_ext_authz()] if cfg.auth is not None else []),
+        # Before the rate-limit filter: it names the request's model in a header for per-model limits.
         {
             "name": "envoy.filters.http.lua",
             "typed_config": {
@@ -150,6 +194,7 @@ def _http_filters(cfg: EdgeConfig) -> list[dict[str, Any]]:
                 "default_source_code": {"inline_string": lua_source()},
             },
         },
+        *([_ratelimit(cfg)] if cfg.ratelimit is not None else []),
         {
             "name": "envoy.filters.http.grpc_json_transcoder",
             "typed_config": {
@@ -235,6 +280,7 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                                 "cluster": "router",
                                 "timeout": "0s",
                                 "idle_timeout": f"{cfg.stream_idle_timeout_s}s",
+                                **({"rate_limits": rate_limit_descriptors()} if cfg.ratelimit is not None else {}),
                             },
                         },
                     ],
@@ -259,6 +305,7 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
             "clusters": [
                 _grpc_cluster("router", cfg.router),
                 *([_grpc_cluster("auth", cfg.auth)] if cfg.auth is not None else []),
+                *([_grpc_cluster("ratelimit", cfg.ratelimit)] if cfg.ratelimit is not None else []),
             ],
         },
     }

@@ -17,10 +17,88 @@ local function is_grpc(headers)
   return ct:find("application/grpc", 1, true) ~= nil
 end
 
+-- The request's model goes in a header for per-model rate limits; a client's own value never survives.
+local MODEL_HEADER = "%%MODEL_HEADER%%"
+local LLM_PREFIX = "/%%LLM_SERVICE%%/"
+
+-- A protobuf varint at s[i]: value, next index (nil when truncated).
+local function varint(s, i)
+  local value, scale = 0, 1
+  while i <= #s do
+    local b = s:byte(i)
+    i = i + 1
+    value = value + (b % 128) * scale
+    if b < 128 then
+      return value, i
+    end
+    scale = scale * 128
+  end
+  return nil, i
+end
+
+-- The first length-delimited field number `want` in s[from..to]: its first and last index.
+local function pb_field(s, from, to, want)
+  local i = from
+  while i <= to do
+    local key
+    key, i = varint(s, i)
+    if key == nil then
+      return nil
+    end
+    local number, wire = math.floor(key / 8), key % 8
+    if wire == 0 then
+      local v
+      v, i = varint(s, i)
+      if v == nil then
+        return nil
+      end
+    elseif wire == 1 then
+      i = i + 8
+    elseif wire == 5 then
+      i = i + 4
+    elseif wire == 2 then
+      local len
+      len, i = varint(s, i)
+      if len == nil or i + len - 1 > to then
+        return nil
+      end
+      if number == want then
+        return i, i + len - 1
+      end
+      i = i + len
+    else
+      return nil
+    end
+  end
+  return nil
+end
+
+-- params.model (field 1 of field 1) of an uncompressed gRPC message of the LLM API.
+local function grpc_model(raw)
+  if #raw < 5 or raw:byte(1) ~= 0 then
+    return nil
+  end
+  local last = math.min(#raw, 5 + raw:byte(2) * 16777216 + raw:byte(3) * 65536 + raw:byte(4) * 256 + raw:byte(5))
+  local a, b = pb_field(raw, 6, last, 1)
+  if a == nil then
+    return nil
+  end
+  local c, d = pb_field(raw, a, b, 1)
+  if c == nil then
+    return nil
+  end
+  return raw:sub(c, d)
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
-  local path = headers:get(":path")
-  if headers:get(":method") ~= "POST" or not STREAMABLE[path] or is_grpc(headers) then
+  headers:remove(MODEL_HEADER)
+  local path = headers:get(":path") or ""
+  local grpc = is_grpc(headers)
+  if headers:get(":method") ~= "POST" then
+    return
+  end
+  if not (STREAMABLE[path] or (grpc and path:sub(1, #LLM_PREFIX) == LLM_PREFIX)) then
     return
   end
   local body = handle:body()
@@ -28,8 +106,17 @@ function envoy_on_request(handle)
     return
   end
   local raw = body:getBytes(0, body:length())
+  local model
+  if grpc then
+    model = grpc_model(raw)
+  else
+    model = raw:match('"model"%s*:%s*"([^"\\]*)"')
+  end
+  if model ~= nil and #model <= 256 and model:match("^[%w%._:/%-]+$") then
+    handle:headers():replace(MODEL_HEADER, model)
+  end
   -- Inside JSON strings quotes are escaped, so this matches only a real "stream" key.
-  if raw:find('"stream"%s*:%s*true') then
+  if not grpc and raw:find('"stream"%s*:%s*true') then
     handle:headers():replace(":path", path .. ":stream")
   end
 end

@@ -10,23 +10,31 @@ from pathlib import Path
 from deploy.envoy.config import Address, EdgeConfig
 from deploy.envoy.config import write as write_envoy_config
 from services.auth.keys import new_secret
+from services.ratelimit.rules import FailureMode, Kind, Rules
 
 K8S = Path(__file__).resolve().parent
 GENERATED = K8S / "base" / "generated"
+RULES = K8S.parents[1] / "deploy" / "local" / "ratelimits.yaml"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
-# In-cluster addresses: Service names in the release's namespace.
-EDGE = EdgeConfig(
-    listen=Address("0.0.0.0", 8080),
-    admin=Address("0.0.0.0", 9901),
-    router=Address("router", 50051),
-    auth=Address("auth", 50051),
-)
+
+
+def edge() -> EdgeConfig:
+    """The edge in the cluster: Service names in the release's namespace."""
+    return EdgeConfig(
+        listen=Address("0.0.0.0", 8080),
+        admin=Address("0.0.0.0", 9901),
+        router=Address("router", 50051),
+        auth=Address("auth", 50051),
+        ratelimit=Address("ratelimit", 50051),
+        ratelimit_fail_closed=Rules.from_yaml(RULES).failure_mode(Kind.REQUESTS) is FailureMode.CLOSED,
+    )
 
 
 def generate() -> None:
-    """Writes base/generated/: the Envoy config, and (once) a random bootstrap admin secret."""
+    """Writes base/generated/: the Envoy config, the rate-limit rules, and (once) a random bootstrap admin secret."""
     GENERATED.mkdir(parents=True, exist_ok=True)
-    write_envoy_config(EDGE, GENERATED / "envoy.yaml")
+    write_envoy_config(edge(), GENERATED / "envoy.yaml")
+    shutil.copyfile(RULES, GENERATED / "ratelimits.yaml")
     admin = GENERATED / "admin.env"
     if not admin.exists():
         admin.write_text(f"MESHSERVE_AUTH_BOOTSTRAP_ADMIN_SECRET={new_secret()}\n")

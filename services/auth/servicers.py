@@ -17,7 +17,13 @@ from services.auth.authenticator import Authenticator
 from services.auth.keys import ADMIN_PATH_PREFIX, KeyRecord, validate_new_key
 from services.auth.store import KeyStore
 from services.runtime.errors import DomainError, PermissionDenied, Unauthenticated, Unavailable
-from services.runtime.identity import KEY_ID_HEADER, MODELS_HEADER, TENANT_HEADER
+from services.runtime.identity import (
+    KEY_ID_HEADER,
+    KEY_RPM_HEADER,
+    KEY_TPM_HEADER,
+    MODELS_HEADER,
+    TENANT_HEADER,
+)
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -57,6 +63,8 @@ def _allowed(record: KeyRecord, admin_call: bool) -> external_auth_pb2.CheckResp
                 _header(TENANT_HEADER, record.tenant),
                 _header(KEY_ID_HEADER, record.key_id),
                 _header(MODELS_HEADER, ",".join(record.allowed_models) or "*"),
+                _header(KEY_RPM_HEADER, str(record.requests_per_minute)),
+                _header(KEY_TPM_HEADER, str(record.tokens_per_minute)),
             ],
             # The admin API checks the credential itself; nothing else ever sees it.
             headers_to_remove=[] if admin_call else ["authorization"],

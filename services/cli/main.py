@@ -74,8 +74,9 @@ def gen() -> None:
     protogen.main()
 
 
-def _examples(url: str, model: str, key: str, admin_file: Path, key_file: Path) -> str:
+def _examples(url: str, model: str, key: str, admin_file: Path, key_file: Path, rules: Path) -> str:
     return f"""[bold]Edge[/]: {url}  (REST + SSE, OpenAI-compatible; native gRPC on the same port)
+[bold]Rate limits[/]: {rules} (plans per tenant; reloads when edited)
 
 [bold]API key[/] (tenant "default", all models; also in {key_file}):
   export MESHSERVE_API_KEY={key}
@@ -104,15 +105,17 @@ def up(
     store: Path = typer.Option(Path("var/models"), help="Model store folder."),
     state: Path = typer.Option(Path("var/run"), help="Folder for logs and generated configs."),
     dtype: str = typer.Option("auto", help="Weights dtype (auto, bfloat16, float32)."),
+    rules: Path | None = typer.Option(None, help="Rate-limit rules YAML (default: deploy/local/ratelimits.yaml)."),
 ) -> None:
-    """Starts the local mesh (Redis, auth, inference on vLLM, router, Envoy edge) and runs until Ctrl-C."""
+    """Starts the local mesh (Redis, auth, rate limits, inference on vLLM, router, Envoy edge) until Ctrl-C."""
     from services.inference import model_store
 
     with console.status(f"model store: {model}"):
         model_store.ensure(model_store.ModelStore(store), model)
-    mesh = LocalMesh(
-        MeshOptions(state_dir=state, model=model, model_store=store, host=host, edge_port=port, dtype=dtype)
-    )
+    options = MeshOptions(state_dir=state, model=model, model_store=store, host=host, edge_port=port, dtype=dtype)
+    if rules is not None:
+        options.ratelimit_rules = rules
+    mesh = LocalMesh(options)
     started = time.monotonic()
     stop_requested = False
 
@@ -132,7 +135,11 @@ def up(
 
             mesh.start(timeout=900, tick=tick)
         console.print(f"[green]meshserve is up[/] in {time.monotonic() - started:.0f}s; logs in {state}/")
-        out.print(_examples(mesh.edge_url, model, mesh.user_key, mesh.admin_key_file, mesh.user_key_file))
+        out.print(
+            _examples(
+                mesh.edge_url, model, mesh.user_key, mesh.admin_key_file, mesh.user_key_file, options.ratelimit_rules
+            )
+        )
         while True:
             dead = mesh.dead()
             if dead:

@@ -21,6 +21,7 @@ import yaml
 from deploy.envoy.config import Address, EdgeConfig
 from deploy.envoy.config import write as write_envoy_config
 from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.ratelimit.rules import FailureMode, Kind, Rules
 from services.runtime.files import write_private
 from services.runtime.server import check_health
 
@@ -92,6 +93,8 @@ class MeshOptions:
     edge_port: int = 0
     dtype: str = "auto"
     max_model_len: int = 2048
+    # Rate-limit rules (plans, tenants, failure modes).
+    ratelimit_rules: Path = Path(__file__).resolve().parents[2] / "deploy" / "local" / "ratelimits.yaml"
     # Extra environment for every child (e.g. drain settings in tests).
     env: dict[str, str] = field(default_factory=dict)
     # CPU priority offset (nice) of the edge and router, which relay every token. On a machine they
@@ -215,6 +218,17 @@ class LocalMesh:
         }
         return self.start_service(name, "services.auth", "MESHSERVE_AUTH_", env)
 
+    def start_ratelimit(self, name: str = "ratelimit", rules: Path | None = None) -> Proc:
+        """Starts a rate-limit replica on the mesh's Redis."""
+        env = {
+            "MESHSERVE_RATELIMIT_REDIS_URL": self.redis_url,
+            "MESHSERVE_RATELIMIT_RULES": str((rules or self.options.ratelimit_rules).resolve()),
+        }
+        return self.start_service(name, "services.ratelimit", "MESHSERVE_RATELIMIT_", env)
+
+    def _fail_open(self, kind: Kind) -> bool:
+        return Rules.from_yaml(self.options.ratelimit_rules).failure_mode(kind) is FailureMode.OPEN
+
     def start_inference(self, name: str = "inference") -> Proc:
         """Starts an inference replica; it serves once the model is loaded and warmed up."""
         prefix = "MESHSERVE_INFERENCE_"
@@ -249,18 +263,25 @@ class LocalMesh:
             )
         )
         env = {"MESHSERVE_ROUTER_CATALOGUE": str(catalogue), "MESHSERVE_ROUTER_REQUIRE_CALLER": str(require_caller)}
+        ratelimit = self.procs.get("ratelimit")
+        if ratelimit is not None:
+            env["MESHSERVE_ROUTER_RATELIMIT"] = f"{self.options.host}:{ratelimit.grpc_port}"
+            env["MESHSERVE_ROUTER_RATELIMIT_FAIL_OPEN"] = str(self._fail_open(Kind.TOKENS))
         return self.start_service(name, "services.router", "MESHSERVE_ROUTER_", env, nice=self.options.support_nice)
 
     def start_envoy(self) -> Proc:
         """Writes the edge config for the running router and starts Envoy on it."""
         router = self.procs["router"]
         auth = self.procs.get("auth")
+        ratelimit = self.procs.get("ratelimit")
         config = write_envoy_config(
             EdgeConfig(
                 listen=self.edge,
                 admin=self.admin,
                 router=Address(self.options.host, router.grpc_port),
                 auth=Address(self.options.host, auth.grpc_port) if auth is not None else None,
+                ratelimit=Address(self.options.host, ratelimit.grpc_port) if ratelimit is not None else None,
+                ratelimit_fail_closed=ratelimit is not None and not self._fail_open(Kind.REQUESTS),
             ),
             self.options.state_dir / "envoy.yaml",
         )
@@ -319,10 +340,13 @@ class LocalMesh:
         """Starts the whole mesh and waits until the edge serves and a first user key exists."""
         self.start_redis()
         auth = self.start_auth()
+        ratelimit = self.start_ratelimit()
         inference = self.start_inference()
         self.wait_bound(inference, 120)
+        self.wait_bound(ratelimit, 60)
         router = self.start_router()
         self.wait_serving(auth, 60)
+        self.wait_serving(ratelimit, 60)
         self.wait_serving(router, 60)
         self.start_envoy()
         self.wait_edge(30)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.runtime.errors import PermissionDenied, Unauthenticated
-from services.runtime.identity import KEY_ID_HEADER, MODELS_HEADER, TENANT_HEADER
+from services.runtime.identity import KEY_ID_HEADER, KEY_TPM_HEADER, MODELS_HEADER, TENANT_HEADER
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,8 @@ class Caller:
     tenant: str
     key_id: str
     allowed_models: frozenset[str] | None
+    # The key's own tokens-per-minute limit; 0 keeps its plan's.
+    tokens_per_minute: int = 0
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -38,4 +40,10 @@ def from_metadata(metadata: Mapping[str, str], required: bool) -> Caller:
         return INTERNAL
     models = metadata.get(MODELS_HEADER, "*")
     allowed = None if models == "*" else frozenset(m for m in models.split(",") if m)
-    return Caller(tenant=metadata.get(TENANT_HEADER, ""), key_id=key_id, allowed_models=allowed)
+    tpm = metadata.get(KEY_TPM_HEADER, "0")
+    return Caller(
+        tenant=metadata.get(TENANT_HEADER, ""),
+        key_id=key_id,
+        allowed_models=allowed,
+        tokens_per_minute=int(tpm) if tpm.isdigit() else 0,
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +10,6 @@ from typing import Any
 import yaml
 
 from services.runtime.errors import InvalidArgument, NotFound
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,38 +97,3 @@ class Catalogue:
     def entries(self) -> list[ModelEntry]:
         """Every model, in file order."""
         return list(self._entries.values())
-
-
-class CatalogueFile:
-    """A catalogue that follows its file: a changed, valid file replaces it; a broken one is logged and ignored.
-
-    A Kubernetes ConfigMap volume updates the file in place (a symlink swap), so canary weights move
-    without a restart.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._stamp = self._stat()
-        self.current = Catalogue.from_yaml(path)
-
-    def _stat(self) -> tuple[float, int]:
-        st = self._path.stat()
-        return st.st_mtime, st.st_size
-
-    def refresh(self) -> bool:
-        """Reloads if the file changed; True when a new catalogue is in place."""
-        try:
-            stamp = self._stat()
-        except OSError as exc:
-            log.warning("catalogue file unreadable; keeping the current one", extra={"error": str(exc)})
-            return False
-        if stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        try:
-            self.current = Catalogue.from_yaml(self._path)
-        except (InvalidArgument, OSError, yaml.YAMLError) as exc:
-            log.error("catalogue file is invalid; keeping the current one", extra={"error": str(exc)})
-            return False
-        log.info("catalogue reloaded", extra={"models": [e.id for e in self.current.entries()]})
-        return True

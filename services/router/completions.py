@@ -6,7 +6,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Protocol, TypeVar
 
 from meshserve.inference.v1 import inference_pb2
@@ -30,8 +31,28 @@ class Replica(Protocol):
 
     address: str
 
-    def generate(self, request: inference_pb2.GenerateRequest) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """Streams the engine's steps; raises DomainError for what went wrong."""
+    def generate(
+        self, request: inference_pb2.GenerateRequest
+    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """Streams the engine's steps; raises DomainError for what went wrong. Closing it aborts the generation."""
+        ...
+
+    async def count_tokens(self, request: inference_pb2.GenerateRequest) -> tuple[int, int]:
+        """(prompt tokens, the model's context length) for a request."""
+        ...
+
+
+class TokenBudget(Protocol):
+    """Token limits: reserve before generating, settle with the real counts after."""
+
+    async def reserve(self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int) -> None:
+        """Holds the tokens; raises ResourceExhausted when the budget cannot hold them."""
+        ...
+
+    def settle(
+        self, request_id: str, caller: Caller, model: str, prompt_tokens: int, completion_tokens: int, outcome: str
+    ) -> None:
+        """Settles in the background (outcome: completed, cancelled or failed); never raises."""
         ...
 
 
@@ -67,9 +88,11 @@ class Completions:
         replica: Callable[[str], Replica],
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        budget: TokenBudget | None = None,
     ) -> None:
         self._catalogue = catalogue
         self._replica = replica
+        self._budget = budget
         self._clock = clock
         self._rng = rng or random.Random()
 
@@ -84,9 +107,9 @@ class Completions:
             ],
         )
 
-    def _generate(
+    async def _generate(
         self, request_id: str, spec: GenerationSpec, caller: Caller
-    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         # Permission before existence: a key learns nothing about models it may not use.
         caller.require(spec.model)
         entry = self._catalogue().get(spec.model)
@@ -109,16 +132,48 @@ class Completions:
         request = inference_pb2.GenerateRequest(
             request_id=request_id, model=spec.model, input=model_input, sampling=sampling
         )
-        return replica.generate(request)
+        # Internal callers (no tenant) have no token budget.
+        if self._budget is None or not caller.tenant:
+            # aclosing: a consumer that stops early must close the replica's stream (abort on the engine) now.
+            async with aclosing(replica.generate(request)) as stream:
+                async for step in stream:
+                    yield step
+            return
+        prompt_tokens, context = await replica.count_tokens(request)
+        max_tokens = s.max_tokens if s.max_tokens is not None else max(0, context - prompt_tokens)
+        await self._budget.reserve(request_id, caller, spec.model, prompt_tokens, max_tokens)
+        last: inference_pb2.GenerateResponse | None = None
+        outcome = "cancelled"
+        try:
+            async with aclosing(replica.generate(request)) as stream:
+                async for step in stream:
+                    last = step
+                    if step.finish_reason in FINISH_REASONS:
+                        outcome = "completed"
+                    yield step
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            # Runs however the stream ends: finished, failed, or closed early by a client that went away.
+            self._budget.settle(
+                request_id,
+                caller,
+                spec.model,
+                last.prompt_tokens if last is not None else prompt_tokens,
+                last.completion_tokens if last is not None else 0,
+                outcome,
+            )
 
     async def _collect(
         self, request_id: str, spec: GenerationSpec, caller: Caller
     ) -> tuple[str, inference_pb2.GenerateResponse]:
         parts = []
         last = inference_pb2.GenerateResponse()
-        async for step in self._generate(request_id, spec, caller):
-            parts.append(step.text)
-            last = step
+        async with aclosing(self._generate(request_id, spec, caller)) as steps:
+            async for step in steps:
+                parts.append(step.text)
+                last = step
         _finish_reason(last)
         return "".join(parts), last
 
@@ -247,6 +302,6 @@ class Completions:
             yield chunk(None, None, None, _error_detail(exc))
             return
         finally:
-            await steps.aclose()  # type: ignore[attr-defined]
+            await steps.aclose()
         if spec.include_usage:
             yield chunk(None, None, _usage(last), None)

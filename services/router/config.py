@@ -19,3 +19,8 @@ class RouterSettings(ServiceSettings):
     # Refuse calls without the identity headers the edge's auth check adds. Turn off only for a
     # router that trusted internal callers reach directly (never one behind a public edge).
     require_caller: bool = True
+    # host:port of the rate-limit service's token budgets; empty turns token limits off for this router.
+    ratelimit: str = ""
+    # The rate-limit service unreachable: generate without a reservation (True) or refuse with 503 (False).
+    # Match the rules' `failure_mode.tokens` (the local mesh and the Kubernetes render do).
+    ratelimit_fail_open: bool = True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 from grpc import aio
@@ -60,7 +60,9 @@ class GrpcReplica:
         self._channel = aio.insecure_channel(address, options=_OPTIONS)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
 
-    async def generate(self, request: inference_pb2.GenerateRequest) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    async def generate(
+        self, request: inference_pb2.GenerateRequest
+    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         call = self._stub.Generate(request)
         try:
             async for step in call:
@@ -70,6 +72,15 @@ class GrpcReplica:
         finally:
             # Closing early (client gone, router stopping) must abort the generation on the engine.
             call.cancel()
+
+    async def count_tokens(self, request: inference_pb2.GenerateRequest) -> tuple[int, int]:
+        try:
+            counted = await self._stub.CountTokens(
+                inference_pb2.CountTokensRequest(model=request.model, input=request.input), timeout=10
+            )
+        except aio.AioRpcError as exc:
+            raise domain_error(exc, self.address) from exc
+        return counted.prompt_tokens, counted.max_model_len
 
     async def close(self) -> None:
         await self._channel.close()

@@ -4,3 +4,8 @@ TENANT_HEADER = "x-meshserve-tenant"
 KEY_ID_HEADER = "x-meshserve-key-id"
 # Comma-separated model ids the key may use, or "*" for all.
 MODELS_HEADER = "x-meshserve-models"
+# The key's own rate limits (0: its plan's), for the edge's rate-limit filter and the router's token budget.
+KEY_RPM_HEADER = "x-meshserve-key-rpm"
+KEY_TPM_HEADER = "x-meshserve-key-tpm"
+# The model a request names, read from its body by the edge, for per-model request limits. Set only by the edge.
+MODEL_HEADER = "x-meshserve-model"

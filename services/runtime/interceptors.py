@@ -53,6 +53,8 @@ class ServiceInterceptor(aio.ServerInterceptor):
 
     def __init__(self, service: str) -> None:
         self._service = service
+        # Wrapped handlers by the handler they wrap: built once per method, not once per call.
+        self._wrapped: dict[Any, Any] = {}
 
     async def intercept_service(
         self,
@@ -63,7 +65,12 @@ class ServiceInterceptor(aio.ServerInterceptor):
         handler: Any = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        wrapped = self._wrapped.get(handler)
+        if wrapped is None:
+            wrapped = self._wrapped[handler] = self._wrap(handler, handler_call_details.method.rsplit("/", 1)[-1])
+        return wrapped
+
+    def _wrap(self, handler: Any, method: str) -> Any:
         service = self._service
         if handler.unary_unary is not None:
             inner_unary: Any = handler.unary_unary

@@ -27,7 +27,13 @@ def test_generated_stubs_are_current() -> None:
 
 def test_envoy_accepts_the_generated_config(tmp_path: Path) -> None:
     config = write(
-        EdgeConfig(listen=Address("127.0.0.1", 0), admin=Address("127.0.0.1", 0), router=Address("127.0.0.1", 50051)),
+        EdgeConfig(
+            listen=Address("127.0.0.1", 0),
+            admin=Address("127.0.0.1", 0),
+            router=Address("127.0.0.1", 50051),
+            auth=Address("127.0.0.1", 50052),
+            ratelimit=Address("127.0.0.1", 50053),
+        ),
         tmp_path / "envoy.yaml",
     )
     result = subprocess.run(

@@ -148,7 +148,7 @@ def test_the_inference_hpa_scales_on_a_metric_the_inference_service_exports(over
         named(overlay, "ConfigMap", _generated(overlay, "prometheus-adapter-rules"))["data"]["config.yaml"]
     )
     assert any(QUEUE_DEPTH in r["seriesQuery"] for r in rules["rules"])
-    for name in ("router", "auth", "edge"):
+    for name in ("router", "auth", "ratelimit", "edge"):
         [m] = named(overlay, "HorizontalPodAutoscaler", name)["spec"]["metrics"]
         assert m["resource"]["name"] == "cpu"
 
@@ -225,7 +225,7 @@ def test_only_the_edge_is_reachable_from_outside(overlay: str) -> None:
 def test_the_edge_config_map_holds_the_generated_envoy_config_for_in_cluster_services() -> None:
     config = yaml.safe_load(named("gpu", "ConfigMap", _generated("gpu", "envoy-config"))["data"]["envoy.yaml"])
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    assert clusters["router"]["type"] == "STRICT_DNS" and clusters["auth"]["type"] == "STRICT_DNS"
+    assert {clusters[n]["type"] for n in ("router", "auth", "ratelimit")} == {"STRICT_DNS"}
     listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert listener == {"address": "0.0.0.0", "port_value": 8080}
 
@@ -234,3 +234,19 @@ def test_the_image_definition_passes_hadolint() -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
     result = subprocess.run([str(hadolint), str(ROOT / "deploy/docker/Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_rate_limit_failure_modes_agree_across_edge_router_and_rules() -> None:
+    from services.ratelimit.rules import FailureMode, Kind, Rules
+
+    rules = Rules.from_yaml(ROOT / "deploy" / "local" / "ratelimits.yaml")
+    shipped = yaml.safe_load(named("gpu", "ConfigMap", _generated("gpu", "ratelimit-rules"))["data"]["ratelimits.yaml"])
+    assert Rules.parse(shipped).failure_mode(Kind.TOKENS) is rules.failure_mode(Kind.TOKENS)
+    config = yaml.safe_load(named("gpu", "ConfigMap", _generated("gpu", "envoy-config"))["data"]["envoy.yaml"])
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [ratelimit] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ratelimit"]
+    assert ratelimit["typed_config"]["failure_mode_deny"] == (rules.failure_mode(Kind.REQUESTS) is FailureMode.CLOSED)
+    [router] = named("gpu", "Deployment", "router")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in router["env"]}
+    fail_open = rules.failure_mode(Kind.TOKENS) is FailureMode.OPEN
+    assert env["MESHSERVE_ROUTER_RATELIMIT_FAIL_OPEN"] == str(fail_open).lower()

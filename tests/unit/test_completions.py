@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import pytest
 
@@ -11,7 +11,7 @@ from meshserve.llm.v1 import llm_pb2
 from services.router.caller import Caller
 from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.completions import Completions
-from services.runtime.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
+from services.runtime.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 
 ANY = Caller(tenant="t", key_id="key_1", allowed_models=None)
 
@@ -26,7 +26,7 @@ class FakeReplica:
         self.requests: list[ipb.GenerateRequest] = []
         self.closed = False
 
-    async def generate(self, request: ipb.GenerateRequest) -> AsyncIterator[ipb.GenerateResponse]:
+    async def generate(self, request: ipb.GenerateRequest) -> AsyncGenerator[ipb.GenerateResponse, None]:
         self.requests.append(request)
         try:
             for step in self.steps:
@@ -35,6 +35,9 @@ class FakeReplica:
                 raise self.fail_after
         finally:
             self.closed = True
+
+    async def count_tokens(self, request: ipb.GenerateRequest) -> tuple[int, int]:
+        return 4, 100
 
 
 def steps(*texts: str, finish: int = ipb.FINISH_REASON_STOP) -> list[ipb.GenerateResponse]:
@@ -45,9 +48,28 @@ def steps(*texts: str, finish: int = ipb.FINISH_REASON_STOP) -> list[ipb.Generat
     return out
 
 
-def completions(replica: FakeReplica) -> Completions:
+class FakeBudget:
+    """Records reservations and settlements; refuses when told to."""
+
+    def __init__(self, refuse: Exception | None = None) -> None:
+        self.refuse = refuse
+        self.reserved: list[tuple[str, int, int]] = []
+        self.settled: list[tuple[str, int, int, str]] = []
+
+    async def reserve(self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+        self.reserved.append((request_id, prompt_tokens, max_tokens))
+
+    def settle(
+        self, request_id: str, caller: Caller, model: str, prompt_tokens: int, completion_tokens: int, outcome: str
+    ) -> None:
+        self.settled.append((request_id, prompt_tokens, completion_tokens, outcome))
+
+
+def completions(replica: FakeReplica, budget: FakeBudget | None = None) -> Completions:
     catalogue = Catalogue([ModelEntry("m", (Version("v1", 1.0, ("fake:1",)),), 1700000000, "meshserve")])
-    return Completions(lambda: catalogue, lambda address: replica, clock=lambda: 1700000123.0)
+    return Completions(lambda: catalogue, lambda address: replica, clock=lambda: 1700000123.0, budget=budget)
 
 
 def chat(**kw: object) -> llm_pb2.ChatCompletionParams:
@@ -146,3 +168,43 @@ def test_models_come_from_the_catalogue() -> None:
     listed = completions(FakeReplica([])).list_models(ANY)
     assert listed.object == "list"
     assert [(m.id, m.object, m.created, m.owned_by) for m in listed.data] == [("m", "model", 1700000000, "meshserve")]
+
+
+async def test_a_budget_reserves_before_generating_and_settles_what_was_produced() -> None:
+    budget = FakeBudget()
+    reply = await completions(FakeReplica(steps("a", "b", "c")), budget).chat(chat(max_tokens=8), ANY)
+    assert budget.reserved == [(reply.id, 4, 8)]
+    assert budget.settled == [(reply.id, 4, 3, "completed")]
+    # Without max_tokens the reservation is the rest of the context (100 - 4 prompt tokens).
+    await completions(FakeReplica(steps("a")), budget).chat(chat(), ANY)
+    assert budget.reserved[-1][1:] == (4, 96)
+
+
+async def test_a_refused_reservation_never_reaches_the_engine() -> None:
+    replica = FakeReplica(steps("a"))
+    budget = FakeBudget(refuse=ResourceExhausted("token limit reached", retry_after_seconds=3))
+    with pytest.raises(ResourceExhausted):
+        await completions(replica, budget).chat(chat(), ANY)
+    with pytest.raises(ResourceExhausted):
+        await anext(completions(replica, budget).chat_stream(chat(), ANY))
+    assert replica.requests == [] and budget.settled == []
+
+
+async def test_a_stream_closed_early_settles_as_cancelled_and_a_failure_as_failed() -> None:
+    budget = FakeBudget()
+    stream = completions(FakeReplica(steps("a", "b", "c", "d")), budget).chat_stream(chat(), ANY)
+    await anext(stream)
+    await anext(stream)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert [s[2:] for s in budget.settled] == [(2, "cancelled")]
+    failing = FakeReplica(steps("a", "b", finish=ipb.FINISH_REASON_UNSPECIFIED), fail_after=Unavailable("gone"))
+    chunks = [c async for c in completions(failing, budget).chat_stream(chat(), ANY)]
+    assert chunks[-1].error.message == "gone"
+    assert [s[2:] for s in budget.settled[1:]] == [(2, "failed")]
+
+
+async def test_internal_callers_have_no_budget() -> None:
+    budget = FakeBudget()
+    internal = Caller(tenant="", key_id="internal", allowed_models=None)
+    await completions(FakeReplica(steps("a")), budget).chat(chat(), internal)
+    assert budget.reserved == [] and budget.settled == []

@@ -68,3 +68,26 @@ def test_local_replies_are_openai_shaped() -> None:
     }
     assert by_status[404]["json_format"]["error"]["type"] == "not_found_error"
     assert by_status[400]["json_format"]["error"]["message"] == "%LOCAL_REPLY_BODY%"
+
+
+def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_checked() -> None:
+    from dataclasses import replace
+
+    full = render(replace(CFG, auth=Address("auth", 1), ratelimit=Address("rl", 2), ratelimit_fail_closed=True))
+    hcm = full["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names == [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.lua",
+        "envoy.filters.http.ratelimit",
+        "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.router",
+    ]
+    rl = hcm["http_filters"][2]["typed_config"]
+    assert rl["failure_mode_deny"] and rl["rate_limited_as_resource_exhausted"]
+    admin_route, api_route = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert "rate_limits" not in admin_route["route"]
+    limits = api_route["route"]["rate_limits"]
+    descriptors = [[a["request_headers"]["descriptor_key"] for a in d["actions"]] for d in limits]
+    assert descriptors == [["tenant", "key_id", "key_rpm"], ["tenant"], ["tenant", "model"]]
+    assert {c["name"] for c in full["static_resources"]["clusters"]} == {"router", "auth", "ratelimit"}

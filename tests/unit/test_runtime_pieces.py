@@ -94,11 +94,11 @@ def test_a_90_10_canary_splits_traffic_by_weight(tmp_path: Path) -> None:
 def test_the_catalogue_file_reloads_when_changed_and_keeps_the_last_good_one(tmp_path: Path) -> None:
     import os
 
-    from services.router.catalogue import CatalogueFile
+    from services.runtime.watched import WatchedFile
 
     path = tmp_path / "c.yaml"
     path.write_text("models:\n  - {id: a, replicas: ['h:1']}\n")
-    followed = CatalogueFile(path)
+    followed = WatchedFile(path, Catalogue.from_yaml, "catalogue")
     assert not followed.refresh()
     path.write_text("models:\n  - {id: b, replicas: ['h:1']}\n  - {id: c, replicas: ['h:2']}\n")
     os.utime(path, (1, 1))

@@ -1,0 +1,101 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTCOME_UNSPECIFIED: _ClassVar[Outcome]
+    OUTCOME_COMPLETED: _ClassVar[Outcome]
+    OUTCOME_CANCELLED: _ClassVar[Outcome]
+    OUTCOME_FAILED: _ClassVar[Outcome]
+OUTCOME_UNSPECIFIED: Outcome
+OUTCOME_COMPLETED: Outcome
+OUTCOME_CANCELLED: Outcome
+OUTCOME_FAILED: Outcome
+
+class Caller(_message.Message):
+    __slots__ = ("tenant", "key_id", "key_tokens_per_minute")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    key_id: str
+    key_tokens_per_minute: int
+    def __init__(self, tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., key_tokens_per_minute: _Optional[int] = ...) -> None: ...
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("request_id", "caller", "model", "prompt_tokens", "max_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    caller: Caller
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("reserved_tokens", "estimated_completion_tokens", "enforced")
+    RESERVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENFORCED_FIELD_NUMBER: _ClassVar[int]
+    reserved_tokens: int
+    estimated_completion_tokens: int
+    enforced: bool
+    def __init__(self, reserved_tokens: _Optional[int] = ..., estimated_completion_tokens: _Optional[int] = ..., enforced: _Optional[bool] = ...) -> None: ...
+
+class SettleRequest(_message.Message):
+    __slots__ = ("request_id", "caller", "model", "prompt_tokens", "completion_tokens", "outcome")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    caller: Caller
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    outcome: Outcome
+    def __init__(self, request_id: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ...) -> None: ...
+
+class SettleResponse(_message.Message):
+    __slots__ = ("settled", "returned_tokens")
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
+    RETURNED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    settled: bool
+    returned_tokens: int
+    def __init__(self, settled: _Optional[bool] = ..., returned_tokens: _Optional[int] = ...) -> None: ...
+
+class GetBudgetRequest(_message.Message):
+    __slots__ = ("caller",)
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    caller: Caller
+    def __init__(self, caller: _Optional[_Union[Caller, _Mapping]] = ...) -> None: ...
+
+class Window(_message.Message):
+    __slots__ = ("scope", "limit", "used", "window_seconds")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    limit: int
+    used: int
+    window_seconds: int
+    def __init__(self, scope: _Optional[str] = ..., limit: _Optional[int] = ..., used: _Optional[int] = ..., window_seconds: _Optional[int] = ...) -> None: ...
+
+class GetBudgetResponse(_message.Message):
+    __slots__ = ("windows",)
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    windows: _containers.RepeatedCompositeFieldContainer[Window]
+    def __init__(self, windows: _Optional[_Iterable[_Union[Window, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,130 @@
+"""The rate-limit service's gRPC servicers: Envoy's RateLimitService and meshserve's TokenBudgetService."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from grpc import aio
+
+from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
+from services.ratelimit.limiter import Limiter, RequestDecision, TokenCaller
+from services.ratelimit.windows import WindowState, tightest
+from services.runtime.errors import InvalidArgument
+
+Context = aio.ServicerContext[Any, Any]
+
+_RLS = rls_pb2.RateLimitResponse
+_UNITS = {1: _RLS.RateLimit.SECOND, 60: _RLS.RateLimit.MINUTE, 3600: _RLS.RateLimit.HOUR}
+_UINT32 = 2**32 - 1  # Envoy's fields are uint32; larger limits are reported as "unbounded"
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValue:
+    return base_pb2.HeaderValue(key=key, value=value)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def _status(over: bool, window: WindowState | None) -> rls_pb2.RateLimitResponse.DescriptorStatus:
+    status = _RLS.DescriptorStatus(code=_RLS.OVER_LIMIT if over else _RLS.OK)
+    if window is not None:
+        status.current_limit.requests_per_unit = min(window.limit.limit, _UINT32)
+        status.current_limit.unit = _UNITS[window.limit.seconds]
+        status.limit_remaining = min(window.remaining, _UINT32)
+        status.duration_until_reset.FromNanoseconds(int(window.reset_seconds * 1e9))
+    return status
+
+
+def rls_response(decision: RequestDecision) -> rls_pb2.RateLimitResponse:
+    """Envoy's response: per-descriptor statuses, OpenAI's x-ratelimit-* headers and, when limited, Retry-After."""
+    response = _RLS(overall_code=_RLS.OK if decision.admitted else _RLS.OVER_LIMIT)
+    response.statuses.extend(_status(d.over_limit, d.window) for d in decision.descriptors)
+    tight = tightest([d.window for d in decision.descriptors if d.window is not None])
+    if tight is not None:
+        response.response_headers_to_add.extend(
+            [
+                _header("x-ratelimit-limit-requests", str(tight.limit.limit)),
+                _header("x-ratelimit-remaining-requests", str(tight.remaining)),
+                _header("x-ratelimit-reset-requests", _seconds(tight.reset_seconds)),
+            ]
+        )
+    if not decision.admitted:
+        over = [d.window for d in decision.descriptors if d.over_limit and d.window is not None]
+        what = "; ".join(f"{w.limit.limit} requests per {w.limit.seconds} s per {w.limit.scope.value}" for w in over)
+        retry = decision.retry_after_seconds
+        if retry is not None:
+            response.response_headers_to_add.append(_header("retry-after", str(max(1, math.ceil(retry)))))
+        response.raw_body = (f"rate limit exceeded ({what}); retry after {retry or 0:.1f} s").encode()
+    return response
+
+
+class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    """envoy.service.ratelimit.v3.RateLimitService: request limits for the edge."""
+
+    def __init__(self, limiter: Limiter, domain: str) -> None:
+        self._limiter = limiter
+        self._domain = domain
+
+    async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest, context: Context) -> rls_pb2.RateLimitResponse:
+        if request.domain != self._domain:
+            raise InvalidArgument(f"unknown rate-limit domain {request.domain!r}; this service serves {self._domain!r}")
+        descriptors = [{e.key: e.value for e in d.entries} for d in request.descriptors]
+        decision = await self._limiter.check_requests(descriptors, request.hits_addend or 1)
+        return rls_response(decision)
+
+
+def _caller(caller: ratelimit_pb2.Caller) -> TokenCaller:
+    if not caller.tenant or not caller.key_id:
+        raise InvalidArgument("caller.tenant and caller.key_id are required")
+    return TokenCaller(caller.tenant, caller.key_id, caller.key_tokens_per_minute)
+
+
+class TokenBudgetServicer(ratelimit_pb2_grpc.TokenBudgetServiceServicer):
+    """meshserve.ratelimit.v1.TokenBudgetService over Limiter."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self._limiter = limiter
+
+    async def Reserve(self, request: ratelimit_pb2.ReserveRequest, context: Context) -> ratelimit_pb2.ReserveResponse:
+        if not request.request_id:
+            raise InvalidArgument("request_id is required")
+        reservation = await self._limiter.reserve(
+            request.request_id, _caller(request.caller), request.model, request.prompt_tokens, request.max_tokens
+        )
+        return ratelimit_pb2.ReserveResponse(
+            reserved_tokens=reservation.reserved_tokens,
+            estimated_completion_tokens=reservation.estimated_completion_tokens,
+            enforced=reservation.enforced,
+        )
+
+    async def Settle(self, request: ratelimit_pb2.SettleRequest, context: Context) -> ratelimit_pb2.SettleResponse:
+        if not request.request_id:
+            raise InvalidArgument("request_id is required")
+        if request.outcome == ratelimit_pb2.OUTCOME_UNSPECIFIED:
+            raise InvalidArgument("outcome is required")
+        settled, returned = await self._limiter.settle(
+            request.request_id,
+            _caller(request.caller),
+            request.model,
+            request.prompt_tokens,
+            request.completion_tokens,
+            learn=request.outcome == ratelimit_pb2.OUTCOME_COMPLETED,
+        )
+        return ratelimit_pb2.SettleResponse(settled=settled, returned_tokens=returned)
+
+    async def GetBudget(
+        self, request: ratelimit_pb2.GetBudgetRequest, context: Context
+    ) -> ratelimit_pb2.GetBudgetResponse:
+        windows = await self._limiter.budget(_caller(request.caller))
+        return ratelimit_pb2.GetBudgetResponse(
+            windows=[
+                ratelimit_pb2.Window(
+                    scope=w.limit.scope.value, limit=w.limit.limit, used=w.used, window_seconds=w.limit.seconds
+                )
+                for w in windows
+            ]
+        )

@@ -1,0 +1,33 @@
+-- Replaces a reservation's amount with the real one in every window it was admitted to.
+--
+-- KEYS: zset_1, sum_1, ..., zset_n, sum_n, reservation, estimates
+-- ARGV: n, id, real amount, completion tokens to learn from (-1: none), estimates kept
+-- Returns: {settled, returned}: returned is negative when more was charged.
+
+local n = tonumber(ARGV[1])
+local id = ARGV[2]
+local real = tonumber(ARGV[3])
+local rec, est = KEYS[2 * n + 1], KEYS[2 * n + 2]
+
+local learn = tonumber(ARGV[4])
+if learn >= 0 then
+  redis.call("LPUSH", est, learn)
+  redis.call("LTRIM", est, 0, tonumber(ARGV[5]) - 1)
+  redis.call("PEXPIRE", est, 86400000)
+end
+
+local fields = redis.call("HMGET", rec, "ts", "amount")
+if not fields[1] then
+  -- Already settled, or older than every window: it no longer counts.
+  return {0, 0}
+end
+local ts, reserved = tonumber(fields[1]), tonumber(fields[2])
+for i = 1, n do
+  local z, s = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call("ZREM", z, id .. ":" .. reserved) == 1 then
+    redis.call("ZADD", z, ts, id .. ":" .. real)
+    redis.call("INCRBY", s, real - reserved)
+  end
+end
+redis.call("DEL", rec)
+return {1, reserved - real}

@@ -1,0 +1,128 @@
+"""Sliding windows in Redis: every admission, settlement and reading is one atomic Lua script."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from services.ratelimit.rules import Limit
+
+_ADMIT = (Path(__file__).parent / "admit.lua").read_text()
+_SETTLE = (Path(__file__).parent / "settle.lua").read_text()
+
+
+@dataclass(frozen=True)
+class WindowState:
+    """One window after a decision: what it holds and when its oldest entry leaves."""
+
+    limit: Limit
+    used: int
+    reset_seconds: float
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit.limit - self.used)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The outcome of one admission over all its windows."""
+
+    admitted: bool
+    amount: int
+    estimate: int
+    # Seconds until the same amount would fit; None when it never fits (larger than a limit).
+    retry_after_seconds: float | None
+    windows: tuple[WindowState, ...]
+
+
+def tightest(states: Sequence[WindowState]) -> WindowState | None:
+    """The window with the least room left, the one worth reporting to a caller."""
+    return min(states, key=lambda w: (w.remaining, -w.limit.seconds), default=None)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """How to estimate a completion: a percentile of the last `samples` completions, once there are `min_samples`."""
+
+    percentile: float = 0.95
+    min_samples: int = 8
+    samples: int = 64
+
+
+def _keys(limits: Sequence[Limit]) -> list[str]:
+    return [k for limit in limits for k in (limit.redis_key + ":z", limit.redis_key + ":s")]
+
+
+class SlidingWindows:
+    """Admit, settle and read sliding windows kept in Redis."""
+
+    def __init__(self, redis: Redis, estimate: Estimate = Estimate()) -> None:
+        self._redis = redis
+        self._estimate = estimate
+        self._admit = redis.register_script(_ADMIT)
+        self._settle = redis.register_script(_SETTLE)
+
+    async def admit(
+        self,
+        limits: Sequence[Limit],
+        member: str,
+        amount: int,
+        *,
+        max_extra: int | None = None,
+        reservation_key: str | None = None,
+        estimate_key: str | None = None,
+        dry: bool = False,
+        now_ms: int | None = None,
+    ) -> Admission:
+        """Admits amount (+ an estimate up to max_extra) into every window, or into none."""
+        keys = _keys(limits)
+        if reservation_key is not None:
+            keys.append(reservation_key)
+            if estimate_key is not None:
+                keys.append(estimate_key)
+        args: list[str | int | float] = [
+            "" if now_ms is None else now_ms,
+            member,
+            amount,
+            -1 if max_extra is None else max_extra,
+            self._estimate.percentile,
+            self._estimate.min_samples,
+            1 if dry else 0,
+            len(limits),
+        ]
+        for limit in limits:
+            args += [limit.limit, limit.seconds * 1000]
+        out = [int(x) for x in await self._admit(keys=keys, args=args)]
+        admitted, total, retry_ms, now, estimate = out[:5]
+        states = tuple(
+            WindowState(limit, used, 0.0 if oldest < 0 else max(0.0, (oldest + limit.seconds * 1000 - now) / 1000))
+            for limit, used, oldest in zip(limits, out[5::2], out[6::2], strict=True)
+        )
+        return Admission(
+            admitted=bool(admitted),
+            amount=total,
+            estimate=estimate,
+            retry_after_seconds=None if retry_ms < 0 else retry_ms / 1000,
+            windows=states,
+        )
+
+    async def settle(
+        self,
+        limits: Sequence[Limit],
+        member: str,
+        real_amount: int,
+        *,
+        reservation_key: str,
+        estimate_key: str,
+        learn_completion: int | None,
+    ) -> tuple[bool, int]:
+        """Replaces the reservation's amount with real_amount; (settled, tokens returned)."""
+        keys = [*_keys(limits), reservation_key, estimate_key]
+        learn = -1 if learn_completion is None else learn_completion
+        args: list[str | int] = [len(limits), member, real_amount, learn, self._estimate.samples]
+        settled, returned = (int(x) for x in await self._settle(keys=keys, args=args))
+        return bool(settled), returned

@@ -1,0 +1,119 @@
+"""Token budgets over gRPC: reserve before generating, settle after, off the request's path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc import aio
+from prometheus_client import Counter
+
+from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
+from services.router.caller import Caller
+from services.runtime import errors
+
+log = logging.getLogger(__name__)
+
+UNCHECKED = Counter(
+    "meshserve_router_token_budget_unchecked_total",
+    "Requests let through without a token reservation because the rate-limit service was unreachable (fail-open).",
+)
+SETTLE_FAILURES = Counter(
+    "meshserve_router_token_settle_failures_total",
+    "Settlements given up after retries; the reservation then counts until its window ends.",
+)
+
+OUTCOMES = {
+    "completed": ratelimit_pb2.OUTCOME_COMPLETED,
+    "cancelled": ratelimit_pb2.OUTCOME_CANCELLED,
+    "failed": ratelimit_pb2.OUTCOME_FAILED,
+}
+
+
+def _caller(caller: Caller) -> ratelimit_pb2.Caller:
+    return ratelimit_pb2.Caller(
+        tenant=caller.tenant, key_id=caller.key_id, key_tokens_per_minute=caller.tokens_per_minute
+    )
+
+
+def _retry_after(exc: aio.AioRpcError) -> float | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after" and isinstance(value, str) and value.isdigit():
+            return float(value)
+    return None
+
+
+class GrpcTokenBudget:
+    """The rate-limit service's TokenBudgetService, as the router uses it."""
+
+    def __init__(self, address: str, fail_open: bool, settle_attempts: int = 5) -> None:
+        self._channel = aio.insecure_channel(address)
+        self._stub = ratelimit_pb2_grpc.TokenBudgetServiceStub(self._channel)
+        self._fail_open = fail_open
+        self._attempts = settle_attempts
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def reserve(self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int) -> None:
+        """Holds the tokens, or raises ResourceExhausted (with a retry delay) before any GPU work."""
+        request = ratelimit_pb2.ReserveRequest(
+            request_id=request_id,
+            caller=_caller(caller),
+            model=model,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+        )
+        try:
+            await self._stub.Reserve(request, timeout=2)
+        except aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise errors.ResourceExhausted(exc.details() or "token limit reached", _retry_after(exc)) from None
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise errors.InvalidArgument(exc.details() or "") from None
+            if not self._fail_open:
+                raise errors.Unavailable("token budgets cannot be checked right now") from None
+            UNCHECKED.inc()
+            log.warning(
+                "rate-limit service unreachable; generating without a token reservation (fail-open)",
+                extra={"request_id": request_id, "error": code.name},
+            )
+
+    def settle(
+        self, request_id: str, caller: Caller, model: str, prompt_tokens: int, completion_tokens: int, outcome: str
+    ) -> None:
+        """Settles in the background with retries; never raises, never delays the response."""
+        request = ratelimit_pb2.SettleRequest(
+            request_id=request_id,
+            caller=_caller(caller),
+            model=model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            outcome=OUTCOMES[outcome],
+        )
+        task = asyncio.get_running_loop().create_task(self._settle(request))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle(self, request: ratelimit_pb2.SettleRequest) -> None:
+        delay = 0.1
+        for attempt in range(1, self._attempts + 1):
+            try:
+                await self._stub.Settle(request, timeout=2)
+                return
+            except aio.AioRpcError as exc:
+                if attempt == self._attempts or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    SETTLE_FAILURES.inc()
+                    log.error(
+                        "token settlement failed; the reservation counts until its window ends",
+                        extra={"request_id": request.request_id, "error": exc.code().name},
+                    )
+                    return
+            await asyncio.sleep(delay)
+            delay *= 2
+
+    async def close(self) -> None:
+        """Waits for pending settlements, then closes the channel."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=10)
+        await self._channel.close()
