@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
@@ -28,6 +29,8 @@ TOKENS_RETURNED = Counter(
 TOKENS_CHARGED = Counter(
     "meshserve_ratelimit_tokens_overcharged_total", "Tokens charged at settlement beyond the reservation."
 )
+
+T = TypeVar("T")
 
 # Envoy descriptor entries this service understands.
 TENANT, KEY_ID, KEY_RPM, MODEL = "tenant", "key_id", "key_rpm", "model"
@@ -101,26 +104,30 @@ class Limiter:
         for kind in Kind:
             REDIS_UP.labels(kind.value).set(1)
 
-    def _redis_ok(self, kind: Kind) -> None:
+    async def _redis(self, kind: Kind, call: Awaitable[T], closed: bool = False) -> T | None:
+        """The call's result; None when Redis failed and the kind fails open. Fails closed with Unavailable."""
+        try:
+            result = await call
+        except (RedisError, OSError) as exc:
+            mode = FailureMode.CLOSED if closed else self._rules().failure_mode(kind)
+            DECISIONS.labels(kind.value, f"failed_{mode.value}").inc()
+            if not self._redis_down[kind]:
+                self._redis_down[kind] = True
+                REDIS_UP.labels(kind.value).set(0)
+                log.error(
+                    "redis unreachable; %s limits fail %s",
+                    kind.value,
+                    mode.value,
+                    extra={"kind": kind.value, "mode": mode.value, "error": str(exc)},
+                )
+            if mode is FailureMode.CLOSED:
+                raise Unavailable(f"{kind.value} limits cannot be checked right now (Redis unreachable)") from exc
+            return None
         if self._redis_down[kind]:
             self._redis_down[kind] = False
             REDIS_UP.labels(kind.value).set(1)
             log.warning("redis reachable again; %s limits enforced", kind.value, extra={"kind": kind.value})
-
-    def _redis_failed(self, kind: Kind, exc: Exception) -> FailureMode:
-        """Records the failure; returns the mode to apply (CLOSED callers raise)."""
-        mode = self._rules().failure_mode(kind)
-        DECISIONS.labels(kind.value, f"failed_{mode.value}").inc()
-        if not self._redis_down[kind]:
-            self._redis_down[kind] = True
-            REDIS_UP.labels(kind.value).set(0)
-            log.error(
-                "redis unreachable; %s limits fail %s",
-                kind.value,
-                mode.value,
-                extra={"kind": kind.value, "mode": mode.value, "error": str(exc)},
-            )
-        return mode
+        return result
 
     async def check_requests(self, descriptors: Sequence[Mapping[str, str]], hits: int = 1) -> RequestDecision:
         """Admits one request (hits units) against every descriptor's windows, or against none."""
@@ -130,13 +137,9 @@ class Limiter:
         if not limits:
             DECISIONS.labels(Kind.REQUESTS.value, "admitted").inc()
             return RequestDecision(True, tuple(DescriptorResult(False, None) for _ in groups), None)
-        try:
-            admission = await self._windows.admit(limits, secrets.token_hex(8), max(1, hits))
-        except (RedisError, OSError) as exc:
-            if self._redis_failed(Kind.REQUESTS, exc) is FailureMode.CLOSED:
-                raise Unavailable("rate limits cannot be checked right now (Redis unreachable)") from exc
+        admission = await self._redis(Kind.REQUESTS, self._windows.admit(limits, secrets.token_hex(8), max(1, hits)))
+        if admission is None:
             return RequestDecision(True, tuple(DescriptorResult(False, None) for _ in groups), None, enforced=False)
-        self._redis_ok(Kind.REQUESTS)
         DECISIONS.labels(Kind.REQUESTS.value, "admitted" if admission.admitted else "limited").inc()
         results, at = [], 0
         for group in groups:
@@ -154,20 +157,17 @@ class Limiter:
         limits = rules.tokens(caller.tenant, caller.key_id, caller.key_tokens_per_minute)
         if not limits:
             return Reservation(prompt_tokens + max_tokens, max_tokens, enforced=False)
-        try:
-            admission = await self._windows.admit(
-                limits,
-                request_id,
-                prompt_tokens,
-                max_extra=max_tokens,
-                reservation_key=rules.reservation_key(caller.tenant, request_id),
-                estimate_key=rules.estimate_key(caller.tenant, caller.key_id, model),
-            )
-        except (RedisError, OSError) as exc:
-            if self._redis_failed(Kind.TOKENS, exc) is FailureMode.CLOSED:
-                raise Unavailable("token budgets cannot be checked right now (Redis unreachable)") from exc
+        admit = self._windows.admit(
+            limits,
+            request_id,
+            prompt_tokens,
+            max_extra=max_tokens,
+            reservation_key=rules.reservation_key(caller.tenant, request_id),
+            estimate_key=rules.estimate_key(caller.tenant, caller.key_id, model),
+        )
+        admission = await self._redis(Kind.TOKENS, admit)
+        if admission is None:
             return Reservation(prompt_tokens + max_tokens, max_tokens, enforced=False)
-        self._redis_ok(Kind.TOKENS)
         DECISIONS.labels(Kind.TOKENS.value, "admitted" if admission.admitted else "limited").inc()
         if admission.admitted:
             return Reservation(admission.amount, admission.estimate, enforced=True)
@@ -191,20 +191,18 @@ class Limiter:
         limits = rules.tokens(caller.tenant, caller.key_id, caller.key_tokens_per_minute)
         if not limits:
             return False, 0
-        try:
-            settled, returned = await self._windows.settle(
-                limits,
-                request_id,
-                prompt_tokens + completion_tokens,
-                reservation_key=rules.reservation_key(caller.tenant, request_id),
-                estimate_key=rules.estimate_key(caller.tenant, caller.key_id, model),
-                learn_completion=completion_tokens if learn else None,
-            )
-        except (RedisError, OSError) as exc:
-            if self._redis_failed(Kind.TOKENS, exc) is FailureMode.CLOSED:
-                raise Unavailable("token budgets cannot be settled right now (Redis unreachable)") from exc
+        settle = self._windows.settle(
+            limits,
+            request_id,
+            prompt_tokens + completion_tokens,
+            reservation_key=rules.reservation_key(caller.tenant, request_id),
+            estimate_key=rules.estimate_key(caller.tenant, caller.key_id, model),
+            learn_completion=completion_tokens if learn else None,
+        )
+        outcome = await self._redis(Kind.TOKENS, settle)
+        if outcome is None:
             return False, 0
-        self._redis_ok(Kind.TOKENS)
+        settled, returned = outcome
         if returned >= 0:
             TOKENS_RETURNED.inc(returned)
         else:
@@ -216,10 +214,7 @@ class Limiter:
         limits = self._rules().tokens(caller.tenant, caller.key_id, caller.key_tokens_per_minute)
         if not limits:
             return ()
-        try:
-            admission = await self._windows.admit(limits, "", 0, dry=True)
-        except (RedisError, OSError) as exc:
-            self._redis_failed(Kind.TOKENS, exc)
-            raise Unavailable("token budgets cannot be read right now (Redis unreachable)") from exc
-        self._redis_ok(Kind.TOKENS)
+        # Reading has nothing to fall back on: always closed.
+        admission = await self._redis(Kind.TOKENS, self._windows.admit(limits, "", 0, dry=True), closed=True)
+        assert admission is not None
         return admission.windows
