@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.loadgen import compare_edges, edge_tables
+from bench.loadgen import compare_edges, edge_tables, write_report
 from services.mesh.local import LocalMesh, MeshOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +58,7 @@ def main() -> None:
         "",
         *edge_tables(results, "no ext_authz", "ext_authz", "auth"),
     ]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    print(f"report written to {args.out}")
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

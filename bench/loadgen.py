@@ -9,6 +9,7 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -174,3 +175,12 @@ def edge_tables(results: EdgeResults, baseline: str, measured: str, what: str) -
             f"| {c} | {med(a, 'p50_ms') - med(b, 'p50_ms'):.3f} | {med(a, 'p99_ms') - med(b, 'p99_ms'):.3f} |"
         )
     return lines
+
+
+def write_report(lines: list[str], path: Path) -> None:
+    """Writes a Markdown report and prints it."""
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
+    print(f"report written to {path}")

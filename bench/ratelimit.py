@@ -25,7 +25,7 @@ import grpc
 import yaml
 from envoy.service.ratelimit.v3 import rls_pb2
 
-from bench.loadgen import compare_edges, edge_tables, median
+from bench.loadgen import compare_edges, edge_tables, median, write_report
 from meshserve.ratelimit.v1 import ratelimit_pb2
 from services.mesh.local import LocalMesh, MeshOptions, free_port
 
@@ -237,11 +237,7 @@ def main() -> None:
         "",
         *edge_tables(edge, "ext_authz", "ext_authz + ratelimit", "request limits"),
     ]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    print(f"report written to {args.out}")
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":
