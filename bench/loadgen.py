@@ -171,9 +171,7 @@ def edge_tables(results: EdgeResults, baseline: str, measured: str, what: str) -
     lines += ["", f"| concurrency | p50 added by {what}, ms (target ≤ 0.3) | p99 added, ms |", "|---|---|---|"]
     for c, by_target in results.items():
         a, b = by_target[measured], by_target[baseline]
-        lines.append(
-            f"| {c} | {med(a, 'p50_ms') - med(b, 'p50_ms'):.3f} | {med(a, 'p99_ms') - med(b, 'p99_ms'):.3f} |"
-        )
+        lines.append(f"| {c} | {med(a, 'p50_ms') - med(b, 'p50_ms'):.3f} | {med(a, 'p99_ms') - med(b, 'p99_ms'):.3f} |")
     return lines
 
 

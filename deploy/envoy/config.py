@@ -14,6 +14,7 @@ from google.protobuf.descriptor import FileDescriptor
 
 from meshserve.llm.v1 import llm_pb2
 from services.auth.keys import ADMIN_PATH_PREFIX
+from services.runtime import keepalive
 from services.runtime.identity import KEY_ID_HEADER, KEY_RPM_HEADER, MODEL_HEADER, TENANT_HEADER
 from services.runtime.openai_errors import ERROR_TYPES
 
@@ -236,9 +237,7 @@ def _grpc_cluster(name: str, addr: Address) -> dict[str, Any]:
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {
-                    "http2_protocol_options": {"connection_keepalive": {"interval": "20s", "timeout": "5s"}}
-                },
+                "explicit_http_config": {"http2_protocol_options": {"connection_keepalive": keepalive.envoy_options()}},
             }
         },
         "load_assignment": {

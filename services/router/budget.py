@@ -11,7 +11,7 @@ from prometheus_client import Counter
 
 from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from services.router.caller import Caller
-from services.runtime import errors
+from services.runtime import errors, keepalive
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class GrpcTokenBudget:
     """The rate-limit service's TokenBudgetService, as the router uses it."""
 
     def __init__(self, address: str, fail_open: bool, settle_attempts: int = 5) -> None:
-        self._channel = aio.insecure_channel(address)
+        self._channel = aio.insecure_channel(address, options=keepalive.channel_options())
         self._stub = ratelimit_pb2_grpc.TokenBudgetServiceStub(self._channel)
         self._fail_open = fail_open
         self._attempts = settle_attempts

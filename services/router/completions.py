@@ -31,9 +31,7 @@ class Replica(Protocol):
 
     address: str
 
-    def generate(
-        self, request: inference_pb2.GenerateRequest
-    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+    def generate(self, request: inference_pb2.GenerateRequest) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """Streams the engine's steps; raises DomainError for what went wrong. Closing it aborts the generation."""
         ...
 

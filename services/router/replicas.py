@@ -9,7 +9,7 @@ import grpc
 from grpc import aio
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.runtime import errors
+from services.runtime import errors, keepalive
 
 # Keepalive notices a dead replica on an idle channel; the service config lets gRPC
 # itself retry a call that failed before the replica answered anything. round_robin spreads
@@ -36,8 +36,7 @@ _SERVICE_CONFIG = json.dumps(
 _OPTIONS = [
     ("grpc.service_config", _SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    *keepalive.channel_options(),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -72,33 +73,41 @@ class ServiceInterceptor(aio.ServerInterceptor):
 
     def _wrap(self, handler: Any, method: str) -> Any:
         service = self._service
-        if handler.unary_unary is not None:
-            inner_unary: Any = handler.unary_unary
 
-            async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        def awaited(inner: Any) -> Any:
+            async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 start = time.perf_counter()
                 try:
-                    return await inner_unary(request, context)
+                    return await inner(request, context)
                 except errors.DomainError as exc:
                     await _abort_for(exc, context)
                 finally:
                     metrics.observe_rpc(service, method, _code_of(context), time.perf_counter() - start)
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream is not None:
-            inner_stream: Any = handler.unary_stream
+            return call
 
+        def generated(inner: Any) -> Any:
             async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 start = time.perf_counter()
                 try:
-                    async for item in inner_stream(request, context):
+                    async for item in inner(request, context):
                         yield item
                 except errors.DomainError as exc:
                     await _abort_for(exc, context)
                 finally:
                     metrics.observe_rpc(service, method, _code_of(context), time.perf_counter() - start)
 
+            return stream
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                awaited(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            # A streaming handler either yields its replies or awaits context.write() (grpc-health's Watch).
+            inner = handler.unary_stream
+            wrap = generated if inspect.isasyncgenfunction(inner) else awaited
             return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
+                wrap(inner), handler.request_deserializer, handler.response_serializer
             )
         return handler

@@ -17,6 +17,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.runtime import keepalive
 from services.runtime.interceptors import ServiceInterceptor
 from services.runtime.logs import configure_logging
 from services.runtime.metrics import serve_metrics
@@ -40,6 +41,7 @@ class Runtime:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                *keepalive.server_options(settings.keepalive_seconds),
             ],
         )
         self.health = health.aio.HealthServicer()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.runtime import keepalive
+
 
 class ServiceSettings(BaseSettings):
     """Settings of the shared runtime; each service subclasses with its own env prefix."""
@@ -27,5 +29,7 @@ class ServiceSettings(BaseSettings):
     log_json: bool = True
     # If set, a JSON file with the bound ports is written here once serving.
     ready_file: str = ""
+    # Seconds between the HTTP/2 keepalive pings of this server's clients; it permits pings at half that.
+    keepalive_seconds: float = keepalive.INTERVAL_SECONDS
     # Maximum size of one gRPC message, in bytes.
     max_message_bytes: int = Field(default=16 * 1024 * 1024)

@@ -17,11 +17,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from services.runtime import keepalive
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class Sample:
-    def __init__(self, tmp: Path, drain: float) -> None:
+    def __init__(self, tmp: Path, drain: float, **extra_env: str) -> None:
         self.gate = tmp / "gate"
         self.ready = tmp / "ready.json"
         env = {
@@ -30,6 +32,7 @@ class Sample:
             "MESHSERVE_READY_FILE": str(self.ready),
             "MESHSERVE_DRAIN_SECONDS": str(drain),
             "MESHSERVE_GRACE_SECONDS": "5",
+            **extra_env,
         }
         self.log = tmp / "sample.log"
         with self.log.open("wb") as out:
@@ -110,3 +113,25 @@ def test_a_failed_warm_up_exits_non_zero(sample: Sample) -> None:
     sample.gate.write_text("fail")
     assert sample.proc.wait(15) == 1
     assert "warm-up failed" in sample.log.read_text()
+
+
+def test_a_client_pinging_like_envoy_keeps_its_stream(tmp_path: Path) -> None:
+    # Envoy pings its upstreams on a fixed interval whether or not data flows. A gRPC server with
+    # default settings answers the third such ping with GOAWAY too_many_pings, failing every call
+    # on the connection; the runtime permits pings at half the interval the mesh's clients use.
+    sample = Sample(tmp_path, 0.0, MESHSERVE_KEEPALIVE_SECONDS="1")
+    try:
+        envoy_like = [
+            *keepalive.channel_options(1),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        with grpc.insecure_channel(sample.target, options=envoy_like) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in watch:
+                    pass
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ended.value.details()
+    finally:
+        sample.proc.kill()
+        sample.proc.wait()
