@@ -17,6 +17,7 @@ bench:
 	@.venv/bin/python -m bench.edge_vs_vllm $(ARGS)
 	@.venv/bin/python -m bench.auth_overhead
 	@.venv/bin/python -m bench.ratelimit
+	@.venv/bin/python -m bench.affinity
 
 gen:
 	@.venv/bin/meshserve gen

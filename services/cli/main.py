@@ -106,13 +106,16 @@ def up(
     state: Path = typer.Option(Path("var/run"), help="Folder for logs and generated configs."),
     dtype: str = typer.Option("auto", help="Weights dtype (auto, bfloat16, float32)."),
     rules: Path | None = typer.Option(None, help="Rate-limit rules YAML (default: deploy/local/ratelimits.yaml)."),
+    replicas: int = typer.Option(1, min=1, max=8, help="Inference replicas; each is a vLLM engine (about 1.5 GiB)."),
 ) -> None:
     """Starts the local mesh (Redis, auth, rate limits, inference on vLLM, router, Envoy edge) until Ctrl-C."""
     from services.inference import model_store
 
     with console.status(f"model store: {model}"):
         model_store.ensure(model_store.ModelStore(store), model)
-    options = MeshOptions(state_dir=state, model=model, model_store=store, host=host, edge_port=port, dtype=dtype)
+    options = MeshOptions(
+        state_dir=state, model=model, model_store=store, host=host, edge_port=port, dtype=dtype, replicas=replicas
+    )
     if rules is not None:
         options.ratelimit_rules = rules
     mesh = LocalMesh(options)

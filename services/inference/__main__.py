@@ -32,7 +32,7 @@ def main() -> None:
     vllm_environment(settings)
 
     async def setup(rt: Runtime) -> None:
-        servicer = InferenceServicer()
+        servicer = InferenceServicer(rt.draining)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, rt.server)
         config = EngineConfig(
             model_name=settings.served_name or settings.model,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,9 @@ class Load:
     waiting: int = 0
     kv_cache_usage: float = 0.0
     in_flight: int = 0
+    max_num_seqs: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 Turn = tuple[str, str]
@@ -208,7 +211,7 @@ class Engine:
     def load(self) -> Load:
         """The engine's load from the scheduler's last report, plus this process's open calls."""
         latest = self._sink.load
-        return Load(latest.running, latest.waiting, latest.kv_cache_usage, self._in_flight)
+        return replace(latest, in_flight=self._in_flight, max_num_seqs=self.config.max_num_seqs)
 
     def shutdown(self) -> None:
         """Stops the engine and its worker processes."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 from grpc import aio
@@ -23,8 +26,10 @@ FINISH = {
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """meshserve.inference.v1.InferenceService over one Engine."""
 
-    def __init__(self) -> None:
+    def __init__(self, draining: asyncio.Event | None = None) -> None:
         self.engine: Engine | None = None
+        # Load streams end when the replica starts draining: routers take it out of rotation at once.
+        self._draining = draining or asyncio.Event()
 
     def _engine(self, model: str | None = None) -> Engine:
         if self.engine is None:
@@ -69,10 +74,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.CountTokensResponse(prompt_tokens=len(ids), max_model_len=engine.max_model_len)
 
     async def GetLoad(self, request: inference_pb2.GetLoadRequest, context: Context) -> inference_pb2.GetLoadResponse:
-        load = self._engine().load()
-        return inference_pb2.GetLoadResponse(
-            running=load.running, waiting=load.waiting, kv_cache_usage=load.kv_cache_usage, in_flight=load.in_flight
-        )
+        return inference_pb2.GetLoadResponse(**asdict(self._engine().load()))
+
+    async def WatchLoad(
+        self, request: inference_pb2.WatchLoadRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.WatchLoadResponse]:
+        engine = self._engine()
+        interval = (request.interval_ms or 250) / 1000
+        while not self._draining.is_set():
+            yield inference_pb2.WatchLoadResponse(load=inference_pb2.GetLoadResponse(**asdict(engine.load())))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._draining.wait(), interval)
 
     async def GetModel(
         self, request: inference_pb2.GetModelRequest, context: Context

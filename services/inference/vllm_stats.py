@@ -1,4 +1,4 @@
-"""A vLLM stat logger that keeps the scheduler's latest load for GetLoad."""
+"""A vLLM stat logger that keeps the scheduler's latest load for GetLoad and WatchLoad."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def stat_logger_factory(sink: _StatsSink) -> Callable[[Any, int], StatLoggerBase
                 load.running = scheduler_stats.num_running_reqs
                 load.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
                 load.kv_cache_usage = scheduler_stats.kv_cache_usage
+                # Per-interval counts since the last record; kept as totals since start.
+                load.prefix_cache_queries += scheduler_stats.prefix_cache_stats.queries
+                load.prefix_cache_hits += scheduler_stats.prefix_cache_stats.hits
 
         def log_engine_initialized(self) -> None:
             pass

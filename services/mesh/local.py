@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,6 +94,8 @@ class MeshOptions:
     edge_port: int = 0
     dtype: str = "auto"
     max_model_len: int = 2048
+    # Inference replicas of the model; the router spreads requests over them.
+    replicas: int = 1
     # Rate-limit rules (plans, tenants, failure modes).
     ratelimit_rules: Path = Path(__file__).resolve().parents[2] / "deploy" / "local" / "ratelimits.yaml"
     # Extra environment for every child (e.g. drain settings in tests).
@@ -241,12 +244,36 @@ class LocalMesh:
         }
         return self.start_service(name, "services.inference", prefix, env)
 
+    def inference_replicas(self) -> list[Proc]:
+        """The inference replicas started so far, in order."""
+        return [p for name, p in self.procs.items() if name == "inference" or name.startswith("inference-")]
+
+    def wait_routable(self, router: Proc, replicas: list[Proc], timeout: float) -> None:
+        """Waits until the router has every replica in rotation (its load stream reports)."""
+        wanted = [
+            f'meshserve_router_replica_available{{replica="{self.options.host}:{p.grpc_port}"}} 1.0' for p in replicas
+        ]
+        url = f"http://{self.options.host}:{router.metrics_port}/metrics"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive(router)
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
+                body = r.read().decode()
+                if all(line in body for line in wanted):
+                    return
+            time.sleep(0.1)
+        raise MeshError(f"router did not take every replica into rotation within {timeout:.0f}s\n{router.tail()}")
+
     def start_router(
-        self, name: str = "router", replicas: list[str] | None = None, require_caller: bool = True
+        self,
+        name: str = "router",
+        replicas: list[str] | None = None,
+        require_caller: bool = True,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         """Starts a router whose catalogue points the model at the given (or the running) replicas."""
         if replicas is None:
-            replicas = [f"{self.options.host}:{self.procs['inference'].grpc_port}"]
+            replicas = [f"{self.options.host}:{p.grpc_port}" for p in self.inference_replicas()]
         catalogue = self.options.state_dir / f"{name}.catalogue.yaml"
         catalogue.write_text(
             yaml.safe_dump(
@@ -262,12 +289,17 @@ class LocalMesh:
                 }
             )
         )
-        env = {"MESHSERVE_ROUTER_CATALOGUE": str(catalogue), "MESHSERVE_ROUTER_REQUIRE_CALLER": str(require_caller)}
+        settings = {
+            "MESHSERVE_ROUTER_CATALOGUE": str(catalogue),
+            "MESHSERVE_ROUTER_REQUIRE_CALLER": str(require_caller),
+        }
         ratelimit = self.procs.get("ratelimit")
         if ratelimit is not None:
-            env["MESHSERVE_ROUTER_RATELIMIT"] = f"{self.options.host}:{ratelimit.grpc_port}"
-            env["MESHSERVE_ROUTER_RATELIMIT_FAIL_OPEN"] = str(self._fail_open(Kind.TOKENS))
-        return self.start_service(name, "services.router", "MESHSERVE_ROUTER_", env, nice=self.options.support_nice)
+            settings["MESHSERVE_ROUTER_RATELIMIT"] = f"{self.options.host}:{ratelimit.grpc_port}"
+            settings["MESHSERVE_ROUTER_RATELIMIT_FAIL_OPEN"] = str(self._fail_open(Kind.TOKENS))
+        return self.start_service(
+            name, "services.router", "MESHSERVE_ROUTER_", {**settings, **(env or {})}, nice=self.options.support_nice
+        )
 
     def start_envoy(self) -> Proc:
         """Writes the edge config for the running router and starts Envoy on it."""
@@ -341,8 +373,11 @@ class LocalMesh:
         self.start_redis()
         auth = self.start_auth()
         ratelimit = self.start_ratelimit()
-        inference = self.start_inference()
-        self.wait_bound(inference, 120)
+        replicas = [
+            self.start_inference("inference" if i == 0 else f"inference-{i + 1}") for i in range(self.options.replicas)
+        ]
+        for inference in replicas:
+            self.wait_bound(inference, 120)
         self.wait_bound(ratelimit, 60)
         router = self.start_router()
         self.wait_serving(auth, 60)
@@ -351,7 +386,9 @@ class LocalMesh:
         self.start_envoy()
         self.wait_edge(30)
         self.ensure_user_key()
-        self.wait_serving(inference, timeout, tick)
+        for inference in replicas:
+            self.wait_serving(inference, timeout, tick)
+        self.wait_routable(router, replicas, 30)
 
     @property
     def admin_key(self) -> str:

@@ -7,11 +7,13 @@ import logging
 from pathlib import Path
 
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.router.admission import Admission
+from services.router.balancer import Balancer
 from services.router.budget import GrpcTokenBudget
 from services.router.catalogue import Catalogue
-from services.router.completions import Completions
+from services.router.completions import Completions, RoutingPolicy
 from services.router.config import RouterSettings
-from services.router.replicas import ReplicaPool
+from services.router.fleet import Fleet
 from services.router.servicer import LlmServicer
 from services.runtime.server import Runtime, serve
 from services.runtime.watched import WatchedFile
@@ -26,11 +28,23 @@ def main() -> None:
 
     async def setup(rt: Runtime) -> None:
         catalogue = WatchedFile(Path(settings.catalogue), Catalogue.from_yaml, "catalogue")
-        pool = ReplicaPool()
         budget = GrpcTokenBudget(settings.ratelimit, settings.ratelimit_fail_open) if settings.ratelimit else None
         if budget is None:
             log.warning("no rate-limit service configured (MESHSERVE_ROUTER_RATELIMIT): token limits are off")
-        completions = Completions(lambda: catalogue.current, pool.get, budget=budget)
+        fleet = Fleet(
+            lambda: {t for e in catalogue.current.entries() for t in e.targets()},
+            on_change=lambda: completions.replicas_changed(),
+            report_interval_ms=settings.load_report_ms,
+            resolve_seconds=settings.resolve_seconds,
+        )
+        completions = Completions(
+            lambda: catalogue.current,
+            fleet,
+            budget=budget,
+            balancer=Balancer(settings.balance, settings.load_bound),
+            admission=Admission(settings.queue_size, settings.queue_timeout_seconds),
+            policy=RoutingPolicy(prefix_chars=settings.prefix_chars, failover_attempts=settings.failover_attempts),
+        )
         llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(completions, settings.require_caller), rt.server)
 
         watcher = asyncio.create_task(catalogue.follow(settings.catalogue_poll_seconds))
@@ -39,8 +53,9 @@ def main() -> None:
             watcher.cancel()
             if budget is not None:
                 await budget.close()
-            await pool.close()
+            await fleet.close()
 
+        rt.warm_up_with(fleet.start)
         rt.on_shutdown(close)
 
     serve("router", settings, [SERVICE], setup)

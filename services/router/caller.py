@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from services.runtime.errors import PermissionDenied, Unauthenticated
 from services.runtime.identity import KEY_ID_HEADER, KEY_TPM_HEADER, MODELS_HEADER, TENANT_HEADER
 
+# Routing hints a client may send (headers on REST, metadata on gRPC).
+VERSION_HEADER = "x-meshserve-version"
+SESSION_HEADER = "x-meshserve-session"
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -47,3 +51,16 @@ def from_metadata(metadata: Mapping[str, str], required: bool) -> Caller:
         allowed_models=allowed,
         tokens_per_minute=int(tpm) if tpm.isdigit() else 0,
     )
+
+
+@dataclass(frozen=True)
+class RouteHints:
+    """How a client asked to be routed: a pinned model version, a session to keep on one replica."""
+
+    version: str | None = None
+    session: str | None = None
+
+
+def hints_from_metadata(metadata: Mapping[str, str]) -> RouteHints:
+    """The routing hints among a call's headers."""
+    return RouteHints(version=metadata.get(VERSION_HEADER) or None, session=metadata.get(SESSION_HEADER) or None)

@@ -37,6 +37,18 @@ class ModelEntry:
             return self.versions[0]
         return rng.choices(self.versions, weights=[v.weight for v in self.versions])[0]
 
+    def version(self, name: str) -> Version:
+        """The version a client pinned, or NotFound naming the versions there are."""
+        for v in self.versions:
+            if v.name == name:
+                return v
+        known = ", ".join(v.name for v in self.versions)
+        raise NotFound(f"model {self.id!r} has no version {name!r}; its versions: {known}")
+
+    def targets(self) -> set[str]:
+        """Every replica address or name of every version."""
+        return {r for v in self.versions for r in v.replicas}
+
 
 def _replicas(raw: Any, where: str) -> tuple[str, ...]:
     if not raw or not isinstance(raw, list) or not all(isinstance(r, str) and r for r in raw):

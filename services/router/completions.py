@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
+
+from prometheus_client import Counter
 
 from meshserve.inference.v1 import inference_pb2
 from meshserve.llm.v1 import llm_pb2
 from services.router import validation
-from services.router.caller import Caller
-from services.router.catalogue import Catalogue
+from services.router.admission import NO_REPLICA_RETRY_SECONDS, Admission
+from services.router.balancer import Balancer, ReplicaState
+from services.router.caller import Caller, RouteHints
+from services.router.catalogue import Catalogue, Version
 from services.router.validation import OPTIONAL_SAMPLING, GenerationSpec
 from services.runtime.errors import DomainError, Unavailable
 
 log = logging.getLogger(__name__)
+
+FAILOVERS = Counter(
+    "meshserve_router_failovers_total",
+    "Requests moved to another replica after one failed before the first token.",
+    ["model"],
+)
+NO_HINTS = RouteHints()
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -77,22 +90,89 @@ def _error_detail(exc: BaseException) -> llm_pb2.ErrorDetail:
     return llm_pb2.ErrorDetail(message="internal error while generating", type="server_error", code="internal_error")
 
 
+class ReplicaDirectory(Protocol):
+    """The replicas the catalogue names, as states to balance over and clients to call."""
+
+    def states(self, targets: Sequence[str]) -> list[ReplicaState]:
+        """The state of every replica behind targets (host:port, or names that resolve to several)."""
+        ...
+
+    def replica(self, address: str) -> Replica:
+        """The client of one replica."""
+        ...
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """How requests are spread and retried."""
+
+    # Prompts at least this long are routed by their first this-many characters (prefix affinity).
+    prefix_chars: int = 512
+    # Replicas tried for one request when they fail before the first token.
+    failover_attempts: int = 3
+    # A failed replica is out of rotation this long, doubling per failure in a row up to the maximum.
+    eject_seconds: float = 1.0
+    eject_max_seconds: float = 30.0
+
+
+def affinity_key(spec: GenerationSpec, hints: RouteHints, prefix_chars: int) -> str | None:
+    """A session's id, or the prompt's first prefix_chars characters; None for short prompts."""
+    if hints.session:
+        return f"session:{hints.session}"
+    prompt = spec.text if spec.text is not None else "".join(f"{role}\n{content}\n" for role, content in spec.turns)
+    return prompt[:prefix_chars] if len(prompt) >= prefix_chars else None
+
+
+@dataclass
+class _Metered:
+    """What one generation used, for settling its token reservation."""
+
+    prompt_tokens: int = 0
+    reserved: bool = False
+    last: inference_pb2.GenerateResponse | None = None
+    outcome: str = "cancelled"
+
+
+def _engine_request(request_id: str, spec: GenerationSpec) -> inference_pb2.GenerateRequest:
+    s = spec.sampling
+    sampling = inference_pb2.SamplingParams(stop=s.stop)
+    for name in OPTIONAL_SAMPLING:
+        value = getattr(s, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    if spec.text is not None:
+        model_input = inference_pb2.Input(text=spec.text)
+    else:
+        model_input = inference_pb2.Input(
+            conversation=inference_pb2.Conversation(
+                turns=[inference_pb2.ChatTurn(role=r, content=c) for r, c in spec.turns]
+            )
+        )
+    return inference_pb2.GenerateRequest(request_id=request_id, model=spec.model, input=model_input, sampling=sampling)
+
+
 class Completions:
-    """The public API's logic, over a catalogue and a way to reach replicas."""
+    """The public API's logic, over a catalogue and the replicas it names."""
 
     def __init__(
         self,
         catalogue: Callable[[], Catalogue],
-        replica: Callable[[str], Replica],
+        replicas: ReplicaDirectory,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         budget: TokenBudget | None = None,
+        balancer: Balancer | None = None,
+        admission: Admission | None = None,
+        policy: RoutingPolicy = RoutingPolicy(),
     ) -> None:
         self._catalogue = catalogue
-        self._replica = replica
+        self._replicas = replicas
         self._budget = budget
         self._clock = clock
         self._rng = rng or random.Random()
+        self._balancer = balancer or Balancer()
+        self._admission = admission or Admission(queue_size=256, queue_timeout_seconds=30.0)
+        self._policy = policy
 
     def list_models(self, caller: Caller) -> llm_pb2.ListModelsResponse:
         """The catalogue's models that the caller may use."""
@@ -105,81 +185,125 @@ class Completions:
             ],
         )
 
+    def capacity(self, version: Version) -> int:
+        """Requests the version's replicas in rotation can generate for at once."""
+        return sum(s.capacity for s in self._replicas.states(version.replicas) if s.available)
+
+    def replicas_changed(self) -> None:
+        """Lets queued requests in when replicas come into rotation."""
+        for entry in self._catalogue().entries():
+            for version in entry.versions:
+                self._admission.wake((entry.id, version.name), functools.partial(self.capacity, version))
+
     async def _generate(
-        self, request_id: str, spec: GenerationSpec, caller: Caller
+        self, request_id: str, spec: GenerationSpec, caller: Caller, hints: RouteHints
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         # Permission before existence: a key learns nothing about models it may not use.
         caller.require(spec.model)
         entry = self._catalogue().get(spec.model)
-        # One address per version: a host:port, or a headless Service that gRPC balances over.
-        replica = self._replica(entry.pick(self._rng).replicas[0])
-        s = spec.sampling
-        sampling = inference_pb2.SamplingParams(stop=s.stop)
-        for name in OPTIONAL_SAMPLING:
-            value = getattr(s, name)
-            if value is not None:
-                setattr(sampling, name, value)
-        if spec.text is not None:
-            model_input = inference_pb2.Input(text=spec.text)
-        else:
-            model_input = inference_pb2.Input(
-                conversation=inference_pb2.Conversation(
-                    turns=[inference_pb2.ChatTurn(role=r, content=c) for r, c in spec.turns]
-                )
-            )
-        request = inference_pb2.GenerateRequest(
-            request_id=request_id, model=spec.model, input=model_input, sampling=sampling
-        )
+        version = entry.version(hints.version) if hints.version else entry.pick(self._rng)
+        request = _engine_request(request_id, spec)
+        key = affinity_key(spec, hints, self._policy.prefix_chars)
         # Internal callers (no tenant) have no token budget.
-        if self._budget is None or not caller.tenant:
-            # aclosing: a consumer that stops early must close the replica's stream (abort on the engine) now.
-            async with aclosing(replica.generate(request)) as stream:
-                async for step in stream:
-                    yield step
-            return
-        prompt_tokens, context = await replica.count_tokens(request)
-        max_tokens = s.max_tokens if s.max_tokens is not None else max(0, context - prompt_tokens)
-        await self._budget.reserve(request_id, caller, spec.model, prompt_tokens, max_tokens)
-        last: inference_pb2.GenerateResponse | None = None
-        outcome = "cancelled"
-        try:
-            async with aclosing(replica.generate(request)) as stream:
-                async for step in stream:
-                    last = step
-                    if step.finish_reason in FINISH_REASONS:
-                        outcome = "completed"
-                    yield step
-        except Exception:
-            outcome = "failed"
-            raise
-        finally:
-            # Runs however the stream ends: finished, failed, or closed early by a client that went away.
-            self._budget.settle(
-                request_id,
-                caller,
-                spec.model,
-                last.prompt_tokens if last is not None else prompt_tokens,
-                last.completion_tokens if last is not None else 0,
-                outcome,
-            )
+        metered = _Metered(reserved=False) if self._budget is not None and caller.tenant else None
+        async with self._admission.slot((spec.model, version.name), lambda: self.capacity(version)):
+            try:
+                # aclosing: a consumer that stops early must close the replica's stream (abort on the engine) now.
+                async with aclosing(self._failover(request, spec, caller, version, key, metered)) as steps:
+                    async for step in steps:
+                        if metered is not None:
+                            metered.last = step
+                            if step.finish_reason in FINISH_REASONS:
+                                metered.outcome = "completed"
+                        yield step
+            except Exception:
+                if metered is not None:
+                    metered.outcome = "failed"
+                raise
+            finally:
+                # Runs however the stream ends: finished, failed, or closed early by a client that went away.
+                if metered is not None and metered.reserved and self._budget is not None:
+                    last = metered.last
+                    self._budget.settle(
+                        request_id,
+                        caller,
+                        spec.model,
+                        last.prompt_tokens if last is not None else metered.prompt_tokens,
+                        last.completion_tokens if last is not None else 0,
+                        metered.outcome,
+                    )
+
+    async def _failover(
+        self,
+        request: inference_pb2.GenerateRequest,
+        spec: GenerationSpec,
+        caller: Caller,
+        version: Version,
+        key: str | None,
+        metered: _Metered | None,
+    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """The steps of one replica; a replica that fails before its first step is ejected and another tried."""
+        tried: list[str] = []
+        last_error: Unavailable | None = None
+        while True:
+            state = self._balancer.choose(self._replicas.states(version.replicas), key, tried)
+            if state is None:
+                failed = f"; {len(tried)} failed, the last with: {last_error}" if tried else ""
+                raise Unavailable(
+                    f"no replica of {spec.model} version {version.name} is in rotation{failed}",
+                    retry_after_seconds=NO_REPLICA_RETRY_SECONDS,
+                )
+            replica = self._replicas.replica(state.address)
+            state.in_flight += 1
+            started = False
+            try:
+                if metered is not None and not metered.reserved and self._budget is not None:
+                    prompt_tokens, context = await replica.count_tokens(request)
+                    s = spec.sampling
+                    max_tokens = s.max_tokens if s.max_tokens is not None else max(0, context - prompt_tokens)
+                    await self._budget.reserve(request.request_id, caller, spec.model, prompt_tokens, max_tokens)
+                    metered.prompt_tokens, metered.reserved = prompt_tokens, True
+                async with aclosing(replica.generate(request)) as stream:
+                    async for step in stream:
+                        started = True
+                        yield step
+                state.succeeded()
+                return
+            except Unavailable as exc:
+                if started:
+                    raise
+                state.eject(self._policy.eject_seconds, self._policy.eject_max_seconds)
+                tried.append(state.address)
+                last_error = exc
+                FAILOVERS.labels(spec.model).inc()
+                log.warning(
+                    "replica failed before the first token; ejected",
+                    extra={"request_id": request.request_id, "replica": state.address, "error": str(exc)},
+                )
+                if len(tried) >= self._policy.failover_attempts:
+                    raise
+            finally:
+                state.in_flight -= 1
 
     async def _collect(
-        self, request_id: str, spec: GenerationSpec, caller: Caller
+        self, request_id: str, spec: GenerationSpec, caller: Caller, hints: RouteHints
     ) -> tuple[str, inference_pb2.GenerateResponse]:
         parts = []
         last = inference_pb2.GenerateResponse()
-        async with aclosing(self._generate(request_id, spec, caller)) as steps:
+        async with aclosing(self._generate(request_id, spec, caller, hints)) as steps:
             async for step in steps:
                 parts.append(step.text)
                 last = step
         _finish_reason(last)
         return "".join(parts), last
 
-    async def chat(self, params: llm_pb2.ChatCompletionParams, caller: Caller) -> llm_pb2.CreateChatCompletionResponse:
+    async def chat(
+        self, params: llm_pb2.ChatCompletionParams, caller: Caller, hints: RouteHints = NO_HINTS
+    ) -> llm_pb2.CreateChatCompletionResponse:
         """A whole chat reply."""
         spec = validation.chat(params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        text, last = await self._collect(request_id, spec, caller)
+        text, last = await self._collect(request_id, spec, caller, hints)
         return llm_pb2.CreateChatCompletionResponse(
             id=request_id,
             object="chat.completion",
@@ -195,11 +319,13 @@ class Completions:
             usage=_usage(last),
         )
 
-    async def completion(self, params: llm_pb2.CompletionParams, caller: Caller) -> llm_pb2.CreateCompletionResponse:
+    async def completion(
+        self, params: llm_pb2.CompletionParams, caller: Caller, hints: RouteHints = NO_HINTS
+    ) -> llm_pb2.CreateCompletionResponse:
         """A whole text continuation."""
         spec = validation.completion(params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        text, last = await self._collect(request_id, spec, caller)
+        text, last = await self._collect(request_id, spec, caller, hints)
         return llm_pb2.CreateCompletionResponse(
             id=request_id,
             object="text_completion",
@@ -210,7 +336,7 @@ class Completions:
         )
 
     def chat_stream(
-        self, params: llm_pb2.ChatCompletionParams, caller: Caller
+        self, params: llm_pb2.ChatCompletionParams, caller: Caller, hints: RouteHints = NO_HINTS
     ) -> AsyncIterator[llm_pb2.StreamChatCompletionResponse]:
         """A chat reply as chunks."""
         spec = validation.chat(params)
@@ -241,10 +367,10 @@ class Completions:
                 msg.error.CopyFrom(error)
             return msg
 
-        return self._stream(request_id, spec, caller, chunk)
+        return self._stream(request_id, spec, caller, hints, chunk)
 
     def completion_stream(
-        self, params: llm_pb2.CompletionParams, caller: Caller
+        self, params: llm_pb2.CompletionParams, caller: Caller, hints: RouteHints = NO_HINTS
     ) -> AsyncIterator[llm_pb2.StreamCompletionResponse]:
         """A text continuation as chunks."""
         spec = validation.completion(params)
@@ -267,16 +393,17 @@ class Completions:
                 msg.error.CopyFrom(error)
             return msg
 
-        return self._stream(request_id, spec, caller, chunk)
+        return self._stream(request_id, spec, caller, hints, chunk)
 
     async def _stream(
         self,
         request_id: str,
         spec: GenerationSpec,
         caller: Caller,
+        hints: RouteHints,
         chunk: Callable[[str | None, str | None, llm_pb2.Usage | None, llm_pb2.ErrorDetail | None], Chunk],
     ) -> AsyncIterator[Chunk]:
-        steps = self._generate(request_id, spec, caller)
+        steps = self._generate(request_id, spec, caller, hints)
         # Until the first step arrives an error is still a status code (a 4xx/5xx on REST);
         # after it, the HTTP status is sent and errors go in-band on a chunk.
         step = await anext(steps, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
+from services.router.balancer import Strategy
 from services.runtime.settings import ServiceSettings
 
 
@@ -24,3 +25,20 @@ class RouterSettings(ServiceSettings):
     # The rate-limit service unreachable: generate without a reservation (True) or refuse with 503 (False).
     # Match the rules' `failure_mode.tokens` (the local mesh and the Kubernetes render do).
     ratelimit_fail_open: bool = True
+    # How requests spread over a version's replicas: affinity (least load, but a shared prompt prefix or
+    # session stays on one replica within the load bound), least_load, or round_robin.
+    balance: Strategy = Strategy.AFFINITY
+    # An affine replica may take up to this many times its fair share of the load before requests spill.
+    load_bound: float = 1.25
+    # Prompts at least this many characters long are routed by that prefix.
+    prefix_chars: int = 512
+    # Requests that may wait per model version once every replica slot is taken; beyond it, 429 at once.
+    queue_size: int = 256
+    # Seconds a queued request waits for a slot before a 429.
+    queue_timeout_seconds: float = 30.0
+    # Replicas tried for one request that fail before the first token.
+    failover_attempts: int = 3
+    # Milliseconds between the load reports each replica streams to the router.
+    load_report_ms: int = 250
+    # Seconds between DNS resolutions of dns:/// replica targets.
+    resolve_seconds: float = 5.0

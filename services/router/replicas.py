@@ -9,6 +9,7 @@ import grpc
 from grpc import aio
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.router.balancer import LoadReport
 from services.runtime import errors, keepalive
 
 # Keepalive notices a dead replica on an idle channel; the service config lets gRPC
@@ -37,6 +38,10 @@ _OPTIONS = [
     ("grpc.service_config", _SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
     *keepalive.channel_options(),
+    # A restarted replica is reached again within seconds, not after gRPC's default backoff of up to 2 minutes.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 ]
 
@@ -81,22 +86,17 @@ class GrpcReplica:
             raise domain_error(exc, self.address) from exc
         return counted.prompt_tokens, counted.max_model_len
 
+    async def watch_load(self, interval_ms: int) -> AsyncGenerator[LoadReport, None]:
+        """The replica's load reports, until the stream breaks (DomainError) or the replica drains (it ends)."""
+        call = self._stub.WatchLoad(inference_pb2.WatchLoadRequest(interval_ms=interval_ms))
+        try:
+            async for reply in call:
+                load = reply.load
+                yield LoadReport(load.running, load.waiting, load.kv_cache_usage, max(1, load.max_num_seqs))
+        except aio.AioRpcError as exc:
+            raise domain_error(exc, self.address) from exc
+        finally:
+            call.cancel()
+
     async def close(self) -> None:
         await self._channel.close()
-
-
-class ReplicaPool:
-    """Channels by address, opened on first use and closed together."""
-
-    def __init__(self) -> None:
-        self._replicas: dict[str, GrpcReplica] = {}
-
-    def get(self, address: str) -> GrpcReplica:
-        if address not in self._replicas:
-            self._replicas[address] = GrpcReplica(address)
-        return self._replicas[address]
-
-    async def close(self) -> None:
-        for replica in self._replicas.values():
-            await replica.close()
-        self._replicas.clear()

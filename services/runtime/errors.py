@@ -9,6 +9,11 @@ class DomainError(Exception):
     # Short machine-readable code, shown to clients (OpenAI's error `code`).
     code = "internal_error"
 
+    def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        # When the caller may try again (a Retry-After header on REST, a retry-after trailer on gRPC).
+        self.retry_after_seconds = retry_after_seconds
+
 
 class InvalidArgument(DomainError):
     """The request is malformed; the message names the field and why."""
@@ -26,10 +31,6 @@ class ResourceExhausted(DomainError):
     """A limit or a queue is full; the caller may retry later."""
 
     code = "resource_exhausted"
-
-    def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_seconds = retry_after_seconds
 
 
 class Unavailable(DomainError):

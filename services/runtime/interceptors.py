@@ -35,7 +35,7 @@ def status_of(exc: errors.DomainError) -> grpc.StatusCode:
 
 
 async def _abort_for(exc: errors.DomainError, context: aio.ServicerContext[Any, Any]) -> None:
-    if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_seconds is not None:
+    if exc.retry_after_seconds is not None:
         context.set_trailing_metadata((("retry-after", str(max(1, round(exc.retry_after_seconds)))),))
     await context.abort(status_of(exc), str(exc))
 

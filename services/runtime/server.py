@@ -45,6 +45,8 @@ class Runtime:
             ],
         )
         self.health = health.aio.HealthServicer()
+        # Set when the drain begins: endless streams (load reports) end then, instead of holding the grace period.
+        self.draining = asyncio.Event()
         self._warmups: list[Hook] = []
         self._shutdown_hooks: list[Hook] = []
 
@@ -110,6 +112,7 @@ async def _run(
     # Drain: load balancers see NOT_SERVING first, then new calls are refused
     # while in-flight ones get grace_seconds to finish.
     log.info("draining", extra={"drain_seconds": settings.drain_seconds, "grace_seconds": settings.grace_seconds})
+    rt.draining.set()
     await rt.health.enter_graceful_shutdown()
     if not failed:
         await asyncio.sleep(settings.drain_seconds)

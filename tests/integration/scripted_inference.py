@@ -1,9 +1,20 @@
-"""An inference replica that replays a script instead of running a model: for edge and router error tests."""
+"""An inference replica that replays a script instead of running a model: a test double for the real router.
+
+Prompts: "down" refuses at once (UNAVAILABLE), "fail" fails after two tokens; anything else streams
+SCRIPTED_TOKENS tokens (default 2: "Hello there"), SCRIPTED_TOKEN_SECONDS apart, the first being the
+replica's SCRIPTED_NAME so tests see where a request landed. SCRIPTED_BROKEN=1 makes every Generate
+fail before its first token while the load stream stays up (an engine that died inside a live server).
+Events go to SCRIPTED_EVENTS as lines "start|done|abort <request_id>". WatchLoad reports the open calls
+against SCRIPTED_CAPACITY slots.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,23 +28,60 @@ SERVICE = ipb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
 class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
-    """Streams two tokens, then fails if the prompt says 'fail'; refuses outright for 'down'."""
+    def __init__(self, draining: asyncio.Event) -> None:
+        self.name = os.environ.get("SCRIPTED_NAME", "Hello")
+        self.tokens = int(os.environ.get("SCRIPTED_TOKENS", "2"))
+        self.token_seconds = float(os.environ.get("SCRIPTED_TOKEN_SECONDS", "0.05"))
+        self.capacity = int(os.environ.get("SCRIPTED_CAPACITY", "8"))
+        self.broken = os.environ.get("SCRIPTED_BROKEN") == "1"
+        self.events = Path(os.environ["SCRIPTED_EVENTS"]) if os.environ.get("SCRIPTED_EVENTS") else None
+        self.running = 0
+        self.draining = draining
+
+    def _event(self, kind: str, request_id: str) -> None:
+        if self.events is not None:
+            with self.events.open("a") as out:
+                out.write(f"{kind} {request_id}\n")
 
     async def Generate(self, request: ipb.GenerateRequest, context: Any) -> AsyncIterator[ipb.GenerateResponse]:
-        prompt = request.input.conversation.turns[-1].content
-        if prompt == "down":
+        turns = request.input.conversation.turns
+        prompt = turns[-1].content if turns else request.input.text
+        if prompt == "down" or self.broken:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is restarting")
-        for i, text in enumerate(["Hello", " there"], 1):
-            yield ipb.GenerateResponse(text=text, token_ids=[i], prompt_tokens=3, completion_tokens=i)
-            await asyncio.sleep(0.05)
-        if prompt == "fail":
-            await context.abort(grpc.StatusCode.INTERNAL, "engine crashed")
-        yield ipb.GenerateResponse(prompt_tokens=3, completion_tokens=2, finish_reason=ipb.FINISH_REASON_STOP)
+        texts = [self.name, *[" there"] * (self.tokens - 1)]
+        self.running += 1
+        self._event("start", request.request_id)
+        finished = False
+        try:
+            for i, text in enumerate(texts, 1):
+                yield ipb.GenerateResponse(text=text, token_ids=[i], prompt_tokens=3, completion_tokens=i)
+                await asyncio.sleep(self.token_seconds)
+            if prompt == "fail":
+                await context.abort(grpc.StatusCode.INTERNAL, "engine crashed")
+            finished = True
+            yield ipb.GenerateResponse(
+                prompt_tokens=3, completion_tokens=len(texts), finish_reason=ipb.FINISH_REASON_STOP
+            )
+        finally:
+            self.running -= 1
+            self._event("done" if finished else "abort", request.request_id)
+
+    async def WatchLoad(self, request: ipb.WatchLoadRequest, context: Any) -> AsyncIterator[ipb.WatchLoadResponse]:
+        while not self.draining.is_set():
+            load = ipb.GetLoadResponse(
+                running=min(self.running, self.capacity),
+                waiting=max(0, self.running - self.capacity),
+                in_flight=self.running,
+                max_num_seqs=self.capacity,
+            )
+            yield ipb.WatchLoadResponse(load=load)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.draining.wait(), (request.interval_ms or 250) / 1000)
 
 
 def main() -> None:
     async def setup(rt: Runtime) -> None:
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(ScriptedInference(), rt.server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(ScriptedInference(rt.draining), rt.server)
 
     serve("scripted-inference", ServiceSettings(), [SERVICE], setup)
 

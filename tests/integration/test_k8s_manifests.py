@@ -14,6 +14,7 @@ import yaml
 
 from deploy.k8s.render import OVERLAYS, render
 from services.inference.metrics import METRICS, QUEUE_DEPTH
+from services.router.admission import QUEUE_DEPTH as ROUTER_QUEUE_DEPTH
 
 ROOT = Path(__file__).resolve().parents[2]
 Doc = dict[str, Any]
@@ -137,17 +138,21 @@ def test_every_referenced_configmap_and_secret_exists(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_inference_hpa_scales_on_a_metric_the_inference_service_exports(overlay: str) -> None:
+def test_the_inference_hpa_scales_on_queue_metrics_the_router_and_the_engines_export(overlay: str) -> None:
     hpa = named(overlay, "HorizontalPodAutoscaler", "inference")
-    [metric] = hpa["spec"]["metrics"]
-    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == QUEUE_DEPTH
+    router_queue, engine_queue = hpa["spec"]["metrics"]
+    assert engine_queue["type"] == "Pods" and engine_queue["pods"]["metric"]["name"] == QUEUE_DEPTH
     assert QUEUE_DEPTH in METRICS
+    assert router_queue["type"] == "External"
+    assert router_queue["external"]["metric"]["name"] == ROUTER_QUEUE_DEPTH._name
+    assert set(router_queue["external"]["metric"]["selector"]["matchLabels"]) == set(ROUTER_QUEUE_DEPTH._labelnames)
     behavior = hpa["spec"]["behavior"]
     assert behavior["scaleUp"]["stabilizationWindowSeconds"] < behavior["scaleDown"]["stabilizationWindowSeconds"]
     rules = yaml.safe_load(
         named(overlay, "ConfigMap", _generated(overlay, "prometheus-adapter-rules"))["data"]["config.yaml"]
     )
     assert any(QUEUE_DEPTH in r["seriesQuery"] for r in rules["rules"])
+    assert any(ROUTER_QUEUE_DEPTH._name in r["seriesQuery"] for r in rules["externalRules"])
     for name in ("router", "auth", "ratelimit", "edge"):
         [m] = named(overlay, "HorizontalPodAutoscaler", name)["spec"]["metrics"]
         assert m["resource"]["name"] == "cpu"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import random
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
 import pytest
 
 from meshserve.inference.v1 import inference_pb2 as ipb
 from meshserve.llm.v1 import llm_pb2
-from services.router.caller import Caller
+from services.router.balancer import Balancer, LoadReport, ReplicaState, Strategy
+from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.completions import Completions
 from services.runtime.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
@@ -19,8 +22,10 @@ ANY = Caller(tenant="t", key_id="key_1", allowed_models=None)
 class FakeReplica:
     """Replays scripted steps, then optionally fails."""
 
-    def __init__(self, steps: list[ipb.GenerateResponse], fail_after: Exception | None = None) -> None:
-        self.address = "fake:1"
+    def __init__(
+        self, steps: list[ipb.GenerateResponse], fail_after: Exception | None = None, address: str = "fake:1"
+    ) -> None:
+        self.address = address
         self.steps = steps
         self.fail_after = fail_after
         self.requests: list[ipb.GenerateRequest] = []
@@ -67,9 +72,26 @@ class FakeBudget:
         self.settled.append((request_id, prompt_tokens, completion_tokens, outcome))
 
 
-def completions(replica: FakeReplica, budget: FakeBudget | None = None) -> Completions:
-    catalogue = Catalogue([ModelEntry("m", (Version("v1", 1.0, ("fake:1",)),), 1700000000, "meshserve")])
-    return Completions(lambda: catalogue, lambda address: replica, clock=lambda: 1700000123.0, budget=budget)
+class FakeDirectory:
+    """Replicas by address, each reporting an idle engine."""
+
+    def __init__(self, *replicas: FakeReplica) -> None:
+        self.replicas = {r.address: r for r in replicas}
+        self.state = {r.address: ReplicaState(r.address) for r in replicas}
+        for state in self.state.values():
+            state.reported(LoadReport(capacity=4))
+
+    def states(self, targets: Sequence[str]) -> list[ReplicaState]:
+        return [self.state[t] for t in targets if t in self.state]
+
+    def replica(self, address: str) -> FakeReplica:
+        return self.replicas[address]
+
+
+def completions(*replicas: FakeReplica, budget: FakeBudget | None = None, **kw: Any) -> Completions:
+    addresses = tuple(r.address for r in replicas)
+    catalogue = Catalogue([ModelEntry("m", (Version("v1", 1.0, addresses),), 1700000000, "meshserve")])
+    return Completions(lambda: catalogue, FakeDirectory(*replicas), clock=lambda: 1700000123.0, budget=budget, **kw)
 
 
 def chat(**kw: object) -> llm_pb2.ChatCompletionParams:
@@ -172,11 +194,11 @@ def test_models_come_from_the_catalogue() -> None:
 
 async def test_a_budget_reserves_before_generating_and_settles_what_was_produced() -> None:
     budget = FakeBudget()
-    reply = await completions(FakeReplica(steps("a", "b", "c")), budget).chat(chat(max_tokens=8), ANY)
+    reply = await completions(FakeReplica(steps("a", "b", "c")), budget=budget).chat(chat(max_tokens=8), ANY)
     assert budget.reserved == [(reply.id, 4, 8)]
     assert budget.settled == [(reply.id, 4, 3, "completed")]
     # Without max_tokens the reservation is the rest of the context (100 - 4 prompt tokens).
-    await completions(FakeReplica(steps("a")), budget).chat(chat(), ANY)
+    await completions(FakeReplica(steps("a")), budget=budget).chat(chat(), ANY)
     assert budget.reserved[-1][1:] == (4, 96)
 
 
@@ -184,21 +206,21 @@ async def test_a_refused_reservation_never_reaches_the_engine() -> None:
     replica = FakeReplica(steps("a"))
     budget = FakeBudget(refuse=ResourceExhausted("token limit reached", retry_after_seconds=3))
     with pytest.raises(ResourceExhausted):
-        await completions(replica, budget).chat(chat(), ANY)
+        await completions(replica, budget=budget).chat(chat(), ANY)
     with pytest.raises(ResourceExhausted):
-        await anext(completions(replica, budget).chat_stream(chat(), ANY))
+        await anext(completions(replica, budget=budget).chat_stream(chat(), ANY))
     assert replica.requests == [] and budget.settled == []
 
 
 async def test_a_stream_closed_early_settles_as_cancelled_and_a_failure_as_failed() -> None:
     budget = FakeBudget()
-    stream = completions(FakeReplica(steps("a", "b", "c", "d")), budget).chat_stream(chat(), ANY)
+    stream = completions(FakeReplica(steps("a", "b", "c", "d")), budget=budget).chat_stream(chat(), ANY)
     await anext(stream)
     await anext(stream)
     await stream.aclose()  # type: ignore[attr-defined]
     assert [s[2:] for s in budget.settled] == [(2, "cancelled")]
     failing = FakeReplica(steps("a", "b", finish=ipb.FINISH_REASON_UNSPECIFIED), fail_after=Unavailable("gone"))
-    chunks = [c async for c in completions(failing, budget).chat_stream(chat(), ANY)]
+    chunks = [c async for c in completions(failing, budget=budget).chat_stream(chat(), ANY)]
     assert chunks[-1].error.message == "gone"
     assert [s[2:] for s in budget.settled[1:]] == [(2, "failed")]
 
@@ -206,5 +228,64 @@ async def test_a_stream_closed_early_settles_as_cancelled_and_a_failure_as_faile
 async def test_internal_callers_have_no_budget() -> None:
     budget = FakeBudget()
     internal = Caller(tenant="", key_id="internal", allowed_models=None)
-    await completions(FakeReplica(steps("a")), budget).chat(chat(), internal)
+    await completions(FakeReplica(steps("a")), budget=budget).chat(chat(), internal)
     assert budget.reserved == [] and budget.settled == []
+
+
+async def test_a_replica_that_fails_before_the_first_token_is_ejected_and_another_serves() -> None:
+    dead = FakeReplica([], fail_after=Unavailable("connection refused"), address="dead:1")
+    alive = FakeReplica(steps("ok"), address="alive:1")
+    service = completions(dead, alive, balancer=Balancer(Strategy.ROUND_ROBIN))
+    for _ in range(3):
+        reply = await service.chat(chat(), ANY)
+        assert reply.choices[0].message.content == "ok"
+    # Ejected after its first failure: tried once, never again during the ejection.
+    assert len(dead.requests) == 1 and len(alive.requests) == 3
+
+
+async def test_when_every_replica_fails_before_the_first_token_the_client_gets_unavailable() -> None:
+    a = FakeReplica([], fail_after=Unavailable("a down"), address="a:1")
+    b = FakeReplica([], fail_after=Unavailable("b down"), address="b:1")
+    service = completions(a, b)
+    with pytest.raises(Unavailable, match=r"2 failed, the last with: [ab] down"):
+        await service.chat(chat(), ANY)
+    # Both ejected: refused at once, with a retry delay, without calling either.
+    with pytest.raises(Unavailable, match="no replica of m version v1 is in rotation") as later:
+        await service.chat(chat(), ANY)
+    assert later.value.retry_after_seconds
+    assert len(a.requests) == len(b.requests) == 1
+
+
+def two_versions(stable: FakeReplica, canary: FakeReplica, **kw: Any) -> Completions:
+    catalogue = Catalogue(
+        [
+            ModelEntry(
+                "m",
+                (Version("stable", 90, (stable.address,)), Version("canary", 10, (canary.address,))),
+                1700000000,
+                "meshserve",
+            )
+        ]
+    )
+    return Completions(lambda: catalogue, FakeDirectory(stable, canary), rng=random.Random(7), **kw)
+
+
+async def test_a_90_10_canary_gets_about_10_percent_of_1000_requests_and_pinning_overrides_it() -> None:
+    stable, canary = FakeReplica(steps("s"), address="stable:1"), FakeReplica(steps("c"), address="canary:1")
+    service = two_versions(stable, canary)
+    for _ in range(1000):
+        await service.chat(chat(), ANY)
+    assert 70 <= len(canary.requests) <= 130, len(canary.requests)
+    assert len(stable.requests) + len(canary.requests) == 1000
+    pinned = await service.chat(chat(), ANY, RouteHints(version="canary"))
+    assert pinned.choices[0].message.content == "c"
+    with pytest.raises(NotFound, match="no version 'v9'; its versions: stable, canary"):
+        await service.chat(chat(), ANY, RouteHints(version="v9"))
+
+
+async def test_a_session_stays_on_one_replica() -> None:
+    a, b, c = (FakeReplica(steps("x"), address=f"{n}:1") for n in "abc")
+    service = completions(a, b, c)
+    for _ in range(9):
+        await service.chat(chat(), ANY, RouteHints(session="conversation-42"))
+    assert sorted(len(r.requests) for r in (a, b, c)) == [0, 0, 9]

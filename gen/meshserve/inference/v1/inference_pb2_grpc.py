@@ -50,6 +50,11 @@ class InferenceServiceStub:
                 request_serializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
                 _registered_method=True)
+        self.WatchLoad = channel.unary_stream(
+                '/meshserve.inference.v1.InferenceService/WatchLoad',
+                request_serializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.WatchLoadRequest.SerializeToString,
+                response_deserializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.WatchLoadResponse.FromString,
+                _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/meshserve.inference.v1.InferenceService/GetModel',
                 request_serializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
@@ -84,6 +89,16 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLoad(self, request, context):
+        """WatchLoad streams the replica's load: one message at once, then one per
+        interval for as long as the call stays open. Routers keep one open per
+        replica and route by it; a replica whose stream breaks is out of rotation
+        until a new stream opens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModel(self, request, context):
         """GetModel describes the model this replica serves.
         """
@@ -108,6 +123,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.GetLoadRequest.FromString,
                     response_serializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.GetLoadResponse.SerializeToString,
+            ),
+            'WatchLoad': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLoad,
+                    request_deserializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.WatchLoadRequest.FromString,
+                    response_serializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.WatchLoadResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
@@ -197,6 +217,33 @@ class InferenceService:
             '/meshserve.inference.v1.InferenceService/GetLoad',
             meshserve_dot_inference_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
             meshserve_dot_inference_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshserve.inference.v1.InferenceService/WatchLoad',
+            meshserve_dot_inference_dot_v1_dot_inference__pb2.WatchLoadRequest.SerializeToString,
+            meshserve_dot_inference_dot_v1_dot_inference__pb2.WatchLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

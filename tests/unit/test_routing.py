@@ -1,0 +1,188 @@
+"""Replica choice, ejection and backpressure, without gRPC: least load, bounded affinity, queues."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from services.router.admission import Admission
+from services.router.balancer import Balancer, LoadReport, ReplicaState, Strategy
+from services.runtime.errors import ResourceExhausted, Unavailable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def replicas(*busy: int, capacity: int = 8, clock: Clock | None = None) -> list[ReplicaState]:
+    out = []
+    for i, running in enumerate(busy):
+        state = ReplicaState(f"10.0.0.{i + 1}:50051", clock=clock or Clock())
+        state.reported(LoadReport(running=running, capacity=capacity))
+        out.append(state)
+    return out
+
+
+def test_least_load_picks_the_idlest_and_equal_replicas_take_turns() -> None:
+    balancer = Balancer(Strategy.LEAST_LOAD)
+    busy, idle = replicas(5, 1)
+    assert balancer.choose([busy, idle]) is idle
+    a, b = replicas(0, 0)
+    assert Counter(balancer.choose([a, b]).address for _ in range(10)) == {a.address: 5, b.address: 5}  # type: ignore[union-attr]
+
+
+def test_load_is_relative_to_capacity_and_counts_this_routers_own_calls() -> None:
+    balancer = Balancer(Strategy.LEAST_LOAD)
+    big, small = replicas(4, 2)
+    big.report = LoadReport(running=4, capacity=64)
+    small.report = LoadReport(running=2, capacity=4)
+    assert balancer.choose([big, small]) is big
+    fresh, stale = replicas(0, 0)
+    stale.in_flight = 3  # sent since its last report
+    assert balancer.choose([fresh, stale]) is fresh
+
+
+def test_a_shared_prefix_stays_on_one_replica_until_the_load_bound_then_spills_to_one_other() -> None:
+    balancer = Balancer(Strategy.AFFINITY, load_bound=1.25)
+    fleet = replicas(0, 0, 0)
+    first = balancer.choose(fleet, "system prompt A")
+    assert first is not None
+    assert all(balancer.choose(fleet, "system prompt A") is first for _ in range(20))
+    # Piling the prefix's requests on: up to half its capacity on the affine replica, then they spill,
+    # always to the key's second replica first, and the load stays within the bound.
+    chosen = []
+    for _ in range(12):
+        replica = balancer.choose(fleet, "system prompt A")
+        assert replica is not None
+        replica.in_flight += 1
+        chosen.append(replica)
+    assert chosen[:4] == [first] * 4
+    second = chosen[4]
+    assert second is not first and chosen[5:8] == [second] * 3
+    assert max(r.in_flight for r in fleet) <= 5
+
+
+def test_different_prefixes_spread_over_the_replicas() -> None:
+    balancer = Balancer(Strategy.AFFINITY)
+    fleet = replicas(0, 0, 0)
+    homes = {balancer.choose(fleet, f"prefix {i}").address for i in range(30)}  # type: ignore[union-attr]
+    assert len(homes) == 3
+
+
+def test_round_robin_ignores_affinity_and_load() -> None:
+    balancer = Balancer(Strategy.ROUND_ROBIN)
+    fleet = replicas(9, 0)
+    picks = [balancer.choose(fleet, "same prefix").address for _ in range(4)]  # type: ignore[union-attr]
+    assert picks.count(fleet[0].address) == 2
+
+
+def test_an_ejected_replica_is_skipped_then_probed_back_with_a_growing_backoff() -> None:
+    clock = Clock()
+    balancer = Balancer(Strategy.LEAST_LOAD)
+    bad, good = replicas(0, 5, clock=clock)
+    bad.eject(1.0, 30.0)
+    assert balancer.choose([bad, good]) is good
+    clock.now += 1.0
+    assert balancer.choose([bad, good]) is bad  # the probe
+    bad.eject(1.0, 30.0)
+    clock.now += 1.0
+    assert not bad.available  # second ejection in a row: 2 s
+    clock.now += 1.0
+    assert bad.available
+    bad.succeeded()
+    bad.eject(1.0, 30.0)
+    clock.now += 1.0
+    assert bad.available  # a success reset the backoff
+
+
+def test_no_replica_in_rotation_is_none() -> None:
+    silent = ReplicaState("10.0.0.9:50051")
+    assert Balancer().choose([silent]) is None
+    (one,) = replicas(0)
+    assert Balancer().choose([one], exclude={one.address}) is None
+
+
+async def test_admission_runs_up_to_capacity_queues_then_refuses_fast_with_a_retry_delay() -> None:
+    admission = Admission(queue_size=2, queue_timeout_seconds=5)
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def request(i: int) -> None:
+        async with admission.slot(("m", "v1"), lambda: 2):
+            started.append(i)
+            await release.wait()
+
+    running = [asyncio.create_task(request(i)) for i in range(4)]
+    await asyncio.sleep(0.01)
+    assert started == [0, 1] and admission.depth(("m", "v1")) == 2
+    with pytest.raises(ResourceExhausted) as refused:
+        await request(4)
+    assert refused.value.retry_after_seconds is not None and refused.value.retry_after_seconds >= 1
+    release.set()
+    await asyncio.gather(*running)
+    assert sorted(started) == [0, 1, 2, 3] and admission.depth(("m", "v1")) == 0
+
+
+async def test_a_queued_request_times_out_as_resource_exhausted() -> None:
+    admission = Admission(queue_size=4, queue_timeout_seconds=0.05)
+    async with admission.slot(("m", "v1"), lambda: 1):
+        with pytest.raises(ResourceExhausted, match="stayed at capacity"):
+            async with admission.slot(("m", "v1"), lambda: 1):
+                pass
+
+
+async def test_no_capacity_at_all_is_unavailable_at_once() -> None:
+    with pytest.raises(Unavailable) as refused:
+        async with Admission(4, 5).slot(("m", "v1"), lambda: 0):
+            pass
+    assert refused.value.retry_after_seconds
+
+
+async def test_a_queued_client_that_leaves_hands_its_turn_on() -> None:
+    admission = Admission(queue_size=4, queue_timeout_seconds=5)
+    entered: list[str] = []
+    hold = asyncio.Event()
+
+    async def request(name: str) -> None:
+        async with admission.slot(("m", "v1"), lambda: 1):
+            entered.append(name)
+            await hold.wait()
+
+    first = asyncio.create_task(request("first"))
+    await asyncio.sleep(0)
+    leaver = asyncio.create_task(request("leaver"))
+    stayer = asyncio.create_task(request("stayer"))
+    await asyncio.sleep(0.01)
+    leaver.cancel()
+    hold.set()
+    await asyncio.gather(first, stayer)
+    assert entered == ["first", "stayer"]
+
+
+async def test_capacity_that_grows_lets_queued_requests_in() -> None:
+    admission = Admission(queue_size=4, queue_timeout_seconds=5)
+    capacity = 1
+    hold = asyncio.Event()
+    entered = 0
+
+    async def request() -> None:
+        nonlocal entered
+        async with admission.slot(("m", "v1"), lambda: capacity):
+            entered += 1
+            await hold.wait()
+
+    tasks = [asyncio.create_task(request()) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert entered == 1
+    capacity = 3
+    admission.wake(("m", "v1"), lambda: capacity)
+    await asyncio.sleep(0.01)
+    assert entered == 3
+    hold.set()
+    await asyncio.gather(*tasks)
