@@ -7,7 +7,7 @@ keeps to one replica, whose prefix cache then holds it; with round robin every r
 prefix and evicts them from each other. The phases use different prompt texts, so neither starts with the
 other's cache. Reports TTFT p50/p99 per phase, their ratios, and the replicas' prefix-cache hit rates.
 
-    .venv/bin/python -m bench.affinity [--prefixes 40] [--requests 160]
+    .venv/bin/python -m bench.affinity [--prefixes 75] [--requests 375]
 """
 
 from __future__ import annotations
@@ -97,9 +97,9 @@ def workload(seed: int, prefixes: int, words: int, requests: int) -> list[tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prefixes", type=int, default=40, help="distinct system prompts per phase")
+    parser.add_argument("--prefixes", type=int, default=75, help="distinct system prompts per phase")
     parser.add_argument("--words", type=int, default=900, help="words per system prompt (about 1.3 tokens each)")
-    parser.add_argument("--requests", type=int, default=160, help="requests per phase")
+    parser.add_argument("--requests", type=int, default=375, help="requests per phase")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="each replica's CPU KV cache")
     parser.add_argument("--report", type=Path, default=ROOT / "bench" / "reports" / "affinity.md")

@@ -77,6 +77,7 @@ def gen() -> None:
 def _examples(url: str, model: str, key: str, admin_file: Path, key_file: Path, rules: Path) -> str:
     return f"""[bold]Edge[/]: {url}  (REST + SSE, OpenAI-compatible; native gRPC on the same port)
 [bold]Rate limits[/]: {rules} (plans per tenant; reloads when edited)
+[bold]Usage[/]: `meshserve usage` (tokens and cost per tenant, key and model, from the billing ledger)
 
 [bold]API key[/] (tenant "default", all models; also in {key_file}):
   export MESHSERVE_API_KEY={key}
@@ -108,7 +109,7 @@ def up(
     rules: Path | None = typer.Option(None, help="Rate-limit rules YAML (default: deploy/local/ratelimits.yaml)."),
     replicas: int = typer.Option(1, min=1, max=8, help="Inference replicas; each is a vLLM engine (about 1.5 GiB)."),
 ) -> None:
-    """Starts the local mesh (Redis, auth, rate limits, inference on vLLM, router, Envoy edge) until Ctrl-C."""
+    """Starts the local mesh (Redis, auth, rate limits, billing, inference on vLLM, router, Envoy edge) until Ctrl-C."""
     from services.inference import model_store
 
     with console.status(f"model store: {model}"):
@@ -156,6 +157,53 @@ def up(
     finally:
         mesh.stop()
         console.print("stopped")
+
+
+@app.command()
+def usage(
+    hours: float = typer.Option(24, help="How far back, in hours."),
+    tenant: str = typer.Option("", help="Only this tenant."),
+    key: str = typer.Option("", help="Only this key id."),
+    model: str = typer.Option("", help="Only this model."),
+    state: Path = typer.Option(Path("var/run"), help="The running mesh's state folder."),
+) -> None:
+    """Token usage and cost per tenant, key and model, from the billing ledger of the running mesh."""
+    import json
+
+    import grpc
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from rich.table import Table
+
+    from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
+
+    ready = state / "billing.ready.json"
+    if not ready.exists():
+        console.print(f"[red]no running billing service[/] (no {ready}); start the mesh with `make up`")
+        raise typer.Exit(1)
+    port = json.loads(ready.read_text())["grpc_port"]
+    start = Timestamp()
+    start.FromSeconds(int(time.time() - hours * 3600))
+    request = billing_pb2.GetUsageRequest(start=start, tenant=tenant, key_id=key, model=model)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = billing_pb2_grpc.BillingServiceStub(channel).GetUsage(request, timeout=10)
+        except grpc.RpcError as exc:
+            console.print(f"[red]billing: {exc.code().name}[/]: {exc.details()}")
+            raise typer.Exit(1) from exc
+    table = Table(title=f"usage over the last {hours:g} h ({reply.currency})")
+    for column in ("tenant", "key", "model", "requests", "prompt tokens", "completion tokens", "cost"):
+        table.add_column(column, justify="right" if column not in ("tenant", "key", "model") else "left")
+    for line in reply.lines:
+        table.add_row(
+            line.tenant,
+            line.key_id,
+            line.model,
+            f"{line.requests:,}",
+            f"{line.prompt_tokens:,}",
+            f"{line.completion_tokens:,}",
+            line.cost,
+        )
+    out.print(table)
 
 
 def _last_engine_line(log: Path) -> str:

@@ -68,6 +68,7 @@ class Load:
     max_num_seqs: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    generation_tokens: int = 0
 
 
 Turn = tuple[str, str]

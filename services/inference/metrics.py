@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.inference.engine import Load
@@ -17,6 +17,8 @@ METRICS = {
     "meshserve_inference_kv_cache_usage_ratio": "Fraction of the KV cache in use.",
     "meshserve_inference_in_flight_requests": "Generate calls this replica has open.",
 }
+# The engine's own count of generated tokens, warm-up included: billing's totals are checked against it.
+GENERATED = "meshserve_inference_generation_tokens"
 
 
 class LoadCollector(Collector):
@@ -26,7 +28,7 @@ class LoadCollector(Collector):
         self._model = model
         self._load = load
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         load = self._load()
         if load is None:  # still loading: no numbers rather than zeros that look like an idle replica
             return
@@ -40,3 +42,6 @@ class LoadCollector(Collector):
             family = GaugeMetricFamily(name, METRICS[name], labels=["model"])
             family.add_metric([self._model], float(value))
             yield family
+        generated = CounterMetricFamily(GENERATED, "Tokens the engine generated.", labels=["model"])
+        generated.add_metric([self._model], float(load.generation_tokens))
+        yield generated

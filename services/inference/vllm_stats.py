@@ -25,6 +25,8 @@ def stat_logger_factory(sink: _StatsSink) -> Callable[[Any, int], StatLoggerBase
             mm_cache_stats: Any = None,
             engine_idx: int = 0,
         ) -> None:
+            if iteration_stats is not None:
+                self._sink.load.generation_tokens += iteration_stats.num_generation_tokens
             if scheduler_stats is not None:
                 load = self._sink.load
                 load.running = scheduler_stats.num_running_reqs

@@ -98,6 +98,8 @@ class MeshOptions:
     replicas: int = 1
     # Rate-limit rules (plans, tenants, failure modes).
     ratelimit_rules: Path = Path(__file__).resolve().parents[2] / "deploy" / "local" / "ratelimits.yaml"
+    # Price table of the billing service.
+    prices: Path = Path(__file__).resolve().parents[2] / "deploy" / "local" / "prices.yaml"
     # Extra environment for every child (e.g. drain settings in tests).
     env: dict[str, str] = field(default_factory=dict)
     # CPU priority offset (nice) of the edge and router, which relay every token. On a machine they
@@ -229,6 +231,15 @@ class LocalMesh:
         }
         return self.start_service(name, "services.ratelimit", "MESHSERVE_RATELIMIT_", env)
 
+    def start_billing(self, name: str = "billing") -> Proc:
+        """Starts a billing replica on the mesh's Redis, with its SQLite ledger in the state folder."""
+        env = {
+            "MESHSERVE_BILLING_REDIS_URL": self.redis_url,
+            "MESHSERVE_BILLING_LEDGER": str((self.options.state_dir / "billing" / "ledger.sqlite").resolve()),
+            "MESHSERVE_BILLING_PRICES": str(self.options.prices.resolve()),
+        }
+        return self.start_service(name, "services.billing", "MESHSERVE_BILLING_", env)
+
     def _fail_open(self, kind: Kind) -> bool:
         return Rules.from_yaml(self.options.ratelimit_rules).failure_mode(kind) is FailureMode.OPEN
 
@@ -293,6 +304,10 @@ class LocalMesh:
             "MESHSERVE_ROUTER_CATALOGUE": str(catalogue),
             "MESHSERVE_ROUTER_REQUIRE_CALLER": str(require_caller),
         }
+        billing = self.procs.get("billing")
+        if billing is not None:
+            settings["MESHSERVE_ROUTER_BILLING"] = f"{self.options.host}:{billing.grpc_port}"
+            settings["MESHSERVE_ROUTER_USAGE_SPOOL"] = str((self.options.state_dir / "spool" / name).resolve())
         ratelimit = self.procs.get("ratelimit")
         if ratelimit is not None:
             settings["MESHSERVE_ROUTER_RATELIMIT"] = f"{self.options.host}:{ratelimit.grpc_port}"
@@ -373,15 +388,18 @@ class LocalMesh:
         self.start_redis()
         auth = self.start_auth()
         ratelimit = self.start_ratelimit()
+        billing = self.start_billing()
         replicas = [
             self.start_inference("inference" if i == 0 else f"inference-{i + 1}") for i in range(self.options.replicas)
         ]
         for inference in replicas:
             self.wait_bound(inference, 120)
         self.wait_bound(ratelimit, 60)
+        self.wait_bound(billing, 60)
         router = self.start_router()
         self.wait_serving(auth, 60)
         self.wait_serving(ratelimit, 60)
+        self.wait_serving(billing, 60)
         self.wait_serving(router, 60)
         self.start_envoy()
         self.wait_edge(30)

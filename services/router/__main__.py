@@ -15,6 +15,7 @@ from services.router.completions import Completions, RoutingPolicy
 from services.router.config import RouterSettings
 from services.router.fleet import Fleet
 from services.router.servicer import LlmServicer
+from services.router.usage import GrpcUsageSink
 from services.runtime.server import Runtime, serve
 from services.runtime.watched import WatchedFile
 
@@ -31,6 +32,13 @@ def main() -> None:
         budget = GrpcTokenBudget(settings.ratelimit, settings.ratelimit_fail_open) if settings.ratelimit else None
         if budget is None:
             log.warning("no rate-limit service configured (MESHSERVE_ROUTER_RATELIMIT): token limits are off")
+        usage = (
+            GrpcUsageSink(settings.billing, Path(settings.usage_spool), replay_seconds=settings.usage_replay_seconds)
+            if settings.billing
+            else None
+        )
+        if usage is None:
+            log.warning("no billing service configured (MESHSERVE_ROUTER_BILLING): usage is not recorded")
         fleet = Fleet(
             lambda: {t for e in catalogue.current.entries() for t in e.targets()},
             on_change=lambda: completions.replicas_changed(),
@@ -44,6 +52,7 @@ def main() -> None:
             balancer=Balancer(settings.balance, settings.load_bound),
             admission=Admission(settings.queue_size, settings.queue_timeout_seconds),
             policy=RoutingPolicy(prefix_chars=settings.prefix_chars, failover_attempts=settings.failover_attempts),
+            usage=usage,
         )
         llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(completions, settings.require_caller), rt.server)
 
@@ -54,7 +63,11 @@ def main() -> None:
             if budget is not None:
                 await budget.close()
             await fleet.close()
+            if usage is not None:
+                await usage.close()
 
+        if usage is not None:
+            usage.start()
         rt.warm_up_with(fleet.start)
         rt.on_shutdown(close)
 

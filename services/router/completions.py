@@ -14,6 +14,7 @@ from typing import Protocol, TypeVar
 
 from prometheus_client import Counter
 
+from meshserve.billing.v1 import billing_pb2
 from meshserve.inference.v1 import inference_pb2
 from meshserve.llm.v1 import llm_pb2
 from services.router import validation
@@ -90,6 +91,21 @@ def _error_detail(exc: BaseException) -> llm_pb2.ErrorDetail:
     return llm_pb2.ErrorDetail(message="internal error while generating", type="server_error", code="internal_error")
 
 
+class UsageSink(Protocol):
+    """Where usage records go (billing), off the request's path."""
+
+    def record(self, record: billing_pb2.UsageRecord) -> None:
+        """Queues one record; never blocks and never raises."""
+        ...
+
+
+USAGE_OUTCOMES = {
+    "completed": billing_pb2.OUTCOME_COMPLETED,
+    "cancelled": billing_pb2.OUTCOME_CANCELLED,
+    "failed": billing_pb2.OUTCOME_FAILED,
+}
+
+
 class ReplicaDirectory(Protocol):
     """The replicas the catalogue names, as states to balance over and clients to call."""
 
@@ -125,12 +141,17 @@ def affinity_key(spec: GenerationSpec, hints: RouteHints, prefix_chars: int) -> 
 
 @dataclass
 class _Metered:
-    """What one generation used, for settling its token reservation."""
+    """What one generation used: for settling its token reservation and for its usage record."""
 
+    started: float
+    # Whether the caller has a token budget to reserve from (internal callers have none).
+    budgeted: bool
     prompt_tokens: int = 0
     reserved: bool = False
     last: inference_pb2.GenerateResponse | None = None
     outcome: str = "cancelled"
+    admitted: float = 0.0
+    first_token: float = 0.0
 
 
 def _engine_request(request_id: str, spec: GenerationSpec) -> inference_pb2.GenerateRequest:
@@ -164,7 +185,9 @@ class Completions:
         balancer: Balancer | None = None,
         admission: Admission | None = None,
         policy: RoutingPolicy = RoutingPolicy(),
+        usage: UsageSink | None = None,
     ) -> None:
+        self._usage = usage
         self._catalogue = catalogue
         self._replicas = replicas
         self._budget = budget
@@ -205,33 +228,53 @@ class Completions:
         request = _engine_request(request_id, spec)
         key = affinity_key(spec, hints, self._policy.prefix_chars)
         # Internal callers (no tenant) have no token budget.
-        metered = _Metered(reserved=False) if self._budget is not None and caller.tenant else None
+        metered = _Metered(started=time.monotonic(), budgeted=self._budget is not None and bool(caller.tenant))
         async with self._admission.slot((spec.model, version.name), lambda: self.capacity(version)):
+            metered.admitted = time.monotonic()
             try:
                 # aclosing: a consumer that stops early must close the replica's stream (abort on the engine) now.
                 async with aclosing(self._failover(request, spec, caller, version, key, metered)) as steps:
                     async for step in steps:
-                        if metered is not None:
-                            metered.last = step
-                            if step.finish_reason in FINISH_REASONS:
-                                metered.outcome = "completed"
+                        if metered.last is None:
+                            metered.first_token = time.monotonic()
+                        metered.last = step
+                        if step.finish_reason in FINISH_REASONS:
+                            metered.outcome = "completed"
                         yield step
             except Exception:
-                if metered is not None:
-                    metered.outcome = "failed"
+                metered.outcome = "failed"
                 raise
             finally:
                 # Runs however the stream ends: finished, failed, or closed early by a client that went away.
-                if metered is not None and metered.reserved and self._budget is not None:
-                    last = metered.last
-                    self._budget.settle(
-                        request_id,
-                        caller,
-                        spec.model,
-                        last.prompt_tokens if last is not None else metered.prompt_tokens,
-                        last.completion_tokens if last is not None else 0,
-                        metered.outcome,
-                    )
+                self._account(request_id, spec, caller, version, metered)
+
+    def _account(
+        self, request_id: str, spec: GenerationSpec, caller: Caller, version: Version, metered: _Metered
+    ) -> None:
+        """Settles the reservation and records the usage of a generation, in the background."""
+        last = metered.last
+        prompt_tokens = last.prompt_tokens if last is not None else metered.prompt_tokens
+        completion_tokens = last.completion_tokens if last is not None else 0
+        if metered.reserved and self._budget is not None:
+            self._budget.settle(request_id, caller, spec.model, prompt_tokens, completion_tokens, metered.outcome)
+        # A request the engine reported on was generated for, and is billed whatever its outcome.
+        if last is not None and self._usage is not None:
+            ended = time.monotonic()
+            record = billing_pb2.UsageRecord(
+                request_id=request_id,
+                tenant=caller.tenant or "internal",
+                key_id=caller.key_id,
+                model=spec.model,
+                version=version.name,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                outcome=USAGE_OUTCOMES[metered.outcome],
+                queue_seconds=metered.admitted - metered.started,
+                ttft_seconds=metered.first_token - metered.started,
+                total_seconds=ended - metered.started,
+            )
+            record.finished_at.FromNanoseconds(int(self._clock() * 1e9))
+            self._usage.record(record)
 
     async def _failover(
         self,
@@ -240,7 +283,7 @@ class Completions:
         caller: Caller,
         version: Version,
         key: str | None,
-        metered: _Metered | None,
+        metered: _Metered,
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """The steps of one replica; a replica that fails before its first step is ejected and another tried."""
         tried: list[str] = []
@@ -257,7 +300,7 @@ class Completions:
             state.in_flight += 1
             started = False
             try:
-                if metered is not None and not metered.reserved and self._budget is not None:
+                if metered.budgeted and not metered.reserved and self._budget is not None:
                     prompt_tokens, context = await replica.count_tokens(request)
                     s = spec.sampling
                     max_tokens = s.max_tokens if s.max_tokens is not None else max(0, context - prompt_tokens)

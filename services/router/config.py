@@ -25,6 +25,12 @@ class RouterSettings(ServiceSettings):
     # The rate-limit service unreachable: generate without a reservation (True) or refuse with 503 (False).
     # Match the rules' `failure_mode.tokens` (the local mesh and the Kubernetes render do).
     ratelimit_fail_open: bool = True
+    # host:port of the billing service; empty turns usage recording off for this router.
+    billing: str = ""
+    # Folder where usage batches wait while billing is unreachable; replayed when it answers again.
+    usage_spool: str = "var/spool/usage"
+    # Seconds between attempts to deliver spooled usage.
+    usage_replay_seconds: float = 2.0
     # How requests spread over a version's replicas: affinity (least load, but a shared prompt prefix or
     # session stays on one replica within the load bound), least_load, or round_robin.
     balance: Strategy = Strategy.AFFINITY

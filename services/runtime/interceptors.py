@@ -99,15 +99,17 @@ class ServiceInterceptor(aio.ServerInterceptor):
 
             return stream
 
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                awaited(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
+        def either(inner: Any) -> Any:
             # A streaming handler either yields its replies or awaits context.write() (grpc-health's Watch).
-            inner = handler.unary_stream
-            wrap = generated if inspect.isasyncgenfunction(inner) else awaited
-            return grpc.unary_stream_rpc_method_handler(
-                wrap(inner), handler.request_deserializer, handler.response_serializer
-            )
+            return generated(inner) if inspect.isasyncgenfunction(inner) else awaited(inner)
+
+        serialize = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(awaited(handler.unary_unary), *serialize)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(either(handler.unary_stream), *serialize)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(awaited(handler.stream_unary), *serialize)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(either(handler.stream_stream), *serialize)
         return handler

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from openai import OpenAI
 
+from meshserve.auth.v1 import auth_pb2
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.llm.v1 import llm_pb2_grpc
 from services.mesh.local import LocalMesh
@@ -37,3 +38,13 @@ def engine_load(mesh: LocalMesh) -> inference_pb2.GetLoadResponse:
     channel, stub = engine_stub(mesh)
     with channel:
         return stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=5)
+
+
+def create_key(mesh: LocalMesh, tenant: str, tpm: int = 0, rpm: int = 0) -> tuple[auth_pb2.Key, str]:
+    """A new key of tenant through the admin API, with its own limits if given."""
+    channel, stub, admin = mesh.admin_stub()
+    with channel:
+        limits = auth_pb2.KeyLimits(tokens_per_minute=tpm, requests_per_minute=rpm)
+        request = auth_pb2.CreateKeyRequest(tenant=tenant, limits=limits)
+        reply = stub.CreateKey(request, metadata=admin, timeout=10)
+    return reply.key, reply.secret

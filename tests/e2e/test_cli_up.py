@@ -65,7 +65,7 @@ def test_up_serves_then_ctrl_c_stops_everything(tmp_path: Path, model_dir: Path)
     )
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
     spawned = children_of(proc.pid)
-    assert len(spawned) == 6  # redis, auth, ratelimit, inference, router, envoy
+    assert len(spawned) == 7  # redis, auth, ratelimit, billing, inference, router, envoy
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0
     time.sleep(0.5)

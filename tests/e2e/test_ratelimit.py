@@ -15,18 +15,9 @@ from meshserve.inference.v1 import inference_pb2
 from meshserve.llm.v1 import llm_pb2
 from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from services.mesh.local import LocalMesh
-from tests.e2e.helpers import MODEL, QUESTION, bearer, edge_stub, engine_stub, openai_client
+from tests.e2e.helpers import MODEL, QUESTION, bearer, create_key, edge_stub, engine_stub, openai_client
 
 pytestmark = pytest.mark.mesh
-
-
-def create_key(mesh: LocalMesh, tenant: str, tpm: int = 0, rpm: int = 0) -> tuple[auth_pb2.Key, str]:
-    channel, stub, admin = mesh.admin_stub()
-    with channel:
-        limits = auth_pb2.KeyLimits(tokens_per_minute=tpm, requests_per_minute=rpm)
-        request = auth_pb2.CreateKeyRequest(tenant=tenant, limits=limits)
-        reply = stub.CreateKey(request, metadata=admin, timeout=10)
-    return reply.key, reply.secret
 
 
 def token_windows(mesh: LocalMesh, key: auth_pb2.Key) -> dict[str, int]:

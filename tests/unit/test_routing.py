@@ -9,6 +9,7 @@ import pytest
 
 from services.router.admission import Admission
 from services.router.balancer import Balancer, LoadReport, ReplicaState, Strategy
+from services.router.fleet import Fleet
 from services.runtime.errors import ResourceExhausted, Unavailable
 
 
@@ -186,3 +187,20 @@ async def test_capacity_that_grows_lets_queued_requests_in() -> None:
     assert entered == 3
     hold.set()
     await asyncio.gather(*tasks)
+
+
+async def test_a_dns_target_resolves_to_one_state_per_address_and_stays_out_of_rotation_until_it_reports() -> None:
+    targets = {"dns:///localhost:1", "127.0.0.1:2"}
+    fleet = Fleet(lambda: targets, resolve_seconds=3600)
+    await fleet.sync()
+    try:
+        addresses = {s.address for s in fleet.states(["dns:///localhost:1"])}
+        assert "127.0.0.1:1" in addresses
+        assert [s.address for s in fleet.states(["127.0.0.1:2"])] == ["127.0.0.1:2"]
+        # Nothing listens there: no load report, so nothing is in rotation.
+        assert not any(s.available for s in fleet.states(sorted(targets)))
+        targets.discard("127.0.0.1:2")
+        await fleet.sync()
+        assert fleet.states(["127.0.0.1:2"]) == []
+    finally:
+        await fleet.close()

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&meshserve/inference/v1/inference.proto\x12\x16meshserve.inference.v1\")\n\x08\x43hatTurn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"?\n\x0c\x43onversation\x12/\n\x05turns\x18\x01 \x03(\x0b\x32 .meshserve.inference.v1.ChatTurn\"]\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12<\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32$.meshserve.inference.v1.ConversationH\x00\x42\x06\n\x04kind\"\x94\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x9c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x05input\x18\x03 \x01(\x0b\x32\x1d.meshserve.inference.v1.Input\x12\x38\n\x08sampling\x18\x04 \x01(\x0b\x32&.meshserve.inference.v1.SamplingParams\"\xa2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12;\n\rfinish_reason\x18\x05 \x01(\x0e\x32$.meshserve.inference.v1.FinishReason\"Q\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x05input\x18\x02 \x01(\x0b\x32\x1d.meshserve.inference.v1.Input\"C\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\x10\n\x0eGetLoadRequest\"\xad\x01\n\x0fGetLoadResponse\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"J\n\x11WatchLoadResponse\x12\x35\n\x04load\x18\x01 \x01(\x0b\x32\'.meshserve.inference.v1.GetLoadResponse\"\x11\n\x0fGetModelRequest\"8\n\x10GetModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xfa\x03\n\x10InferenceService\x12_\n\x08Generate\x12\'.meshserve.inference.v1.GenerateRequest\x1a(.meshserve.inference.v1.GenerateResponse0\x01\x12\x66\n\x0b\x43ountTokens\x12*.meshserve.inference.v1.CountTokensRequest\x1a+.meshserve.inference.v1.CountTokensResponse\x12Z\n\x07GetLoad\x12&.meshserve.inference.v1.GetLoadRequest\x1a\'.meshserve.inference.v1.GetLoadResponse\x12\x62\n\tWatchLoad\x12(.meshserve.inference.v1.WatchLoadRequest\x1a).meshserve.inference.v1.WatchLoadResponse0\x01\x12]\n\x08GetModel\x12\'.meshserve.inference.v1.GetModelRequest\x1a(.meshserve.inference.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&meshserve/inference/v1/inference.proto\x12\x16meshserve.inference.v1\")\n\x08\x43hatTurn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"?\n\x0c\x43onversation\x12/\n\x05turns\x18\x01 \x03(\x0b\x32 .meshserve.inference.v1.ChatTurn\"]\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12<\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32$.meshserve.inference.v1.ConversationH\x00\x42\x06\n\x04kind\"\x94\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x9c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x05input\x18\x03 \x01(\x0b\x32\x1d.meshserve.inference.v1.Input\x12\x38\n\x08sampling\x18\x04 \x01(\x0b\x32&.meshserve.inference.v1.SamplingParams\"\xa2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12;\n\rfinish_reason\x18\x05 \x01(\x0e\x32$.meshserve.inference.v1.FinishReason\"Q\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x05input\x18\x02 \x01(\x0b\x32\x1d.meshserve.inference.v1.Input\"C\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\x10\n\x0eGetLoadRequest\"\xc8\x01\n\x0fGetLoadResponse\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\x12\x19\n\x11generation_tokens\x18\x08 \x01(\x04\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"J\n\x11WatchLoadResponse\x12\x35\n\x04load\x18\x01 \x01(\x0b\x32\'.meshserve.inference.v1.GetLoadResponse\"\x11\n\x0fGetModelRequest\"8\n\x10GetModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xfa\x03\n\x10InferenceService\x12_\n\x08Generate\x12\'.meshserve.inference.v1.GenerateRequest\x1a(.meshserve.inference.v1.GenerateResponse0\x01\x12\x66\n\x0b\x43ountTokens\x12*.meshserve.inference.v1.CountTokensRequest\x1a+.meshserve.inference.v1.CountTokensResponse\x12Z\n\x07GetLoad\x12&.meshserve.inference.v1.GetLoadRequest\x1a\'.meshserve.inference.v1.GetLoadResponse\x12\x62\n\tWatchLoad\x12(.meshserve.inference.v1.WatchLoadRequest\x1a).meshserve.inference.v1.WatchLoadResponse0\x01\x12]\n\x08GetModel\x12\'.meshserve.inference.v1.GetModelRequest\x1a(.meshserve.inference.v1.GetModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1412
-  _globals['_FINISHREASON']._serialized_end=1532
+  _globals['_FINISHREASON']._serialized_start=1439
+  _globals['_FINISHREASON']._serialized_end=1559
   _globals['_CHATTURN']._serialized_start=66
   _globals['_CHATTURN']._serialized_end=107
   _globals['_CONVERSATION']._serialized_start=109
@@ -52,15 +52,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETLOADREQUEST']._serialized_start=1024
   _globals['_GETLOADREQUEST']._serialized_end=1040
   _globals['_GETLOADRESPONSE']._serialized_start=1043
-  _globals['_GETLOADRESPONSE']._serialized_end=1216
-  _globals['_WATCHLOADREQUEST']._serialized_start=1218
-  _globals['_WATCHLOADREQUEST']._serialized_end=1257
-  _globals['_WATCHLOADRESPONSE']._serialized_start=1259
-  _globals['_WATCHLOADRESPONSE']._serialized_end=1333
-  _globals['_GETMODELREQUEST']._serialized_start=1335
-  _globals['_GETMODELREQUEST']._serialized_end=1352
-  _globals['_GETMODELRESPONSE']._serialized_start=1354
-  _globals['_GETMODELRESPONSE']._serialized_end=1410
-  _globals['_INFERENCESERVICE']._serialized_start=1535
-  _globals['_INFERENCESERVICE']._serialized_end=2041
+  _globals['_GETLOADRESPONSE']._serialized_end=1243
+  _globals['_WATCHLOADREQUEST']._serialized_start=1245
+  _globals['_WATCHLOADREQUEST']._serialized_end=1284
+  _globals['_WATCHLOADRESPONSE']._serialized_start=1286
+  _globals['_WATCHLOADRESPONSE']._serialized_end=1360
+  _globals['_GETMODELREQUEST']._serialized_start=1362
+  _globals['_GETMODELREQUEST']._serialized_end=1379
+  _globals['_GETMODELRESPONSE']._serialized_start=1381
+  _globals['_GETMODELRESPONSE']._serialized_end=1437
+  _globals['_INFERENCESERVICE']._serialized_start=1562
+  _globals['_INFERENCESERVICE']._serialized_end=2068
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,174 @@
+"""Usage aggregation in Redis: hourly buckets per tenant, key and model, counted once per request id.
+
+Each record is one Lua script: the request's marker (SET NX) and the bucket's counters change together
+or not at all, so a record sent twice (a retried batch, a replayed spool) counts once. Every change bumps
+the bucket's version and puts it in the set of buckets the ledger has not caught up with. Imports no gRPC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from prometheus_client import Counter
+
+from services.runtime.errors import InvalidArgument
+
+OUTCOMES = ("completed", "cancelled", "failed")
+HOUR = 3600
+DIRTY = "mb:dirty"
+
+RECORDS = Counter("meshserve_billing_records_total", "Usage records received, by result.", ["result"])
+TOKENS = Counter(
+    "meshserve_billing_tokens_total", "Tokens counted into the aggregates, by model and kind.", ["model", "kind"]
+)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one request used."""
+
+    request_id: str
+    tenant: str
+    key_id: str
+    model: str
+    version: str
+    prompt_tokens: int
+    completion_tokens: int
+    outcome: str
+    # Unix seconds; decides the hour billed.
+    finished_at: float
+    queue_seconds: float = 0.0
+    ttft_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One hour of one tenant, key and model, as Redis holds it."""
+
+    key: str
+    tenant: str
+    key_id: str
+    model: str
+    hour: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    completed: int
+    cancelled: int
+    failed: int
+    version: str
+
+
+def bucket_key(tenant: str, key_id: str, model: str, hour: int) -> str:
+    digest = hashlib.blake2b(f"{tenant}\0{key_id}\0{model}".encode(), digest_size=10).hexdigest()
+    return f"mb:b:{hour}:{digest}"
+
+
+def _script(name: str) -> str:
+    return resources.files("services.billing").joinpath(name).read_text()
+
+
+class Meter:
+    """Counts usage records into Redis and hands the changed buckets to the ledger."""
+
+    def __init__(
+        self,
+        redis: Any,
+        max_age_seconds: int = 7 * 24 * HOUR,
+        clock: Any = time.time,
+    ) -> None:
+        self._redis = redis
+        # Request markers outlive the oldest record accepted, and buckets outlive their markers: a record
+        # can never find its marker gone (counting twice) or its bucket gone (restarting a total at zero).
+        self._max_age = max_age_seconds
+        self._marker_ttl = max_age_seconds + 24 * HOUR
+        self._bucket_ttl = max_age_seconds + 48 * HOUR
+        self._clock = clock
+        self._record = redis.register_script(_script("record.lua"))
+        self._flushed = redis.register_script(_script("flushed.lua"))
+
+    def _check(self, u: Usage) -> None:
+        if not u.request_id:
+            raise InvalidArgument("records: request_id is required")
+        if not u.model:
+            raise InvalidArgument(f"record {u.request_id}: model is required")
+        if u.outcome not in OUTCOMES:
+            raise InvalidArgument(f"record {u.request_id}: outcome must be one of {', '.join(OUTCOMES)}")
+        now = self._clock()
+        if not now - self._max_age <= u.finished_at <= now + 300:
+            raise InvalidArgument(
+                f"record {u.request_id}: finished_at must be within the last {self._max_age // 86400} days"
+            )
+
+    async def record(self, records: Sequence[Usage]) -> tuple[int, int]:
+        """Counts a batch; returns (accepted, duplicates). Validates the whole batch first."""
+        for u in records:
+            self._check(u)
+        pipe = self._redis.pipeline(transaction=False)
+        for u in records:
+            hour = int(u.finished_at) // HOUR * HOUR
+            bucket = bucket_key(u.tenant, u.key_id, u.model, hour)
+            await self._record(
+                keys=[f"mb:req:{u.request_id}", bucket, DIRTY],
+                args=[
+                    self._marker_ttl,
+                    u.tenant,
+                    u.key_id,
+                    u.model,
+                    hour,
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                    u.outcome,
+                    self._bucket_ttl,
+                ],
+                client=pipe,
+            )
+        results = await pipe.execute()
+        accepted = sum(1 for r in results if int(r) == 1)
+        for u, counted in zip(records, results, strict=True):
+            if int(counted) == 1:
+                TOKENS.labels(u.model, "prompt").inc(u.prompt_tokens)
+                TOKENS.labels(u.model, "completion").inc(u.completion_tokens)
+        RECORDS.labels("accepted").inc(accepted)
+        RECORDS.labels("duplicate").inc(len(records) - accepted)
+        return accepted, len(records) - accepted
+
+    async def dirty(self, limit: int = 1000) -> list[str]:
+        """Buckets changed since the ledger last caught up with them."""
+        return [k.decode() if isinstance(k, bytes) else k for k in await self._redis.srandmember(DIRTY, limit)]
+
+    async def read(self, key: str) -> Bucket | None:
+        raw = await self._redis.hgetall(key)
+        if not raw:
+            return None
+        f = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
+        return Bucket(
+            key=key,
+            tenant=f["tenant"],
+            key_id=f["key_id"],
+            model=f["model"],
+            hour=int(f["hour"]),
+            requests=int(f.get("requests", 0)),
+            prompt_tokens=int(f.get("prompt_tokens", 0)),
+            completion_tokens=int(f.get("completion_tokens", 0)),
+            completed=int(f.get("completed", 0)),
+            cancelled=int(f.get("cancelled", 0)),
+            failed=int(f.get("failed", 0)),
+            version=f["version"],
+        )
+
+    async def forget(self, key: str) -> None:
+        await self._redis.srem(DIRTY, key)
+
+    async def caught_up(self, bucket: Bucket) -> bool:
+        """Marks the bucket clean unless it changed after it was read (then the next flush takes it)."""
+        return int(await self._flushed(keys=[bucket.key, DIRTY], args=[bucket.version])) == 1

@@ -1,0 +1,89 @@
+"""The billing servicer: protobuf in, meter and ledger calls, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+from redis.exceptions import RedisError
+
+from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
+from services.billing.ledger import SqliteLedger
+from services.billing.meter import HOUR, Meter, Usage
+from services.billing.prices import Prices
+from services.runtime.errors import InvalidArgument, Unavailable
+
+Context = aio.ServicerContext[Any, Any]
+
+OUTCOMES = {
+    billing_pb2.OUTCOME_COMPLETED: "completed",
+    billing_pb2.OUTCOME_CANCELLED: "cancelled",
+    billing_pb2.OUTCOME_FAILED: "failed",
+}
+
+
+def usage_of(r: billing_pb2.UsageRecord) -> Usage:
+    if r.outcome not in OUTCOMES:
+        raise InvalidArgument(f"record {r.request_id}: outcome is required")
+    return Usage(
+        request_id=r.request_id,
+        tenant=r.tenant,
+        key_id=r.key_id,
+        model=r.model,
+        version=r.version,
+        prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
+        outcome=OUTCOMES[r.outcome],
+        finished_at=r.finished_at.ToMicroseconds() / 1e6,
+        queue_seconds=r.queue_seconds,
+        ttft_seconds=r.ttft_seconds,
+        total_seconds=r.total_seconds,
+    )
+
+
+class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
+    """meshserve.billing.v1.BillingService over a Meter and a ledger."""
+
+    def __init__(self, meter: Meter, ledger: SqliteLedger, prices: Any) -> None:
+        self._meter = meter
+        self._ledger = ledger
+        self._prices = prices
+
+    async def RecordUsage(
+        self, request_iterator: AsyncIterator[billing_pb2.RecordUsageRequest], context: Context
+    ) -> billing_pb2.RecordUsageResponse:
+        accepted = duplicates = 0
+        async for batch in request_iterator:
+            try:
+                a, d = await self._meter.record([usage_of(r) for r in batch.records])
+            except (RedisError, OSError) as exc:
+                # The sender keeps the batch (spools it) and sends it again; counting is idempotent.
+                raise Unavailable(f"usage cannot be recorded right now (Redis: {exc})") from exc
+            accepted, duplicates = accepted + a, duplicates + d
+        return billing_pb2.RecordUsageResponse(accepted=accepted, duplicates=duplicates)
+
+    async def GetUsage(self, request: billing_pb2.GetUsageRequest, context: Context) -> billing_pb2.GetUsageResponse:
+        start = int(request.start.seconds) // HOUR * HOUR
+        end = int(request.end.seconds) if request.HasField("end") else int(time.time()) + 1
+        if end <= start:
+            raise InvalidArgument("end: must be after start")
+        lines = await asyncio.to_thread(self._ledger.usage, start, end, request.tenant, request.key_id, request.model)
+        prices: Prices = self._prices()
+        return billing_pb2.GetUsageResponse(
+            currency=prices.currency,
+            lines=[
+                billing_pb2.UsageLine(
+                    tenant=line.tenant,
+                    key_id=line.key_id,
+                    model=line.model,
+                    requests=line.requests,
+                    prompt_tokens=line.prompt_tokens,
+                    completion_tokens=line.completion_tokens,
+                    cost=str(line.cost),
+                )
+                for line in lines
+            ],
+        )
