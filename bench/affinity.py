@@ -26,7 +26,7 @@ from grpc import aio
 from bench.loadgen import percentile, write_report
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
-from services.mesh.local import LocalMesh, MeshOptions, Proc
+from services.mesh.local import LocalMesh, MeshOptions, Proc, core_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -119,7 +119,8 @@ def main() -> None:
     started = time.time()
     results: dict[str, dict[str, float]] = {}
     try:
-        replicas = [mesh.start_inference("inference"), mesh.start_inference("inference-2")]
+        binds = core_sets(2)
+        replicas = [mesh.start_inference("inference", binds[0]), mesh.start_inference("inference-2", binds[1])]
         for proc in replicas:
             mesh.wait_serving(proc, 900)
         routers = {}
@@ -160,7 +161,8 @@ def main() -> None:
         f"Run took {time.time() - started:.0f} s on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{os.cpu_count()} cores shared by both engines, both routers and the client. Per phase: "
         f"{args.requests} requests at concurrency {args.concurrency}, each one of {args.prefixes} system prompts "
-        f"of {args.words} words plus a short question, max_tokens 4; KV cache {args.kv_cache_gib} GiB per replica. "
+        f"of {args.words} words plus a short question, max_tokens 4; KV cache {args.kv_cache_gib} GiB per replica; "
+        f"engine threads bound to cores {' and '.join(binds)}. "
         "TTFT is measured at the router's gRPC port (time to the first content chunk).",
         "",
         "| balance | TTFT p50 ms | TTFT p99 ms | prefix-cache hit rate (tokens) | errors | phase s |",

@@ -34,6 +34,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def core_sets(replicas: int) -> list[str]:
+    """vLLM CPU thread bindings that give each of several engines its own cores (no bind if too few cores).
+
+    Each CPU engine otherwise pins its OpenMP threads to every core, and engines sharing a machine
+    spin against each other on the same cores.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if replicas <= 1:
+        return ["auto"]
+    if len(cores) < replicas:
+        return ["nobind"] * replicas
+    per = len(cores) // replicas
+    return [",".join(str(c) for c in cores[i * per : (i + 1) * per]) for i in range(replicas)]
+
+
 def wait_http_ok(url: str, check_alive: Callable[[], None], timeout: float) -> bool:
     """Polls url until it answers 200 (True) or timeout passes (False); check_alive raises if the server died."""
     deadline = time.monotonic() + timeout
@@ -243,10 +258,13 @@ class LocalMesh:
     def _fail_open(self, kind: Kind) -> bool:
         return Rules.from_yaml(self.options.ratelimit_rules).failure_mode(kind) is FailureMode.OPEN
 
-    def start_inference(self, name: str = "inference") -> Proc:
-        """Starts an inference replica; it serves once the model is loaded and warmed up."""
+    def start_inference(self, name: str = "inference", cpu_bind: str = "auto") -> Proc:
+        """Starts an inference replica; it serves once the model is loaded and warmed up.
+
+        cpu_bind is vLLM's VLLM_CPU_OMP_THREADS_BIND for a CPU engine (see core_sets)."""
         prefix = "MESHSERVE_INFERENCE_"
         env = {
+            "VLLM_CPU_OMP_THREADS_BIND": cpu_bind,
             prefix + "MODEL": self.options.model,
             prefix + "MODEL_STORE": str(self.options.model_store.resolve()),
             prefix + "DTYPE": self.options.dtype,
@@ -389,8 +407,10 @@ class LocalMesh:
         auth = self.start_auth()
         ratelimit = self.start_ratelimit()
         billing = self.start_billing()
+        binds = core_sets(self.options.replicas)
         replicas = [
-            self.start_inference("inference" if i == 0 else f"inference-{i + 1}") for i in range(self.options.replicas)
+            self.start_inference("inference" if i == 0 else f"inference-{i + 1}", binds[i])
+            for i in range(self.options.replicas)
         ]
         for inference in replicas:
             self.wait_bound(inference, 120)

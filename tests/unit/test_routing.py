@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 
 import pytest
 
+from services.mesh.local import core_sets
 from services.router.admission import Admission
 from services.router.balancer import Balancer, LoadReport, ReplicaState, Strategy
 from services.router.fleet import Fleet
@@ -204,3 +206,10 @@ async def test_a_dns_target_resolves_to_one_state_per_address_and_stays_out_of_r
         assert fleet.states(["127.0.0.1:2"]) == []
     finally:
         await fleet.close()
+
+
+def test_several_cpu_engines_get_disjoint_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert core_sets(1) == ["auto"]
+    assert core_sets(2) == ["0,1", "2,3"]
+    assert core_sets(6) == ["nobind"] * 6
