@@ -15,6 +15,7 @@ from services.ratelimit.rules import FailureMode, Kind, Rules
 K8S = Path(__file__).resolve().parent
 GENERATED = K8S / "base" / "generated"
 RULES = K8S.parents[1] / "deploy" / "local" / "ratelimits.yaml"
+PRICES = K8S.parents[1] / "deploy" / "local" / "prices.yaml"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 
 
@@ -31,10 +32,11 @@ def edge() -> EdgeConfig:
 
 
 def generate() -> None:
-    """Writes base/generated/: the Envoy config, the rate-limit rules, and (once) a random bootstrap admin secret."""
+    """Writes base/generated/: Envoy config, rate-limit rules, prices, and (once) a random bootstrap admin secret."""
     GENERATED.mkdir(parents=True, exist_ok=True)
     write_envoy_config(edge(), GENERATED / "envoy.yaml")
     shutil.copyfile(RULES, GENERATED / "ratelimits.yaml")
+    shutil.copyfile(PRICES, GENERATED / "prices.yaml")
     admin = GENERATED / "admin.env"
     if not admin.exists():
         admin.write_text(f"MESHSERVE_AUTH_BOOTSTRAP_ADMIN_SECRET={new_secret()}\n")

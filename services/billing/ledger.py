@@ -1,7 +1,9 @@
-"""The durable ledger: one row per tenant, key, model and hour, written as absolute totals.
+"""The durable ledger: one row per tenant, key, model, hour and bucket generation, written as absolute totals.
 
 Flushing writes a bucket's totals as they are in Redis, not increments, so writing the same bucket twice
 (a flush that crashed before marking the bucket clean) leaves the same row: exactly once by construction.
+A bucket that Redis lost and recreated has a new generation, so its totals add to the old row's instead
+of overwriting them.
 Embedded SQLite (WAL, synchronous FULL). Imports no gRPC.
 """
 
@@ -24,6 +26,7 @@ CREATE TABLE IF NOT EXISTS usage_hours (
     key_id TEXT NOT NULL,
     model TEXT NOT NULL,
     hour INTEGER NOT NULL,
+    generation TEXT NOT NULL,
     requests INTEGER NOT NULL,
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
@@ -32,13 +35,13 @@ CREATE TABLE IF NOT EXISTS usage_hours (
     failed INTEGER NOT NULL,
     cost TEXT NOT NULL,
     updated_at REAL NOT NULL,
-    PRIMARY KEY (tenant, key_id, model, hour)
+    PRIMARY KEY (tenant, key_id, model, hour, generation)
 )
 """
 
 UPSERT = """
-INSERT INTO usage_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (tenant, key_id, model, hour) DO UPDATE SET
+INSERT INTO usage_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (tenant, key_id, model, hour, generation) DO UPDATE SET
     requests = excluded.requests,
     prompt_tokens = excluded.prompt_tokens,
     completion_tokens = excluded.completion_tokens,
@@ -84,6 +87,7 @@ class SqliteLedger:
                 b.key_id,
                 b.model,
                 b.hour,
+                b.generation,
                 b.requests,
                 b.prompt_tokens,
                 b.completion_tokens,

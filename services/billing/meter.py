@@ -8,6 +8,7 @@ the bucket's version and puts it in the set of buckets the ledger has not caught
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ class Bucket:
     cancelled: int
     failed: int
     version: str
+    # Set when Redis creates the bucket; a bucket Redis lost and recreated is a new generation.
+    generation: str
 
 
 def bucket_key(tenant: str, key_id: str, model: str, hour: int) -> str:
@@ -126,6 +129,7 @@ class Meter:
                     u.completion_tokens,
                     u.outcome,
                     self._bucket_ttl,
+                    secrets.token_hex(8),
                 ],
                 client=pipe,
             )
@@ -164,6 +168,7 @@ class Meter:
             cancelled=int(f.get("cancelled", 0)),
             failed=int(f.get("failed", 0)),
             version=f["version"],
+            generation=f.get("generation", ""),
         )
 
     async def forget(self, key: str) -> None:

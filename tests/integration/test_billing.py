@@ -252,3 +252,17 @@ def test_an_unknown_outcome_is_invalid_argument(metered: Metered) -> None:
         with pytest.raises(grpc.RpcError) as refused:
             billing_pb2_grpc.BillingServiceStub(channel).RecordUsage(iter([bad]), timeout=10)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+
+
+async def test_a_bucket_redis_lost_and_recreated_adds_to_the_ledger_instead_of_overwriting(
+    client: redis.Redis, tmp_path: Path
+) -> None:
+    meter, ledger = Meter(client), SqliteLedger(tmp_path / "ledger.sqlite")
+    await meter.record([usage(f"before-{i}") for i in range(3)])
+    await flush_once(meter, ledger, PRICES)
+    await client.flushdb()  # Redis lost everything
+    meter = Meter(client)
+    await meter.record([usage("after-1")])
+    await flush_once(meter, ledger, PRICES)
+    [line] = ledger.usage(0, int(time.time()) + 3600)
+    assert (line.requests, line.prompt_tokens) == (4, 40)

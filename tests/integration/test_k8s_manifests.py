@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from deploy.k8s.render import OVERLAYS, render
+from services.billing.prices import Prices
 from services.inference.metrics import METRICS, QUEUE_DEPTH
 from services.router.admission import QUEUE_DEPTH as ROUTER_QUEUE_DEPTH
 
@@ -255,3 +256,21 @@ def test_the_rate_limit_failure_modes_agree_across_edge_router_and_rules() -> No
     env = {e["name"]: e.get("value") for e in router["env"]}
     fail_open = rules.failure_mode(Kind.TOKENS) is FailureMode.OPEN
     assert env["MESHSERVE_ROUTER_RATELIMIT_FAIL_OPEN"] == str(fail_open).lower()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_routers_record_usage_to_billing_whose_ledger_and_prices_are_mounted(overlay: str) -> None:
+    [router] = named(overlay, "Deployment", "router")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in router["env"]}
+    host, _, port = env["MESHSERVE_ROUTER_BILLING"].partition(":")
+    service = named(overlay, "Service", host)
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    assert any(m["mountPath"] == env["MESHSERVE_ROUTER_USAGE_SPOOL"] for m in router["volumeMounts"])
+    billing = named(overlay, "StatefulSet", "billing")
+    [container] = billing["spec"]["template"]["spec"]["containers"]
+    benv = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert Path(benv["MESHSERVE_BILLING_LEDGER"]).parent == Path(mounts["ledger"])
+    assert [t["metadata"]["name"] for t in billing["spec"]["volumeClaimTemplates"]] == ["ledger"]
+    prices = yaml.safe_load(named(overlay, "ConfigMap", _generated(overlay, "billing-prices"))["data"]["prices.yaml"])
+    assert Prices.model_validate(prices) == Prices.from_yaml(ROOT / "deploy" / "local" / "prices.yaml")
