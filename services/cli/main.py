@@ -125,10 +125,13 @@ def up(
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stop_requested
+        if stop_requested:
+            return  # already stopping: a second signal must not cut the stop short and orphan children
         stop_requested = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         with console.status("starting") as status:
             log = state / "inference.log"

@@ -67,6 +67,9 @@ def test_up_serves_then_ctrl_c_stops_everything(tmp_path: Path, model_dir: Path)
     spawned = children_of(proc.pid)
     assert len(spawned) == 7  # redis, auth, ratelimit, billing, inference, router, envoy
     proc.send_signal(signal.SIGINT)
+    # An impatient second signal (Ctrl-C again, or a supervisor's SIGTERM) must not cut the stop short.
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     time.sleep(0.5)
     alive = [
