@@ -41,7 +41,7 @@ def system_prompt(rng: random.Random, words: int) -> str:
     return "You are the assistant of shop " + " ".join(rng.choice(WORDS) for _ in range(words)) + "."
 
 
-def cache_totals(mesh: LocalMesh, replicas: list[Proc]) -> tuple[int, int]:
+def cache_totals(replicas: list[Proc]) -> tuple[int, int]:
     queries = hits = 0
     for proc in replicas:
         with grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
@@ -133,11 +133,11 @@ def main() -> None:
             routers[balance] = router
         for seed, balance in enumerate(routers, 1):
             prompts = workload(seed, args.prefixes, args.words, args.requests)
-            before = cache_totals(mesh, replicas)
+            before = cache_totals(replicas)
             t0 = time.perf_counter()
             ttfts, errors = asyncio.run(phase(routers[balance], prompts, args.concurrency))
             wall = time.perf_counter() - t0
-            after = cache_totals(mesh, replicas)
+            after = cache_totals(replicas)
             queries, hits = after[0] - before[0], after[1] - before[1]
             results[balance] = {
                 "p50": percentile(ttfts, 50) * 1000,

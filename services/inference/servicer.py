@@ -23,6 +23,10 @@ FINISH = {
 }
 
 
+def _load_reply(engine: Engine) -> inference_pb2.GetLoadResponse:
+    return inference_pb2.GetLoadResponse(**asdict(engine.load()))
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """meshserve.inference.v1.InferenceService over one Engine."""
 
@@ -74,7 +78,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.CountTokensResponse(prompt_tokens=len(ids), max_model_len=engine.max_model_len)
 
     async def GetLoad(self, request: inference_pb2.GetLoadRequest, context: Context) -> inference_pb2.GetLoadResponse:
-        return inference_pb2.GetLoadResponse(**asdict(self._engine().load()))
+        return _load_reply(self._engine())
 
     async def WatchLoad(
         self, request: inference_pb2.WatchLoadRequest, context: Context
@@ -82,7 +86,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine = self._engine()
         interval = (request.interval_ms or 250) / 1000
         while not self._draining.is_set():
-            yield inference_pb2.WatchLoadResponse(load=inference_pb2.GetLoadResponse(**asdict(engine.load())))
+            yield inference_pb2.WatchLoadResponse(load=_load_reply(engine))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._draining.wait(), interval)
 

@@ -135,7 +135,18 @@ def affinity_key(spec: GenerationSpec, hints: RouteHints, prefix_chars: int) -> 
     """A session's id, or the prompt's first prefix_chars characters; None for short prompts."""
     if hints.session:
         return f"session:{hints.session}"
-    prompt = spec.text if spec.text is not None else "".join(f"{role}\n{content}\n" for role, content in spec.turns)
+    if spec.text is not None:
+        prompt = spec.text
+    else:
+        # Only the opening matters: stop joining turns once it is long enough (conversations grow long).
+        parts: list[str] = []
+        length = 0
+        for role, content in spec.turns:
+            parts.append(f"{role}\n{content}\n")
+            length += len(parts[-1])
+            if length >= prefix_chars:
+                break
+        prompt = "".join(parts)
     return prompt[:prefix_chars] if len(prompt) >= prefix_chars else None
 
 
