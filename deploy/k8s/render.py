@@ -16,6 +16,7 @@ K8S = Path(__file__).resolve().parent
 GENERATED = K8S / "base" / "generated"
 RULES = K8S.parents[1] / "deploy" / "local" / "ratelimits.yaml"
 PRICES = K8S.parents[1] / "deploy" / "local" / "prices.yaml"
+PROMETHEUS_RULES = K8S.parents[1] / "deploy" / "prometheus" / "rules.yaml"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 
 
@@ -27,16 +28,19 @@ def edge() -> EdgeConfig:
         router=Address("router", 50051),
         auth=Address("auth", 50051),
         ratelimit=Address("ratelimit", 50051),
+        billing=Address("billing", 50051),
         ratelimit_fail_closed=Rules.from_yaml(RULES).failure_mode(Kind.REQUESTS) is FailureMode.CLOSED,
     )
 
 
 def generate() -> None:
-    """Writes base/generated/: Envoy config, rate-limit rules, prices, and (once) a random bootstrap admin secret."""
+    """Writes base/generated/: Envoy config, rate-limit rules, prices, Prometheus rules, and (once) a random
+    bootstrap admin secret."""
     GENERATED.mkdir(parents=True, exist_ok=True)
     write_envoy_config(edge(), GENERATED / "envoy.yaml")
     shutil.copyfile(RULES, GENERATED / "ratelimits.yaml")
     shutil.copyfile(PRICES, GENERATED / "prices.yaml")
+    shutil.copyfile(PROMETHEUS_RULES, GENERATED / "prometheus-rules.yaml")
     admin = GENERATED / "admin.env"
     if not admin.exists():
         admin.write_text(f"MESHSERVE_AUTH_BOOTSTRAP_ADMIN_SECRET={new_secret()}\n")

@@ -18,6 +18,7 @@ from services.auth.keys import ADMIN_PATH_PREFIX, KeyRecord, validate_new_key
 from services.auth.store import KeyStore
 from services.runtime.errors import DomainError, PermissionDenied, Unauthenticated, Unavailable
 from services.runtime.identity import (
+    ADMIN_HEADER,
     KEY_ID_HEADER,
     KEY_RPM_HEADER,
     KEY_TPM_HEADER,
@@ -62,6 +63,7 @@ def _allowed(record: KeyRecord, admin_call: bool) -> external_auth_pb2.CheckResp
             headers=[
                 _header(TENANT_HEADER, record.tenant),
                 _header(KEY_ID_HEADER, record.key_id),
+                _header(ADMIN_HEADER, "true" if record.admin else "false"),
                 _header(MODELS_HEADER, ",".join(record.allowed_models) or "*"),
                 _header(KEY_RPM_HEADER, str(record.requests_per_minute)),
                 _header(KEY_TPM_HEADER, str(record.tokens_per_minute)),

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge
 
-from services.billing.ledger import SqliteLedger
+from services.billing.ledger import Ledger
 from services.billing.meter import Meter
 from services.billing.prices import Prices
 
@@ -25,7 +25,7 @@ LAST_FLUSH = Gauge("meshserve_billing_last_flush_timestamp_seconds", "When the l
 BACKLOG = Gauge("meshserve_billing_backlog_buckets", "Buckets changed in Redis and not yet in the ledger.")
 
 
-async def flush_once(meter: Meter, ledger: SqliteLedger, prices: Prices) -> int:
+async def flush_once(meter: Meter, ledger: Ledger, prices: Prices) -> int:
     """One pass over the changed buckets; returns how many reached the ledger."""
     keys = await meter.dirty()
     buckets = []
@@ -47,7 +47,7 @@ async def flush_once(meter: Meter, ledger: SqliteLedger, prices: Prices) -> int:
     return len(buckets)
 
 
-async def flush_forever(meter: Meter, ledger: SqliteLedger, prices: Callable[[], Prices], seconds: float) -> None:
+async def flush_forever(meter: Meter, ledger: Ledger, prices: Callable[[], Prices], seconds: float) -> None:
     """Flushes every few seconds; a failed pass (Redis or disk) is logged and tried again."""
     while True:
         try:

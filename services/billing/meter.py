@@ -1,6 +1,6 @@
 """Usage aggregation in Redis: hourly buckets per tenant, key and model, counted once per request id.
 
-Each record is one Lua script: the request's marker (SET NX) and the bucket's counters change together
+One Lua script counts a batch: each request's marker (SET NX) and its bucket's counters change together
 or not at all, so a record sent twice (a retried batch, a replayed spool) counts once. Every change bumps
 the bucket's version and puts it in the set of buckets the ledger has not caught up with. Imports no gRPC.
 """
@@ -22,6 +22,8 @@ from services.runtime.errors import InvalidArgument
 OUTCOMES = ("completed", "cancelled", "failed")
 HOUR = 3600
 DIRTY = "mb:dirty"
+# Records per script call: big enough to amortise the round trip, small enough not to stall Redis.
+CHUNK = 512
 
 RECORDS = Counter("meshserve_billing_records_total", "Usage records received, by result.", ["result"])
 TOKENS = Counter(
@@ -110,35 +112,31 @@ class Meter:
             )
 
     async def record(self, records: Sequence[Usage]) -> tuple[int, int]:
-        """Counts a batch; returns (accepted, duplicates). Validates the whole batch first."""
+        """Counts a batch; returns (accepted, duplicates). Validates the whole batch first.
+
+        One script call per chunk of records: the markers and buckets of a chunk change in one atomic step."""
         for u in records:
             self._check(u)
-        pipe = self._redis.pipeline(transaction=False)
-        for u in records:
-            hour = int(u.finished_at) // HOUR * HOUR
-            bucket = bucket_key(u.tenant, u.key_id, u.model, hour)
-            await self._record(
-                keys=[f"mb:req:{u.request_id}", bucket, DIRTY],
-                args=[
-                    self._marker_ttl,
-                    u.tenant,
-                    u.key_id,
-                    u.model,
-                    hour,
-                    u.prompt_tokens,
-                    u.completion_tokens,
-                    u.outcome,
-                    self._bucket_ttl,
-                    secrets.token_hex(8),
-                ],
-                client=pipe,
-            )
-        results = await pipe.execute()
-        accepted = sum(1 for r in results if int(r) == 1)
-        for u, counted in zip(records, results, strict=True):
-            if int(counted) == 1:
-                TOKENS.labels(u.model, "prompt").inc(u.prompt_tokens)
-                TOKENS.labels(u.model, "completion").inc(u.completion_tokens)
+        counted: list[int] = []
+        for start in range(0, len(records), CHUNK):
+            chunk = records[start : start + CHUNK]
+            keys: list[str] = [DIRTY]
+            args: list[object] = [self._marker_ttl, self._bucket_ttl, secrets.token_hex(8)]
+            for u in chunk:
+                hour = int(u.finished_at) // HOUR * HOUR
+                keys += (f"mb:req:{u.request_id}", bucket_key(u.tenant, u.key_id, u.model, hour))
+                args += (u.tenant, u.key_id, u.model, hour, u.prompt_tokens, u.completion_tokens, u.outcome)
+            counted += [int(c) for c in await self._record(keys=keys, args=args)]
+        tokens: dict[str, list[int]] = {}
+        for u, c in zip(records, counted, strict=True):
+            if c:
+                totals = tokens.setdefault(u.model, [0, 0])
+                totals[0] += u.prompt_tokens
+                totals[1] += u.completion_tokens
+        for model, (prompt, completion) in tokens.items():
+            TOKENS.labels(model, "prompt").inc(prompt)
+            TOKENS.labels(model, "completion").inc(completion)
+        accepted = sum(counted)
         RECORDS.labels("accepted").inc(accepted)
         RECORDS.labels("duplicate").inc(len(records) - accepted)
         return accepted, len(records) - accepted

@@ -1,20 +1,29 @@
--- Counts one usage record into its hourly bucket, once per request id.
--- KEYS[1] request marker, KEYS[2] bucket hash, KEYS[3] set of buckets the ledger has not caught up with.
--- ARGV: marker ttl seconds, tenant, key_id, model, hour (unix seconds), prompt tokens, completion tokens, outcome,
--- bucket ttl seconds, a fresh generation id (kept only by the call that creates the bucket).
--- Returns 1 when counted, 0 for a request counted before.
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return 0
+-- Counts a batch of usage records into their hourly buckets, each once per request id.
+-- KEYS[1] set of buckets the ledger has not caught up with; then per record i (from 0):
+--   KEYS[2 + 2i] its request marker, KEYS[3 + 2i] its bucket hash.
+-- ARGV[1] marker ttl seconds, ARGV[2] bucket ttl seconds, ARGV[3] a fresh generation id (kept only by a call
+-- that creates a bucket); then per record 7 values: tenant, key_id, model, hour (unix seconds), prompt tokens,
+-- completion tokens, outcome.
+-- Returns one number per record: 1 when counted, 0 for a request counted before.
+local counted = {}
+local n = (#KEYS - 1) / 2
+for i = 0, n - 1 do
+  local marker, bucket, a = KEYS[2 + 2 * i], KEYS[3 + 2 * i], 3 + 7 * i
+  if redis.call('SET', marker, '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('HSET', bucket, 'tenant', ARGV[a + 1], 'key_id', ARGV[a + 2], 'model', ARGV[a + 3], 'hour', ARGV[a + 4])
+    -- A bucket recreated after Redis lost it gets a new generation: its own ledger row, never overwriting the old one.
+    redis.call('HSETNX', bucket, 'generation', ARGV[3])
+    redis.call('HINCRBY', bucket, 'requests', 1)
+    redis.call('HINCRBY', bucket, 'prompt_tokens', ARGV[a + 5])
+    redis.call('HINCRBY', bucket, 'completion_tokens', ARGV[a + 6])
+    redis.call('HINCRBY', bucket, ARGV[a + 7], 1)
+    -- Every change bumps the version: the ledger marks a bucket clean only at the version it wrote.
+    redis.call('HINCRBY', bucket, 'version', 1)
+    redis.call('EXPIRE', bucket, ARGV[2])
+    redis.call('SADD', KEYS[1], bucket)
+    counted[i + 1] = 1
+  else
+    counted[i + 1] = 0
+  end
 end
-redis.call('HSET', KEYS[2], 'tenant', ARGV[2], 'key_id', ARGV[3], 'model', ARGV[4], 'hour', ARGV[5])
--- A bucket recreated after Redis lost it gets a new generation: its own ledger row, never overwriting the old one.
-redis.call('HSETNX', KEYS[2], 'generation', ARGV[10])
-redis.call('HINCRBY', KEYS[2], 'requests', 1)
-redis.call('HINCRBY', KEYS[2], 'prompt_tokens', ARGV[6])
-redis.call('HINCRBY', KEYS[2], 'completion_tokens', ARGV[7])
-redis.call('HINCRBY', KEYS[2], ARGV[8], 1)
--- Every change bumps the version: the ledger marks a bucket clean only at the version it wrote.
-redis.call('HINCRBY', KEYS[2], 'version', 1)
-redis.call('EXPIRE', KEYS[2], ARGV[9])
-redis.call('SADD', KEYS[3], KEYS[2])
-return 1
+return counted

@@ -11,10 +11,11 @@ from grpc import aio
 from redis.exceptions import RedisError
 
 from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
-from services.billing.ledger import SqliteLedger
+from services.billing.ledger import Ledger
 from services.billing.meter import HOUR, Meter, Usage
 from services.billing.prices import Prices
-from services.runtime.errors import InvalidArgument, Unavailable
+from services.runtime.errors import InvalidArgument, PermissionDenied, Unavailable
+from services.runtime.identity import ADMIN_HEADER, KEY_ID_HEADER, TENANT_HEADER
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -23,6 +24,18 @@ OUTCOMES = {
     billing_pb2.OUTCOME_CANCELLED: "cancelled",
     billing_pb2.OUTCOME_FAILED: "failed",
 }
+
+
+def tenant_in_scope(requested: str, metadata: dict[str, str]) -> str:
+    """The tenant a usage query may read. Through the edge, an ordinary key reads its own tenant only;
+    an admin key, or an internal caller inside the mesh (no identity headers), may read any."""
+    key_id = metadata.get(KEY_ID_HEADER, "")
+    if not key_id or metadata.get(ADMIN_HEADER) == "true":
+        return requested
+    own = metadata.get(TENANT_HEADER, "")
+    if requested and requested != own:
+        raise PermissionDenied(f"API key {key_id} may read the usage of its own tenant only")
+    return own
 
 
 def usage_of(r: billing_pb2.UsageRecord) -> Usage:
@@ -47,7 +60,7 @@ def usage_of(r: billing_pb2.UsageRecord) -> Usage:
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     """meshserve.billing.v1.BillingService over a Meter and a ledger."""
 
-    def __init__(self, meter: Meter, ledger: SqliteLedger, prices: Any) -> None:
+    def __init__(self, meter: Meter, ledger: Ledger, prices: Any) -> None:
         self._meter = meter
         self._ledger = ledger
         self._prices = prices
@@ -70,7 +83,9 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         end = int(request.end.seconds) if request.HasField("end") else int(time.time()) + 1
         if end <= start:
             raise InvalidArgument("end: must be after start")
-        lines = await asyncio.to_thread(self._ledger.usage, start, end, request.tenant, request.key_id, request.model)
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        tenant = tenant_in_scope(request.tenant, metadata)
+        lines = await asyncio.to_thread(self._ledger.usage, start, end, tenant, request.key_id, request.model)
         prices: Prices = self._prices()
         return billing_pb2.GetUsageResponse(
             currency=prices.currency,

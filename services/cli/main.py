@@ -77,7 +77,8 @@ def gen() -> None:
 def _examples(url: str, model: str, key: str, admin_file: Path, key_file: Path, rules: Path) -> str:
     return f"""[bold]Edge[/]: {url}  (REST + SSE, OpenAI-compatible; native gRPC on the same port)
 [bold]Rate limits[/]: {rules} (plans per tenant; reloads when edited)
-[bold]Usage[/]: `meshserve usage` (tokens and cost per tenant, key and model, from the billing ledger)
+[bold]Usage[/]: `meshserve usage` (tokens and cost per tenant, key and model, from the billing ledger),
+  or per key's tenant over REST: curl -s {url}/v1/usage -H "Authorization: Bearer $MESHSERVE_API_KEY"
 
 [bold]API key[/] (tenant "default", all models; also in {key_file}):
   export MESHSERVE_API_KEY={key}

@@ -246,14 +246,15 @@ class LocalMesh:
         }
         return self.start_service(name, "services.ratelimit", "MESHSERVE_RATELIMIT_", env)
 
-    def start_billing(self, name: str = "billing") -> Proc:
-        """Starts a billing replica on the mesh's Redis, with its SQLite ledger in the state folder."""
-        env = {
+    def start_billing(self, name: str = "billing", env: dict[str, str] | None = None) -> Proc:
+        """Starts a billing replica on the mesh's Redis, with its SQLite ledger in the state folder
+        unless env names another (MESHSERVE_BILLING_LEDGER_DSN)."""
+        base = {
             "MESHSERVE_BILLING_REDIS_URL": self.redis_url,
             "MESHSERVE_BILLING_LEDGER": str((self.options.state_dir / "billing" / "ledger.sqlite").resolve()),
             "MESHSERVE_BILLING_PRICES": str(self.options.prices.resolve()),
         }
-        return self.start_service(name, "services.billing", "MESHSERVE_BILLING_", env)
+        return self.start_service(name, "services.billing", "MESHSERVE_BILLING_", {**base, **(env or {})})
 
     def _fail_open(self, kind: Kind) -> bool:
         return Rules.from_yaml(self.options.ratelimit_rules).failure_mode(kind) is FailureMode.OPEN
@@ -339,6 +340,7 @@ class LocalMesh:
         router = self.procs["router"]
         auth = self.procs.get("auth")
         ratelimit = self.procs.get("ratelimit")
+        billing = self.procs.get("billing")
         config = write_envoy_config(
             EdgeConfig(
                 listen=self.edge,
@@ -347,6 +349,7 @@ class LocalMesh:
                 auth=Address(self.options.host, auth.grpc_port) if auth is not None else None,
                 ratelimit=Address(self.options.host, ratelimit.grpc_port) if ratelimit is not None else None,
                 ratelimit_fail_closed=ratelimit is not None and not self._fail_open(Kind.REQUESTS),
+                billing=Address(self.options.host, billing.grpc_port) if billing is not None else None,
             ),
             self.options.state_dir / "envoy.yaml",
         )

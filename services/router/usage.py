@@ -74,15 +74,19 @@ class GrpcUsageSink:
         while True:
             # The batch being built or sent lives on the instance: close() sends whatever is left of it.
             self._batch.records.append(await self._queue.get())
-            deadline = time.monotonic() + self._linger
-            while len(self._batch.records) < self._batch_size and (timeout := deadline - time.monotonic()) > 0:
-                try:
-                    self._batch.records.append(await asyncio.wait_for(self._queue.get(), timeout))
-                except TimeoutError:
-                    break
+            # One wake-up per batch, not per record: take what is queued, linger once if the batch is not
+            # full yet, take what came meanwhile. A backlog goes out in full batches back to back.
+            self._take_queued()
+            if len(self._batch.records) < self._batch_size:
+                await asyncio.sleep(self._linger)
+                self._take_queued()
             if not await self._send(self._batch):
                 await asyncio.to_thread(self._write_spool, self._batch)
             self._batch = billing_pb2.RecordUsageRequest()
+
+    def _take_queued(self) -> None:
+        while len(self._batch.records) < self._batch_size and not self._queue.empty():
+            self._batch.records.append(self._queue.get_nowait())
 
     def _write_spool(self, batch: billing_pb2.RecordUsageRequest) -> None:
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"

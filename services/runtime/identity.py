@@ -2,6 +2,8 @@
 
 TENANT_HEADER = "x-meshserve-tenant"
 KEY_ID_HEADER = "x-meshserve-key-id"
+# "true" for an admin key: it may read every tenant's usage.
+ADMIN_HEADER = "x-meshserve-admin"
 # Comma-separated model ids the key may use, or "*" for all.
 MODELS_HEADER = "x-meshserve-models"
 # The key's own rate limits (0: its plan's), for the edge's rate-limit filter and the router's token budget.

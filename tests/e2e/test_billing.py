@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.inference.metrics import GENERATED
 from services.mesh.local import LocalMesh
-from tests.e2e.helpers import MODEL, QUESTION, create_key, openai_client
+from tests.e2e.helpers import MODEL, QUESTION, bearer, create_key, openai_client
 
 pytestmark = pytest.mark.mesh
 
@@ -89,3 +92,51 @@ def wait_for_engine(mesh: LocalMesh, total: float) -> None:
     while engine_generated(mesh) != total:
         assert time.monotonic() < deadline, (engine_generated(mesh), total)
         time.sleep(0.25)
+
+
+def test_usage_through_the_edge_is_scoped_to_the_callers_tenant(mesh: LocalMesh) -> None:
+    keys = {tenant: create_key(mesh, tenant) for tenant in ("usage-a", "usage-b")}
+    for key, secret in keys.values():
+        openai_client(mesh, secret).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
+        assert ledger_line(mesh, key.key_id, 1).requests == 1
+    url = f"{mesh.edge_url}/v1/usage"
+    a_secret = keys["usage-a"][1]
+    since = {"start": time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime(time.time() - 86400))}
+
+    own = httpx.get(url, params=since, headers={"authorization": f"Bearer {a_secret}"}, timeout=30)
+    assert own.status_code == 200, own.text
+    [line] = own.json()["lines"]
+    assert (line["tenant"], line["key_id"], line["requests"]) == ("usage-a", keys["usage-a"][0].key_id, "1")
+    assert own.json()["currency"] == "USD"
+
+    other = httpx.get(url, params={"tenant": "usage-b"}, headers={"authorization": f"Bearer {a_secret}"}, timeout=30)
+    assert other.status_code == 403
+    assert other.json()["error"]["type"] == "permission_error"
+    assert httpx.get(url, timeout=30).status_code == 401
+
+    admin = {"authorization": f"Bearer {mesh.admin_key}"}
+    everyone = httpx.get(url, params=since, headers=admin, timeout=30).json()
+    assert {"usage-a", "usage-b"} <= {line["tenant"] for line in everyone["lines"]}
+
+    # The same over native gRPC through the edge; recording stays the router's alone.
+    with grpc.insecure_channel(f"{mesh.edge.host}:{mesh.edge.port}") as channel:
+        stub = billing_pb2_grpc.BillingServiceStub(channel)
+        reply = stub.GetUsage(billing_pb2.GetUsageRequest(), metadata=bearer(keys["usage-b"][1]), timeout=30)
+        assert {line.tenant for line in reply.lines} == {"usage-b"}
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.RecordUsage(iter([billing_pb2.RecordUsageRequest()]), metadata=bearer(a_secret), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+
+
+def test_every_metric_the_prometheus_rules_name_is_exported_by_the_mesh(mesh: LocalMesh) -> None:
+    key, secret = create_key(mesh, "rules")
+    openai_client(mesh, secret).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
+    ledger_line(mesh, key.key_id, 1)  # billing has counted it
+    rules = (Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules.yaml").read_text()
+    named = set(re.findall(r"\b(meshserve_[a-z0-9_]+)", rules))
+    exported: set[str] = set()
+    for proc in mesh.procs.values():
+        if proc.metrics_port:
+            with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=5) as r:
+                exported |= {m.group(1) for m in re.finditer(r"^(meshserve_[a-z0-9_]+)", r.read().decode(), re.M)}
+    assert named and named <= exported, sorted(named - exported)

@@ -15,7 +15,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -23,6 +23,9 @@ from meshserve.inference.v1 import inference_pb2 as ipb
 from meshserve.inference.v1 import inference_pb2_grpc
 from services.runtime.server import Runtime, serve
 from services.runtime.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from services.mesh.local import LocalMesh, Proc
 
 SERVICE = ipb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
@@ -77,6 +80,12 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
             yield ipb.WatchLoadResponse(load=load)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.draining.wait(), (request.interval_ms or 250) / 1000)
+
+
+def start(mesh: LocalMesh, name: str, tokens: int, token_seconds: float, **env: str) -> Proc:
+    """Starts a scripted replica as a service of mesh, named name, streaming tokens token_seconds apart."""
+    settings = {"SCRIPTED_NAME": name, "SCRIPTED_TOKENS": str(tokens), "SCRIPTED_TOKEN_SECONDS": str(token_seconds)}
+    return mesh.start_service(name, __name__, "MESHSERVE_", {**settings, **env})
 
 
 def main() -> None:

@@ -231,9 +231,24 @@ def test_only_the_edge_is_reachable_from_outside(overlay: str) -> None:
 def test_the_edge_config_map_holds_the_generated_envoy_config_for_in_cluster_services() -> None:
     config = yaml.safe_load(named("gpu", "ConfigMap", _generated("gpu", "envoy-config"))["data"]["envoy.yaml"])
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    assert {clusters[n]["type"] for n in ("router", "auth", "ratelimit")} == {"STRICT_DNS"}
+    assert {clusters[n]["type"] for n in ("router", "auth", "ratelimit", "billing")} == {"STRICT_DNS"}
     listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert listener == {"address": "0.0.0.0", "port_value": 8080}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_network_policies_let_the_edge_reach_every_upstream_of_its_config(overlay: str) -> None:
+    config = yaml.safe_load(named(overlay, "ConfigMap", _generated(overlay, "envoy-config"))["data"]["envoy.yaml"])
+    upstreams = {c["name"] for c in config["static_resources"]["clusters"]}
+    reachable = set()
+    for p in of_kind(overlay, "NetworkPolicy"):
+        target = p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name")
+        for rule in p["spec"].get("ingress", []):
+            sources = [f.get("podSelector", {}).get("matchLabels", {}) for f in rule.get("from", [])]
+            if {"app.kubernetes.io/name": "edge"} in sources:
+                reachable.add(target)
+    assert upstreams == {"router", "auth", "ratelimit", "billing"}
+    assert upstreams <= reachable
 
 
 def test_the_image_definition_passes_hadolint() -> None:

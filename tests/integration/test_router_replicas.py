@@ -16,6 +16,7 @@ import pytest
 
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.mesh.local import LocalMesh, MeshOptions, Proc
+from tests.integration import scripted_inference
 
 MODEL = "smollm2-135m-instruct"
 SYSTEM = "You are the support assistant of a large shop. " * 14  # over the 512-character affinity prefix
@@ -33,17 +34,8 @@ class Fleet:
         self.router = self.start_router("router", list(self.replicas.values()))
 
     def replica(self, name: str, **env: str) -> Proc:
-        return self.mesh.start_service(
-            name,
-            "tests.integration.scripted_inference",
-            "MESHSERVE_",
-            {
-                "SCRIPTED_NAME": name,
-                "SCRIPTED_TOKENS": "8",
-                "SCRIPTED_TOKEN_SECONDS": "0.05",
-                "SCRIPTED_EVENTS": str(self.tmp / f"{name}.events"),
-                **env,
-            },
+        return scripted_inference.start(
+            self.mesh, name, 8, 0.05, **{"SCRIPTED_EVENTS": str(self.tmp / f"{name}.events"), **env}
         )
 
     def start_router(self, name: str, replicas: list[Proc], **env: str) -> Proc:

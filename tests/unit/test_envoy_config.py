@@ -34,8 +34,23 @@ def test_transcoder_speaks_openai_json_and_sse() -> None:
     assert t["convert_grpc_status"]
     files = descriptor_pb2.FileDescriptorSet.FromString(base64.b64decode(t["proto_descriptor_bin"])).file
     names = [f.name for f in files]
-    assert names[-1] == "meshserve/llm/v1/llm.proto"
+    assert {"meshserve/llm/v1/llm.proto", "meshserve/billing/v1/billing.proto"} <= set(names)
     assert "google/api/annotations.proto" in names and "google/protobuf/struct.proto" in names
+    for f in files:  # every file comes after the files it imports
+        assert all(names.index(dep) < names.index(f.name) for dep in f.dependency)
+
+
+def test_usage_queries_reach_billing_and_nothing_else_of_it_does() -> None:
+    cfg = EdgeConfig(listen=CFG.listen, admin=CFG.admin, router=CFG.router, billing=Address("billing", 50051))
+    hcm = render(cfg)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    to_billing = [r["match"] for r in routes if r["route"]["cluster"] == "billing"]
+    assert to_billing == [{"path": "/meshserve.billing.v1.BillingService/GetUsage"}]
+    transcoder = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.grpc_json_transcoder")
+    assert transcoder["typed_config"]["services"] == [
+        "meshserve.llm.v1.LlmService",
+        "meshserve.billing.v1.BillingService",
+    ]
 
 
 def test_lua_gets_every_error_type_and_no_placeholder() -> None:

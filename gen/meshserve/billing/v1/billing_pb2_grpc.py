@@ -61,7 +61,8 @@ class BillingServiceServicer:
 
     def GetUsage(self, request, context):
         """GetUsage sums the ledger's usage and cost over a time range, per tenant,
-        key and model.
+        key and model. Through the edge (GET /v1/usage?start=...&model=...), an
+        ordinary key sees its own tenant only; an admin key sees every tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

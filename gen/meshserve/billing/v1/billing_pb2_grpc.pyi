@@ -42,7 +42,8 @@ class BillingServiceStub:
     """
     GetUsage: _grpc.UnaryUnaryMultiCallable[_billing_pb2.GetUsageRequest, _billing_pb2.GetUsageResponse]
     """GetUsage sums the ledger's usage and cost over a time range, per tenant,
-    key and model.
+    key and model. Through the edge (GET /v1/usage?start=...&model=...), an
+    ordinary key sees its own tenant only; an admin key sees every tenant.
     """
 
 @_typing.type_check_only
@@ -56,7 +57,8 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """
     GetUsage: _aio.UnaryUnaryMultiCallable[_billing_pb2.GetUsageRequest, _billing_pb2.GetUsageResponse]  # type: ignore[assignment]
     """GetUsage sums the ledger's usage and cost over a time range, per tenant,
-    key and model.
+    key and model. Through the edge (GET /v1/usage?start=...&model=...), an
+    ordinary key sees its own tenant only; an admin key sees every tenant.
     """
 
 class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -79,7 +81,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_pb2.GetUsageResponse, _abc.Awaitable[_billing_pb2.GetUsageResponse]]:
         """GetUsage sums the ledger's usage and cost over a time range, per tenant,
-        key and model.
+        key and model. Through the edge (GET /v1/usage?start=...&model=...), an
+        ordinary key sees its own tenant only; an admin key sees every tenant.
         """
 
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
