@@ -1,6 +1,6 @@
 """An inference replica that replays a script instead of running a model: a test double for the real router.
 
-Prompts: "down" refuses at once (UNAVAILABLE), "fail" fails after two tokens; anything else streams
+Prompts: "down" refuses at once (UNAVAILABLE), "fail" fails after its tokens; anything else streams
 SCRIPTED_TOKENS tokens (default 2: "Hello there"), SCRIPTED_TOKEN_SECONDS apart, the first being the
 replica's SCRIPTED_NAME so tests see where a request landed. SCRIPTED_BROKEN=1 makes every Generate
 fail before its first token while the load stream stays up (an engine that died inside a live server).

@@ -155,12 +155,12 @@ class Metered:
         mesh.wait_serving(self.router, 60)
         mesh.wait_routable(self.router, [replica], 30)
 
-    def chat(self, key: str, stream: bool = False) -> int:
+    def chat(self, key: str, stream: bool = False, content: str = "count") -> int:
         """One request as tenant acme with key; the completion tokens the client was told."""
         identity = ((TENANT_HEADER, "acme"), (KEY_ID_HEADER, key))
         params = llm_pb2.ChatCompletionParams(
             model=MODEL,
-            messages=[llm_pb2.ChatMessage(role="user", content="count")],
+            messages=[llm_pb2.ChatMessage(role="user", content=content)],
         )
         if stream:
             params.stream = True
@@ -236,6 +236,14 @@ def test_the_ledger_holds_what_the_clients_were_told(metered: Metered) -> None:
     assert Decimal(line.cost) == PRICES.cost(MODEL, line.prompt_tokens, line.completion_tokens)
     time.sleep(1.5)
     assert metered.ledger("key_told", 10).requests == 10  # and nothing more arrives later
+
+
+def test_a_generation_that_failed_midway_is_billed_for_the_tokens_made(metered: Metered) -> None:
+    with pytest.raises(grpc.RpcError) as failed:
+        metered.chat("key_failed", content="fail")  # the scripted engine fails after its 6 tokens
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    line = metered.ledger("key_failed", 1)
+    assert (line.requests, line.completion_tokens) == (1, 6)
 
 
 def test_while_billing_is_down_usage_is_spooled_and_arrives_once_afterwards(metered: Metered) -> None:
