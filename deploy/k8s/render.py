@@ -17,6 +17,7 @@ GENERATED = K8S / "base" / "generated"
 RULES = K8S.parents[1] / "deploy" / "local" / "ratelimits.yaml"
 PRICES = K8S.parents[1] / "deploy" / "local" / "prices.yaml"
 PROMETHEUS_RULES = K8S.parents[1] / "deploy" / "prometheus" / "rules.yaml"
+DASHBOARD = K8S.parents[1] / "deploy" / "grafana" / "meshserve.json"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 
 
@@ -34,13 +35,15 @@ def edge() -> EdgeConfig:
 
 
 def generate() -> None:
-    """Writes base/generated/: Envoy config, rate-limit rules, prices, Prometheus rules, and (once) a random
+    """Writes base/generated/: Envoy config, rate-limit rules, prices, Prometheus rules, the Grafana dashboard,
+    and (once) a random
     bootstrap admin secret."""
     GENERATED.mkdir(parents=True, exist_ok=True)
     write_envoy_config(edge(), GENERATED / "envoy.yaml")
     shutil.copyfile(RULES, GENERATED / "ratelimits.yaml")
     shutil.copyfile(PRICES, GENERATED / "prices.yaml")
     shutil.copyfile(PROMETHEUS_RULES, GENERATED / "prometheus-rules.yaml")
+    shutil.copyfile(DASHBOARD, GENERATED / "grafana-meshserve.json")
     admin = GENERATED / "admin.env"
     if not admin.exists():
         admin.write_text(f"MESHSERVE_AUTH_BOOTSTRAP_ADMIN_SECRET={new_secret()}\n")

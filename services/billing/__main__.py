@@ -29,7 +29,7 @@ def main() -> None:
     async def setup(rt: Runtime) -> None:
         prices = WatchedFile(Path(settings.prices), Prices.from_yaml, "price table")
         client = redis.Redis.from_url(settings.redis_url)
-        meter = Meter(client, max_age_seconds=settings.max_age_days * 86400)
+        meter = Meter(client, max_age_seconds=settings.max_age_days * 86400, prices=lambda: prices.current)
         ledger = open_ledger(settings.ledger, settings.ledger_dsn)
         sink = (
             WebhookSink(

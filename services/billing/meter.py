@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from prometheus_client import Counter
 
+from services.billing.prices import Prices
 from services.runtime.errors import InvalidArgument
 
 OUTCOMES = ("completed", "cancelled", "failed")
@@ -28,6 +29,11 @@ CHUNK = 512
 RECORDS = Counter("meshserve_billing_records_total", "Usage records received, by result.", ["result"])
 TOKENS = Counter(
     "meshserve_billing_tokens_total", "Tokens counted into the aggregates, by model and kind.", ["model", "kind"]
+)
+SPEND = Counter(
+    "meshserve_billing_cost_total",
+    "Cost of the tokens counted, at the current prices, by model and currency (for dashboards; the ledger is exact).",
+    ["model", "currency"],
 )
 
 
@@ -87,8 +93,10 @@ class Meter:
         redis: Any,
         max_age_seconds: int = 7 * 24 * HOUR,
         clock: Any = time.time,
+        prices: Callable[[], Prices] | None = None,
     ) -> None:
         self._redis = redis
+        self._prices = prices
         # Request markers outlive the oldest record accepted, and buckets outlive their markers: a record
         # can never find its marker gone (counting twice) or its bucket gone (restarting a total at zero).
         self._max_age = max_age_seconds
@@ -133,9 +141,12 @@ class Meter:
                 totals = tokens.setdefault(u.model, [0, 0])
                 totals[0] += u.prompt_tokens
                 totals[1] += u.completion_tokens
+        prices = self._prices() if self._prices is not None else None
         for model, (prompt, completion) in tokens.items():
             TOKENS.labels(model, "prompt").inc(prompt)
             TOKENS.labels(model, "completion").inc(completion)
+            if prices is not None:
+                SPEND.labels(model, prices.currency).inc(float(prices.cost(model, prompt, completion)))
         accepted = sum(counted)
         RECORDS.labels("accepted").inc(accepted)
         RECORDS.labels("duplicate").inc(len(records) - accepted)

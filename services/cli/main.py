@@ -5,12 +5,18 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from services.cli import keys
 from services.mesh.local import LocalMesh, MeshError, MeshOptions
+
+if TYPE_CHECKING:
+    from rich.console import Group
+
+    from services.cli.top import Samples, Summary
 
 app = typer.Typer(help="meshserve: self-hosted LLM serving behind an OpenAI-compatible edge.", no_args_is_help=True)
 model_app = typer.Typer(help="The model store.", no_args_is_help=True)
@@ -148,6 +154,10 @@ def up(
                 mesh.edge_url, model, mesh.user_key, mesh.admin_key_file, mesh.user_key_file, options.ratelimit_rules
             )
         )
+        endpoints = ", ".join(
+            f"{p.name} http://{options.host}:{p.metrics_port}/metrics" for p in mesh.procs.values() if p.metrics_port
+        )
+        out.print(f"[bold]Metrics[/]: `meshserve top` (a live summary); Prometheus endpoints: {endpoints}")
         while True:
             dead = mesh.dead()
             if dead:
@@ -208,6 +218,86 @@ def usage(
             line.cost,
         )
     out.print(table)
+
+
+def _top_tables(summary: Summary) -> Group:
+    from rich.console import Group
+    from rich.table import Table
+
+    def ms(seconds: float) -> str:
+        return "-" if seconds != seconds else f"{seconds * 1000:,.0f} ms"
+
+    models = Table(title="models (rates over the interval; queue and in flight now)")
+    for column in (
+        "model",
+        "req/s",
+        "failed/s",
+        "prompt tok/s",
+        "completion tok/s",
+        "TTFT p50",
+        "TTFT p95",
+        "ITL p50",
+        "queued",
+        "in flight",
+    ):
+        models.add_column(column, justify="left" if column == "model" else "right")
+    for m in summary.models:
+        models.add_row(
+            m.model,
+            f"{m.requests_per_s:.2f}",
+            f"{m.failed_per_s:.2f}",
+            f"{m.prompt_tokens_per_s:,.0f}",
+            f"{m.completion_tokens_per_s:,.1f}",
+            ms(m.ttft_p50),
+            ms(m.ttft_p95),
+            ms(m.itl_p50),
+            f"{m.queued:.0f}",
+            f"{m.in_flight:.0f}",
+        )
+    replicas = Table(title="inference replicas")
+    for column in ("replica", "model", "running", "waiting", "KV cache"):
+        replicas.add_column(column, justify="left" if column in ("replica", "model") else "right")
+    for r in summary.replicas:
+        replicas.add_row(r.service, r.model, f"{r.running:.0f}", f"{r.waiting:.0f}", f"{r.kv_cache:.0%}")
+    services = " ".join(
+        f"[green]{name}[/]" if up else f"[red]{name} (down)[/]" for name, up in sorted(summary.services.items())
+    )
+    return Group(models, replicas, f"services: {services}")
+
+
+@app.command()
+def top(
+    state: Path = typer.Option(Path("var/run"), help="The running mesh's state folder."),
+    interval: float = typer.Option(2.0, help="Seconds between scrapes."),
+    once: bool = typer.Option(False, help="Print one summary (two scrapes, one interval apart) and exit."),
+) -> None:
+    """A live summary of the running mesh (traffic, TTFT, tokens/s, queues, replicas) from its /metrics."""
+    from rich.live import Live
+
+    from services.cli import top as metrics
+
+    urls = metrics.discover(state)
+    if not urls:
+        console.print(f"[red]no running services[/] (no ready files in {state}); start the mesh with `make up`")
+        raise typer.Exit(1)
+
+    def scrape_all() -> dict[str, Samples | None]:
+        return {name: metrics.scrape(url) for name, url in urls.items()}
+
+    before, at = scrape_all(), time.monotonic()
+    if once:
+        time.sleep(interval)
+        out.print(_top_tables(metrics.summarize(before, scrape_all(), time.monotonic() - at)))
+        return
+    with Live(console=out, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                after, now = scrape_all(), time.monotonic()
+                live.update(_top_tables(metrics.summarize(before, after, now - at)))
+                before, at = after, now
+        except KeyboardInterrupt:
+            pass
 
 
 def _last_engine_line(log: Path) -> str:

@@ -17,7 +17,7 @@ from prometheus_client import Counter
 from meshserve.billing.v1 import billing_pb2
 from meshserve.inference.v1 import inference_pb2
 from meshserve.llm.v1 import llm_pb2
-from services.router import validation
+from services.router import metrics, validation
 from services.router.admission import NO_REPLICA_RETRY_SECONDS, Admission
 from services.router.balancer import Balancer, ReplicaState
 from services.router.caller import Caller, RouteHints
@@ -240,14 +240,18 @@ class Completions:
         key = affinity_key(spec, hints, self._policy.prefix_chars)
         # Internal callers (no tenant) have no token budget.
         metered = _Metered(started=time.monotonic(), budgeted=self._budget is not None and bool(caller.tenant))
+        timer = metrics.GenerationTimer(spec.model, metered.started)
         async with self._admission.slot((spec.model, version.name), lambda: self.capacity(version)):
             metered.admitted = time.monotonic()
+            timer.admitted(metered.admitted)
             try:
                 # aclosing: a consumer that stops early must close the replica's stream (abort on the engine) now.
                 async with aclosing(self._failover(request, spec, caller, version, key, metered)) as steps:
                     async for step in steps:
+                        at = time.monotonic()
                         if metered.last is None:
-                            metered.first_token = time.monotonic()
+                            metered.first_token = at
+                        timer.step(at, step.completion_tokens)
                         metered.last = step
                         if step.finish_reason in FINISH_REASONS:
                             metered.outcome = "completed"
@@ -268,12 +272,14 @@ class Completions:
         completion_tokens = last.completion_tokens if last is not None else 0
         if metered.reserved and self._budget is not None:
             self._budget.settle(request_id, caller, spec.model, prompt_tokens, completion_tokens, metered.outcome)
+        tenant = caller.tenant or "internal"
+        metrics.finished(spec.model, version.name, tenant, metered.outcome, prompt_tokens, completion_tokens)
         # A request the engine reported on was generated for, and is billed whatever its outcome.
         if last is not None and self._usage is not None:
             ended = time.monotonic()
             record = billing_pb2.UsageRecord(
                 request_id=request_id,
-                tenant=caller.tenant or "internal",
+                tenant=tenant,
                 key_id=caller.key_id,
                 model=spec.model,
                 version=version.name,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 
@@ -28,8 +32,37 @@ def test_the_drift_alert_fires_on_unbilled_tokens_and_only_then() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_cluster_ships_the_same_rules() -> None:
+def test_the_cluster_ships_the_same_rules_and_dashboard() -> None:
     from tests.integration.test_k8s_manifests import _generated, named
 
     shipped = named("gpu", "ConfigMap", _generated("gpu", "prometheus-rules"))["data"]["meshserve.rules.yaml"]
     assert shipped == (RULES / "rules.yaml").read_text()
+    dashboard = named("gpu", "ConfigMap", _generated("gpu", "grafana-dashboard-meshserve"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"]["meshserve.json"] == (RULES.parent / "grafana" / "meshserve.json").read_text()
+
+
+def test_the_dashboard_is_grafana_json_whose_recorded_series_the_rules_define() -> None:
+    dashboard = json.loads((RULES.parent / "grafana" / "meshserve.json").read_text())
+    assert dashboard["uid"] and dashboard["title"] and isinstance(dashboard["schemaVersion"], int)
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    recorded = set(re.findall(r"^\s+- record: (\S+)", (RULES / "rules.yaml").read_text(), re.M))
+    queries = []
+    for p in dashboard["panels"]:
+        assert p["type"] == "timeseries" and p["targets"], p["title"]
+        assert {"x", "y", "w", "h"} <= set(p["gridPos"])
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}"
+            assert set(re.findall(r"\b(meshserve:[a-z0-9_:]+)", t["expr"])) <= recorded, t["expr"]
+            queries.append(t["expr"])
+    # Every query is valid PromQL: promtool parses each one as a recording rule.
+    as_rules = {
+        "groups": [{"name": "dashboard", "rules": [{"record": f"q{i}", "expr": q} for i, q in enumerate(queries)]}]
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(as_rules, f)
+        f.flush()
+        result = promtool("check", "rules", f.name)
+    assert result.returncode == 0, result.stdout + result.stderr
