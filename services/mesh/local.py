@@ -480,6 +480,8 @@ class LocalMesh:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.popen.pid, signal.SIGKILL)
                 proc.popen.wait()
+        if proc.ready_file is not None:
+            proc.ready_file.unlink(missing_ok=True)  # `meshserve top` and `usage` find running services by it
         return int(proc.popen.returncode)
 
     def stop(self, timeout: float = 30) -> None:

@@ -69,7 +69,8 @@ def test_known_traffic_shows_in_the_routers_counts_and_histograms(mesh: LocalMes
 def exported_names(mesh: LocalMesh) -> set[str]:
     names: set[str] = set()
     for proc in mesh.procs.values():
-        if proc.metrics_port:
+        # Earlier tests may have stopped a service for good (draining, restarts); the live ones count.
+        if proc.metrics_port and proc.alive():
             with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=5) as r:
                 names |= {m.group(1) for m in re.finditer(r"^(meshserve_[a-z0-9_]+)", r.read().decode(), re.M)}
     return names
