@@ -25,6 +25,7 @@ from services.runtime.identity import (
     MODELS_HEADER,
     TENANT_HEADER,
 )
+from services.runtime.metadata import text_metadata
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -124,7 +125,7 @@ class AdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
         self._store = store
 
     async def _require_admin(self, context: Context) -> None:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        metadata = text_metadata(context)
         await self._auth.check(metadata.get("authorization"), admin_call=True)
 
     async def CreateKey(self, request: auth_pb2.CreateKeyRequest, context: Context) -> auth_pb2.CreateKeyResponse:

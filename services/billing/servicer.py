@@ -16,6 +16,7 @@ from services.billing.meter import HOUR, Meter, Usage
 from services.billing.prices import Prices
 from services.runtime.errors import InvalidArgument, PermissionDenied, Unavailable
 from services.runtime.identity import ADMIN_HEADER, KEY_ID_HEADER, TENANT_HEADER
+from services.runtime.metadata import text_metadata
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -83,7 +84,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         end = int(request.end.seconds) if request.HasField("end") else int(time.time()) + 1
         if end <= start:
             raise InvalidArgument("end: must be after start")
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        metadata = text_metadata(context)
         tenant = tenant_in_scope(request.tenant, metadata)
         lines = await asyncio.to_thread(self._ledger.usage, start, end, tenant, request.key_id, request.model)
         prices: Prices = self._prices()

@@ -11,6 +11,7 @@ from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.router import caller
 from services.router.caller import Caller, RouteHints
 from services.router.completions import Completions
+from services.runtime.metadata import text_metadata
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -23,7 +24,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         self._require_caller = require_caller
 
     def _caller(self, context: Context) -> tuple[Caller, RouteHints]:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        metadata = text_metadata(context)
         return caller.from_metadata(metadata, self._require_caller), caller.hints_from_metadata(metadata)
 
     async def CreateChatCompletion(

@@ -132,9 +132,15 @@ def test_redis_holds_no_plaintext_secret_and_logs_show_none(mesh: LocalMesh) -> 
     client = redis.Redis.from_url(mesh.redis_url)
     dump = b""
     for name in client.scan_iter("*"):
-        kind = client.type(name)
-        value = client.get(name) if kind == b"string" else repr(client.zrange(name, 0, -1)).encode()
-        dump += name + b"=" + (value or b"") + b"\n"
+        # Every kind of value: auth's own keys, and the hashes and sets rate limits and billing keep beside them.
+        read = {
+            b"string": client.get,
+            b"hash": client.hgetall,
+            b"set": client.smembers,
+            b"zset": lambda n: client.zrange(n, 0, -1, withscores=True),
+            b"list": lambda n: client.lrange(n, 0, -1),
+        }[client.type(name)]
+        dump += name + b"=" + repr(read(name)).encode() + b"\n"
     assert b"msk:key:" in dump
     for secret in secrets:
         assert secret.encode() not in dump

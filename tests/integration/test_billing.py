@@ -410,7 +410,10 @@ async def test_a_batch_resent_after_a_lost_acknowledgement_keeps_its_identifiers
     mark_sent = ledger.mark_sent
     try:
         # The webhook took the batch, and billing died before it wrote that down.
-        ledger.mark_sent = lambda seqs: (_ for _ in ()).throw(OSError("disk gone"))  # type: ignore[method-assign]
+        def disk_gone(seqs: object) -> None:
+            raise OSError("disk gone")
+
+        ledger.mark_sent = disk_gone  # type: ignore[method-assign,assignment]
         with pytest.raises(OSError):
             await sink.send_once()
         ledger.mark_sent = mark_sent  # type: ignore[method-assign]
