@@ -19,6 +19,7 @@ bench:
 	@.venv/bin/python -m bench.ratelimit
 	@.venv/bin/python -m bench.affinity
 	@.venv/bin/python -m bench.billing
+	@.venv/bin/python -m bench.tracing
 
 gen:
 	@.venv/bin/meshserve gen

@@ -111,9 +111,13 @@ async def run_round(
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk(url: str, connections: int, seconds: int, headers: dict[str, str]) -> dict[str, float]:
-    """p50/p99 latency (ms) and requests/s from one wrk run."""
+def wrk(
+    url: str, connections: int, seconds: int, headers: dict[str, str], script: Path | None = None
+) -> dict[str, float]:
+    """p50/p99 latency (ms) and requests/s from one wrk run (a Lua script may set the method and body)."""
     args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    if script is not None:
+        args += ["-s", str(script)]
     for k, v in headers.items():
         args += ["-H", f"{k}: {v}"]
     text = subprocess.run(args, capture_output=True, text=True, check=True).stdout

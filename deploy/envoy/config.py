@@ -40,6 +40,15 @@ class Address:
 
 
 @dataclass(frozen=True)
+class Tracing:
+    """Where the edge sends its spans (an OTLP/gRPC collector) and how many requests it starts traces for."""
+
+    collector: Address
+    # Percent of requests without a sampled traceparent that the edge samples; the services follow its decision.
+    sample_percent: float = 10.0
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     """What the edge config depends on."""
 
@@ -59,6 +68,8 @@ class EdgeConfig:
     max_request_bytes: int = 16 * 1024 * 1024
     # A stream with no bytes either way for this long is reset.
     stream_idle_timeout_s: int = 300
+    # OpenTelemetry tracing; None leaves it out (no tracer, no cost).
+    tracing: Tracing | None = None
 
 
 def transcoded_services(cfg: EdgeConfig) -> list[str]:
@@ -129,11 +140,14 @@ def _access_log() -> list[dict[str, Any]]:
                         "service": "edge",
                         "msg": "access",
                         "request_id": "%REQ(X-REQUEST-ID)%",
+                        "trace_id": "%TRACE_ID%",
                         "method": "%REQ(:METHOD)%",
                         "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
                         "protocol": "%PROTOCOL%",
                         "status": "%RESPONSE_CODE%",
                         "grpc_status": "%GRPC_STATUS%",
+                        "model": f"%REQ({MODEL_HEADER})%",
+                        "tenant": f"%REQ({TENANT_HEADER})%",
                         "duration_ms": "%DURATION%",
                         "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
                         "bytes_in": "%BYTES_RECEIVED%",
@@ -258,6 +272,20 @@ def _grpc_cluster(name: str, addr: Address) -> dict[str, Any]:
     }
 
 
+def _tracing(tracing: Tracing) -> dict[str, Any]:
+    return {
+        "random_sampling": {"value": tracing.sample_percent},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "otlp"}, "timeout": "1s"},
+                "service_name": "meshserve-edge",
+            },
+        },
+    }
+
+
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 
@@ -270,6 +298,7 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
         "generate_request_id": True,
         "stream_idle_timeout": f"{cfg.stream_idle_timeout_s}s",
         "access_log": _access_log(),
+        **({"tracing": _tracing(cfg.tracing)} if cfg.tracing is not None else {}),
         "local_reply_config": _local_reply_config(),
         "route_config": {
             "name": "edge",
@@ -323,6 +352,7 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                 *([_grpc_cluster("auth", cfg.auth)] if cfg.auth is not None else []),
                 *([_grpc_cluster("ratelimit", cfg.ratelimit)] if cfg.ratelimit is not None else []),
                 *([_grpc_cluster("billing", cfg.billing)] if cfg.billing is not None else []),
+                *([_grpc_cluster("otlp", cfg.tracing.collector)] if cfg.tracing is not None else []),
             ],
         },
     }

@@ -11,6 +11,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc import aio
+from opentelemetry import trace
 
 from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.authenticator import Authenticator
@@ -84,10 +85,14 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
     async def Check(self, request: external_auth_pb2.CheckRequest, context: Context) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
         admin_call = http.path.startswith(ADMIN_PATH_PREFIX)
+        # The call's own span (the runtime's) is the auth check's: it gets the outcome.
+        span = trace.get_current_span()
         try:
             record = await self._auth.check(http.headers.get("authorization"), admin_call)
         except (Unauthenticated, PermissionDenied, Unavailable) as exc:
+            span.set_attribute("meshserve.denied", type(exc).__name__)
             return _denied(exc)
+        span.set_attribute("meshserve.tenant", record.tenant)
         return _allowed(record, admin_call)
 
 

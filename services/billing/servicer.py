@@ -8,15 +8,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from grpc import aio
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
 from redis.exceptions import RedisError
 
 from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.billing.ledger import Ledger
 from services.billing.meter import HOUR, Meter, Usage
 from services.billing.prices import Prices
+from services.runtime import tracing
 from services.runtime.errors import InvalidArgument, PermissionDenied, Unavailable
 from services.runtime.identity import ADMIN_HEADER, KEY_ID_HEADER, TENANT_HEADER
 from services.runtime.metadata import text_metadata
+
+tracer = trace.get_tracer("meshserve.billing")
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -71,11 +76,26 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     ) -> billing_pb2.RecordUsageResponse:
         accepted = duplicates = 0
         async for batch in request_iterator:
+            # Each traced request's record gets a span in that request's trace (batches mix requests).
+            spans = [
+                tracer.start_span(
+                    "billing.record_usage",
+                    context=tracing.parent_context(r.traceparent),
+                    attributes={"meshserve.request_id": r.request_id},
+                )
+                for r in batch.records
+                if r.traceparent
+            ]
             try:
                 a, d = await self._meter.record([usage_of(r) for r in batch.records])
             except (RedisError, OSError) as exc:
+                for span in spans:
+                    span.set_status(StatusCode.ERROR, "Redis unavailable")
                 # The sender keeps the batch (spools it) and sends it again; counting is idempotent.
                 raise Unavailable(f"usage cannot be recorded right now (Redis: {exc})") from exc
+            finally:
+                for span in spans:
+                    span.end()
             accepted, duplicates = accepted + a, duplicates + d
         return billing_pb2.RecordUsageResponse(accepted=accepted, duplicates=duplicates)
 

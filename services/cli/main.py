@@ -115,6 +115,10 @@ def up(
     dtype: str = typer.Option("auto", help="Weights dtype (auto, bfloat16, float32)."),
     rules: Path | None = typer.Option(None, help="Rate-limit rules YAML (default: deploy/local/ratelimits.yaml)."),
     replicas: int = typer.Option(1, min=1, max=8, help="Inference replicas; each is a vLLM engine (about 1.5 GiB)."),
+    otlp_endpoint: str = typer.Option(
+        "", envvar="MESHSERVE_OTLP_ENDPOINT", help="OTLP/gRPC collector host:port for traces; empty: tracing off."
+    ),
+    trace_sample: float = typer.Option(0.1, min=0.0, max=1.0, help="Share of requests traced (the edge decides)."),
 ) -> None:
     """Starts the local mesh (Redis, auth, rate limits, billing, inference on vLLM, router, Envoy edge) until Ctrl-C."""
     from services.inference import model_store
@@ -122,7 +126,15 @@ def up(
     with console.status(f"model store: {model}"):
         model_store.ensure(model_store.ModelStore(store), model)
     options = MeshOptions(
-        state_dir=state, model=model, model_store=store, host=host, edge_port=port, dtype=dtype, replicas=replicas
+        state_dir=state,
+        model=model,
+        model_store=store,
+        host=host,
+        edge_port=port,
+        dtype=dtype,
+        replicas=replicas,
+        otlp_endpoint=otlp_endpoint,
+        trace_sample_ratio=trace_sample,
     )
     if rules is not None:
         options.ratelimit_rules = rules
@@ -158,6 +170,8 @@ def up(
             f"{p.name} http://{options.host}:{p.metrics_port}/metrics" for p in mesh.procs.values() if p.metrics_port
         )
         out.print(f"[bold]Metrics[/]: `meshserve top` (a live summary); Prometheus endpoints: {endpoints}")
+        if otlp_endpoint:
+            out.print(f"[bold]Traces[/]: {trace_sample:.0%} of requests, over OTLP/gRPC to {otlp_endpoint}")
         while True:
             dead = mesh.dead()
             if dead:

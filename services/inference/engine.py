@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from services.runtime import tracing
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -181,9 +182,12 @@ class Engine:
         completion_tokens = 0
         finished = False
         self._in_flight += 1
+        span = tracing.start_span("engine.generate", {"meshserve.prompt_tokens": len(prompt_ids)})
         try:
             async for output in self._llm.generate(prompt, params, request_id):
                 out = output.outputs[0]
+                if completion_tokens == 0 and out.token_ids:
+                    span.add_event("first_token")
                 completion_tokens += len(out.token_ids)
                 finished = bool(output.finished)
                 yield Step(
@@ -197,6 +201,9 @@ class Engine:
             raise InvalidArgument(str(exc)) from exc
         finally:
             self._in_flight -= 1
+            span.set_attribute("meshserve.completion_tokens", completion_tokens)
+            span.set_attribute("meshserve.finished", finished)
+            span.end()
             if not finished:
                 await self._llm.abort(request_id)
                 log.info("aborted", extra={"request_id": request_id, "completion_tokens": completion_tokens})

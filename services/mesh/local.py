@@ -19,10 +19,11 @@ from pathlib import Path
 import grpc
 import yaml
 
-from deploy.envoy.config import Address, EdgeConfig
+from deploy.envoy.config import Address, EdgeConfig, Tracing
 from deploy.envoy.config import write as write_envoy_config
 from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.ratelimit.rules import FailureMode, Kind, Rules
+from services.runtime import tracing
 from services.runtime.files import write_private
 from services.runtime.server import check_health
 
@@ -122,6 +123,21 @@ class MeshOptions:
     # bench/ (about +10% tokens/s at 16 streams on 2 cores). On Kubernetes, separate CPU requests do
     # the same. Auth works once per request, not per token, and keeps normal priority.
     support_nice: int = 10
+    # OTLP/gRPC collector (host:port) for traces from the edge and every service; empty: tracing off.
+    otlp_endpoint: str = ""
+    # Share of requests traced: the edge samples them, the services follow its decision.
+    trace_sample_ratio: float = 0.1
+
+    def tracing_env(self) -> dict[str, str]:
+        """The OTEL_* variables of every service: tracing to otlp_endpoint, or none at all."""
+        if not self.otlp_endpoint:
+            return {}
+        return {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://{self.otlp_endpoint}",
+            "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "true",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": str(self.trace_sample_ratio),
+        }
 
 
 class MeshError(RuntimeError):
@@ -154,7 +170,8 @@ class LocalMesh:
             "MESHSERVE_INFERENCE_DRAIN_SECONDS": "0",
             "HF_HUB_OFFLINE": "1",
         }
-        full_env = {**os.environ, **local, **self.options.env, **env}
+        inherited = {k: v for k, v in os.environ.items() if k not in tracing.ENDPOINT_VARIABLES}
+        full_env = {**inherited, **local, **self.options.tracing_env(), **self.options.env, **env}
         if nice:
             # `nice` execs the command: same pid, and every thread it starts inherits the priority.
             args = ["nice", "-n", str(nice), *args]
@@ -350,6 +367,9 @@ class LocalMesh:
                 ratelimit=Address(self.options.host, ratelimit.grpc_port) if ratelimit is not None else None,
                 ratelimit_fail_closed=ratelimit is not None and not self._fail_open(Kind.REQUESTS),
                 billing=Address(self.options.host, billing.grpc_port) if billing is not None else None,
+                tracing=Tracing(Address.parse(self.options.otlp_endpoint), self.options.trace_sample_ratio * 100)
+                if self.options.otlp_endpoint
+                else None,
             ),
             self.options.state_dir / "envoy.yaml",
         )
@@ -363,6 +383,9 @@ class LocalMesh:
             "1",
             "--base-id",
             str(self.edge.port),
+            # Access log lines reach the log file within a second (Envoy's default is 10 s).
+            "--file-flush-interval-msec",
+            "1000",
         ]
         return self._spawn("envoy", args, {}, ready=False, nice=self.options.support_nice)
 

@@ -8,6 +8,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc import aio
+from opentelemetry import trace
 
 from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from services.ratelimit.limiter import Limiter, RequestDecision, TokenCaller
@@ -74,6 +75,10 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
             raise InvalidArgument(f"unknown rate-limit domain {request.domain!r}; this service serves {self._domain!r}")
         descriptors = [{e.key: e.value for e in d.entries} for d in request.descriptors]
         decision = await self._limiter.check_requests(descriptors, request.hits_addend or 1)
+        # The call's own span (the runtime's) is the decision's.
+        span = trace.get_current_span()
+        span.set_attribute("meshserve.admitted", decision.admitted)
+        span.set_attribute("meshserve.enforced", decision.enforced)
         return rls_response(decision)
 
 
@@ -92,9 +97,11 @@ class TokenBudgetServicer(ratelimit_pb2_grpc.TokenBudgetServiceServicer):
     async def Reserve(self, request: ratelimit_pb2.ReserveRequest, context: Context) -> ratelimit_pb2.ReserveResponse:
         if not request.request_id:
             raise InvalidArgument("request_id is required")
+        caller = _caller(request.caller)
         reservation = await self._limiter.reserve(
-            request.request_id, _caller(request.caller), request.model, request.prompt_tokens, request.max_tokens
+            request.request_id, caller, request.model, request.prompt_tokens, request.max_tokens
         )
+        trace.get_current_span().set_attribute("meshserve.reserved_tokens", reservation.reserved_tokens)
         return ratelimit_pb2.ReserveResponse(
             reserved_tokens=reservation.reserved_tokens,
             estimated_completion_tokens=reservation.estimated_completion_tokens,

@@ -11,7 +11,7 @@ from prometheus_client import Counter
 
 from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from services.router.caller import Caller
-from services.runtime import errors, keepalive
+from services.runtime import errors, keepalive, tracing
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ def _retry_after(exc: aio.AioRpcError) -> float | None:
     return None
 
 
+_SERVICE = ratelimit_pb2.DESCRIPTOR.services_by_name["TokenBudgetService"].full_name
+RESERVE, SETTLE = f"/{_SERVICE}/Reserve", f"/{_SERVICE}/Settle"
+
+
 class GrpcTokenBudget:
     """The rate-limit service's TokenBudgetService, as the router uses it."""
 
@@ -64,7 +68,8 @@ class GrpcTokenBudget:
             max_tokens=max_tokens,
         )
         try:
-            await self._stub.Reserve(request, timeout=2)
+            with tracing.client_call(RESERVE) as metadata:
+                await self._stub.Reserve(request, timeout=2, metadata=metadata)
         except aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -99,7 +104,8 @@ class GrpcTokenBudget:
         delay = 0.1
         for attempt in range(1, self._attempts + 1):
             try:
-                await self._stub.Settle(request, timeout=2)
+                with tracing.client_call(SETTLE) as metadata:
+                    await self._stub.Settle(request, timeout=2, metadata=metadata)
                 return
             except aio.AioRpcError as exc:
                 if attempt == self._attempts or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:

@@ -12,17 +12,19 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from opentelemetry import trace
 from prometheus_client import Counter
 
 from meshserve.billing.v1 import billing_pb2
 from meshserve.inference.v1 import inference_pb2
 from meshserve.llm.v1 import llm_pb2
-from services.router import metrics, validation
+from services.router import access, metrics, validation
 from services.router.admission import NO_REPLICA_RETRY_SECONDS, Admission
 from services.router.balancer import Balancer, ReplicaState
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, Version
 from services.router.validation import OPTIONAL_SAMPLING, GenerationSpec
+from services.runtime import tracing
 from services.runtime.errors import DomainError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -241,27 +243,59 @@ class Completions:
         # Internal callers (no tenant) have no token budget.
         metered = _Metered(started=time.monotonic(), budgeted=self._budget is not None and bool(caller.tenant))
         timer = metrics.GenerationTimer(spec.model, metered.started)
-        async with self._admission.slot((spec.model, version.name), lambda: self.capacity(version)):
-            metered.admitted = time.monotonic()
-            timer.admitted(metered.admitted)
-            try:
-                # aclosing: a consumer that stops early must close the replica's stream (abort on the engine) now.
-                async with aclosing(self._failover(request, spec, caller, version, key, metered)) as steps:
-                    async for step in steps:
-                        at = time.monotonic()
-                        if metered.last is None:
-                            metered.first_token = at
-                        timer.step(at, step.completion_tokens)
-                        metered.last = step
-                        if step.finish_reason in FINISH_REASONS:
-                            metered.outcome = "completed"
-                        yield step
-            except Exception:
-                metered.outcome = "failed"
-                raise
-            finally:
-                # Runs however the stream ends: finished, failed, or closed early by a client that went away.
-                self._account(request_id, spec, caller, version, metered)
+        attributes = {
+            "meshserve.model": spec.model,
+            "meshserve.version": version.name,
+            "meshserve.tenant": caller.tenant,
+        }
+        queued = tracing.start_span("router.queue_wait", attributes)
+        try:
+            async with self._admission.slot((spec.model, version.name), lambda: self.capacity(version)):
+                queued.end()
+                metered.admitted = time.monotonic()
+                timer.admitted(metered.admitted)
+                # Current while the replica is called: the engine's spans and billing's record join it.
+                with tracing.span("router.generate", {**attributes, "meshserve.request_id": request_id}) as span:
+                    try:
+                        # aclosing: a consumer that stops early closes the replica's stream (aborts the engine) now.
+                        steps = self._steps(request, spec, caller, version, key, metered, timer, span)
+                        async with aclosing(steps):
+                            async for step in steps:
+                                yield step
+                    finally:
+                        # Runs however the stream ends: finished, failed, or closed early by a client gone away.
+                        span.set_attribute("meshserve.outcome", metered.outcome)
+                        self._account(request_id, spec, caller, version, metered)
+        finally:
+            if queued.is_recording():
+                queued.end()
+
+    async def _steps(
+        self,
+        request: inference_pb2.GenerateRequest,
+        spec: GenerationSpec,
+        caller: Caller,
+        version: Version,
+        key: str | None,
+        metered: _Metered,
+        timer: metrics.GenerationTimer,
+        span: trace.Span,
+    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        try:
+            async with aclosing(self._failover(request, spec, caller, version, key, metered)) as steps:
+                async for step in steps:
+                    at = time.monotonic()
+                    if metered.last is None:
+                        metered.first_token = at
+                        span.add_event("first_token")
+                    timer.step(at, step.completion_tokens)
+                    metered.last = step
+                    if step.finish_reason in FINISH_REASONS:
+                        metered.outcome = "completed"
+                    yield step
+        except Exception:
+            metered.outcome = "failed"
+            raise
 
     def _account(
         self, request_id: str, spec: GenerationSpec, caller: Caller, version: Version, metered: _Metered
@@ -274,6 +308,11 @@ class Completions:
             self._budget.settle(request_id, caller, spec.model, prompt_tokens, completion_tokens, metered.outcome)
         tenant = caller.tenant or "internal"
         metrics.finished(spec.model, version.name, tenant, metered.outcome, prompt_tokens, completion_tokens)
+        entry = access.CURRENT.get()
+        if entry is not None:
+            entry.version, entry.outcome = version.name, metered.outcome
+            entry.prompt_tokens, entry.completion_tokens = prompt_tokens, completion_tokens
+            entry.ttft_ms = (metered.first_token - metered.started) * 1000 if metered.first_token else 0.0
         # A request the engine reported on was generated for, and is billed whatever its outcome.
         if last is not None and self._usage is not None:
             ended = time.monotonic()
@@ -289,6 +328,7 @@ class Completions:
                 queue_seconds=metered.admitted - metered.started,
                 ttft_seconds=metered.first_token - metered.started,
                 total_seconds=ended - metered.started,
+                traceparent=tracing.traceparent(),
             )
             record.finished_at.FromNanoseconds(int(self._clock() * 1e9))
             self._usage.record(record)
@@ -306,7 +346,10 @@ class Completions:
         tried: list[str] = []
         last_error: Unavailable | None = None
         while True:
-            state = self._balancer.choose(self._replicas.states(version.replicas), key, tried)
+            with tracing.span("router.choose_replica") as choice:
+                state = self._balancer.choose(self._replicas.states(version.replicas), key, tried)
+                choice.set_attribute("meshserve.attempt", len(tried) + 1)
+                choice.set_attribute("meshserve.replica", state.address if state is not None else "")
             if state is None:
                 failed = f"; {len(tried)} failed, the last with: {last_error}" if tried else ""
                 raise Unavailable(

@@ -10,7 +10,7 @@ from grpc import aio
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.router.balancer import LoadReport
-from services.runtime import errors, keepalive
+from services.runtime import errors, keepalive, tracing
 
 # Keepalive notices a dead replica on an idle channel; the service config lets gRPC
 # itself retry a call that failed before the replica answered anything. round_robin spreads
@@ -46,6 +46,10 @@ _OPTIONS = [
 ]
 
 
+_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+GENERATE, COUNT_TOKENS = f"/{_SERVICE}/Generate", f"/{_SERVICE}/CountTokens"
+
+
 def domain_error(exc: aio.AioRpcError, address: str) -> errors.DomainError:
     """The domain error a caller should see for a failed engine call."""
     code, details = exc.code(), exc.details() or ""
@@ -67,21 +71,25 @@ class GrpcReplica:
     async def generate(
         self, request: inference_pb2.GenerateRequest
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
-        call = self._stub.Generate(request)
-        try:
-            async for step in call:
-                yield step
-        except aio.AioRpcError as exc:
-            raise domain_error(exc, self.address) from exc
-        finally:
-            # Closing early (client gone, router stopping) must abort the generation on the engine.
-            call.cancel()
+        with tracing.client_call(GENERATE) as metadata:
+            call = self._stub.Generate(request, metadata=metadata)
+            try:
+                async for step in call:
+                    yield step
+            except aio.AioRpcError as exc:
+                raise domain_error(exc, self.address) from exc
+            finally:
+                # Closing early (client gone, router stopping) must abort the generation on the engine.
+                call.cancel()
 
     async def count_tokens(self, request: inference_pb2.GenerateRequest) -> tuple[int, int]:
         try:
-            counted = await self._stub.CountTokens(
-                inference_pb2.CountTokensRequest(model=request.model, input=request.input), timeout=10
-            )
+            with tracing.client_call(COUNT_TOKENS) as metadata:
+                counted = await self._stub.CountTokens(
+                    inference_pb2.CountTokensRequest(model=request.model, input=request.input),
+                    timeout=10,
+                    metadata=metadata,
+                )
         except aio.AioRpcError as exc:
             raise domain_error(exc, self.address) from exc
         return counted.prompt_tokens, counted.max_model_len

@@ -1,19 +1,30 @@
-"""The router's gRPC servicer: protobuf in, domain calls, protobuf out."""
+"""The router's gRPC servicer: protobuf in, domain calls, protobuf out, one access log line per call."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from grpc import aio
 
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
-from services.router import caller
+from services.router import access, caller
 from services.router.caller import Caller, RouteHints
 from services.router.completions import Completions
+from services.runtime.errors import DomainError
+from services.runtime.interceptors import status_of
 from services.runtime.metadata import text_metadata
 
 Context = aio.ServicerContext[Any, Any]
+
+
+def _status_name(exc: BaseException) -> str:
+    if isinstance(exc, DomainError):
+        return status_of(exc).name
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    return "UNKNOWN"
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
@@ -23,31 +34,42 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         self._completions = completions
         self._require_caller = require_caller
 
-    def _caller(self, context: Context) -> tuple[Caller, RouteHints]:
+    def _caller(self, context: Context, entry: access.Access) -> tuple[Caller, RouteHints]:
         metadata = text_metadata(context)
-        return caller.from_metadata(metadata, self._require_caller), caller.hints_from_metadata(metadata)
+        who = caller.from_metadata(metadata, self._require_caller)
+        entry.tenant = who.tenant or "internal"
+        return who, caller.hints_from_metadata(metadata)
 
     async def CreateChatCompletion(
         self, request: llm_pb2.CreateChatCompletionRequest, context: Context
     ) -> llm_pb2.CreateChatCompletionResponse:
-        return await self._completions.chat(request.params, *self._caller(context))
+        with access.opened("CreateChatCompletion", _status_name) as entry:
+            entry.model = request.params.model
+            return await self._completions.chat(request.params, *self._caller(context, entry))
 
     async def StreamChatCompletion(
         self, request: llm_pb2.StreamChatCompletionRequest, context: Context
     ) -> AsyncIterator[llm_pb2.StreamChatCompletionResponse]:
-        async for chunk in self._completions.chat_stream(request.params, *self._caller(context)):
-            yield chunk
+        with access.opened("StreamChatCompletion", _status_name) as entry:
+            entry.model = request.params.model
+            async for chunk in self._completions.chat_stream(request.params, *self._caller(context, entry)):
+                yield chunk
 
     async def CreateCompletion(
         self, request: llm_pb2.CreateCompletionRequest, context: Context
     ) -> llm_pb2.CreateCompletionResponse:
-        return await self._completions.completion(request.params, *self._caller(context))
+        with access.opened("CreateCompletion", _status_name) as entry:
+            entry.model = request.params.model
+            return await self._completions.completion(request.params, *self._caller(context, entry))
 
     async def StreamCompletion(
         self, request: llm_pb2.StreamCompletionRequest, context: Context
     ) -> AsyncIterator[llm_pb2.StreamCompletionResponse]:
-        async for chunk in self._completions.completion_stream(request.params, *self._caller(context)):
-            yield chunk
+        with access.opened("StreamCompletion", _status_name) as entry:
+            entry.model = request.params.model
+            async for chunk in self._completions.completion_stream(request.params, *self._caller(context, entry)):
+                yield chunk
 
     async def ListModels(self, request: llm_pb2.ListModelsRequest, context: Context) -> llm_pb2.ListModelsResponse:
-        return self._completions.list_models(self._caller(context)[0])
+        with access.opened("ListModels", _status_name) as entry:
+            return self._completions.list_models(self._caller(context, entry)[0])

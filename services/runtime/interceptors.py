@@ -1,7 +1,8 @@
-"""Server interceptors in one fixed order: per-RPC metrics, then domain errors to status codes."""
+"""The server interceptor: a span per call when tracing is on, per-RPC metrics, domain errors to status codes."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -10,8 +11,9 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from opentelemetry.trace import Span, StatusCode
 
-from services.runtime import errors, metrics
+from services.runtime import errors, metrics, tracing
 
 log = logging.getLogger(__name__)
 
@@ -68,34 +70,51 @@ class ServiceInterceptor(aio.ServerInterceptor):
             return handler
         wrapped = self._wrapped.get(handler)
         if wrapped is None:
-            wrapped = self._wrapped[handler] = self._wrap(handler, handler_call_details.method.rsplit("/", 1)[-1])
+            wrapped = self._wrapped[handler] = self._wrap(handler, handler_call_details.method)
         return wrapped
 
-    def _wrap(self, handler: Any, method: str) -> Any:
+    def _wrap(self, handler: Any, full_method: str) -> Any:
         service = self._service
+        method = full_method.rsplit("/", 1)[-1]
+        traced = tracing.traced(full_method)
+
+        def span_of(context: aio.ServicerContext[Any, Any]) -> contextlib.AbstractContextManager[Span | None]:
+            if not traced:
+                return contextlib.nullcontext()
+            return tracing.server_span(full_method, context.invocation_metadata())
+
+        def ended(span: Span | None, context: aio.ServicerContext[Any, Any], start: float) -> None:
+            code = _code_of(context)
+            metrics.observe_rpc(service, method, code, time.perf_counter() - start)
+            if span is not None:
+                span.set_attribute("rpc.grpc.status_code", code)
+                if code != "OK":
+                    span.set_status(StatusCode.ERROR, code)
 
         def awaited(inner: Any) -> Any:
             async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 start = time.perf_counter()
-                try:
-                    return await inner(request, context)
-                except errors.DomainError as exc:
-                    await _abort_for(exc, context)
-                finally:
-                    metrics.observe_rpc(service, method, _code_of(context), time.perf_counter() - start)
+                with span_of(context) as span:
+                    try:
+                        return await inner(request, context)
+                    except errors.DomainError as exc:
+                        await _abort_for(exc, context)
+                    finally:
+                        ended(span, context, start)
 
             return call
 
         def generated(inner: Any) -> Any:
             async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 start = time.perf_counter()
-                try:
-                    async for item in inner(request, context):
-                        yield item
-                except errors.DomainError as exc:
-                    await _abort_for(exc, context)
-                finally:
-                    metrics.observe_rpc(service, method, _code_of(context), time.perf_counter() - start)
+                with span_of(context) as span:
+                    try:
+                        async for item in inner(request, context):
+                            yield item
+                    except errors.DomainError as exc:
+                        await _abort_for(exc, context)
+                    finally:
+                        ended(span, context, start)
 
             return stream
 

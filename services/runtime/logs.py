@@ -1,4 +1,4 @@
-"""JSON log lines on stderr, one shape for every service."""
+"""JSON log lines on stderr, one shape for every service; a record made within a traced call carries its trace id."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from opentelemetry import trace
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -26,6 +28,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            line["trace_id"] = format(span_context.trace_id, "032x")
+            line["span_id"] = format(span_context.span_id, "016x")
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 line[key] = value

@@ -17,7 +17,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.runtime import keepalive
+from services.runtime import keepalive, tracing
 from services.runtime.interceptors import ServiceInterceptor
 from services.runtime.logs import configure_logging
 from services.runtime.metrics import serve_metrics
@@ -122,6 +122,7 @@ async def _run(
             await asyncio.wait_for(hook(), timeout=10)
         except Exception:
             log.exception("shutdown hook failed")
+    await tracing.shutdown()
     log.info("stopped")
     if failed:
         raise SystemExit(1)
@@ -141,6 +142,7 @@ def serve(
 ) -> None:
     """Runs a service until SIGTERM or SIGINT, then drains and stops it."""
     configure_logging(name, settings.log_level, settings.log_json)
+    tracing.configure(name)
     asyncio.run(_run(name, settings, service_names, setup))
 
 

@@ -69,6 +69,10 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
             self.running -= 1
             self._event("done" if finished else "abort", request.request_id)
 
+    async def CountTokens(self, request: ipb.CountTokensRequest, context: Any) -> ipb.CountTokensResponse:
+        # Every prompt is 3 tokens, as Generate reports; a context of 2048 like the packaged model's.
+        return ipb.CountTokensResponse(prompt_tokens=3, max_model_len=2048)
+
     async def WatchLoad(self, request: ipb.WatchLoadRequest, context: Any) -> AsyncIterator[ipb.WatchLoadResponse]:
         while not self.draining.is_set():
             load = ipb.GetLoadResponse(

@@ -6,7 +6,7 @@ import base64
 
 from google.protobuf import descriptor_pb2
 
-from deploy.envoy.config import Address, EdgeConfig, lua_source, render
+from deploy.envoy.config import Address, EdgeConfig, Tracing, lua_source, render
 from services.runtime.openai_errors import ERROR_TYPES
 
 CFG = EdgeConfig(listen=Address("127.0.0.1", 8080), admin=Address("127.0.0.1", 9901), router=Address("10.0.0.2", 50051))
@@ -106,3 +106,22 @@ def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_c
     descriptors = [[a["request_headers"]["descriptor_key"] for a in d["actions"]] for d in limits]
     assert descriptors == [["tenant", "key_id", "key_rpm"], ["tenant"], ["tenant", "model"]]
     assert {c["name"] for c in full["static_resources"]["clusters"]} == {"router", "auth", "ratelimit"}
+
+
+def test_tracing_is_an_opentelemetry_provider_with_its_own_cluster_or_absent() -> None:
+    def hcm_and_clusters(cfg: EdgeConfig) -> tuple[dict, list[str]]:  # type: ignore[type-arg]
+        rendered = render(cfg)["static_resources"]
+        hcm = rendered["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        return hcm, [c["name"] for c in rendered["clusters"]]
+
+    hcm, clusters = hcm_and_clusters(CFG)
+    assert "tracing" not in hcm and "otlp" not in clusters
+    traced = EdgeConfig(
+        listen=CFG.listen, admin=CFG.admin, router=CFG.router, tracing=Tracing(Address("127.0.0.1", 4317), 10.0)
+    )
+    hcm, clusters = hcm_and_clusters(traced)
+    assert hcm["tracing"]["random_sampling"] == {"value": 10.0}
+    provider = hcm["tracing"]["provider"]
+    assert provider["name"] == "envoy.tracers.opentelemetry"
+    assert provider["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "otlp"
+    assert "otlp" in clusters

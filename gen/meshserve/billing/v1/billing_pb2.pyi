@@ -23,7 +23,7 @@ OUTCOME_CANCELLED: Outcome
 OUTCOME_FAILED: Outcome
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "tenant", "key_id", "model", "version", "prompt_tokens", "completion_tokens", "outcome", "finished_at", "queue_seconds", "ttft_seconds", "total_seconds")
+    __slots__ = ("request_id", "tenant", "key_id", "model", "version", "prompt_tokens", "completion_tokens", "outcome", "finished_at", "queue_seconds", "ttft_seconds", "total_seconds", "traceparent")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class UsageRecord(_message.Message):
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tenant: str
     key_id: str
@@ -48,7 +49,8 @@ class UsageRecord(_message.Message):
     queue_seconds: float
     ttft_seconds: float
     total_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue_seconds: _Optional[float] = ..., ttft_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue_seconds: _Optional[float] = ..., ttft_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class RecordUsageRequest(_message.Message):
     __slots__ = ("records",)

@@ -1,0 +1,165 @@
+"""One trace per request, from the Envoy edge through auth, rate limits, router, inference and billing."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.mesh.local import LocalMesh
+from tests.e2e.helpers import MODEL, QUESTION
+from tests.otlp_receiver import Receiver, Span
+
+pytestmark = pytest.mark.mesh
+
+SERVER, CLIENT = 2, 3  # OTLP SpanKind values
+
+
+def chat(mesh: LocalMesh, headers: dict[str, str] | None = None) -> str:
+    """One chat completion over REST; its request id."""
+    body = json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 4, "temperature": 0}).encode()
+    request = urllib.request.Request(
+        f"{mesh.edge_url}/v1/chat/completions",
+        data=body,
+        headers={"authorization": f"Bearer {mesh.user_key}", "content-type": "application/json", **(headers or {})},
+    )
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return str(json.loads(reply.read())["id"])
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def generation(spans: Sequence[Span], request_id: str) -> Span | None:
+    return next(
+        (s for s in spans if s.name == "router.generate" and s.attributes.get("meshserve.request_id") == request_id),
+        None,
+    )
+
+
+def whole_trace(otlp: Receiver, request_id: str) -> list[Span]:
+    """Every span of the request's trace, once billing's span (the last to happen) has arrived."""
+
+    def complete(spans: list[Span]) -> bool:
+        gen = generation(spans, request_id)
+        return (
+            gen is not None
+            and any(s.name == "billing.record_usage" and s.trace_id == gen.trace_id for s in spans)
+            and any(s.service == "meshserve-edge" and s.trace_id == gen.trace_id for s in spans)
+        )
+
+    spans = otlp.wait_for(complete, timeout=30)
+    gen = generation(spans, request_id)
+    assert gen is not None, f"no router.generate span for {request_id}; got {sorted({s.name for s in spans})}"
+    return [s for s in spans if s.trace_id == gen.trace_id]
+
+
+def one(spans: Sequence[Span], service: str, name: str, parent: Span | None = None) -> Span:
+    """The single span of service named name (under parent when given)."""
+    found = [
+        s
+        for s in spans
+        if s.service == service and s.name == name and (parent is None or s.parent_span_id == parent.span_id)
+    ]
+    assert len(found) == 1, f"{len(found)} spans {service}/{name} under {parent and parent.name}: {describe(spans)}"
+    return found[0]
+
+
+def describe(spans: Sequence[Span]) -> str:
+    return "; ".join(f"{s.service}/{s.name} {s.span_id}<-{s.parent_span_id or 'root'}" for s in spans)
+
+
+def assert_one_tree(spans: Sequence[Span]) -> Span:
+    """Every span's parent is in the trace, except one root; the root."""
+    ids = {s.span_id for s in spans}
+    roots = [s for s in spans if s.parent_span_id not in ids]
+    assert len(roots) == 1, f"{len(roots)} roots: {describe(spans)}"
+    return roots[0]
+
+
+def check_path(spans: Sequence[Span]) -> Span:
+    """The request's path through the mesh, span by span, each under the one that caused it; the edge's span."""
+    by_id = {s.span_id: s for s in spans}
+    edge = next(s for s in spans if s.service == "meshserve-edge" and s.kind == SERVER)
+
+    def under_edge(service: str, name: str) -> Span:
+        # Envoy's gRPC clients (ext_authz, ratelimit) open a client span under the request's span.
+        server = one(spans, service, name)
+        client = by_id[server.parent_span_id]
+        assert client.service == "meshserve-edge" and client.parent_span_id == edge.span_id, describe(spans)
+        return server
+
+    auth = under_edge("meshserve-auth", "/envoy.service.auth.v3.Authorization/Check")
+    assert auth.attributes["meshserve.tenant"] and auth.attributes["rpc.grpc.status_code"] == "OK"
+    rls = under_edge("meshserve-ratelimit", "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit")
+    assert rls.attributes["meshserve.admitted"] is True
+
+    router = one(spans, "meshserve-router", "/meshserve.llm.v1.LlmService/CreateChatCompletion")
+    assert by_id[router.parent_span_id].service == "meshserve-edge", describe(spans)
+    one(spans, "meshserve-router", "router.queue_wait", router)
+    gen = one(spans, "meshserve-router", "router.generate", router)
+    one(spans, "meshserve-router", "router.choose_replica", gen)
+
+    reserve_call = one(spans, "meshserve-router", "/meshserve.ratelimit.v1.TokenBudgetService/Reserve", gen)
+    reserve = one(spans, "meshserve-ratelimit", "/meshserve.ratelimit.v1.TokenBudgetService/Reserve", reserve_call)
+    assert reserve.attributes["meshserve.reserved_tokens"] > 0
+
+    generate_call = one(spans, "meshserve-router", "/meshserve.inference.v1.InferenceService/Generate", gen)
+    assert generate_call.kind == CLIENT
+    engine_call = one(spans, "meshserve-inference", "/meshserve.inference.v1.InferenceService/Generate", generate_call)
+    engine = one(spans, "meshserve-inference", "engine.generate", engine_call)
+    assert "first_token" in engine.events
+    assert engine.attributes["meshserve.completion_tokens"] == 4
+
+    one(spans, "meshserve-billing", "billing.record_usage", gen)
+    assert "first_token" in gen.events
+    return edge
+
+
+def test_a_request_is_one_trace_from_the_edge_to_billing(mesh: LocalMesh, otlp: Receiver) -> None:
+    request_id = chat(mesh)
+    spans = whole_trace(otlp, request_id)
+    root = assert_one_tree(spans)
+    edge = check_path(spans)
+    # The edge started the trace: its span is the root.
+    assert root == edge
+
+
+def test_the_edge_continues_a_callers_trace(mesh: LocalMesh, otlp: Receiver) -> None:
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    request_id = chat(mesh, {"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    spans = whole_trace(otlp, request_id)
+    assert {s.trace_id for s in spans} == {trace_id}
+    edge = check_path(spans)
+    # The caller's span is the parent of the edge's (the caller exports it, not the mesh).
+    assert edge.parent_span_id == parent_id
+    assert [s for s in spans if s.parent_span_id == parent_id] == [edge]
+
+
+def test_logs_carry_the_trace_id_and_the_router_logs_one_access_line(mesh: LocalMesh, otlp: Receiver) -> None:
+    trace_id = secrets.token_hex(16)
+    request_id = chat(mesh, {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+    whole_trace(otlp, request_id)
+    access = [
+        r for r in json_lines(mesh.procs["router"].log) if r.get("msg") == "access" and r.get("trace_id") == trace_id
+    ]
+    assert len(access) == 1, access
+    line = access[0]
+    assert line["method"] == "CreateChatCompletion" and line["status"] == "OK" and line["outcome"] == "completed"
+    assert line["model"] == MODEL and line["tenant"] and line["completion_tokens"] == 4 and line["prompt_tokens"] > 0
+    assert line["latency_ms"] >= line["ttft_ms"] > 0
+    # Envoy flushes its access log every second.
+    deadline = time.monotonic() + 15
+    while True:
+        edge = [r for r in json_lines(mesh.procs["envoy"].log) if r.get("trace_id") == trace_id]
+        if edge or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(edge) == 1 and edge[0]["model"] == MODEL and edge[0]["tenant"] == line["tenant"], edge
