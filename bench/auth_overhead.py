@@ -8,11 +8,10 @@ keep-alive connections at concurrency 1 and 8, alternating rounds, and reports p
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
-from bench.loadgen import compare_edges, edge_tables, write_report
+from bench.loadgen import compare_edges, edge_tables, write_report, wrk_state
 from services.mesh.local import LocalMesh, MeshOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +23,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "auth_overhead.md")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk not found: apt-get install wrk")
-    state = ROOT / "var" / "bench-auth"
-    shutil.rmtree(state, ignore_errors=True)
+    state = wrk_state("bench-auth")
     with_auth = LocalMesh(MeshOptions(state_dir=state / "with", model="m", model_store=Path("unused")))
     without = LocalMesh(MeshOptions(state_dir=state / "without", model="m", model_store=Path("unused")))
     started = time.time()

@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -134,6 +135,16 @@ def wrk(
         raise RuntimeError(f"{non2xx.group(1)} failed requests against {url}:\n{text}")
     assert rps is not None
     return {"p50_ms": ms(lat["50"]), "p99_ms": ms(lat["99"]), "rps": float(rps.group(1))}
+
+
+def wrk_state(name: str) -> Path:
+    """An empty var/<name> for a wrk benchmark's meshes; exits when wrk is missing."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+    state = Path(__file__).resolve().parents[1] / "var" / name
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    return state
 
 
 def median(values: list[float]) -> float:

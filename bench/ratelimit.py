@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import grpc
 import yaml
 from envoy.service.ratelimit.v3 import rls_pb2
 
-from bench.loadgen import compare_edges, edge_tables, median, write_report
+from bench.loadgen import compare_edges, edge_tables, median, write_report, wrk_state
 from meshserve.ratelimit.v1 import ratelimit_pb2
 from services.mesh.local import LocalMesh, MeshOptions, free_port
 
@@ -147,11 +146,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "ratelimit.md")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk not found: apt-get install wrk")
-    state = ROOT / "var" / "bench-ratelimit"
-    shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
+    state = wrk_state("bench-ratelimit")
     rules = state / "rules.yaml"
     rules.write_text(yaml.safe_dump(RULES))
     limited = LocalMesh(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import grpc
 import yaml
 
-from bench.loadgen import median, write_report, wrk
+from bench.loadgen import median, write_report, wrk, wrk_state
 from bench.ratelimit import cpu_seconds
 from services.mesh.local import LocalMesh, MeshOptions
 from tests.integration import scripted_inference
@@ -108,11 +107,7 @@ def main() -> None:
     parser.add_argument("--sample", type=float, default=0.1, help="share of requests traced")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "tracing.md")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk not found: apt-get install wrk")
-    state = ROOT / "var" / "bench-tracing"
-    shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
+    state = wrk_state("bench-tracing")
     rules = state / "ratelimits.yaml"
     rules.write_text(yaml.safe_dump(RULES))
     collector = Collector()

@@ -258,7 +258,8 @@ class Completions:
                 with tracing.span("router.generate", {**attributes, "meshserve.request_id": request_id}) as span:
                     try:
                         # aclosing: a consumer that stops early closes the replica's stream (aborts the engine) now.
-                        steps = self._steps(request, spec, caller, version, key, metered, timer, span)
+                        replica_steps = self._failover(request, spec, caller, version, key, metered)
+                        steps = self._timed(replica_steps, metered, timer, span)
                         async with aclosing(steps):
                             async for step in steps:
                                 yield step
@@ -270,19 +271,16 @@ class Completions:
             if queued.is_recording():
                 queued.end()
 
-    async def _steps(
-        self,
-        request: inference_pb2.GenerateRequest,
-        spec: GenerationSpec,
-        caller: Caller,
-        version: Version,
-        key: str | None,
+    @staticmethod
+    async def _timed(
+        replica_steps: AsyncGenerator[inference_pb2.GenerateResponse, None],
         metered: _Metered,
         timer: metrics.GenerationTimer,
         span: trace.Span,
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """The replica's steps, timed and metered as they pass."""
         try:
-            async with aclosing(self._failover(request, spec, caller, version, key, metered)) as steps:
+            async with aclosing(replica_steps) as steps:
                 async for step in steps:
                     at = time.monotonic()
                     if metered.last is None:
