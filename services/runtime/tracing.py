@@ -1,8 +1,8 @@
 """OpenTelemetry tracing for every service, configured by the standard OTEL_* variables.
 
 Tracing is on when an OTLP endpoint is named (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
-OTEL_EXPORTER_OTLP_ENDPOINT). Off, no tracer provider is installed and no interceptor is added to any
-server or channel: the domain modules' spans are the API's no-op spans. On, the W3C `traceparent`
+OTEL_EXPORTER_OTLP_ENDPOINT). Off, no tracer provider or exporter is installed, no call gets a span or
+trace metadata, and the domain modules' spans are no-ops. On, the W3C `traceparent`
 arrives in gRPC metadata (from Envoy or another service), the sampler follows the caller's decision
 (OTEL_TRACES_SAMPLER, default parentbased_always_on; set parentbased_traceidratio and
 OTEL_TRACES_SAMPLER_ARG for a ratio at roots), and spans leave in batches over OTLP/gRPC.
@@ -37,10 +37,6 @@ def endpoint() -> str:
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return ""
     return next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), "")
-
-
-def enabled() -> bool:
-    return _provider is not None
 
 
 def configure(service: str) -> bool:
