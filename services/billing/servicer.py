@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from grpc import aio
-from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 from redis.exceptions import RedisError
 
@@ -20,8 +19,6 @@ from services.runtime import tracing
 from services.runtime.errors import InvalidArgument, PermissionDenied, Unavailable
 from services.runtime.identity import ADMIN_HEADER, KEY_ID_HEADER, TENANT_HEADER
 from services.runtime.metadata import text_metadata
-
-tracer = trace.get_tracer("meshserve.billing")
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -78,11 +75,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         async for batch in request_iterator:
             # Each traced request's record gets a span in that request's trace (batches mix requests).
             spans = [
-                tracer.start_span(
-                    "billing.record_usage",
-                    context=tracing.parent_context(r.traceparent),
-                    attributes={"meshserve.request_id": r.request_id},
-                )
+                tracing.start_span("billing.record_usage", {"meshserve.request_id": r.request_id}, r.traceparent)
                 for r in batch.records
                 if r.traceparent
             ]

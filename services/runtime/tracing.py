@@ -30,6 +30,8 @@ UNTRACED_METHODS = ("WatchLoad", "GetLoad", "GetModel")
 _PROPAGATED = ("traceparent", "tracestate")
 
 _provider: Any = None
+# The one tracer of the process, made once when tracing turns on.
+_tracer: trace.Tracer = trace.NoOpTracer()
 
 
 def endpoint() -> str:
@@ -41,7 +43,7 @@ def endpoint() -> str:
 
 def configure(service: str) -> bool:
     """Installs the tracer provider and OTLP exporter when an endpoint is set; True when tracing is on."""
-    global _provider
+    global _provider, _tracer
     if not endpoint() or _provider is not None:
         return _provider is not None
     # Imported only when on: the exporter pulls in a second gRPC stack's worth of modules.
@@ -56,6 +58,7 @@ def configure(service: str) -> bool:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _provider = provider
+    _tracer = provider.get_tracer("meshserve")
     log.info("tracing on", extra={"otlp_endpoint": endpoint()})
     return True
 
@@ -99,7 +102,7 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]] | None) -> Iter
             context.detach(token)
         return
     parent = propagate.extract(carrier) if carrier else None
-    with _tracer().start_as_current_span(
+    with _tracer.start_as_current_span(
         method, context=parent, kind=trace.SpanKind.SERVER, attributes=_rpc_attributes(method)
     ) as span:
         yield span
@@ -113,15 +116,20 @@ def span(
     if not trace.get_current_span().is_recording():
         yield trace.INVALID_SPAN
         return
-    with _tracer().start_as_current_span(name, attributes=attributes, kind=kind) as opened:
+    with _tracer.start_as_current_span(name, attributes=attributes, kind=kind) as opened:
         yield opened
 
 
-def start_span(name: str, attributes: dict[str, Any] | None = None) -> trace.Span:
-    """Like span(), for a span the caller ends itself (span.end())."""
-    if not trace.get_current_span().is_recording():
+def start_span(name: str, attributes: dict[str, Any] | None = None, traceparent: str | None = None) -> trace.Span:
+    """Like span(), for a span the caller ends itself (span.end()); given a traceparent, a child of that instead
+    of the current span (work done later for a traced request), recorded when the traceparent is sampled."""
+    if traceparent is None:
+        if not trace.get_current_span().is_recording():
+            return trace.INVALID_SPAN
+        return _tracer.start_span(name, attributes=attributes)
+    if _provider is None or not _sampled(traceparent):
         return trace.INVALID_SPAN
-    return _tracer().start_span(name, attributes=attributes)
+    return _tracer.start_span(name, context=parent_context(traceparent), attributes=attributes)
 
 
 @contextmanager
@@ -137,10 +145,6 @@ def client_call(method: str) -> Iterator[tuple[tuple[str, str], ...] | None]:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         yield tuple(carrier.items())
-
-
-def _tracer() -> trace.Tracer:
-    return trace.get_tracer("meshserve.grpc", tracer_provider=_provider)
 
 
 def traceparent(span: trace.Span | None = None) -> str:
