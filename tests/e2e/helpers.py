@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 import grpc
 from openai import OpenAI
 
 from meshserve.auth.v1 import auth_pb2
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.llm.v1 import llm_pb2_grpc
+from services.cli import top
+from services.cli.top import Samples
 from services.mesh.local import LocalMesh
 
 MODEL = "smollm2-135m-instruct"
@@ -48,3 +52,24 @@ def create_key(mesh: LocalMesh, tenant: str, tpm: int = 0, rpm: int = 0) -> tupl
         request = auth_pb2.CreateKeyRequest(tenant=tenant, limits=limits)
         reply = stub.CreateKey(request, metadata=admin, timeout=10)
     return reply.key, reply.secret
+
+
+def scrape(mesh: LocalMesh, name: str) -> Samples:
+    """Every sample of one service's /metrics, keyed by sample name and sorted labels."""
+    samples = top.scrape(f"http://127.0.0.1:{mesh.procs[name].metrics_port}/metrics", timeout=5)
+    assert samples is not None, f"{name} did not answer on /metrics"
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of name whose labels include labels."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def edge_counters(mesh: LocalMesh, prefix: str) -> dict[str, int]:
+    """Envoy's counters whose names start with prefix, from its admin endpoint."""
+    url = f"http://{mesh.admin.host}:{mesh.admin.port}/stats?usedonly&filter=^{prefix}"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    pairs = (line.split(": ", 1) for line in lines)
+    return {name: int(v) for name, v in pairs if v.isdigit()}

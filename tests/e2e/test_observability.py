@@ -7,33 +7,18 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from services.cli import top
-from services.cli.top import Samples
 from services.mesh.local import LocalMesh
-from tests.e2e.helpers import MODEL, QUESTION, create_key, openai_client
+from tests.e2e.helpers import MODEL, QUESTION, create_key, openai_client, scrape, value
 from tests.e2e.test_billing import ledger_line
 
 pytestmark = pytest.mark.mesh
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-
-
-def scrape(mesh: LocalMesh, name: str) -> Samples:
-    """Every sample of one service's /metrics, keyed by sample name and sorted labels."""
-    samples = top.scrape(f"http://127.0.0.1:{mesh.procs[name].metrics_port}/metrics", timeout=5)
-    assert samples is not None, f"{name} did not answer on /metrics"
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of the samples of name whose labels include labels."""
-    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
 def test_known_traffic_shows_in_the_routers_counts_and_histograms(mesh: LocalMesh) -> None:
@@ -98,8 +83,10 @@ def test_meshserve_top_summarises_the_running_mesh(mesh: LocalMesh) -> None:
         text=True,
         env={**os.environ, "COLUMNS": "200"},
     ) as top:
-        time.sleep(0.5)
-        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
+        # Requests one after another for as long as top runs, so some fall between its two scrapes
+        # however long it takes to start.
+        while top.poll() is None:
+            client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
         output, errors = top.communicate(timeout=60)
     assert top.returncode == 0, errors
     [model_row] = [line for line in output.splitlines() if MODEL in line and "ms" in line]
