@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deploy.envoy.config import Address, EdgeConfig
+import yaml
+
+from deploy.envoy.config import Address, EdgeConfig, Tracing
 from deploy.envoy.config import write as write_envoy_config
 from services.auth.keys import new_secret
 from services.ratelimit.rules import FailureMode, Kind, Rules
+from services.runtime import tracing
 
 K8S = Path(__file__).resolve().parent
 GENERATED = K8S / "base" / "generated"
@@ -18,11 +21,16 @@ RULES = K8S.parents[1] / "deploy" / "local" / "ratelimits.yaml"
 PRICES = K8S.parents[1] / "deploy" / "local" / "prices.yaml"
 PROMETHEUS_RULES = K8S.parents[1] / "deploy" / "prometheus" / "rules.yaml"
 DASHBOARD = K8S.parents[1] / "deploy" / "grafana" / "meshserve.json"
+TRACING = K8S / "components" / "tracing" / "generated"
+# Where components/tracing sends spans: the cluster's OpenTelemetry collector (OTLP/gRPC), and the share
+# of requests the edge starts traces for (the services follow the edge's decision).
+COLLECTOR = Address("otel-collector.observability", 4317)
+TRACE_SAMPLE_RATIO = 0.1
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 
 
-def edge() -> EdgeConfig:
-    """The edge in the cluster: Service names in the release's namespace."""
+def edge(traced: bool = False) -> EdgeConfig:
+    """The edge in the cluster: Service names in the release's namespace; with tracing to COLLECTOR if traced."""
     return EdgeConfig(
         listen=Address("0.0.0.0", 8080),
         admin=Address("0.0.0.0", 9901),
@@ -31,15 +39,28 @@ def edge() -> EdgeConfig:
         ratelimit=Address("ratelimit", 50051),
         billing=Address("billing", 50051),
         ratelimit_fail_closed=Rules.from_yaml(RULES).failure_mode(Kind.REQUESTS) is FailureMode.CLOSED,
+        tracing=Tracing(COLLECTOR, TRACE_SAMPLE_RATIO * 100) if traced else None,
     )
 
 
+def _tracing_env_patch() -> list[dict[str, object]]:
+    """A JSON patch adding the services' OTEL_* variables to a workload's first container."""
+    variables = tracing.exporter_env(f"{COLLECTOR.host}:{COLLECTOR.port}", TRACE_SAMPLE_RATIO)
+    return [
+        {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": k, "value": v}}
+        for k, v in variables.items()
+    ]
+
+
 def generate() -> None:
-    """Writes base/generated/: Envoy config, rate-limit rules, prices, Prometheus rules, the Grafana dashboard,
-    and (once) a random
-    bootstrap admin secret."""
+    """Writes base/generated/ (Envoy config, rate-limit rules, prices, Prometheus rules, the Grafana dashboard,
+    and once a random bootstrap admin secret) and components/tracing/generated/ (the traced Envoy config and
+    the services' OTEL_* variables)."""
     GENERATED.mkdir(parents=True, exist_ok=True)
     write_envoy_config(edge(), GENERATED / "envoy.yaml")
+    TRACING.mkdir(parents=True, exist_ok=True)
+    write_envoy_config(edge(traced=True), TRACING / "envoy.yaml")
+    (TRACING / "services-env.yaml").write_text(yaml.safe_dump(_tracing_env_patch(), sort_keys=False))
     shutil.copyfile(RULES, GENERATED / "ratelimits.yaml")
     shutil.copyfile(PRICES, GENERATED / "prices.yaml")
     shutil.copyfile(PROMETHEUS_RULES, GENERATED / "prometheus-rules.yaml")

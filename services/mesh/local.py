@@ -132,12 +132,7 @@ class MeshOptions:
         """The OTEL_* variables of every service: tracing to otlp_endpoint, or none at all."""
         if not self.otlp_endpoint:
             return {}
-        return {
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://{self.otlp_endpoint}",
-            "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "true",
-            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-            "OTEL_TRACES_SAMPLER_ARG": str(self.trace_sample_ratio),
-        }
+        return tracing.exporter_env(self.otlp_endpoint, self.trace_sample_ratio)
 
 
 class MeshError(RuntimeError):

@@ -41,6 +41,17 @@ def endpoint() -> str:
     return next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), "")
 
 
+def exporter_env(collector: str, sample_ratio: float) -> dict[str, str]:
+    """The OTEL_* variables that turn a service's tracing on: spans to collector (host:port, OTLP/gRPC in
+    plain text), the caller's sampling decision followed, sample_ratio of the traces it starts itself."""
+    return {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://{collector}",
+        "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "true",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": str(sample_ratio),
+    }
+
+
 def configure(service: str) -> bool:
     """Installs the tracer provider and OTLP exporter when an endpoint is set; True when tracing is on."""
     global _provider, _tracer

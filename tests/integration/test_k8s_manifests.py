@@ -247,8 +247,36 @@ def test_the_network_policies_let_the_edge_reach_every_upstream_of_its_config(ov
             sources = [f.get("podSelector", {}).get("matchLabels", {}) for f in rule.get("from", [])]
             if {"app.kubernetes.io/name": "edge"} in sources:
                 reachable.add(target)
-    assert upstreams == {"router", "auth", "ratelimit", "billing"}
-    assert upstreams <= reachable
+    # The trace collector lives outside the namespace; these policies govern only ingress into it.
+    in_namespace = upstreams - {"otlp"}
+    assert in_namespace == {"router", "auth", "ratelimit", "billing"}
+    assert in_namespace <= reachable
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gpu_installs_trace_the_edge_and_every_service_to_one_collector(overlay: str) -> None:
+    config = yaml.safe_load(named(overlay, "ConfigMap", _generated(overlay, "envoy-config"))["data"]["envoy.yaml"])
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    services = [
+        (w["metadata"]["name"], env(spec["containers"][0]))
+        for w, spec in pod_specs(overlay)
+        if w["kind"] != "Job" and w["metadata"]["labels"]["app.kubernetes.io/name"] not in ("edge", "redis")
+    ]
+    assert {name for name, _ in services} >= {"auth", "ratelimit", "billing", "router", "inference"}
+    if overlay == "cpu-dev":
+        assert "tracing" not in hcm and "otlp" not in clusters
+        assert not any(k.startswith("OTEL_") for _, variables in services for k in variables)
+        return
+    [endpoint] = clusters["otlp"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    collector = f"{address['address']}:{address['port_value']}"
+    assert collector == "otel-collector.observability:4317"
+    assert hcm["tracing"]["random_sampling"]["value"] == 10
+    for name, variables in services:
+        assert variables["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == f"http://{collector}", name
+        assert variables["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio", name
+        assert float(variables["OTEL_TRACES_SAMPLER_ARG"]) == 0.1, name
 
 
 def test_the_image_definition_passes_hadolint() -> None:
