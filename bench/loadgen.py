@@ -122,7 +122,7 @@ def wrk(
     for k, v in headers.items():
         args += ["-H", f"{k}: {v}"]
     text = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)$", text, re.M))
+    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)\s*$", text, re.M))
 
     def ms(v: str) -> float:
         m = re.match(r"([\d.]+)(\w+)", v)
@@ -133,7 +133,8 @@ def wrk(
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     if non2xx:
         raise RuntimeError(f"{non2xx.group(1)} failed requests against {url}:\n{text}")
-    assert rps is not None
+    if rps is None or not {"50", "99"} <= lat.keys():
+        raise RuntimeError(f"wrk reported no throughput or latency percentiles for {url}:\n{text}")
     return {"p50_ms": ms(lat["50"]), "p99_ms": ms(lat["99"]), "rps": float(rps.group(1))}
 
 

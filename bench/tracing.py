@@ -1,23 +1,30 @@
 """What tracing costs: the whole mesh with tracing off and with tracing on at 10% sampling, side by side.
 
-Two meshes run at once on this machine, identical but for tracing: Envoy (ext_authz, rate limits),
-auth, ratelimit and billing on one Redis each, the router, and a scripted replica that streams 4
-tokens with no engine time, so that the mesh's own work is all there is to measure: the worst case
-for tracing's share. One mesh traces nothing (no OTLP endpoint: no interceptor, no exporter); the other
-has the edge sample 10% of requests and every service export over OTLP/gRPC to a collector in this
-process that takes the bytes without decoding them. wrk sends the same POST /v1/chat/completions to
-each, alternating rounds, at concurrency 8 (throughput) and 1 (latency); the report gives
-requests/s and p50 per mesh and the ratio of the medians.
+Three meshes run at once on this machine, identical but for tracing: Envoy (ext_authz, rate limits),
+auth, ratelimit and billing on one Redis each, the router, and the inference replica. One mesh traces
+nothing (no OTLP endpoint: no tracer, no exporter); a second traces nothing either and is the control,
+whose gap to the first is this machine's noise; the third has the edge sample 10% of requests and every
+service export over OTLP/gRPC to a collector in this process that takes the bytes without decoding them.
+
+--engine scripted (the default) serves from a scripted replica that streams 4 tokens with no engine
+time, so that the mesh's own work is all there is: the worst case for tracing's share. --engine vllm
+serves from real vLLM with the packaged model, as the product runs.
+
+wrk sends the same POST /v1/chat/completions to each mesh in turn, in an order that rotates every round,
+at concurrency 8 (throughput) and 1 (latency). The report gives requests/s and p50 per mesh, the
+median over rounds of each round's ratio to the untraced mesh, and the CPU per request of every process
+(its children included: vLLM's engine core) from /proc.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,13 +34,14 @@ import yaml
 
 from bench.loadgen import median, write_report, wrk, wrk_state
 from bench.ratelimit import cpu_seconds
+from services.inference import model_store
 from services.mesh.local import LocalMesh, MeshOptions
 from tests.integration import scripted_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
 # High enough never to refuse, so every request still takes the Redis path of both limits.
 RULES = {
     "default_plan": "bench",
@@ -74,14 +82,14 @@ class Collector:
         self._server.stop(0)
 
 
-def start(mesh: LocalMesh, rules: Path) -> None:
+def start(mesh: LocalMesh, rules: Path, engine: str) -> None:
     mesh.start_redis()
     auth = mesh.start_auth()
     ratelimit = mesh.start_ratelimit(rules=rules)
     billing = mesh.start_billing()
-    replica = scripted_inference.start(mesh, "scripted", 4, 0)
+    replica = scripted_inference.start(mesh, "scripted", 4, 0) if engine == "scripted" else mesh.start_inference()
     for proc in (auth, ratelimit, billing, replica):
-        mesh.wait_serving(proc, 60)
+        mesh.wait_serving(proc, 600)
     router = mesh.start_router(replicas=[f"127.0.0.1:{replica.grpc_port}"])
     mesh.wait_serving(router, 60)
     mesh.wait_routable(router, [replica], 30)
@@ -100,84 +108,108 @@ def post_script() -> Iterator[Path]:
         yield Path(f.name)
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its live descendants."""
+    total = cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                total += tree_cpu_seconds(int(child))
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=8, help="length of one wrk round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--sample", type=float, default=0.1, help="share of requests traced")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "tracing.md")
+    parser.add_argument("--engine", choices=("scripted", "vllm"), default="scripted")
+    parser.add_argument("--out", type=Path, help="default bench/reports/tracing.md, or tracing-vllm.md")
     args = parser.parse_args()
+    out = args.out or ROOT / "bench" / "reports" / ("tracing.md" if args.engine == "scripted" else "tracing-vllm.md")
+    store = Path("unused")
+    if args.engine == "vllm":
+        store = model_store.ensure(model_store.ModelStore(ROOT / "var" / "models"), MODEL).parent
     state = wrk_state("bench-tracing")
     rules = state / "ratelimits.yaml"
     rules.write_text(yaml.safe_dump(RULES))
     collector = Collector()
-    meshes = {
-        "tracing off": LocalMesh(MeshOptions(state_dir=state / "off", model=MODEL, model_store=Path("unused"))),
-        f"tracing on ({args.sample:.0%})": LocalMesh(
+
+    def mesh(folder: str, traced: bool) -> LocalMesh:
+        endpoint = f"127.0.0.1:{collector.port}" if traced else ""
+        return LocalMesh(
             MeshOptions(
-                state_dir=state / "on",
+                state_dir=state / folder,
                 model=MODEL,
-                model_store=Path("unused"),
-                otlp_endpoint=f"127.0.0.1:{collector.port}",
+                model_store=store,
+                otlp_endpoint=endpoint,
                 trace_sample_ratio=args.sample,
             )
-        ),
-    }
+        )
+
+    off, control, on = "tracing off", "tracing off, again", f"tracing on ({args.sample:.0%})"
+    # The control is a second untraced mesh: how far two identical meshes differ here is the noise floor.
+    meshes = {off: mesh("off", False), control: mesh("control", False), on: mesh("on", True)}
     started = time.time()
     results: dict[int, dict[str, list[dict[str, float]]]] = {8: {}, 1: {}}
     # CPU seconds of each mesh process and requests served, over the measured rounds.
     cpu: dict[str, dict[str, float]] = {name: {} for name in meshes}
     served = dict.fromkeys(meshes, 0.0)
     try:
-        for mesh in meshes.values():
-            start(mesh, rules)
+        for m in meshes.values():
+            start(m, rules, args.engine)
         with post_script() as script:
-            targets = {
-                name: (f"{m.edge_url}/v1/chat/completions", {"authorization": f"Bearer {m.user_key}"})
+            targets = [
+                (name, f"{m.edge_url}/v1/chat/completions", {"authorization": f"Bearer {m.user_key}"})
                 for name, m in meshes.items()
-            }
-            for url, headers in targets.values():
-                wrk(url, 4, 3, headers, script)  # warm-up
+            ]
+            for _, url, headers in targets:
+                wrk(url, 4, 3 if args.engine == "scripted" else 15, headers, script)  # warm-up
             exports0 = collector.exports
             for concurrency in results:
-                order = list(targets.items())
                 for round_ in range(args.rounds):
-                    # The order flips every round: neither mesh always runs right after the other.
-                    for name, (url, headers) in order if round_ % 2 == 0 else order[::-1]:
+                    # The order rotates every round: no mesh always runs first or right after another.
+                    shift = round_ % len(targets)
+                    for name, url, headers in targets[shift:] + targets[:shift]:
                         procs = {p.name: p.popen.pid for p in meshes[name].procs.values() if p.alive()}
-                        before = {n: cpu_seconds(pid) for n, pid in procs.items()}
+                        before = {n: tree_cpu_seconds(pid) for n, pid in procs.items()}
                         r = wrk(url, concurrency, args.seconds, headers, script)
                         for n, pid in procs.items():
-                            cpu[name][n] = cpu[name].get(n, 0.0) + cpu_seconds(pid) - before[n]
+                            cpu[name][n] = cpu[name].get(n, 0.0) + tree_cpu_seconds(pid) - before[n]
                         served[name] += r["rps"] * args.seconds
                         results[concurrency].setdefault(name, []).append(r)
                         print(f"c={concurrency} {name:18s} {r['rps']:7.0f} req/s  p50 {r['p50_ms']:.2f} ms")
             exports = collector.exports - exports0
     finally:
-        for mesh in meshes.values():
-            mesh.stop()
+        for m in meshes.values():
+            m.stop()
         collector.stop()
-
-    off, on = list(meshes)
 
     def med(c: int, name: str, key: str) -> float:
         return median([r[key] for r in results[c][name]])
 
+    replica = (
+        "a scripted replica of 4 tokens with no engine time"
+        if args.engine == "scripted"
+        else "real vLLM on the CPU with the packaged model, up to 4 tokens at temperature 0"
+    )
     lines = [
-        "# Tracing: throughput and latency with tracing off and on",
+        f"# Tracing: throughput and latency with tracing off and on ({args.engine} engine)",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC by `python -m bench.tracing` on this"
-        " machine (2 cores shared by both meshes and wrk). Two identical meshes (Envoy with ext_authz and rate",
-        "limits, auth, ratelimit, billing, router, a scripted replica of 4 tokens with no engine time): one with",
-        f"tracing off, one with the edge sampling {args.sample:.0%} and every service exporting over OTLP/gRPC.",
-        f"wrk POSTs /v1/chat/completions, {args.rounds} alternating rounds of {args.seconds} s per concurrency;",
-        f"medians of the rounds. The collector took {exports} export calls during the measured rounds.",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC by "
+        f"`python -m bench.tracing --engine {args.engine}` on this machine (2 cores shared by the meshes and wrk).",
+        f"Three identical meshes (Envoy with ext_authz and rate limits, auth, ratelimit, billing, router, {replica}):",
+        f"two with tracing off, one with the edge sampling {args.sample:.0%} and every service exporting over",
+        "OTLP/gRPC. The second untraced mesh is the control: its gap to the first is what this machine's noise",
+        f"alone makes. wrk POSTs /v1/chat/completions, {args.rounds} rounds of {args.seconds} s per mesh and",
+        "concurrency, in an order that rotates every round. Ratios are medians over rounds of each round's",
+        f"ratio to the untraced mesh. The collector took {exports} export calls during the measured rounds.",
         "",
         "| concurrency | mesh | req/s | p50 ms | p99 ms |",
         "|---|---|---|---|---|",
     ]
     for c in results:
-        for name in (off, on):
+        for name in meshes:
             lines.append(
                 f"| {c} | {name} | {med(c, name, 'rps'):.0f} | {med(c, name, 'p50_ms'):.2f} | "
                 f"{med(c, name, 'p99_ms'):.2f} |"
@@ -191,31 +223,39 @@ def main() -> None:
     def whole(name: str) -> float:
         return sum(per_request(name, p) for p in procs)
 
+    def added(name: str, values: Callable[[str], float]) -> str:
+        return f"{values(name) - values(off):+.0f}"
+
     lines += [
         "",
         "CPU per request (µs) of each process, over all measured rounds (from /proc):",
         "",
-        "| process | tracing off | tracing on | added |",
-        "|---|---|---|---|",
+        f"| process | {off} | {control} | {on} | added by tracing | control's gap |",
+        "|---|---|---|---|---|---|",
         *(
-            f"| {p} | {per_request(off, p):.0f} | {per_request(on, p):.0f} | "
-            f"{per_request(on, p) - per_request(off, p):+.0f} |"
+            f"| {p} | {per_request(off, p):.0f} | {per_request(control, p):.0f} | {per_request(on, p):.0f} | "
+            f"{added(on, lambda n, p=p: per_request(n, p))} | {added(control, lambda n, p=p: per_request(n, p))} |"
             for p in procs
         ),
-        f"| whole mesh | {whole(off):.0f} | {whole(on):.0f} | {whole(on) - whole(off):+.0f} "
-        f"({whole(on) / whole(off) - 1:+.1%}) |",
+        f"| whole mesh | {whole(off):.0f} | {whole(control):.0f} | {whole(on):.0f} | "
+        f"{added(on, whole)} ({whole(on) / whole(off) - 1:+.1%}) | "
+        f"{added(control, whole)} ({whole(control) / whole(off) - 1:+.1%}) |",
     ]
+
+    def ratio(c: int, name: str, key: str) -> float:
+        return median([a[key] / b[key] for a, b in zip(results[c][name], results[c][off], strict=True)])
+
     lines += [
         "",
-        "| concurrency | throughput on/off (target ≥ 0.95) | p50 added, ms |",
-        "|---|---|---|",
+        "| concurrency | throughput on/off (target ≥ 0.95) | control/off | p50 on/off | p50 control/off |",
+        "|---|---|---|---|---|",
         *(
-            f"| {c} | {med(c, on, 'rps') / med(c, off, 'rps'):.3f} | "
-            f"{med(c, on, 'p50_ms') - med(c, off, 'p50_ms'):.2f} |"
+            f"| {c} | {ratio(c, on, 'rps'):.3f} | {ratio(c, control, 'rps'):.3f} | "
+            f"{ratio(c, on, 'p50_ms'):.3f} | {ratio(c, control, 'p50_ms'):.3f} |"
             for c in results
         ),
     ]
-    write_report(lines, args.out)
+    write_report(lines, out)
 
 
 if __name__ == "__main__":
