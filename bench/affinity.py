@@ -16,14 +16,13 @@ import argparse
 import asyncio
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 import grpc
 from grpc import aio
 
-from bench.loadgen import percentile, write_report
+from bench.loadgen import bench_state, percentile, write_report
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.mesh.local import LocalMesh, MeshOptions, Proc, core_sets
@@ -105,8 +104,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=ROOT / "bench" / "reports" / "affinity.md")
     args = parser.parse_args()
 
-    state = ROOT / "var" / "bench-affinity"
-    shutil.rmtree(state, ignore_errors=True)
+    state = bench_state("bench-affinity")
     mesh = LocalMesh(
         MeshOptions(
             state_dir=state,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.loadgen import median, percentile, write_report
+from bench.loadgen import bench_state, median, percentile, write_report
 from bench.ratelimit import cpu_seconds
 from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
@@ -132,8 +131,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="requests per router per round (part 2)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "billing.md")
     args = parser.parse_args()
-    state = ROOT / "var" / "bench-billing"
-    shutil.rmtree(state, ignore_errors=True)
+    state = bench_state("bench-billing")
     mesh = LocalMesh(MeshOptions(state_dir=state, model=MODEL, model_store=Path("unused")))
     started = time.time()
     rounds: list[dict[str, float]] = []

@@ -138,14 +138,19 @@ def wrk(
     return {"p50_ms": ms(lat["50"]), "p99_ms": ms(lat["99"]), "rps": float(rps.group(1))}
 
 
-def wrk_state(name: str) -> Path:
-    """An empty var/<name> for a wrk benchmark's meshes; exits when wrk is missing."""
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk not found: apt-get install wrk")
+def bench_state(name: str) -> Path:
+    """An empty var/<name> for a benchmark's meshes."""
     state = Path(__file__).resolve().parents[1] / "var" / name
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     return state
+
+
+def wrk_state(name: str) -> Path:
+    """bench_state(name) for a wrk benchmark; exits when wrk is missing."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+    return bench_state(name)
 
 
 def median(values: list[float]) -> float:

@@ -24,7 +24,7 @@ import json
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
@@ -218,13 +218,14 @@ def main() -> None:
     def per_request(name: str, proc: str) -> float:
         return cpu[name].get(proc, 0.0) / served[name] * 1e6
 
-    procs = sorted(cpu[off], key=lambda p: -per_request(off, p))
+    # Process -> mesh -> CPU µs per request, heaviest first, then the whole mesh.
+    rows = {
+        p: {name: per_request(name, p) for name in meshes} for p in sorted(cpu[off], key=lambda p: -per_request(off, p))
+    }
+    rows["whole mesh"] = {name: sum(row[name] for row in rows.values()) for name in meshes}
 
-    def whole(name: str) -> float:
-        return sum(per_request(name, p) for p in procs)
-
-    def added(name: str, values: Callable[[str], float]) -> str:
-        return f"{values(name) - values(off):+.0f}"
+    def gap(row: dict[str, float], name: str) -> str:
+        return f"{row[name] - row[off]:+.0f} ({row[name] / row[off] - 1:+.1%})"
 
     lines += [
         "",
@@ -233,13 +234,9 @@ def main() -> None:
         f"| process | {off} | {control} | {on} | added by tracing | control's gap |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {p} | {per_request(off, p):.0f} | {per_request(control, p):.0f} | {per_request(on, p):.0f} | "
-            f"{added(on, lambda n, p=p: per_request(n, p))} | {added(control, lambda n, p=p: per_request(n, p))} |"
-            for p in procs
+            f"| {p} | {row[off]:.0f} | {row[control]:.0f} | {row[on]:.0f} | {gap(row, on)} | {gap(row, control)} |"
+            for p, row in rows.items()
         ),
-        f"| whole mesh | {whole(off):.0f} | {whole(control):.0f} | {whole(on):.0f} | "
-        f"{added(on, whole)} ({whole(on) / whole(off) - 1:+.1%}) | "
-        f"{added(control, whole)} ({whole(control) / whole(off) - 1:+.1%}) |",
     ]
 
     def ratio(c: int, name: str, key: str) -> float:
