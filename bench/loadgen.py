@@ -177,11 +177,16 @@ def compare_edges(targets: Targets, rounds: int, seconds: int) -> EdgeResults:
     return results
 
 
-def edge_tables(results: EdgeResults, baseline: str, measured: str, what: str) -> list[str]:
-    """Markdown: p50/p99/req/s per target, then what `measured` adds over `baseline` (medians of the rounds)."""
+def edge_tables(results: EdgeResults, baseline: str, measured: str, what: str, floor: str = "") -> list[str]:
+    """Markdown: p50/p99/req/s per target, then what `measured` adds over `baseline` (medians of the rounds),
+    and what the `floor` target (an empty server in the same place) adds, when there is one."""
 
     def med(rs: list[dict[str, float]], k: str) -> float:
         return median([r[k] for r in rs])
+
+    def added(c: int, target: str) -> list[str]:
+        a, b = results[c][target], results[c][baseline]
+        return [f"{med(a, 'p50_ms') - med(b, 'p50_ms'):.3f}", f"{med(a, 'p99_ms') - med(b, 'p99_ms'):.3f}"]
 
     lines = ["| concurrency | edge | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|"]
     for c, by_target in results.items():
@@ -189,10 +194,13 @@ def edge_tables(results: EdgeResults, baseline: str, measured: str, what: str) -
             lines.append(
                 f"| {c} | {target} | {med(rs, 'p50_ms'):.3f} | {med(rs, 'p99_ms'):.3f} | {med(rs, 'rps'):.0f} |"
             )
-    lines += ["", f"| concurrency | p50 added by {what}, ms (target ≤ 0.3) | p99 added, ms |", "|---|---|---|"]
-    for c, by_target in results.items():
-        a, b = by_target[measured], by_target[baseline]
-        lines.append(f"| {c} | {med(a, 'p50_ms') - med(b, 'p50_ms'):.3f} | {med(a, 'p99_ms') - med(b, 'p99_ms'):.3f} |")
+    header = [f"p50 added by {what}, ms (target ≤ 0.3)", "p99 added, ms"]
+    if floor:
+        header += [f"p50 added by {floor}, ms", "p99 added, ms"]
+    lines += ["", "| concurrency | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for c in results:
+        cells = added(c, measured) + (added(c, floor) if floor else [])
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines
 
 

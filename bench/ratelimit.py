@@ -6,9 +6,11 @@ Reserve+Settle pairs with fresh request ids. It reports decisions/s of wall time
 CPU time per decision (from /proc), so decisions per CPU-second is what one core sustains even when
 the clients, Redis and the replica share this machine's two cores.
 
-Part 2 runs two edges side by side, both with auth: Envoy + ext_authz + the rate-limit filter, and
-Envoy + ext_authz alone. wrk drives GET /v1/models on each at concurrency 1 and 8 in alternating
-rounds; the difference of the p50s is what request limiting adds.
+Part 2 runs three edges side by side, all with auth: Envoy + ext_authz + the rate-limit filter; Envoy +
+ext_authz alone; and the floor, the rate-limit filter calling an empty server (bench.floor, which allows
+every call and does nothing else). wrk drives GET /v1/models on each at concurrency 1 and 8 in
+alternating rounds; the difference of the p50s is what request limiting adds, and what any Python gRPC
+rate-limit service adds before its own work.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import grpc
 import yaml
 from envoy.service.ratelimit.v3 import rls_pb2
 
+from bench import floor
 from bench.loadgen import compare_edges, edge_tables, median, write_report, wrk_state
 from meshserve.ratelimit.v1 import ratelimit_pb2
-from services.mesh.local import LocalMesh, MeshOptions, free_port
+from services.mesh.local import LocalMesh, MeshOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE = 10**12
@@ -43,7 +46,8 @@ RULES = {
         }
     },
 }
-RLS_METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+RLS_METHOD = floor.SHOULD_RATE_LIMIT
+FLOOR = "ext_authz + empty rate-limit server"
 RESERVE = "/meshserve.ratelimit.v1.TokenBudgetService/Reserve"
 SETTLE = "/meshserve.ratelimit.v1.TokenBudgetService/Settle"
 
@@ -110,25 +114,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _serve_empty(port: int) -> None:
-    """The floor: a grpc.aio server whose ShouldRateLimit does nothing (no Redis, no interceptor)."""
-
-    async def run() -> None:
-        async def nothing(request: bytes, context: object) -> bytes:
-            return b""
-
-        server = grpc.aio.server()
-        handler = grpc.unary_unary_rpc_method_handler(nothing)
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(RLS_METHOD.split("/")[1], {"ShouldRateLimit": handler}),)
-        )
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(run())
-
-
 def decisions(target: str, pid: int, kind: str, clients: int, concurrency: int, seconds: float) -> dict[str, float]:
     """One round: decisions/s of wall time and the server's CPU time per decision."""
     ctx = multiprocessing.get_context("spawn")
@@ -153,26 +138,26 @@ def main() -> None:
         MeshOptions(state_dir=state / "with", model="m", model_store=Path("unused"), ratelimit_rules=rules)
     )
     plain = LocalMesh(MeshOptions(state_dir=state / "without", model="m", model_store=Path("unused")))
+    empty = LocalMesh(MeshOptions(state_dir=state / "floor", model="m", model_store=Path("unused")))
     started = time.time()
     rounds: dict[str, list[dict[str, float]]] = {"requests": [], "tokens": [], "empty RPC": []}
-    empty_port = free_port()
-    empty = multiprocessing.get_context("spawn").Process(target=_serve_empty, args=(empty_port,), daemon=True)
-    empty.start()
     try:
-        for mesh, with_limits in ((limited, True), (plain, False)):
+        for mesh in (limited, plain, empty):
             mesh.start_redis()
             mesh.wait_serving(mesh.start_auth(), 30)
-            if with_limits:
+            if mesh is limited:
                 mesh.wait_serving(mesh.start_ratelimit(), 30)
+            elif mesh is empty:
+                floor.start(mesh, "ratelimit")
             mesh.wait_serving(mesh.start_router(replicas=["127.0.0.1:1"]), 30)
             mesh.start_envoy()
             mesh.wait_edge(30)
             mesh.ensure_user_key()
-        replica = limited.procs["ratelimit"]
+        replica, nothing = limited.procs["ratelimit"], empty.procs["ratelimit"]
         servers = {
             "requests": (f"127.0.0.1:{replica.grpc_port}", replica.popen.pid),
             "tokens": (f"127.0.0.1:{replica.grpc_port}", replica.popen.pid),
-            "empty RPC": (f"127.0.0.1:{empty_port}", empty.pid or 0),
+            "empty RPC": (f"127.0.0.1:{nothing.grpc_port}", nothing.popen.pid),
         }
         for kind, (target, pid) in servers.items():
             decisions(target, pid, kind, 2, 16, 2)  # warm-up
@@ -187,12 +172,13 @@ def main() -> None:
                 f"{limited.edge_url}/v1/models",
                 {"authorization": f"Bearer {limited.user_key}"},
             ),
+            FLOOR: (f"{empty.edge_url}/v1/models", {"authorization": f"Bearer {empty.user_key}"}),
         }
         edge = compare_edges(targets, args.rounds, args.seconds)
     finally:
         limited.stop()
         plain.stop()
-        empty.terminate()
+        empty.stop()
 
     def med(rs: list[dict[str, float]], k: str) -> float:
         return median([r[k] for r in rs])
@@ -217,20 +203,21 @@ def main() -> None:
     ]
     for kind, rs in rounds.items():
         lines.append(f"| {kind} | {med(rs, 'per_s'):.0f} | {med(rs, 'cpu_us'):.1f} | {med(rs, 'per_cpu_s'):.0f} |")
-    floor = med(rounds["empty RPC"], "cpu_us")
+    empty_us = med(rounds["empty RPC"], "cpu_us")
     lines += [
         "",
-        f"CPU per request decision / CPU per empty RPC: {med(rounds['requests'], 'cpu_us') / floor:.2f}; "
-        f"per token decision (2 RPCs): {med(rounds['tokens'], 'cpu_us') / floor:.2f}.",
+        f"CPU per request decision / CPU per empty RPC: {med(rounds['requests'], 'cpu_us') / empty_us:.2f}; "
+        f"per token decision (2 RPCs): {med(rounds['tokens'], 'cpu_us') / empty_us:.2f}.",
     ]
     lines += [
         "",
         "## At the edge",
         "",
         "GET /v1/models through Envoy, auth (cached key) and the router, with and without the rate-limit "
-        "filter; wrk with keep-alive.",
+        "filter, and with the filter calling an empty server that allows every call (the floor of a Python "
+        "gRPC hop); wrk with keep-alive.",
         "",
-        *edge_tables(edge, "ext_authz", "ext_authz + ratelimit", "request limits"),
+        *edge_tables(edge, "ext_authz", "ext_authz + ratelimit", "request limits", FLOOR),
     ]
     write_report(lines, args.out)
 
