@@ -10,6 +10,8 @@ from typing import Any
 
 from opentelemetry import trace
 
+from services.runtime import tracing
+
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -32,6 +34,8 @@ class JsonFormatter(logging.Formatter):
         if span_context.is_valid:
             line["trace_id"] = format(span_context.trace_id, "032x")
             line["span_id"] = format(span_context.span_id, "016x")
+        elif trace_id := tracing.unsampled_trace_id():
+            line["trace_id"] = trace_id
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 line[key] = value

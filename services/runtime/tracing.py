@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import context, propagate, trace
@@ -28,6 +30,10 @@ ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_
 # Calls that are not a request's work: health checks, reflection, and the router's load and model polls.
 UNTRACED_METHODS = ("WatchLoad", "GetLoad", "GetModel")
 _PROPAGATED = ("traceparent", "tracestate")
+# version-trace_id-parent_id-flags (W3C Trace Context); a version other than 00 may append fields.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})(-.*)?$")
+# The trace metadata of the unsampled call being served, passed on unchanged by its outgoing calls.
+_PASSED_ON: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("meshserve_unsampled_trace", default=())
 
 _provider: Any = None
 # The one tracer of the process, made once when tracing turns on.
@@ -92,27 +98,38 @@ def traced(method: str) -> bool:
     return method.rsplit("/", 1)[-1] not in UNTRACED_METHODS
 
 
-def _sampled(traceparent: str) -> bool:
-    # version-trace_id-parent_id-flags; bit 0 of flags is "sampled".
-    return len(traceparent) >= 55 and bool(int(traceparent[53:55], 16) & 1)
+def _sampled(traceparent: str) -> bool | None:
+    """Whether a traceparent says sampled (bit 0 of its flags); None for one that is malformed or all zeros."""
+    match = _TRACEPARENT.match(traceparent)
+    if match is None or match[1] == "0" * 32:
+        return None
+    return bool(int(match[2], 16) & 1)
+
+
+def unsampled_trace_id() -> str:
+    """The trace id of the unsampled call being served (which has no span of its own here), else empty."""
+    passed = _PASSED_ON.get()
+    return passed[0][1][3:35] if passed else ""  # traceparent comes first: _PROPAGATED's order
 
 
 @contextmanager
 def server_span(method: str, metadata: Iterable[tuple[str, Any]] | None) -> Iterator[trace.Span]:
     """The span of one served call, continuing the caller's trace from its traceparent metadata.
 
-    A caller's trace that is not sampled gets no span here either: its context is only made current,
-    so that logs carry its trace id and outgoing calls pass it on. Spans cost tens of microseconds
-    each even unrecorded, and 90% of requests are not sampled."""
+    A caller's trace that is not sampled gets no span here, and no OpenTelemetry context either: its
+    metadata is kept as it came (a context variable), so that logs carry its trace id and outgoing calls
+    pass it on unchanged, as W3C Trace Context lets a participant that records nothing do. 90% of requests
+    are not sampled; extracting a context for each cost tens of microseconds of CPU per call, measured."""
     carrier = {k: v for k, v in metadata or () if k in _PROPAGATED}
-    if carrier and not _sampled(carrier.get("traceparent", "")):
-        token = context.attach(propagate.extract(carrier))
+    sampled = _sampled(carrier.get("traceparent", ""))
+    if sampled is False:
+        token = _PASSED_ON.set(tuple((k, carrier[k]) for k in _PROPAGATED if k in carrier))
         try:
             yield trace.INVALID_SPAN
         finally:
-            context.detach(token)
+            _PASSED_ON.reset(token)
         return
-    parent = propagate.extract(carrier) if carrier else None
+    parent = propagate.extract(carrier) if sampled else None
     with _tracer.start_as_current_span(
         method, context=parent, kind=trace.SpanKind.SERVER, attributes=_rpc_attributes(method)
     ) as span:
@@ -151,6 +168,10 @@ def client_call(method: str) -> Iterator[tuple[tuple[str, str], ...] | None]:
     An unrecorded trace gets no client span, only its context passed on."""
     if _provider is None:
         yield None
+        return
+    passed = _PASSED_ON.get()
+    if passed:
+        yield passed
         return
     with span(method, _rpc_attributes(method), trace.SpanKind.CLIENT):
         carrier: dict[str, str] = {}

@@ -167,3 +167,16 @@ def test_logs_carry_the_trace_id_and_the_router_logs_one_access_line(mesh: Local
             break
         time.sleep(0.2)
     assert len(edge) == 1 and edge[0]["model"] == MODEL and edge[0]["tenant"] == line["tenant"], edge
+
+
+def test_an_unsampled_callers_trace_is_logged_and_passed_on_but_never_recorded(mesh: LocalMesh, otlp: Receiver) -> None:
+    trace_id = secrets.token_hex(16)
+    chat(mesh, {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-00"})
+    # Once a later request's whole trace has arrived, every service has exported what it had before it.
+    whole_trace(otlp, chat(mesh))
+    assert [s for s in otlp.spans() if s.trace_id == trace_id] == []
+    # The router served it with no span of its own and still logged under the caller's trace id.
+    access = [
+        r for r in json_lines(mesh.procs["router"].log) if r.get("msg") == "access" and r.get("trace_id") == trace_id
+    ]
+    assert len(access) == 1 and access[0]["status"] == "OK" and "span_id" not in access[0], access

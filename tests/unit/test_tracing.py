@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,66 @@ def test_log_records_inside_a_span_carry_its_trace_id() -> None:
     with tracer.start_as_current_span("call") as span:
         line = json.loads(formatter.format(record))
     assert line["trace_id"] == f"{span.get_span_context().trace_id:032x}"
+
+
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracing on in this process, with the SDK's default sampler (the caller's decision, else always)."""
+    provider = TracerProvider()
+    monkeypatch.setattr(tracing, "_provider", provider)
+    monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("test"))
+
+
+@pytest.mark.usefixtures("traced")
+def test_an_unsampled_callers_trace_gets_no_span_but_is_logged_and_passed_on_unchanged() -> None:
+    trace_id = secrets.token_hex(16)
+    incoming = (
+        ("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-00"),
+        ("tracestate", "vendor=opaque"),
+        ("user-agent", "grpc-python"),
+    )
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)
+    with tracing.server_span("/meshserve.llm.v1.LlmService/CreateChatCompletion", incoming) as span:
+        assert not span.is_recording()
+        with tracing.span("router.choose_replica") as inner:
+            assert not inner.is_recording()
+        assert tracing.traceparent() == ""  # nothing for billing to join
+        with tracing.client_call("/meshserve.inference.v1.InferenceService/Generate") as metadata:
+            assert metadata == incoming[:2]
+        assert json.loads(JsonFormatter("router").format(record))["trace_id"] == trace_id
+    assert tracing.unsampled_trace_id() == ""
+    assert "trace_id" not in json.loads(JsonFormatter("router").format(record))
+
+
+@pytest.mark.usefixtures("traced")
+def test_a_sampled_callers_trace_is_continued() -> None:
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    incoming = (("traceparent", f"00-{trace_id}-{parent_id}-01"),)
+    with tracing.server_span("/meshserve.llm.v1.LlmService/CreateChatCompletion", incoming) as span:
+        assert span.is_recording()
+        assert f"{span.get_span_context().trace_id:032x}" == trace_id
+        assert span.parent is not None and f"{span.parent.span_id:016x}" == parent_id
+        with tracing.client_call("/meshserve.inference.v1.InferenceService/Generate") as metadata:
+            assert metadata is not None
+            (key, header), *_ = metadata
+            assert key == "traceparent" and header.startswith(f"00-{trace_id}-") and header.endswith("-01")
+
+
+@pytest.mark.usefixtures("traced")
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "garbage",
+        f"00-{'0' * 32}-{secrets.token_hex(8)}-00",  # the all-zero trace id is invalid
+        f"00-{secrets.token_hex(16).upper()}-{secrets.token_hex(8)}-00",  # upper case is invalid
+        f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-0",
+    ],
+)
+def test_a_missing_or_malformed_traceparent_starts_a_new_trace(header: str) -> None:
+    incoming = (("traceparent", header),) if header else ()
+    with tracing.server_span("/meshserve.llm.v1.LlmService/CreateChatCompletion", incoming) as span:
+        assert span.is_recording() and span.parent is None
 
 
 def test_the_access_line_says_how_the_call_ended(caplog: pytest.LogCaptureFixture) -> None:
