@@ -47,10 +47,11 @@ async def serve(port: int, ready_file: str) -> None:
     for method, reply in ALLOW.items():
         service, name = method.lstrip("/").split("/")
 
-        async def allow(request: bytes, context: grpc.aio.ServicerContext, reply: bytes = reply) -> bytes:
+        async def allow(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes], reply: bytes = reply) -> bytes:
             return reply
 
-        handler = grpc.unary_unary_rpc_method_handler(allow)  # no (de)serializers: bytes in, bytes out
+        # No (de)serializers: bytes in, bytes out.
+        handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(allow)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {name: handler}),))
     bound = server.add_insecure_port(f"{os.environ.get('MESHSERVE_HOST', '127.0.0.1')}:{port}")
     await server.start()

@@ -10,17 +10,23 @@ service export over OTLP/gRPC to a collector in this process that takes the byte
 time, so that the mesh's own work is all there is: the worst case for tracing's share. --engine vllm
 serves from real vLLM with the packaged model, as the product runs.
 
-wrk sends the same POST /v1/chat/completions to each mesh in turn, in an order that rotates every round,
-at concurrency 8 (throughput) and 1 (latency). The report gives requests/s and p50 per mesh, the
-median over rounds of each round's ratio to the untraced mesh, and the CPU per request of every process
-(its children included: vLLM's engine core) from /proc.
+Each round loads every mesh in turn, in an order that rotates every round, at concurrency 8 (throughput)
+and 1 (latency). With the scripted replica, wrk POSTs the same /v1/chat/completions for a fixed time. With
+vLLM, a round is a fixed piece of work, the same for every mesh: a list of different chat prompts,
+streamed as the OpenAI SDK does, each generating up to 16 tokens at temperature 0 (a timed round would
+count the requests still running at its end as nothing: at vLLM's 10 requests/s that alone is ±10%).
+The report gives requests/s and p50 (for vLLM, of the time to first token) per mesh, the median over
+rounds of each round's ratio to the untraced mesh, and the CPU per request of every process (its
+children included: vLLM's engine core) from /proc.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
+import os
 import tempfile
 import threading
 import time
@@ -32,7 +38,7 @@ from pathlib import Path
 import grpc
 import yaml
 
-from bench.loadgen import median, write_report, wrk, wrk_state
+from bench.loadgen import median, percentile, run_round, write_report, wrk, wrk_state
 from bench.ratelimit import cpu_seconds
 from services.inference import model_store
 from services.mesh.local import LocalMesh, MeshOptions
@@ -41,6 +47,7 @@ from tests.integration import scripted_inference
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+STREAMED_TOKENS = 16
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
 # High enough never to refuse, so every request still takes the Redis path of both limits.
 RULES = {
@@ -108,6 +115,21 @@ def post_script() -> Iterator[Path]:
         yield Path(f.name)
 
 
+def streamed(url: str, headers: dict[str, str], concurrency: int, requests: int) -> dict[str, float]:
+    """One fixed-work round on a vLLM mesh: `requests` different prompts, streamed, `concurrency` at a time."""
+    prompts = [f"Name a fact about the number {i}." for i in range(requests)]
+    r = asyncio.run(run_round("mesh", url, MODEL, prompts, concurrency, STREAMED_TOKENS, headers))
+    if r.errors or r.completion_tokens < requests:
+        raise RuntimeError(f"{r.errors} of {requests} requests failed against {url}, {r.completion_tokens} tokens")
+    ttfts = [t * 1e3 for t in r.ttfts_s]
+    return {
+        "rps": requests / r.wall_s,
+        "p50_ms": percentile(ttfts, 50),
+        "p99_ms": percentile(ttfts, 99),
+        "requests": requests,
+    }
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and its live descendants."""
     total = cpu_seconds(pid)
@@ -120,7 +142,8 @@ def tree_cpu_seconds(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=8, help="length of one wrk round")
+    parser.add_argument("--seconds", type=int, default=8, help="length of one wrk round (scripted engine)")
+    parser.add_argument("--requests", type=int, default=48, help="requests in one round at concurrency 8 (vllm engine)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--sample", type=float, default=0.1, help="share of requests traced")
     parser.add_argument("--engine", choices=("scripted", "vllm"), default="scripted")
@@ -159,12 +182,18 @@ def main() -> None:
         for m in meshes.values():
             start(m, rules, args.engine)
         with post_script() as script:
-            targets = [
-                (name, f"{m.edge_url}/v1/chat/completions", {"authorization": f"Bearer {m.user_key}"})
-                for name, m in meshes.items()
-            ]
+            targets = [(name, m.edge_url, {"authorization": f"Bearer {m.user_key}"}) for name, m in meshes.items()]
+
+            def load(url: str, headers: dict[str, str], concurrency: int, warm_up: bool = False) -> dict[str, float]:
+                if args.engine == "scripted":
+                    seconds = 3 if warm_up else args.seconds
+                    r = wrk(f"{url}/v1/chat/completions", concurrency, seconds, headers, script)
+                    return {**r, "requests": r["rps"] * seconds}
+                # At concurrency 1 a quarter of the requests: its rounds take as long as those at 8.
+                return streamed(url, headers, concurrency, args.requests if concurrency > 1 else args.requests // 4)
+
             for _, url, headers in targets:
-                wrk(url, 4, 3 if args.engine == "scripted" else 15, headers, script)  # warm-up
+                load(url, headers, 4, warm_up=True)
             exports0 = collector.exports
             for concurrency in results:
                 for round_ in range(args.rounds):
@@ -173,12 +202,12 @@ def main() -> None:
                     for name, url, headers in targets[shift:] + targets[:shift]:
                         procs = {p.name: p.popen.pid for p in meshes[name].procs.values() if p.alive()}
                         before = {n: tree_cpu_seconds(pid) for n, pid in procs.items()}
-                        r = wrk(url, concurrency, args.seconds, headers, script)
+                        r = load(url, headers, concurrency)
                         for n, pid in procs.items():
                             cpu[name][n] = cpu[name].get(n, 0.0) + tree_cpu_seconds(pid) - before[n]
-                        served[name] += r["rps"] * args.seconds
+                        served[name] += r["requests"]
                         results[concurrency].setdefault(name, []).append(r)
-                        print(f"c={concurrency} {name:18s} {r['rps']:7.0f} req/s  p50 {r['p50_ms']:.2f} ms")
+                        print(f"c={concurrency} {name:18s} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:.2f} ms")
             exports = collector.exports - exports0
     finally:
         for m in meshes.values():
@@ -188,21 +217,31 @@ def main() -> None:
     def med(c: int, name: str, key: str) -> float:
         return median([r[key] for r in results[c][name]])
 
+    cores = os.cpu_count() or 1
+
     replica = (
         "a scripted replica of 4 tokens with no engine time"
         if args.engine == "scripted"
-        else "real vLLM on the CPU with the packaged model, up to 4 tokens at temperature 0"
+        else "real vLLM on the CPU with the packaged model"
+    )
+    load_text = (
+        f"wrk POSTs /v1/chat/completions, {args.rounds} rounds of {args.seconds} s per mesh and concurrency,"
+        if args.engine == "scripted"
+        else f"Every round streams the same {args.requests} different chat prompts to each mesh at concurrency 8 "
+        f"({args.requests // 4} at 1), up to {STREAMED_TOKENS} tokens each at temperature 0; p50 and p99 are of "
+        f"the time to first token. {args.rounds} rounds,"
     )
     lines = [
         f"# Tracing: throughput and latency with tracing off and on ({args.engine} engine)",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC by "
-        f"`python -m bench.tracing --engine {args.engine}` on this machine (2 cores shared by the meshes and wrk).",
+        f"`python -m bench.tracing --engine {args.engine}` on this machine ({cores} cores shared by the meshes and "
+        "the load generator).",
         f"Three identical meshes (Envoy with ext_authz and rate limits, auth, ratelimit, billing, router, {replica}):",
         f"two with tracing off, one with the edge sampling {args.sample:.0%} and every service exporting over",
         "OTLP/gRPC. The second untraced mesh is the control: its gap to the first is what this machine's noise",
-        f"alone makes. wrk POSTs /v1/chat/completions, {args.rounds} rounds of {args.seconds} s per mesh and",
-        "concurrency, in an order that rotates every round. Ratios are medians over rounds of each round's",
+        f"alone makes. {load_text}",
+        "in an order that rotates every round. Ratios are medians over rounds of each round's",
         f"ratio to the untraced mesh. The collector took {exports} export calls during the measured rounds.",
         "",
         "| concurrency | mesh | req/s | p50 ms | p99 ms |",
@@ -211,7 +250,7 @@ def main() -> None:
     for c in results:
         for name in meshes:
             lines.append(
-                f"| {c} | {name} | {med(c, name, 'rps'):.0f} | {med(c, name, 'p50_ms'):.2f} | "
+                f"| {c} | {name} | {med(c, name, 'rps'):.1f} | {med(c, name, 'p50_ms'):.2f} | "
                 f"{med(c, name, 'p99_ms'):.2f} |"
             )
 
@@ -223,6 +262,12 @@ def main() -> None:
         p: {name: per_request(name, p) for name in meshes} for p in sorted(cpu[off], key=lambda p: -per_request(off, p))
     }
     rows["whole mesh"] = {name: sum(row[name] for row in rows.values()) for name in meshes}
+    # vLLM's CPU threads spin while they wait, so the engine's CPU follows its wall time, not its work.
+    services = [p for p in rows if p not in ("whole mesh", "inference")]
+    core_us = cores * 1e6 / med(8, off, "rps")  # core time this machine has per request, untraced, c=8
+
+    def added_by_services(name: str) -> float:
+        return sum(rows[p][name] - rows[p][off] for p in services)
 
     def gap(row: dict[str, float], name: str) -> str:
         return f"{row[name] - row[off]:+.0f} ({row[name] / row[off] - 1:+.1%})"
@@ -237,6 +282,12 @@ def main() -> None:
             f"| {p} | {row[off]:.0f} | {row[control]:.0f} | {row[on]:.0f} | {gap(row, on)} | {gap(row, control)} |"
             for p, row in rows.items()
         ),
+        "",
+        f"Added CPU per request in the services (every process but vLLM's): {added_by_services(on):+.0f} µs "
+        f"with tracing, {added_by_services(control):+.0f} µs for the control. This machine has "
+        f"{core_us / 1e3:.1f} ms of core time per request at concurrency 8 ({cores} cores over the "
+        f"untraced mesh's requests/s), so tracing's CPU is {added_by_services(on) / core_us:.1%} of it: the "
+        "throughput it can cost where the machine's CPU is what limits throughput.",
     ]
 
     def ratio(c: int, name: str, key: str) -> float:
