@@ -10,7 +10,6 @@ written to MESHSERVE_READY_FILE as the shared runtime does.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 
 from services.mesh.local import LocalMesh, Proc
+from services.runtime import files
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
 SHOULD_RATE_LIMIT = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
@@ -36,12 +36,6 @@ def start(mesh: LocalMesh, name: str) -> Proc:
     return proc
 
 
-def _announce(ready_file: Path, port: int) -> None:
-    partial = ready_file.with_suffix(".partial")
-    partial.write_text(json.dumps({"grpc_port": port, "metrics_port": 0}))
-    partial.rename(ready_file)
-
-
 async def serve(port: int, ready_file: str) -> None:
     server = grpc.aio.server()
     for method, reply in ALLOW.items():
@@ -56,7 +50,7 @@ async def serve(port: int, ready_file: str) -> None:
     bound = server.add_insecure_port(f"{os.environ.get('MESHSERVE_HOST', '127.0.0.1')}:{port}")
     await server.start()
     if ready_file:
-        _announce(Path(ready_file), bound)
+        files.write_ready(Path(ready_file), bound, 0)
     await server.wait_for_termination()
 
 

@@ -14,3 +14,10 @@ def write_private(path: Path, data: dict[str, str]) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
     tmp.replace(path)
+
+
+def write_ready(path: Path, grpc_port: int, metrics_port: int) -> None:
+    """Announces a bound service: its ports as JSON, written atomically (the mesh polls for the file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port}))
+    tmp.replace(path)

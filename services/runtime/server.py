@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -17,7 +16,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.runtime import keepalive, tracing
+from services.runtime import files, keepalive, tracing
 from services.runtime.interceptors import ServiceInterceptor
 from services.runtime.logs import configure_logging
 from services.runtime.metrics import serve_metrics
@@ -84,7 +83,7 @@ async def _run(
     await rt.server.start()
     log.info("listening", extra={"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()})
     if settings.ready_file:
-        _write_atomically(Path(settings.ready_file), {"grpc_port": port, "metrics_port": metrics_port})
+        files.write_ready(Path(settings.ready_file), port, metrics_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -126,12 +125,6 @@ async def _run(
     log.info("stopped")
     if failed:
         raise SystemExit(1)
-
-
-def _write_atomically(path: Path, data: dict[str, int]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
 
 
 def serve(

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import context, propagate, trace
 
@@ -32,8 +32,17 @@ UNTRACED_METHODS = ("WatchLoad", "GetLoad", "GetModel")
 _PROPAGATED = ("traceparent", "tracestate")
 # version-trace_id-parent_id-flags (W3C Trace Context); a version other than 00 may append fields.
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})(-.*)?$")
-# The trace metadata of the unsampled call being served, passed on unchanged by its outgoing calls.
-_PASSED_ON: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("meshserve_unsampled_trace", default=())
+
+
+class _Unsampled(NamedTuple):
+    """The trace of an unsampled call being served: its id (for the logs) and its metadata as it came."""
+
+    trace_id: str
+    metadata: tuple[tuple[str, str], ...]
+
+
+# Passed on unchanged by the call's outgoing calls.
+_UNSAMPLED: ContextVar[_Unsampled | None] = ContextVar("meshserve_unsampled_trace", default=None)
 
 _provider: Any = None
 # The one tracer of the process, made once when tracing turns on.
@@ -98,18 +107,18 @@ def traced(method: str) -> bool:
     return method.rsplit("/", 1)[-1] not in UNTRACED_METHODS
 
 
-def _sampled(traceparent: str) -> bool | None:
-    """Whether a traceparent says sampled (bit 0 of its flags); None for one that is malformed or all zeros."""
+def _parse(traceparent: str) -> tuple[str, bool] | None:
+    """A traceparent's trace id and whether it says sampled (bit 0 of its flags); None when malformed or all zeros."""
     match = _TRACEPARENT.match(traceparent)
     if match is None or match[1] == "0" * 32:
         return None
-    return bool(int(match[2], 16) & 1)
+    return match[1], bool(int(match[2], 16) & 1)
 
 
 def unsampled_trace_id() -> str:
     """The trace id of the unsampled call being served (which has no span of its own here), else empty."""
-    passed = _PASSED_ON.get()
-    return passed[0][1][3:35] if passed else ""  # traceparent comes first: _PROPAGATED's order
+    unsampled = _UNSAMPLED.get()
+    return unsampled.trace_id if unsampled is not None else ""
 
 
 @contextmanager
@@ -121,15 +130,15 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]] | None) -> Iter
     pass it on unchanged, as W3C Trace Context lets a participant that records nothing do. 90% of requests
     are not sampled; extracting a context for each cost tens of microseconds of CPU per call, measured."""
     carrier = {k: v for k, v in metadata or () if k in _PROPAGATED}
-    sampled = _sampled(carrier.get("traceparent", ""))
-    if sampled is False:
-        token = _PASSED_ON.set(tuple((k, carrier[k]) for k in _PROPAGATED if k in carrier))
+    parsed = _parse(carrier.get("traceparent", ""))
+    if parsed is not None and not parsed[1]:
+        token = _UNSAMPLED.set(_Unsampled(parsed[0], tuple(carrier.items())))
         try:
             yield trace.INVALID_SPAN
         finally:
-            _PASSED_ON.reset(token)
+            _UNSAMPLED.reset(token)
         return
-    parent = propagate.extract(carrier) if sampled else None
+    parent = propagate.extract(carrier) if parsed is not None else None
     with _tracer.start_as_current_span(
         method, context=parent, kind=trace.SpanKind.SERVER, attributes=_rpc_attributes(method)
     ) as span:
@@ -155,7 +164,8 @@ def start_span(name: str, attributes: dict[str, Any] | None = None, traceparent:
         if not trace.get_current_span().is_recording():
             return trace.INVALID_SPAN
         return _tracer.start_span(name, attributes=attributes)
-    if _provider is None or not _sampled(traceparent):
+    parsed = _parse(traceparent)
+    if _provider is None or parsed is None or not parsed[1]:
         return trace.INVALID_SPAN
     return _tracer.start_span(name, context=parent_context(traceparent), attributes=attributes)
 
@@ -169,9 +179,9 @@ def client_call(method: str) -> Iterator[tuple[tuple[str, str], ...] | None]:
     if _provider is None:
         yield None
         return
-    passed = _PASSED_ON.get()
-    if passed:
-        yield passed
+    unsampled = _UNSAMPLED.get()
+    if unsampled is not None:
+        yield unsampled.metadata
         return
     with span(method, _rpc_attributes(method), trace.SpanKind.CLIENT):
         carrier: dict[str, str] = {}
