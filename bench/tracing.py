@@ -90,19 +90,11 @@ class Collector:
 
 
 def start(mesh: LocalMesh, rules: Path, engine: str) -> None:
-    mesh.start_redis()
-    auth = mesh.start_auth()
-    ratelimit = mesh.start_ratelimit(rules=rules)
-    billing = mesh.start_billing()
-    replica = scripted_inference.start(mesh, "scripted", 4, 0) if engine == "scripted" else mesh.start_inference()
-    for proc in (auth, ratelimit, billing, replica):
-        mesh.wait_serving(proc, 600)
-    router = mesh.start_router(replicas=[f"127.0.0.1:{replica.grpc_port}"])
-    mesh.wait_serving(router, 60)
-    mesh.wait_routable(router, [replica], 30)
-    mesh.start_envoy()
-    mesh.wait_edge(30)
-    mesh.ensure_user_key()
+    if engine == "scripted":
+        scripted_inference.full_mesh(mesh, rules, 4, 0)
+    else:
+        mesh.options.ratelimit_rules = rules
+        mesh.start(timeout=600)
 
 
 @contextmanager

@@ -68,6 +68,17 @@ class EdgeConfig:
     max_request_bytes: int = 16 * 1024 * 1024
     # A stream with no bytes either way for this long is reset.
     stream_idle_timeout_s: int = 300
+    # Largest request header block (431 beyond it); below the backends' gRPC metadata limit (identity.METADATA_BYTES).
+    max_request_headers_kb: int = 32
+    # Time a client has to send its headers, and its whole request (slow-loris clients are cut off).
+    request_headers_timeout_s: int = 10
+    request_timeout_s: int = 60
+    # Longest a whole (non-streamed) reply may take; streams are bounded by idleness instead.
+    unary_timeout_s: int = 600
+    # Connections the edge holds at once, over every listener; beyond it new ones are refused.
+    max_connections: int = 10_000
+    # Envoy's heap: at 95% it frees what it can, at 98% it stops taking new requests.
+    max_heap_bytes: int = 1024 * 1024 * 1024
     # OpenTelemetry tracing; None leaves it out (no tracer, no cost).
     tracing: Tracing | None = None
 
@@ -103,26 +114,81 @@ def _error_body(kind: str, code: str) -> dict[str, Any]:
     return {"json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": kind, "param": None, "code": code}}}
 
 
+# Dynamic metadata namespace of the request body's fields the edge acts on (model, stream).
+BODY_METADATA = "meshserve.body"
+
+
 def lua_source() -> str:
     """The Lua filter with the error table filled in."""
     rows = ",\n".join(f'  [{status}] = {{"{kind}", "{code}"}}' for status, (kind, code) in ERROR_TYPES.items())
     source = LUA.read_text().replace("%%ERROR_TYPES%%", rows).replace("%%MODEL_HEADER%%", MODEL_HEADER)
-    return source.replace("%%LLM_SERVICE%%", LLM_SERVICE)
+    return source.replace("%%LLM_SERVICE%%", LLM_SERVICE).replace("%%BODY_METADATA%%", BODY_METADATA)
 
 
-def _local_reply_config() -> dict[str, Any]:
-    mappers = [
-        {
-            "filter": {
-                "status_code_filter": {
-                    "comparison": {
-                        "op": "EQ",
-                        "value": {"default_value": status, "runtime_key": f"meshserve.local_reply.{status}"},
-                    }
-                }
+def _json_to_metadata() -> dict[str, Any]:
+    """The body's top-level model and stream, parsed as JSON (escapes decoded, nested keys ignored)."""
+
+    def rule(key: str, kind: str) -> dict[str, Any]:
+        action = {"metadata_namespace": BODY_METADATA, "key": key, "type": kind}
+        return {"selectors": [{"key": key}], "on_present": action}
+
+    return {
+        "name": "envoy.filters.http.json_to_metadata",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+            "request_rules": {
+                "rules": [rule("model", "PROTOBUF_VALUE"), rule("stream", "PROTOBUF_VALUE")],
+                # Other media types are refused by the Lua filter after it (415).
+                "allow_content_types": ["application/json"],
+                "allow_empty_content_type": True,
             },
-            "body_format_override": _error_body(kind, code),
+        },
+    }
+
+
+
+def _grpc_local_status(cfg: EdgeConfig) -> dict[int, tuple[int, str]]:
+    """gRPC status and message of the edge's own replies to native gRPC clients, where Envoy's default
+    (from the HTTP status) would be UNKNOWN: a message or a header block over the edge's limit."""
+    return {
+        413: (8, f"the request is larger than the edge accepts ({cfg.max_request_bytes} bytes)"),
+        431: (8, f"the request headers are larger than the edge accepts ({cfg.max_request_headers_kb} KiB)"),
+    }
+
+
+def _status_is(status: int) -> dict[str, Any]:
+    value = {"default_value": status, "runtime_key": f"meshserve.local_reply.{status}"}
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
+
+
+def _grpc_mappers(cfg: EdgeConfig) -> list[dict[str, Any]]:
+    """gRPC clients get the message as plain text (it becomes grpc-message) and a status that says why."""
+    is_grpc = {"header_filter": {"header": {"name": "content-type", "string_match": {"prefix": "application/grpc"}}}}
+    plain = {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"}}
+
+    def header(key: str, value: str) -> dict[str, Any]:
+        return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+    # A trailers-only reply written whole: HTTP 200, the status and message as headers, no body.
+    by_status = [
+        {
+            "filter": {"and_filter": {"filters": [is_grpc, _status_is(status)]}},
+            "status_code": 200,
+            "headers_to_add": [
+                header("content-type", "application/grpc"),
+                header("grpc-status", str(grpc)),
+                header("grpc-message", message),
+            ],
+            "body_format_override": {"text_format_source": {"inline_string": ""}},
         }
+        for status, (grpc, message) in _grpc_local_status(cfg).items()
+    ]
+    return [*by_status, {"filter": is_grpc, "body_format_override": plain}]
+
+
+def _local_reply_config(cfg: EdgeConfig) -> dict[str, Any]:
+    mappers = _grpc_mappers(cfg) + [
+        {"filter": _status_is(status), "body_format_override": _error_body(kind, code)}
         for status, (kind, code) in ERROR_TYPES.items()
     ]
     return {"mappers": mappers, "body_format": _error_body("server_error", "internal_error")}
@@ -212,6 +278,7 @@ def rate_limit_descriptors() -> list[dict[str, Any]]:
 def _http_filters(cfg: EdgeConfig) -> list[dict[str, Any]]:
     return [
         *([_ext_authz()] if cfg.auth is not None else []),
+        _json_to_metadata(),
         # Before the rate-limit filter: it names the request's model in a header for per-model limits.
         {
             "name": "envoy.filters.http.lua",
@@ -236,6 +303,8 @@ def _http_filters(cfg: EdgeConfig) -> list[dict[str, Any]]:
                 },
                 "convert_grpc_status": True,
                 "request_validation_options": {"reject_unknown_method": True},
+                # As OpenAI does (Azure-style clients send api-version); without it Envoy resets the call (503).
+                "ignore_unknown_query_parameters": True,
             },
         },
         {
@@ -289,6 +358,55 @@ def _tracing(tracing: Tracing) -> dict[str, Any]:
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 
+STREAMING_METHODS = ("StreamChatCompletion", "StreamCompletion")
+
+
+def _llm_routes(cfg: EdgeConfig) -> list[dict[str, Any]]:
+    """The API's routes, matched on the gRPC path the transcoder made (or the native client sent):
+    streams last as long as generation does and are bounded by idleness; whole replies by a timeout."""
+    limits = {"rate_limits": rate_limit_descriptors()} if cfg.ratelimit is not None else {}
+    idle = {"idle_timeout": f"{cfg.stream_idle_timeout_s}s"}
+    streams = [
+        {"match": {"path": f"/{LLM_SERVICE}/{m}"}, "route": {"cluster": "router", "timeout": "0s", **idle, **limits}}
+        for m in STREAMING_METHODS
+    ]
+    unary = {"cluster": "router", "timeout": f"{cfg.unary_timeout_s}s", **idle, **limits}
+    return [*streams, {"match": {"prefix": "/"}, "route": unary}]
+
+
+def _overload_manager(cfg: EdgeConfig) -> dict[str, Any]:
+    """Envoy's own protection: a bound on connections and on its heap (the edge best practices)."""
+    heap = "envoy.resource_monitors.fixed_heap"
+
+    def action(name: str, threshold: float) -> dict[str, Any]:
+        return {"name": name, "triggers": [{"name": heap, "threshold": {"value": threshold}}]}
+
+    return {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [
+            {
+                "name": heap,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                    "max_heap_size_bytes": cfg.max_heap_bytes,
+                },
+            },
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3"
+                    ".DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": cfg.max_connections,
+                },
+            },
+        ],
+        "actions": [
+            action("envoy.overload_actions.shrink_heap", 0.95),
+            action("envoy.overload_actions.stop_accepting_requests", 0.98),
+        ],
+    }
+
+
 def render(cfg: EdgeConfig) -> dict[str, Any]:
     """The whole Envoy bootstrap as a dict."""
     hcm = {
@@ -296,10 +414,18 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
         "stat_prefix": "edge",
         "codec_type": "AUTO",
         "generate_request_id": True,
+        "use_remote_address": True,
         "stream_idle_timeout": f"{cfg.stream_idle_timeout_s}s",
+        "request_headers_timeout": f"{cfg.request_headers_timeout_s}s",
+        "request_timeout": f"{cfg.request_timeout_s}s",
+        "max_request_headers_kb": cfg.max_request_headers_kb,
+        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+        # Envoy's default windows stay: requests are buffered whole (the Lua filter reads gRPC bodies), and
+        # a 64 KiB stream window stalls a buffered upload at its first window.
+        "http2_protocol_options": {"max_concurrent_streams": 100},
         "access_log": _access_log(),
         **({"tracing": _tracing(cfg.tracing)} if cfg.tracing is not None else {}),
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": _local_reply_config(cfg),
         "route_config": {
             "name": "edge",
             "virtual_hosts": [
@@ -318,16 +444,7 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                             if cfg.billing is not None
                             else []
                         ),
-                        {
-                            "match": {"prefix": "/"},
-                            # Streams last as long as generation does: no overall timeout, only idleness.
-                            "route": {
-                                "cluster": "router",
-                                "timeout": "0s",
-                                "idle_timeout": f"{cfg.stream_idle_timeout_s}s",
-                                **({"rate_limits": rate_limit_descriptors()} if cfg.ratelimit is not None else {}),
-                            },
-                        },
+                        *_llm_routes(cfg),
                     ],
                 }
             ],
@@ -336,6 +453,7 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
     }
     return {
         "admin": {"address": _socket(cfg.admin)},
+        "overload_manager": _overload_manager(cfg),
         "static_resources": {
             "listeners": [
                 {

@@ -20,6 +20,9 @@ end
 -- The request's model goes in a header for per-model rate limits; a client's own value never survives.
 local MODEL_HEADER = "%%MODEL_HEADER%%"
 local LLM_PREFIX = "/%%LLM_SERVICE%%/"
+-- Where the json_to_metadata filter before this one puts the body's top-level "model" and "stream",
+-- read by a real JSON parser (escapes decoded, nested keys ignored), as the transcoder reads them.
+local BODY_METADATA = "%%BODY_METADATA%%"
 
 -- A protobuf varint at s[i]: value, next index (nil when truncated).
 local function varint(s, i)
@@ -36,8 +39,10 @@ local function varint(s, i)
   return nil, i
 end
 
--- The first length-delimited field number `want` in s[from..to]: its first and last index.
-local function pb_field(s, from, to, want)
+-- Every length-delimited field number `want` in s[from..to], in order: a list of {first, last};
+-- nil when the bytes are not a well-formed message.
+local function pb_fields(s, from, to, want)
+  local found = {}
   local i = from
   while i <= to do
     local key
@@ -63,31 +68,46 @@ local function pb_field(s, from, to, want)
         return nil
       end
       if number == want then
-        return i, i + len - 1
+        found[#found + 1] = {i, i + len - 1}
       end
       i = i + len
     else
       return nil
     end
   end
-  return nil
+  if i ~= to + 1 then
+    return nil
+  end
+  return found
 end
 
--- params.model (field 1 of field 1) of an uncompressed gRPC message of the LLM API.
+-- params.model (field 1 of field 1) of an uncompressed gRPC message of the LLM API, as protobuf decodes
+-- it: occurrences of a message field merge and the last value of a string field wins.
 local function grpc_model(raw)
   if #raw < 5 or raw:byte(1) ~= 0 then
     return nil
   end
   local last = math.min(#raw, 5 + raw:byte(2) * 16777216 + raw:byte(3) * 65536 + raw:byte(4) * 256 + raw:byte(5))
-  local a, b = pb_field(raw, 6, last, 1)
-  if a == nil then
+  local params = pb_fields(raw, 6, last, 1)
+  if params == nil then
     return nil
   end
-  local c, d = pb_field(raw, a, b, 1)
-  if c == nil then
-    return nil
+  local model = nil
+  for _, span in ipairs(params) do
+    local models = pb_fields(raw, span[1], span[2], 1)
+    if models == nil then
+      return nil
+    end
+    for _, m in ipairs(models) do
+      model = raw:sub(m[1], m[2])
+    end
   end
-  return raw:sub(c, d)
+  return model
+end
+
+-- A local reply; the edge's local_reply_config turns it into an OpenAI error body by its status.
+local function refuse(handle, status, message)
+  handle:respond({[":status"] = tostring(status), ["content-type"] = "text/plain"}, message)
 end
 
 function envoy_on_request(handle)
@@ -95,29 +115,54 @@ function envoy_on_request(handle)
   headers:remove(MODEL_HEADER)
   local path = headers:get(":path") or ""
   local grpc = is_grpc(headers)
+  if not grpc then
+    -- gRPC's own headers mean nothing on REST; a client's grpc-timeout would cut its request short.
+    local names = {}
+    for name, _ in pairs(headers) do
+      if name:sub(1, 5) == "grpc-" then
+        names[#names + 1] = name
+      end
+    end
+    for _, name in ipairs(names) do
+      headers:remove(name)
+    end
+  end
   if headers:get(":method") ~= "POST" then
     return
   end
-  if not (STREAMABLE[path] or (grpc and path:sub(1, #LLM_PREFIX) == LLM_PREFIX)) then
-    return
-  end
-  local body = handle:body()
-  if body == nil then
-    return
-  end
-  local raw = body:getBytes(0, body:length())
   local model
   if grpc then
-    model = grpc_model(raw)
+    if path:sub(1, #LLM_PREFIX) ~= LLM_PREFIX then
+      return
+    end
+    local body = handle:body()
+    if body == nil then
+      return
+    end
+    model = grpc_model(body:getBytes(0, body:length()))
   else
-    model = raw:match('"model"%s*:%s*"([^"\\]*)"')
+    if not STREAMABLE[path] then
+      return
+    end
+    -- OpenAI's API takes JSON bodies; the body fields the edge acts on are read only from JSON.
+    local media = (headers:get("content-type") or ""):match("^%s*([^;%s]*)"):lower()
+    if media ~= "" and media ~= "application/json" then
+      refuse(handle, 415, "Content-Type must be application/json")
+      return
+    end
+    local fields = handle:streamInfo():dynamicMetadata():get(BODY_METADATA) or {}
+    model = fields["model"]
+    local stream = fields["stream"]
+    if stream ~= nil and type(stream) ~= "boolean" then
+      refuse(handle, 400, "stream: must be true or false")
+      return
+    end
+    if stream == true then
+      headers:replace(":path", path .. ":stream")
+    end
   end
-  if model ~= nil and #model <= 256 and model:match("^[%w%._:/%-]+$") then
+  if type(model) == "string" and #model <= 256 and model:match("^[%w%._:/%-]+$") then
     handle:headers():replace(MODEL_HEADER, model)
-  end
-  -- Inside JSON strings quotes are escaped, so this matches only a real "stream" key.
-  if not grpc and raw:find('"stream"%s*:%s*true') then
-    handle:headers():replace(":path", path .. ":stream")
   end
 end
 

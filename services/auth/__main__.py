@@ -8,6 +8,9 @@ from pathlib import Path
 
 import redis.asyncio as redis
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.authenticator import Authenticator
@@ -27,11 +30,23 @@ def main() -> None:
     settings = AuthSettings()
 
     async def setup(rt: Runtime) -> None:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        # Well inside Envoy's 1 s for a check: an unreachable Redis is noticed in time for the cache to answer.
+        # A broken pooled connection is retried once on a fresh one (after a Redis restart), nothing else.
+        client = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
         # Pub/sub holds its connection open indefinitely: no read timeout on it.
         listener = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
         store = KeyStore(client)
-        authenticator = Authenticator(store, settings.cache_entries, settings.cache_max_age_seconds)
+        authenticator = Authenticator(
+            store,
+            settings.cache_entries,
+            settings.cache_max_age_seconds,
+            outage_grace_seconds=settings.outage_grace_seconds,
+        )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(ExtAuthzServicer(authenticator), rt.server)
         auth_pb2_grpc.add_AuthAdminServiceServicer_to_server(AdminServicer(authenticator, store), rt.server)
         follower: list[asyncio.Task[None]] = []

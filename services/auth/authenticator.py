@@ -10,12 +10,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as redis
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from services.auth.keys import Grant, KeyRecord, decide, hash_secret, parse_bearer
 from services.auth.store import CHANGES, KeyStore
+from services.runtime.errors import Unavailable
 
 log = logging.getLogger(__name__)
+
+STALE_DECISIONS = Counter(
+    "meshserve_auth_outage_decisions_total",
+    "Checks while the key store was unreachable: answered from the cache (cached) or refused (refused).",
+    ["outcome"],
+)
 
 
 @dataclass
@@ -33,12 +41,17 @@ class Authenticator:
         max_entries: int = 100_000,
         max_age_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
+        outage_grace_seconds: float = 60.0,
     ) -> None:
         self._store = store
         self._max_entries = max_entries
         # A safety net only: changes arrive on the channel within milliseconds.
         self._max_age = max_age_seconds
         self._clock = clock
+        # How long into a Redis outage keys already in the cache still answer (0: refuse at once).
+        self._outage_grace = outage_grace_seconds
+        # When the key store became unreachable; None while it answers.
+        self._outage_since: float | None = None
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._by_key: dict[str, set[str]] = {}
         self.subscribed = asyncio.Event()
@@ -49,11 +62,36 @@ class Authenticator:
         now = self._clock()
         entry = self._cache.get(secret_hash)
         if entry is None or now - entry.fetched_at > self._max_age or not self.subscribed.is_set():
-            entry = _Entry(await self._store.lookup(secret_hash), now)
-            self._remember(secret_hash, entry)
+            try:
+                fetched = _Entry(await self._store.lookup(secret_hash), now)
+            except Unavailable:
+                entry = self._during_outage(entry, now)
+            else:
+                self._recovered()
+                entry = fetched
+                self._remember(secret_hash, entry)
         else:
             self._cache.move_to_end(secret_hash)
         return decide(entry.grant, now, admin_call)
+
+    def _during_outage(self, cached: _Entry | None, now: float) -> _Entry:
+        """The cached entry while the outage is younger than the grace window; else the outage is the answer."""
+        if self._outage_since is None:
+            self._outage_since = now
+            log.warning(
+                "key store unreachable; answering from the cache for keys checked before",
+                extra={"grace_seconds": self._outage_grace},
+            )
+        if cached is None or self._outage_grace <= 0 or now - self._outage_since > self._outage_grace:
+            STALE_DECISIONS.labels("refused").inc()
+            raise Unavailable("the key store is unreachable and this key was not checked recently")
+        STALE_DECISIONS.labels("cached").inc()
+        return cached
+
+    def _recovered(self) -> None:
+        if self._outage_since is not None:
+            log.warning("key store reachable again", extra={"seconds": round(self._clock() - self._outage_since, 1)})
+            self._outage_since = None
 
     def _remember(self, secret_hash: str, entry: _Entry) -> None:
         self._cache[secret_hash] = entry
@@ -77,8 +115,8 @@ class Authenticator:
     async def follow_changes(self, client: redis.Redis) -> None:
         """Invalidates on every change announced by any replica; runs until cancelled.
 
-        While the subscription is down, changes may be missed: the cache is cleared and every
-        check goes to Redis until the subscription is back.
+        While the subscription is down, changes may be missed: every check goes to Redis until the
+        subscription is back (the cache answers only when Redis does not), and the cache is cleared then.
         """
         backoff = 0.1
         while True:
@@ -98,8 +136,9 @@ class Authenticator:
                     extra={"error": exc.__class__.__name__},
                 )
             finally:
+                # The cache stays (it answers through an outage); unsubscribed, every check asks Redis
+                # first, and the cache is cleared on subscribing again so changes missed meanwhile apply.
                 self.subscribed.clear()
-                self.clear()
                 try:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                 except (RedisError, OSError):

@@ -18,6 +18,9 @@ class AuthSettings(ServiceSettings):
     cache_entries: int = 100_000
     # Seconds a cached key is trusted without hearing of a change (a safety net; changes arrive at once).
     cache_max_age_seconds: float = 60.0
+    # Seconds into a Redis outage that keys checked before it still pass from the cache (0: refuse at once).
+    # The trade-off: a key revoked during the outage keeps working until Redis is back or this runs out.
+    outage_grace_seconds: float = 60.0
     # If set and no valid admin key is stored there, one is created and its secret written here (mode 0600).
     bootstrap_admin_file: str = ""
     # If set (from a Kubernetes Secret), an admin key with this secret is created unless it exists.

@@ -13,7 +13,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError, WatchError
 
 from services.auth.keys import Grant, KeyRecord, hash_secret, new_key_id, new_secret
-from services.runtime.errors import NotFound, Unavailable
+from services.runtime.errors import NotFound, Unavailable, echo
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class KeyStore:
     async def get(self, key_id: str) -> KeyRecord:
         raw = await self._call(self._redis.get(_record_key(key_id)))
         if raw is None:
-            raise NotFound(f"key {key_id!r} does not exist")
+            raise NotFound(f"key {echo(key_id)} does not exist")
         return KeyRecord.from_json(raw)
 
     async def list(self, tenant: str = "", include_revoked: bool = False) -> list[KeyRecord]:
@@ -89,10 +89,10 @@ class KeyStore:
         async def apply(pipe: redis.client.Pipeline) -> tuple[KeyRecord, str, float]:
             raw = await pipe.get(_record_key(key_id))
             if raw is None:
-                raise NotFound(f"key {key_id!r} does not exist")
+                raise NotFound(f"key {echo(key_id)} does not exist")
             old = KeyRecord.from_json(raw)
             if old.revoked_at is not None:
-                raise NotFound(f"key {key_id!r} was revoked")
+                raise NotFound(f"key {echo(key_id)} was revoked")
             record = replace(old, secret_hashes=old.secret_hashes[:1]).with_secret(secret)
             pipe.multi()  # type: ignore[no-untyped-call]
             pipe.set(_record_key(key_id), record.to_json())
@@ -118,7 +118,7 @@ class KeyStore:
         async def apply(pipe: redis.client.Pipeline) -> KeyRecord:
             raw = await pipe.get(_record_key(key_id))
             if raw is None:
-                raise NotFound(f"key {key_id!r} does not exist")
+                raise NotFound(f"key {echo(key_id)} does not exist")
             old = KeyRecord.from_json(raw)
             record = replace(old, revoked_at=old.revoked_at or time.time(), secret_hashes=())
             pipe.multi()  # type: ignore[no-untyped-call]
@@ -143,7 +143,7 @@ class KeyStore:
                 continue
             except RedisError as exc:
                 raise Unavailable(f"the key store is unreachable: {exc.__class__.__name__}") from exc
-        raise Unavailable(f"key {key_id!r} is being changed concurrently; try again")
+        raise Unavailable(f"key {echo(key_id)} is being changed concurrently; try again")
 
     async def _call(self, awaitable: Awaitable[object]) -> Any:
         try:

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS usage_hours (
     failed BIGINT NOT NULL,
     cost TEXT NOT NULL,
     updated_at {real} NOT NULL,
+    written_off_tokens BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, key_id, model, hour, generation)
 )""",
     """
@@ -68,11 +69,14 @@ CREATE TABLE IF NOT EXISTS meter_events (
     "CREATE INDEX IF NOT EXISTS meter_events_pending ON meter_events (seq) WHERE sent_at IS NULL",
 )
 
-COUNTS = ("requests", "prompt_tokens", "completion_tokens", "completed", "cancelled", "failed")
+COUNTS = ("requests", "prompt_tokens", "completion_tokens", "completed", "cancelled", "failed", "written_off_tokens")
 ROW_KEY = "tenant = ? AND key_id = ? AND model = ? AND hour = ? AND generation = ?"
+ROW_COLUMNS = ("tenant", "key_id", "model", "hour", "generation", *COUNTS, "cost", "updated_at")
+# Columns added after the first release, with what an older ledger's rows hold in them.
+ADDED_COLUMNS = {"written_off_tokens": "BIGINT NOT NULL DEFAULT 0"}
 
 UPSERT = f"""
-INSERT INTO usage_hours VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO usage_hours ({", ".join(ROW_COLUMNS)}) VALUES ({", ".join("?" for _ in ROW_COLUMNS)})
 ON CONFLICT (tenant, key_id, model, hour, generation) DO UPDATE SET
     {", ".join(f"{c} = excluded.{c}" for c in (*COUNTS, "cost", "updated_at"))}
 """
@@ -94,6 +98,8 @@ class UsageLine:
     prompt_tokens: int
     completion_tokens: int
     cost: Decimal
+    # Generated tokens no client received: recorded, not billed.
+    written_off_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,14 @@ class SqlLedger:
         with self._transaction() as cur:
             for statement in SCHEMA:
                 cur.execute(statement.format(seq=self.seq_type, real=self.real_type))
+            present = self._columns(cur)
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in present:
+                    cur.execute(f"ALTER TABLE usage_hours ADD COLUMN {column} {kind}")
+
+    def _columns(self, cur: Any) -> set[str]:
+        """The columns usage_hours has (an older ledger lacks the ones added since)."""
+        raise NotImplementedError
 
     def _connect(self) -> Any:
         raise NotImplementedError
@@ -185,7 +199,15 @@ class SqlLedger:
                 if b.requests <= old_requests:
                     continue  # the same totals again, or an older snapshot than the row's
                 cost = prices.cost(b.model, b.prompt_tokens, b.completion_tokens)
-                counts = (b.requests, b.prompt_tokens, b.completion_tokens, b.completed, b.cancelled, b.failed)
+                counts = (
+                    b.requests,
+                    b.prompt_tokens,
+                    b.completion_tokens,
+                    b.completed,
+                    b.cancelled,
+                    b.failed,
+                    b.written_off_tokens,
+                )
                 cur.execute(self._sql(UPSERT), (*key, *counts, str(cost), now))
                 cur.execute(
                     self._sql(INSERT_EVENT),
@@ -217,14 +239,15 @@ class SqlLedger:
         with self._transaction() as cur:
             cur.execute(
                 self._sql(
-                    "SELECT tenant, key_id, model, requests, prompt_tokens, completion_tokens, cost FROM usage_hours "
+                    "SELECT tenant, key_id, model, requests, prompt_tokens, completion_tokens, cost, "
+                    "written_off_tokens FROM usage_hours "
                     f"WHERE {' AND '.join(where)} ORDER BY tenant, key_id, model, hour"
                 ),
                 args,
             )
             rows = cur.fetchall()
         lines: dict[tuple[str, str, str], UsageLine] = {}
-        for t, k, m, requests, prompt, completion, cost in rows:
+        for t, k, m, requests, prompt, completion, cost, written_off in rows:
             old = lines.get((t, k, m)) or UsageLine(t, k, m, 0, 0, 0, Decimal(0))
             lines[(t, k, m)] = UsageLine(
                 t,
@@ -234,6 +257,7 @@ class SqlLedger:
                 old.prompt_tokens + prompt,
                 old.completion_tokens + completion,
                 old.cost + Decimal(cost),
+                old.written_off_tokens + written_off,
             )
         return list(lines.values())
 
@@ -271,6 +295,10 @@ class SqliteLedger(SqlLedger):
         path.parent.mkdir(parents=True, exist_ok=True)
         super().__init__()
 
+    def _columns(self, cur: Any) -> set[str]:
+        cur.execute("PRAGMA table_info(usage_hours)")
+        return {row[1] for row in cur.fetchall()}
+
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
@@ -301,6 +329,13 @@ class PostgresLedger(SqlLedger):
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
         super().__init__()
+
+    def _columns(self, cur: Any) -> set[str]:
+        cur.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_name = 'usage_hours' AND table_schema = current_schema()"
+        )
+        return {row[0] for row in cur.fetchall()}
 
     def _connect(self) -> Any:
         import psycopg

@@ -28,7 +28,9 @@ CHUNK = 512
 
 RECORDS = Counter("meshserve_billing_records_total", "Usage records received, by result.", ["result"])
 TOKENS = Counter(
-    "meshserve_billing_tokens_total", "Tokens counted into the aggregates, by model and kind.", ["model", "kind"]
+    "meshserve_billing_tokens_total",
+    "Tokens counted into the aggregates, by model and kind (prompt, completion, written_off: made, not received).",
+    ["model", "kind"],
 )
 SPEND = Counter(
     "meshserve_billing_cost_total",
@@ -54,6 +56,8 @@ class Usage:
     queue_seconds: float = 0.0
     ttft_seconds: float = 0.0
     total_seconds: float = 0.0
+    # Generated tokens no client received (not billed, not in completion_tokens).
+    written_off_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class Bucket:
     version: str
     # Set when Redis creates the bucket; a bucket Redis lost and recreated is a new generation.
     generation: str
+    written_off_tokens: int = 0
 
 
 def bucket_key(tenant: str, key_id: str, model: str, hour: int) -> str:
@@ -133,18 +138,29 @@ class Meter:
             for u in chunk:
                 hour = int(u.finished_at) // HOUR * HOUR
                 keys += (f"mb:req:{u.request_id}", bucket_key(u.tenant, u.key_id, u.model, hour))
-                args += (u.tenant, u.key_id, u.model, hour, u.prompt_tokens, u.completion_tokens, u.outcome)
+                args += (
+                    u.tenant,
+                    u.key_id,
+                    u.model,
+                    hour,
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                    u.outcome,
+                    u.written_off_tokens,
+                )
             counted += [int(c) for c in await self._record(keys=keys, args=args)]
         tokens: dict[str, list[int]] = {}
         for u, c in zip(records, counted, strict=True):
             if c:
-                totals = tokens.setdefault(u.model, [0, 0])
+                totals = tokens.setdefault(u.model, [0, 0, 0])
                 totals[0] += u.prompt_tokens
                 totals[1] += u.completion_tokens
+                totals[2] += u.written_off_tokens
         prices = self._prices() if self._prices is not None else None
-        for model, (prompt, completion) in tokens.items():
+        for model, (prompt, completion, written_off) in tokens.items():
             TOKENS.labels(model, "prompt").inc(prompt)
             TOKENS.labels(model, "completion").inc(completion)
+            TOKENS.labels(model, "written_off").inc(written_off)
             if prices is not None:
                 SPEND.labels(model, prices.currency).inc(float(prices.cost(model, prompt, completion)))
         accepted = sum(counted)
@@ -178,6 +194,7 @@ class Meter:
             failed=int(f.get("failed", 0)),
             version=f["version"],
             generation=f.get("generation", ""),
+            written_off_tokens=int(f.get("written_off_tokens", 0)),
         )
 
     async def forget(self, key: str) -> None:

@@ -2,13 +2,13 @@
 -- KEYS[1] set of buckets the ledger has not caught up with; then per record i (from 0):
 --   KEYS[2 + 2i] its request marker, KEYS[3 + 2i] its bucket hash.
 -- ARGV[1] marker ttl seconds, ARGV[2] bucket ttl seconds, ARGV[3] a fresh generation id (kept only by a call
--- that creates a bucket); then per record 7 values: tenant, key_id, model, hour (unix seconds), prompt tokens,
--- completion tokens, outcome.
+-- that creates a bucket); then per record 8 values: tenant, key_id, model, hour (unix seconds), prompt tokens,
+-- completion tokens, outcome, written-off tokens (generated, received by no client, not billed).
 -- Returns one number per record: 1 when counted, 0 for a request counted before.
 local counted = {}
 local n = (#KEYS - 1) / 2
 for i = 0, n - 1 do
-  local marker, bucket, a = KEYS[2 + 2 * i], KEYS[3 + 2 * i], 3 + 7 * i
+  local marker, bucket, a = KEYS[2 + 2 * i], KEYS[3 + 2 * i], 3 + 8 * i
   if redis.call('SET', marker, '1', 'NX', 'EX', ARGV[1]) then
     redis.call('HSET', bucket, 'tenant', ARGV[a + 1], 'key_id', ARGV[a + 2], 'model', ARGV[a + 3], 'hour', ARGV[a + 4])
     -- A bucket recreated after Redis lost it gets a new generation: its own ledger row, never overwriting the old one.
@@ -17,6 +17,7 @@ for i = 0, n - 1 do
     redis.call('HINCRBY', bucket, 'prompt_tokens', ARGV[a + 5])
     redis.call('HINCRBY', bucket, 'completion_tokens', ARGV[a + 6])
     redis.call('HINCRBY', bucket, ARGV[a + 7], 1)
+    redis.call('HINCRBY', bucket, 'written_off_tokens', ARGV[a + 8])
     -- Every change bumps the version: the ledger marks a bucket clean only at the version it wrote.
     redis.call('HINCRBY', bucket, 'version', 1)
     redis.call('EXPIRE', bucket, ARGV[2])

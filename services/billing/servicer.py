@@ -52,6 +52,7 @@ def usage_of(r: billing_pb2.UsageRecord) -> Usage:
         version=r.version,
         prompt_tokens=r.prompt_tokens,
         completion_tokens=r.completion_tokens,
+        written_off_tokens=r.written_off_tokens,
         outcome=OUTCOMES[r.outcome],
         finished_at=r.finished_at.ToMicroseconds() / 1e6,
         queue_seconds=r.queue_seconds,
@@ -111,6 +112,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                     requests=line.requests,
                     prompt_tokens=line.prompt_tokens,
                     completion_tokens=line.completion_tokens,
+                    written_off_tokens=line.written_off_tokens,
                     cost=str(line.cost),
                 )
                 for line in lines

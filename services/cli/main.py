@@ -12,6 +12,7 @@ from rich.console import Console
 
 from services.cli import keys
 from services.mesh.local import LocalMesh, MeshError, MeshOptions
+from services.mesh.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -172,11 +173,10 @@ def up(
         out.print(f"[bold]Metrics[/]: `meshserve top` (a live summary); Prometheus endpoints: {endpoints}")
         if otlp_endpoint:
             out.print(f"[bold]Traces[/]: {trace_sample:.0%} of requests, over OTLP/gRPC to {otlp_endpoint}")
+        supervisor = Supervisor(mesh, lambda line: console.print(f"[yellow]{line}[/]"))
         while True:
-            dead = mesh.dead()
-            if dead:
-                raise MeshError(f"{dead[0].name} exited with code {dead[0].popen.returncode}\n{dead[0].tail()}")
-            time.sleep(0.5)
+            supervisor.check()
+            time.sleep(0.25)
     except KeyboardInterrupt:
         console.print("stopping…")
     except MeshError as exc:
@@ -219,7 +219,8 @@ def usage(
             console.print(f"[red]billing: {exc.code().name}[/]: {exc.details()}")
             raise typer.Exit(1) from exc
     table = Table(title=f"usage over the last {hours:g} h ({reply.currency})")
-    for column in ("tenant", "key", "model", "requests", "prompt tokens", "completion tokens", "cost"):
+    columns = ("tenant", "key", "model", "requests", "prompt tokens", "completion tokens", "written off", "cost")
+    for column in columns:
         table.add_column(column, justify="right" if column not in ("tenant", "key", "model") else "left")
     for line in reply.lines:
         table.add_row(
@@ -229,6 +230,7 @@ def usage(
             f"{line.requests:,}",
             f"{line.prompt_tokens:,}",
             f"{line.completion_tokens:,}",
+            f"{line.written_off_tokens:,}",
             line.cost,
         )
     out.print(table)

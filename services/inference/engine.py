@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from services.runtime import tracing
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ class Engine:
         self._tokenizer = tokenizer
         self._sink = sink
         self._in_flight = 0
+        # No token of the vocabulary spans more bytes than this (a byte-level BPE token spans at least one):
+        # a prompt of more characters than max_model_len x this cannot fit, whatever its tokens.
+        self.max_token_bytes = max((len(t.encode()) for t in tokenizer.get_vocab()), default=1)
 
     @classmethod
     def start(cls, config: EngineConfig) -> Engine:
@@ -122,16 +126,28 @@ class Engine:
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
+    def _refuse_oversized(self, field: str, chars: int, pieces: int) -> None:
+        """Refuses, from its size alone, a prompt that cannot fit the context: before tokenizing it, which
+        for megabytes of text takes seconds in which this replica serves nobody else."""
+        if chars > self.max_model_len * self.max_token_bytes or pieces > self.max_model_len:
+            raise InvalidArgument(
+                f"{field}: the prompt ({chars} characters) cannot fit the model's context of "
+                f"{self.max_model_len} tokens"
+            )
+
     def tokenize_text(self, text: str) -> list[int]:
         """Token ids of a raw prompt, as vLLM's own completions endpoint tokenizes it."""
         if not text:
             raise InvalidArgument("input.text: must not be empty")
+        self._refuse_oversized("prompt", len(text), 1)
         return list(self._tokenizer(text).input_ids)
 
     def tokenize_chat(self, turns: Sequence[Turn]) -> list[int]:
         """Token ids of a conversation formatted with the model's own chat template."""
         if not turns:
             raise InvalidArgument("input.conversation: must have at least one turn")
+        # Every turn adds at least one token of the template's own.
+        self._refuse_oversized("messages", sum(len(r) + len(c) for r, c in turns), len(turns))
         messages = [{"role": role, "content": content} for role, content in turns]
         try:
             ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -157,6 +173,10 @@ class Engine:
                 f"max_tokens: {prompt_tokens} prompt tokens plus max_tokens {max_tokens} exceed the model's "
                 f"context of {self.max_model_len} tokens; at most {room} are left"
             )
+        for name in OPTIONAL_SAMPLING:
+            value = getattr(sampling, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidArgument(f"sampling.{name}: must be a finite number, got {value}")
         kwargs: dict[str, Any] = {
             "max_tokens": max_tokens,
             "stop": list(sampling.stop),
@@ -176,6 +196,7 @@ class Engine:
     async def generate(self, request_id: str, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Step]:
         """Streams the steps of one request; closing the iterator early aborts it in the engine."""
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         params = self._sampling_params(len(prompt_ids), sampling)
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
@@ -199,6 +220,8 @@ class Engine:
                 )
         except ValueError as exc:  # vLLM validates the request before queueing it
             raise InvalidArgument(str(exc)) from exc
+        except EngineDeadError as exc:  # the replica is down, not this request at fault
+            raise Unavailable(f"the engine died: {exc}") from exc
         finally:
             self._in_flight -= 1
             span.set_attribute("meshserve.completion_tokens", completion_tokens)

@@ -12,7 +12,7 @@ from grpc import aio
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.engine import OPTIONAL_SAMPLING, Engine, Sampling
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, echo
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -39,7 +39,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if self.engine is None:
             raise FailedPrecondition("the model is still loading")
         if model is not None and model != self.engine.config.model_name:
-            raise NotFound(f"this replica serves {self.engine.config.model_name!r}, not {model!r}")
+            raise NotFound(f"this replica serves {self.engine.config.model_name!r}, not {echo(model)}")
         return self.engine
 
     def _prompt_ids(self, engine: Engine, model_input: inference_pb2.Input) -> list[int]:

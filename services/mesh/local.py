@@ -73,6 +73,15 @@ def envoy_binary() -> str:
     return str(path)
 
 
+def reap(proc: Proc) -> None:
+    """Kills what is left of an exited process's group: children it started (vLLM's engine core and
+    workers) would otherwise run on with parent 1, holding gigabytes. Each child leads its own group."""
+    if proc.popen.poll() is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.popen.pid, signal.SIGKILL)
+
+
 @dataclass
 class Proc:
     """One child process and where it logs."""
@@ -188,11 +197,18 @@ class LocalMesh:
 
     def restart(self, name: str, timeout: float = 60) -> Proc:
         """Stops a service and starts it again on the same port, as a Kubernetes Service address stays put."""
-        old = self.procs[name]
-        self.stop_proc(old)
-        proc = self._spawn(name, old.args, {**old.env, old.port_env: str(old.grpc_port)}, nice=0)
-        proc.port_env = old.port_env
+        self.stop_proc(self.procs[name])
+        proc = self.respawn(self.procs[name])
         self.wait_serving(proc, timeout)
+        return proc
+
+    def respawn(self, old: Proc) -> Proc:
+        """Starts a stopped or dead process again as it was started, on the same port; does not wait."""
+        reap(old)
+        env = {**old.env, old.port_env: str(old.grpc_port)} if old.port_env else old.env
+        # old.args already hold the nice prefix.
+        proc = self._spawn(old.name, old.args, env, ready=old.ready_file is not None, nice=0)
+        proc.port_env, proc.grpc_port = old.port_env, old.grpc_port
         return proc
 
     def start_redis(self, port: int = 0) -> Proc:
@@ -242,13 +258,13 @@ class LocalMesh:
     def admin_key_file(self) -> Path:
         return self.options.state_dir / "admin-key.json"
 
-    def start_auth(self, name: str = "auth") -> Proc:
+    def start_auth(self, name: str = "auth", env: dict[str, str] | None = None) -> Proc:
         """Starts an auth replica on the mesh's Redis; the first one creates the bootstrap admin key."""
-        env = {
+        base = {
             "MESHSERVE_AUTH_REDIS_URL": self.redis_url,
             "MESHSERVE_AUTH_BOOTSTRAP_ADMIN_FILE": str(self.admin_key_file.resolve()),
         }
-        return self.start_service(name, "services.auth", "MESHSERVE_AUTH_", env)
+        return self.start_service(name, "services.auth", "MESHSERVE_AUTH_", {**base, **(env or {})})
 
     def start_ratelimit(self, name: str = "ratelimit", rules: Path | None = None) -> Proc:
         """Starts a rate-limit replica on the mesh's Redis."""
@@ -312,8 +328,11 @@ class LocalMesh:
         replicas: list[str] | None = None,
         require_caller: bool = True,
         env: dict[str, str] | None = None,
+        required_for_ready: bool = True,
     ) -> Proc:
-        """Starts a router whose catalogue points the model at the given (or the running) replicas."""
+        """Starts a router whose catalogue points the model at the given (or the running) replicas.
+
+        It reports SERVING once the model has a replica in rotation, unless required_for_ready is off."""
         if replicas is None:
             replicas = [f"{self.options.host}:{p.grpc_port}" for p in self.inference_replicas()]
         catalogue = self.options.state_dir / f"{name}.catalogue.yaml"
@@ -326,6 +345,7 @@ class LocalMesh:
                             "replicas": replicas,
                             "owned_by": "meshserve",
                             "created": int(time.time()),
+                            "required_for_ready": required_for_ready,
                         }
                     ]
                 }
@@ -441,12 +461,14 @@ class LocalMesh:
         self.wait_serving(auth, 60)
         self.wait_serving(ratelimit, 60)
         self.wait_serving(billing, 60)
-        self.wait_serving(router, 60)
+        self.wait_bound(router, 60)
         self.start_envoy()
         self.wait_edge(30)
         self.ensure_user_key()
         for inference in replicas:
             self.wait_serving(inference, timeout, tick)
+        # The router serves once a replica is in rotation, so after the engines.
+        self.wait_serving(router, 60)
         self.wait_routable(router, replicas, 30)
 
     @property
@@ -485,12 +507,8 @@ class LocalMesh:
             )
         write_private(self.user_key_file, {"key_id": created.key.key_id, "secret": created.secret})
 
-    def dead(self) -> list[Proc]:
-        """Processes that exited on their own."""
-        return [p for p in self.procs.values() if not p.alive()]
-
     def stop_proc(self, proc: Proc, timeout: float = 30) -> int:
-        """SIGTERM, then SIGKILL after timeout; returns the exit code."""
+        """SIGTERM, then SIGKILL after timeout; returns the exit code. Nothing it started outlives it."""
         if proc.alive():
             proc.popen.send_signal(signal.SIGTERM)
             try:
@@ -498,6 +516,7 @@ class LocalMesh:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.popen.pid, signal.SIGKILL)
                 proc.popen.wait()
+        reap(proc)
         if proc.ready_file is not None:
             proc.ready_file.unlink(missing_ok=True)  # `meshserve top` and `usage` find running services by it
         return int(proc.popen.returncode)

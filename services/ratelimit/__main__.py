@@ -7,8 +7,9 @@ from pathlib import Path
 
 import redis.asyncio as redis
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from services.ratelimit.config import RateLimitSettings
@@ -30,12 +31,14 @@ def main() -> None:
 
     async def setup(rt: Runtime) -> None:
         rules = WatchedFile(Path(settings.rules), Rules.from_yaml, "rate-limit rules")
-        # A decision never waits on a sick Redis: a short timeout, no retries, then the failure mode.
+        # A decision never waits on a sick Redis: a short timeout and no retry of one, then the failure mode.
+        # A broken connection is retried once, on a fresh one: after a Redis restart every pooled
+        # connection is stale, and each would otherwise fail one decision open.
         client = redis.Redis.from_url(
             settings.redis_url,
             socket_timeout=settings.redis_timeout_seconds,
             socket_connect_timeout=settings.redis_timeout_seconds,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         limiter = Limiter(lambda: rules.current, SlidingWindows(client))
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter, settings.domain), rt.server)

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from services.ratelimit.rules import FailureMode, Kind, Limit, Rules, Scope
 from services.ratelimit.windows import SlidingWindows, WindowState, tightest
-from services.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable, echo
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class TokenCaller:
 def _descriptor_limits(rules: Rules, entries: Mapping[str, str]) -> list[Limit]:
     tenant = entries.get(TENANT)
     if not tenant:
-        raise InvalidArgument(f"descriptor {dict(entries)} has no {TENANT!r} entry")
+        raise InvalidArgument(f"descriptor {echo(dict(entries))} has no {TENANT!r} entry")
     unknown = set(entries) - {TENANT, KEY_ID, KEY_RPM, MODEL}
     if unknown:
         raise InvalidArgument(f"descriptor entries {sorted(unknown)} are not understood")

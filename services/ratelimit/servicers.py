@@ -13,7 +13,7 @@ from opentelemetry import trace
 from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from services.ratelimit.limiter import Limiter, RequestDecision, TokenCaller
 from services.ratelimit.windows import WindowState, tightest
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, echo
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -72,7 +72,9 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
 
     async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest, context: Context) -> rls_pb2.RateLimitResponse:
         if request.domain != self._domain:
-            raise InvalidArgument(f"unknown rate-limit domain {request.domain!r}; this service serves {self._domain!r}")
+            raise InvalidArgument(
+                f"unknown rate-limit domain {echo(request.domain)}; this service serves {self._domain!r}"
+            )
         descriptors = [{e.key: e.value for e in d.entries} for d in request.descriptors]
         decision = await self._limiter.check_requests(descriptors, request.hits_addend or 1)
         # The call's own span (the runtime's) is the decision's.

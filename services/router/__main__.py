@@ -68,7 +68,19 @@ def main() -> None:
 
         if usage is not None:
             usage.start()
+
+        async def replicas_in_rotation() -> None:
+            # Ready only when a request for any catalogued model can be served: a router that said
+            # SERVING before its replicas answered sent its first requests to 503s.
+            waiting: list[str] = []
+            while unready := completions.unready_models():
+                if unready != waiting:
+                    log.info("waiting for a replica in rotation", extra={"models": unready})
+                    waiting = unready
+                await asyncio.sleep(0.1)
+
         rt.warm_up_with(fleet.start)
+        rt.warm_up_with(replicas_in_rotation)
         rt.on_shutdown(close)
 
     serve("router", settings, [SERVICE], setup)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.runtime.errors import PermissionDenied, Unauthenticated
+from services.runtime.errors import PermissionDenied, Unauthenticated, echo
 from services.runtime.identity import KEY_ID_HEADER, KEY_TPM_HEADER, MODELS_HEADER, TENANT_HEADER
 
 # Routing hints a client may send (headers on REST, metadata on gRPC).
@@ -28,7 +28,7 @@ class Caller:
 
     def require(self, model: str) -> None:
         if not self.may_use(model):
-            raise PermissionDenied(f"API key {self.key_id} may not use model {model!r}")
+            raise PermissionDenied(f"API key {self.key_id} may not use model {echo(model)}")
 
 
 # Trusted internal callers (require_caller off): every model, no tenant.

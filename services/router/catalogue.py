@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from services.runtime.errors import InvalidArgument, NotFound
+from services.runtime.errors import InvalidArgument, NotFound, echo
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class ModelEntry:
     versions: tuple[Version, ...]
     created: int
     owned_by: str
+    # The router reports ready only once this model has a replica in rotation; False lets it be ready
+    # without (a model whose replicas start later, or scale from zero).
+    required_for_ready: bool = True
 
     def pick(self, rng: random.Random) -> Version:
         """A version drawn by weight (a 90/10 canary sends about 10% of requests to the second)."""
@@ -43,7 +46,7 @@ class ModelEntry:
             if v.name == name:
                 return v
         known = ", ".join(v.name for v in self.versions)
-        raise NotFound(f"model {self.id!r} has no version {name!r}; its versions: {known}")
+        raise NotFound(f"model {self.id!r} has no version {echo(name)}; its versions: {known}")
 
     def targets(self) -> set[str]:
         """Every replica address or name of every version."""
@@ -94,6 +97,7 @@ class Catalogue:
                     versions=_versions(raw, where),
                     created=int(raw.get("created", 0)),
                     owned_by=str(raw.get("owned_by", "meshserve")),
+                    required_for_ready=bool(raw.get("required_for_ready", True)),
                 )
             )
         return cls(entries)
@@ -104,7 +108,7 @@ class Catalogue:
             return self._entries[model]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "none"
-            raise NotFound(f"model {model!r} does not exist; available models: {known}") from None
+            raise NotFound(f"model {echo(model)} does not exist; available models: {known}") from None
 
     def entries(self) -> list[ModelEntry]:
         """Every model, in file order."""

@@ -165,6 +165,8 @@ class _Metered:
     outcome: str = "cancelled"
     admitted: float = 0.0
     first_token: float = 0.0
+    # A whole reply (not a stream): the client receives its tokens only if it completes.
+    unary: bool = False
 
 
 def _engine_request(request_id: str, spec: GenerationSpec) -> inference_pb2.GenerateRequest:
@@ -221,6 +223,15 @@ class Completions:
             ],
         )
 
+    def unready_models(self) -> list[str]:
+        """Models the router must not report ready without: required, and no replica of theirs in rotation."""
+        return [
+            e.id
+            for e in self._catalogue().entries()
+            if e.required_for_ready
+            and not any(s.available for v in e.versions for s in self._replicas.states(v.replicas))
+        ]
+
     def capacity(self, version: Version) -> int:
         """Requests the version's replicas in rotation can generate for at once."""
         return sum(s.capacity for s in self._replicas.states(version.replicas) if s.available)
@@ -232,7 +243,7 @@ class Completions:
                 self._admission.wake((entry.id, version.name), functools.partial(self.capacity, version))
 
     async def _generate(
-        self, request_id: str, spec: GenerationSpec, caller: Caller, hints: RouteHints
+        self, request_id: str, spec: GenerationSpec, caller: Caller, hints: RouteHints, unary: bool = False
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         # Permission before existence: a key learns nothing about models it may not use.
         caller.require(spec.model)
@@ -241,7 +252,9 @@ class Completions:
         request = _engine_request(request_id, spec)
         key = affinity_key(spec, hints, self._policy.prefix_chars)
         # Internal callers (no tenant) have no token budget.
-        metered = _Metered(started=time.monotonic(), budgeted=self._budget is not None and bool(caller.tenant))
+        metered = _Metered(
+            started=time.monotonic(), budgeted=self._budget is not None and bool(caller.tenant), unary=unary
+        )
         timer = metrics.GenerationTimer(spec.model, metered.started)
         attributes = {
             "meshserve.model": spec.model,
@@ -311,8 +324,11 @@ class Completions:
             entry.version, entry.outcome = version.name, metered.outcome
             entry.prompt_tokens, entry.completion_tokens = prompt_tokens, completion_tokens
             entry.ttft_ms = (metered.first_token - metered.started) * 1000 if metered.first_token else 0.0
-        # A request the engine reported on was generated for, and is billed whatever its outcome.
+        # A request the engine reported on was generated for, and is billed for what its client received:
+        # a stream's tokens as they went out, whatever its outcome; a whole reply's only if it was sent.
+        # Tokens nobody received are recorded as written off, never silently dropped.
         if last is not None and self._usage is not None:
+            received = 0 if metered.unary and metered.outcome == "failed" else completion_tokens
             ended = time.monotonic()
             record = billing_pb2.UsageRecord(
                 request_id=request_id,
@@ -321,7 +337,8 @@ class Completions:
                 model=spec.model,
                 version=version.name,
                 prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
+                completion_tokens=received,
+                written_off_tokens=completion_tokens - received,
                 outcome=USAGE_OUTCOMES[metered.outcome],
                 queue_seconds=metered.admitted - metered.started,
                 ttft_seconds=metered.first_token - metered.started,
@@ -391,7 +408,7 @@ class Completions:
     ) -> tuple[str, inference_pb2.GenerateResponse]:
         parts = []
         last = inference_pb2.GenerateResponse()
-        async with aclosing(self._generate(request_id, spec, caller, hints)) as steps:
+        async with aclosing(self._generate(request_id, spec, caller, hints, unary=True)) as steps:
             async for step in steps:
                 parts.append(step.text)
                 last = step

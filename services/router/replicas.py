@@ -50,14 +50,24 @@ _SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_na
 GENERATE, COUNT_TOKENS = f"/{_SERVICE}/Generate", f"/{_SERVICE}/CountTokens"
 
 
+# Codes that say the replica itself cannot serve (down, restarting, still loading): the router ejects it
+# and fails over. Every other code is about this one request (its input, its deadline, a fault while
+# generating it) and is passed to the caller without ejecting a replica that serves everyone else.
+_REPLICA_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}
+
+
 def domain_error(exc: aio.AioRpcError, address: str) -> errors.DomainError:
     """The domain error a caller should see for a failed engine call."""
-    code, details = exc.code(), exc.details() or ""
+    code, details = exc.code(), errors.bounded(exc.details() or "")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return errors.InvalidArgument(details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return errors.ResourceExhausted(details)
-    return errors.Unavailable(f"inference replica {address} failed: {code.name}: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.DeadlineExceeded(f"inference replica {address} did not answer in time: {details}")
+    if code in _REPLICA_DOWN:
+        return errors.Unavailable(f"inference replica {address} failed: {code.name}: {details}")
+    return errors.Internal(f"inference replica {address} failed on this request: {code.name}: {details}")
 
 
 class GrpcReplica:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
@@ -9,7 +10,7 @@ from typing import Protocol
 from google.protobuf import struct_pb2
 
 from meshserve.llm.v1 import llm_pb2
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, echo
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
@@ -70,6 +71,9 @@ def _optional(params: _Common, name: str) -> float | None:
 def _in_range(name: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:
     if value is None:
         return
+    if not math.isfinite(value):
+        # NaN compares false with every bound, so it would pass the range check below.
+        raise InvalidArgument(f"{name}: must be a finite number, got {value}")
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
         bracket = "(" if low_open else "["
@@ -174,7 +178,7 @@ def chat(params: llm_pb2.ChatCompletionParams) -> GenerationSpec:
     turns = []
     for i, message in enumerate(params.messages):
         if message.role not in ROLES:
-            raise InvalidArgument(f"messages[{i}].role: must be one of {', '.join(ROLES)}, got {message.role!r}")
+            raise InvalidArgument(f"messages[{i}].role: must be one of {', '.join(ROLES)}, got {echo(message.role)}")
         turns.append((message.role, message.content))
     return GenerationSpec(model, None, tuple(turns), sampling, include_usage)
 

@@ -11,3 +11,6 @@ KEY_RPM_HEADER = "x-meshserve-key-rpm"
 KEY_TPM_HEADER = "x-meshserve-key-tpm"
 # The model a request names, read from its body by the edge, for per-model request limits. Set only by the edge.
 MODEL_HEADER = "x-meshserve-model"
+# Largest gRPC metadata (headers) a service accepts: above the edge's own header limit, so an oversized
+# header is the edge's 431 and never a backend's RESOURCE_EXHAUSTED (a 429 the SDKs retry forever).
+METADATA_BYTES = 64 * 1024

@@ -25,6 +25,8 @@ STATUS_OF: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Internal: grpc.StatusCode.INTERNAL,
 }
 
 
@@ -39,7 +41,42 @@ def status_of(exc: errors.DomainError) -> grpc.StatusCode:
 async def _abort_for(exc: errors.DomainError, context: aio.ServicerContext[Any, Any]) -> None:
     if exc.retry_after_seconds is not None:
         context.set_trailing_metadata((("retry-after", str(max(1, round(exc.retry_after_seconds)))),))
-    await context.abort(status_of(exc), str(exc))
+    await context.abort(status_of(exc), errors.bounded(str(exc)))
+
+
+async def _abort_unexpected(exc: Exception, context: aio.ServicerContext[Any, Any], method: str) -> None:
+    # A bug, not the caller's fault: logged with its stack here, INTERNAL with a bounded message there
+    # (grpc's own answer would be UNKNOWN carrying the exception's text, of any length).
+    log.exception("unexpected error", extra={"method": method})
+    await context.abort(grpc.StatusCode.INTERNAL, errors.bounded(f"internal error: {exc.__class__.__name__}: {exc}"))
+
+
+class _Undecodable:
+    """Stands in for a request message that did not decode, so the handler can refuse it properly."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # grpc answers a deserializer's exception with UNKNOWN ("Unexpected <class 'DecodeError'>"); a message
+    # that is not the method's type (random bytes, truncated, invalid UTF-8, nested too deep) is the
+    # caller's error, INVALID_ARGUMENT, and the handler raises it from the stand-in.
+    if deserializer is None:
+        return None
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:
+            return _Undecodable(exc)
+
+    return decode
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument(f"the request message does not decode: {request.error}")
 
 
 def _code_of(context: aio.ServicerContext[Any, Any]) -> str:
@@ -96,9 +133,14 @@ class ServiceInterceptor(aio.ServerInterceptor):
                 start = time.perf_counter()
                 with span_of(context) as span:
                     try:
+                        _refuse_undecodable(request)
                         return await inner(request, context)
                     except errors.DomainError as exc:
                         await _abort_for(exc, context)
+                    except aio.AbortError:
+                        raise
+                    except Exception as exc:
+                        await _abort_unexpected(exc, context, full_method)
                     finally:
                         ended(span, context, start)
 
@@ -109,10 +151,15 @@ class ServiceInterceptor(aio.ServerInterceptor):
                 start = time.perf_counter()
                 with span_of(context) as span:
                     try:
+                        _refuse_undecodable(request)
                         async for item in inner(request, context):
                             yield item
                     except errors.DomainError as exc:
                         await _abort_for(exc, context)
+                    except aio.AbortError:
+                        raise
+                    except Exception as exc:
+                        await _abort_unexpected(exc, context, full_method)
                     finally:
                         ended(span, context, start)
 
@@ -122,7 +169,7 @@ class ServiceInterceptor(aio.ServerInterceptor):
             # A streaming handler either yields its replies or awaits context.write() (grpc-health's Watch).
             return generated(inner) if inspect.isasyncgenfunction(inner) else awaited(inner)
 
-        serialize = handler.request_deserializer, handler.response_serializer
+        serialize = _decoding(handler.request_deserializer), handler.response_serializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(awaited(handler.unary_unary), *serialize)
         if handler.unary_stream is not None:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.runtime import files, keepalive, tracing
+from services.runtime.identity import METADATA_BYTES
 from services.runtime.interceptors import ServiceInterceptor
 from services.runtime.logs import configure_logging
 from services.runtime.metrics import serve_metrics
@@ -40,6 +41,8 @@ class Runtime:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # Above the edge's header limit: an oversized header is the edge's 431, never a 429 from here.
+                ("grpc.max_metadata_size", METADATA_BYTES),
                 *keepalive.server_options(settings.keepalive_seconds),
             ],
         )

@@ -73,3 +73,16 @@ def edge_counters(mesh: LocalMesh, prefix: str) -> dict[str, int]:
         lines = r.read().decode().splitlines()
     pairs = (line.split(": ", 1) for line in lines)
     return {name: int(v) for name, v in pairs if v.isdigit()}
+
+
+# Envoy's rate-limit filter: the limiter did not answer in time (or failed) and the filter let the request by.
+EDGE_FAILED_OPEN = "cluster.router.ratelimit.failure_mode_allowed"
+
+
+def passed_by_failure_mode(mesh: LocalMesh) -> int:
+    """Request checks the failure mode (open here) let through so far, not a decision of the window: the
+    limiter's Redis call or Envoy's call to the limiter ran out of time."""
+    limiter = value(
+        scrape(mesh, "ratelimit"), "meshserve_ratelimit_decisions_total", kind="requests", outcome="failed_open"
+    )
+    return int(limiter) + edge_counters(mesh, EDGE_FAILED_OPEN).get(EDGE_FAILED_OPEN, 0)

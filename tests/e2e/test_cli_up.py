@@ -32,7 +32,27 @@ def children_of(pid: int) -> set[int]:
     return out
 
 
-def test_up_serves_then_ctrl_c_stops_everything(tmp_path: Path, model_dir: Path) -> None:
+def alive(pid: int) -> bool:
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+
+
+def group_members(pgid: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[2]) == pgid:
+                out.add(int(entry))
+    return out
+
+
+def test_up_serves_restarts_a_killed_engine_then_ctrl_c_stops_everything(tmp_path: Path, model_dir: Path) -> None:
     port = free_port()
     cli = Path(sys.executable).parent / "meshserve"
     proc = subprocess.Popen(
@@ -66,15 +86,36 @@ def test_up_serves_then_ctrl_c_stops_everything(tmp_path: Path, model_dir: Path)
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
     spawned = children_of(proc.pid)
     assert len(spawned) == 7  # redis, auth, ratelimit, billing, inference, router, envoy
+
+    # kill -9 of the inference server: the supervisor reaps its engine processes and starts it again.
+    inference = next(p for p in spawned if "services.inference" in Path(f"/proc/{p}/cmdline").read_text())
+    engine_group = group_members(inference)
+    assert len(engine_group) > 1  # the server and vLLM's engine core
+    os.kill(inference, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while True:
+        assert time.monotonic() < deadline, "the mesh did not come back after the engine was killed"
+        try:
+            again = httpx.post(
+                curl.group(1),
+                headers={"authorization": f"Bearer {key.group(1)}"},
+                json={"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]},
+                timeout=30,
+            )
+            if again.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    assert [p for p in engine_group if alive(p)] == []  # no engine process of the killed server is left
+    spawned = children_of(proc.pid)
+    assert len(spawned) == 7 and inference not in spawned
     proc.send_signal(signal.SIGINT)
     # An impatient second signal (Ctrl-C again, or a supervisor's SIGTERM) must not cut the stop short.
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     time.sleep(0.5)
-    alive = [
-        pid
-        for pid in spawned
-        if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-    ]
-    assert alive == []
+    assert [pid for pid in spawned if alive(pid)] == []
+    rest = proc.stdout.read()
+    assert "inference exited with code -9; restarting" in rest and "inference restarted" in rest, rest

@@ -21,28 +21,13 @@ from tests.e2e.helpers import (
     QUESTION,
     bearer,
     create_key,
-    edge_counters,
     edge_stub,
     engine_stub,
     openai_client,
-    scrape,
-    value,
+    passed_by_failure_mode,
 )
 
 pytestmark = pytest.mark.mesh
-
-
-# Envoy's rate-limit filter: the limiter did not answer in time (or failed) and the filter let the request by.
-EDGE_FAILED_OPEN = "cluster.router.ratelimit.failure_mode_allowed"
-
-
-def passed_by_failure_mode(mesh: LocalMesh) -> int:
-    """Request checks the failure mode (open here) let through so far, not a decision of the window: the
-    limiter's Redis call or Envoy's call to the limiter ran out of time."""
-    limiter = value(
-        scrape(mesh, "ratelimit"), "meshserve_ratelimit_decisions_total", kind="requests", outcome="failed_open"
-    )
-    return int(limiter) + edge_counters(mesh, EDGE_FAILED_OPEN).get(EDGE_FAILED_OPEN, 0)
 
 
 def token_windows(mesh: LocalMesh, key: auth_pb2.Key) -> dict[str, int]:

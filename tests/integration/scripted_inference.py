@@ -1,6 +1,7 @@
 """An inference replica that replays a script instead of running a model: a test double for the real router.
 
-Prompts: "down" refuses at once (UNAVAILABLE), "fail" fails after its tokens; anything else streams
+Prompts: "down" refuses at once (UNAVAILABLE), "bug" fails at once with INTERNAL (a fault of that request,
+not of the replica), "fail" fails after its tokens; anything else streams
 SCRIPTED_TOKENS tokens (default 2: "Hello there"), SCRIPTED_TOKEN_SECONDS apart, the first being the
 replica's SCRIPTED_NAME so tests see where a request landed. SCRIPTED_BROKEN=1 makes every Generate
 fail before its first token while the load stream stays up (an engine that died inside a live server).
@@ -51,6 +52,8 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
         prompt = turns[-1].content if turns else request.input.text
         if prompt == "down" or self.broken:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is restarting")
+        if prompt == "bug":
+            await context.abort(grpc.StatusCode.INTERNAL, "engine failed on this request")
         texts = [self.name, *[" there"] * (self.tokens - 1)]
         self.running += 1
         self._event("start", request.request_id)
@@ -90,6 +93,25 @@ def start(mesh: LocalMesh, name: str, tokens: int, token_seconds: float, **env: 
     """Starts a scripted replica as a service of mesh, named name, streaming tokens token_seconds apart."""
     settings = {"SCRIPTED_NAME": name, "SCRIPTED_TOKENS": str(tokens), "SCRIPTED_TOKEN_SECONDS": str(token_seconds)}
     return mesh.start_service(name, __name__, "MESHSERVE_", {**settings, **env})
+
+
+def full_mesh(mesh: LocalMesh, rules: Path, tokens: int, token_seconds: float, **env: str) -> Proc:
+    """Starts the whole mesh (Redis, auth, rate limits, billing, router, Envoy, a first user key) over one
+    scripted replica named inference; returns the replica."""
+    mesh.start_redis()
+    auth = mesh.start_auth()
+    ratelimit = mesh.start_ratelimit(rules=rules)
+    billing = mesh.start_billing()
+    replica = start(mesh, "inference", tokens, token_seconds, **env)
+    for proc in (auth, ratelimit, billing, replica):
+        mesh.wait_serving(proc, 60)
+    router = mesh.start_router(replicas=[f"127.0.0.1:{replica.grpc_port}"])
+    mesh.wait_serving(router, 60)
+    mesh.wait_routable(router, [replica], 30)
+    mesh.start_envoy()
+    mesh.wait_edge(30)
+    mesh.ensure_user_key()
+    return replica
 
 
 def main() -> None:

@@ -14,14 +14,18 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from meshserve.auth.v1 import auth_pb2
 from services.mesh.local import LocalMesh, MeshOptions
 
+# Short, so the test sees the window run out.
+OUTAGE_GRACE_SECONDS = 3
+
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     m = LocalMesh(MeshOptions(state_dir=tmp_path_factory.mktemp("auth"), model="m", model_store=Path("unused")))
     try:
         m.start_redis()
-        m.wait_serving(m.start_auth("auth"), 30)
-        m.wait_serving(m.start_auth("auth-2"), 30)
+        grace = {"MESHSERVE_AUTH_OUTAGE_GRACE_SECONDS": str(OUTAGE_GRACE_SECONDS)}
+        m.wait_serving(m.start_auth("auth", grace), 30)
+        m.wait_serving(m.start_auth("auth-2", grace), 30)
         router = m.start_service("router", "tests.integration.recording_router", "MESHSERVE_")
         m.wait_serving(router, 30)
         m.start_envoy()
@@ -107,19 +111,28 @@ def test_an_operator_secret_becomes_the_admin_key_once(mesh: LocalMesh) -> None:
         assert [k.label for k in keys.keys].count("operator admin") == 1
 
 
-def test_redis_down_fails_closed_and_auth_recovers_when_it_returns(mesh: LocalMesh) -> None:
-    created = create(mesh)
+def test_redis_down_keys_checked_before_pass_for_the_grace_window_then_auth_recovers(mesh: LocalMesh) -> None:
+    created, unseen = create(mesh), create(mesh)
     headers = {"authorization": f"Bearer {created.secret}"}
-    assert httpx.get(f"{mesh.edge_url}/v1/models", headers=headers).status_code == 200
+    for _ in range(4):  # through both auth replicas (Envoy spreads checks over them)
+        assert httpx.get(f"{mesh.edge_url}/v1/models", headers=headers).status_code == 200
     port = mesh.procs["redis"].grpc_port
     mesh.stop_proc(mesh.procs["redis"])
-    # Changes can no longer be heard, so nothing is trusted from the cache: refuse, never let through.
+    stopped = time.monotonic()
+    # A key checked before the outage still passes, from the cache; a key never seen cannot be checked.
+    cached = [httpx.get(f"{mesh.edge_url}/v1/models", headers=headers).status_code for _ in range(4)]
+    never = httpx.get(f"{mesh.edge_url}/v1/models", headers={"authorization": f"Bearer {unseen.secret}"})
+    assert time.monotonic() - stopped < OUTAGE_GRACE_SECONDS
+    assert cached == [200] * 4
+    assert never.status_code == 503 and never.json()["error"]["type"] == "server_error"
+    assert unseen.secret not in never.text
+    # Past the window nothing is trusted from the cache: refuse, never let through.
     deadline = time.monotonic() + 10
     while (down := httpx.get(f"{mesh.edge_url}/v1/models", headers=headers)).status_code == 200:
-        assert time.monotonic() < deadline, "requests were still let through with Redis down"
+        assert time.monotonic() < deadline, "requests were still let through after the grace window"
         time.sleep(0.1)
+    assert time.monotonic() - stopped > OUTAGE_GRACE_SECONDS
     assert down.status_code == 503
-    assert down.json()["error"]["type"] == "server_error"
     assert created.secret not in down.text
     mesh.start_redis(port=port)
     deadline = time.monotonic() + 15

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from redis import Redis as SyncRedis
 from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.billing.flush import flush_once
-from services.billing.ledger import Ledger, PostgresLedger, SqliteLedger
+from services.billing.ledger import SCHEMA, Ledger, PostgresLedger, SqliteLedger
 from services.billing.meter import Meter, Usage
 from services.billing.prices import Prices
 from services.billing.webhook import WebhookSink
@@ -109,6 +110,43 @@ async def test_a_flush_that_crashed_before_marking_writes_the_same_totals_again(
     await flush_once(meter, ledger, PRICES)
     [line] = ledger.usage(0, int(time.time()) + 3600)
     assert (line.requests, line.prompt_tokens, line.completion_tokens) == (6, 60, 30)
+
+
+async def test_written_off_tokens_are_kept_apart_from_billed_ones(client: redis.Redis, ledger: Ledger) -> None:
+    meter = Meter(client)
+    await meter.record([usage("ok"), usage("failed", completion=0, outcome="failed", written_off_tokens=9)])
+    await flush_once(meter, ledger, PRICES)
+    [line] = ledger.usage(0, int(time.time()) + 3600)
+    assert (line.requests, line.completion_tokens, line.written_off_tokens) == (2, 5, 9)
+    assert line.cost == PRICES.cost(MODEL, 20, 5)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_ledger_from_before_written_off_tokens_is_migrated_in_place(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    old_schema = SCHEMA[0].replace("    written_off_tokens BIGINT NOT NULL DEFAULT 0,\n", "")
+    assert "written_off" not in old_schema
+    row = "INSERT INTO usage_hours VALUES ('acme', 'k', 'm', 0, 'g', 1, 10, 5, 1, 0, 0, '0.1', 0)"
+    if backend == "sqlite":
+        path = tmp_path / "old.sqlite"
+        with sqlite3.connect(path) as db:
+            db.execute(old_schema.format(real="REAL"))
+            db.execute(row)
+        ledger: Ledger = SqliteLedger(path)
+    else:
+        import psycopg
+
+        dsn = fresh_database(request.getfixturevalue("postgres"))
+        with psycopg.connect(dsn, autocommit=True) as db:
+            db.execute(old_schema.format(real="DOUBLE PRECISION"))  # type: ignore[arg-type]
+            db.execute(row)  # type: ignore[arg-type]
+        ledger = PostgresLedger(dsn)
+    try:
+        [line] = ledger.usage(0, 3600)
+        assert (line.requests, line.completion_tokens, line.written_off_tokens) == (1, 5, 0)
+    finally:
+        ledger.close()
 
 
 async def test_records_are_bucketed_per_key_and_hour_and_queries_filter(client: redis.Redis, ledger: Ledger) -> None:
@@ -238,12 +276,21 @@ def test_the_ledger_holds_what_the_clients_were_told(metered: Metered) -> None:
     assert metered.ledger("key_told", 10).requests == 10  # and nothing more arrives later
 
 
-def test_a_generation_that_failed_midway_is_billed_for_the_tokens_made(metered: Metered) -> None:
+def test_a_whole_reply_that_failed_midway_bills_nothing_it_made_and_writes_it_off(metered: Metered) -> None:
     with pytest.raises(grpc.RpcError) as failed:
         metered.chat("key_failed", content="fail")  # the scripted engine fails after its 6 tokens
-    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    # The engine failed on this request: INTERNAL for it, not UNAVAILABLE (the replica is not down).
+    assert failed.value.code() == grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
     line = metered.ledger("key_failed", 1)
-    assert (line.requests, line.completion_tokens) == (1, 6)
+    # The client received none of the 6 tokens: none billed, all 6 on record as written off.
+    assert (line.requests, line.completion_tokens, line.written_off_tokens) == (1, 0, 6)
+    assert Decimal(line.cost) == PRICES.cost(MODEL, line.prompt_tokens, 0)
+
+
+def test_a_stream_that_failed_midway_bills_the_tokens_its_client_received(metered: Metered) -> None:
+    metered.chat("key_failed_stream", stream=True, content="fail")  # its error arrives in-band, after 6 tokens
+    line = metered.ledger("key_failed_stream", 1)
+    assert (line.requests, line.completion_tokens, line.written_off_tokens) == (1, 6, 0)
 
 
 def test_while_billing_is_down_usage_is_spooled_and_arrives_once_afterwards(metered: Metered) -> None:

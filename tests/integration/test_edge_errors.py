@@ -67,7 +67,7 @@ def test_an_engine_down_before_the_first_token_is_a_503_in_openai_shape(edge: Lo
 
 def test_a_router_that_is_gone_is_an_openai_shaped_503(edge: LocalMesh, tmp_path: Path) -> None:
     mesh = LocalMesh(MeshOptions(state_dir=tmp_path, model=MODEL, model_store=Path("unused")))
-    router = mesh.start_router(replicas=["127.0.0.1:1"], require_caller=False)
+    router = mesh.start_router(replicas=["127.0.0.1:1"], require_caller=False, required_for_ready=False)
     try:
         mesh.wait_serving(router, 60)
         mesh.start_envoy()

@@ -8,7 +8,7 @@ import pytest
 
 from services.auth.authenticator import Authenticator
 from services.auth.keys import Grant, KeyRecord, decide, hash_secret, new_secret, parse_bearer
-from services.runtime.errors import PermissionDenied, Unauthenticated
+from services.runtime.errors import PermissionDenied, Unauthenticated, Unavailable
 
 RECORD = KeyRecord(key_id="key_1", tenant="acme")
 
@@ -108,3 +108,62 @@ async def test_the_cache_is_bounded() -> None:
         with pytest.raises(Unauthenticated):
             await auth.check(f"Bearer {new_secret()}")
     assert len(auth._cache) == 3
+
+
+class OutageStore(FakeStore):
+    """A store that can be made unreachable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    async def lookup(self, secret_hash: str) -> Grant | None:
+        if self.down:
+            raise Unavailable("the key store is unreachable: ConnectionError")
+        return await super().lookup(secret_hash)
+
+
+async def test_an_outage_is_answered_from_the_cache_for_the_grace_window_only() -> None:
+    store, now = OutageStore(), [100.0]
+    known, unknown = new_secret(), new_secret()
+    store.grants[hash_secret(known)] = Grant(RECORD)
+    auth = Authenticator(store, clock=lambda: now[0], outage_grace_seconds=60)  # type: ignore[arg-type]
+    auth.subscribed.set()
+    await auth.check(f"Bearer {known}")
+    auth.subscribed.clear()  # the subscription breaks with Redis: every check asks the store first
+    store.down = True
+    now[0] = 130.0
+    assert (await auth.check(f"Bearer {known}")).key_id == "key_1"
+    with pytest.raises(Unavailable, match="not checked recently"):
+        await auth.check(f"Bearer {unknown}")
+    now[0] = 191.0  # 61 s into the outage
+    with pytest.raises(Unavailable):
+        await auth.check(f"Bearer {known}")
+
+
+async def test_a_revocation_made_during_an_outage_applies_when_the_store_answers_again() -> None:
+    store, now = OutageStore(), [100.0]
+    secret = new_secret()
+    store.grants[hash_secret(secret)] = Grant(RECORD)
+    auth = Authenticator(store, clock=lambda: now[0])  # type: ignore[arg-type]
+    auth.subscribed.set()
+    await auth.check(f"Bearer {secret}")
+    auth.subscribed.clear()
+    store.down = True
+    assert (await auth.check(f"Bearer {secret}")).key_id == "key_1"
+    store.grants[hash_secret(secret)] = Grant(replace(RECORD, revoked_at=101.0))  # revoked meanwhile
+    store.down = False
+    now[0] = 102.0
+    with pytest.raises(Unauthenticated, match="revoked"):
+        await auth.check(f"Bearer {secret}")
+
+
+async def test_with_no_grace_an_outage_refuses_at_once() -> None:
+    store = OutageStore()
+    secret = new_secret()
+    store.grants[hash_secret(secret)] = Grant(RECORD)
+    auth = Authenticator(store, clock=lambda: 100.0, outage_grace_seconds=0)  # type: ignore[arg-type]
+    await auth.check(f"Bearer {secret}")
+    store.down = True
+    with pytest.raises(Unavailable):
+        await auth.check(f"Bearer {secret}")

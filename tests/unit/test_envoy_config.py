@@ -17,8 +17,9 @@ def filters() -> dict[str, dict]:  # type: ignore[type-arg]
     return {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
 
 
-def test_filters_run_lua_then_transcoder_then_router() -> None:
+def test_filters_parse_the_body_then_run_lua_then_transcoder_then_router() -> None:
     assert list(filters()) == [
+        "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.lua",
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.router",
@@ -68,15 +69,42 @@ def test_router_cluster_speaks_http2_at_the_given_address() -> None:
     assert endpoint == {"address": "10.0.0.2", "port_value": 50051}
 
 
-def test_streams_have_no_overall_timeout() -> None:
+def test_streams_have_no_overall_timeout_and_whole_replies_do() -> None:
     hcm = render(CFG)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
-    assert route["timeout"] == "0s"
+    routes = {
+        r["match"].get("path", r["match"].get("prefix")): r["route"]
+        for r in hcm["route_config"]["virtual_hosts"][0]["routes"]
+    }
+    for method in ("StreamChatCompletion", "StreamCompletion"):
+        assert routes[f"/meshserve.llm.v1.LlmService/{method}"]["timeout"] == "0s"
+    assert routes["/"]["timeout"] == f"{CFG.unary_timeout_s}s"
+
+
+def test_the_edge_has_the_limits_an_internet_facing_envoy_needs() -> None:
+    rendered = render(CFG)
+    hcm = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["request_headers_timeout"] == "10s" and hcm["request_timeout"] == "60s"
+    assert hcm["max_request_headers_kb"] == 32
+    assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == "REJECT_REQUEST"
+    assert hcm["http2_protocol_options"]["max_concurrent_streams"] == 100
+    monitors = {m["name"]: m["typed_config"] for m in rendered["overload_manager"]["resource_monitors"]}
+    assert monitors["envoy.resource_monitors.global_downstream_max_connections"]["max_active_downstream_connections"]
+    actions = {a["name"] for a in rendered["overload_manager"]["actions"]}
+    assert "envoy.overload_actions.stop_accepting_requests" in actions
+    transcoder = filters()["envoy.filters.http.grpc_json_transcoder"]
+    assert transcoder["ignore_unknown_query_parameters"]
+
+
+def test_the_model_and_stream_flag_are_read_by_a_json_parser_for_the_lua_filter() -> None:
+    rules = filters()["envoy.filters.http.json_to_metadata"]["request_rules"]
+    keys = [r["selectors"] for r in rules["rules"]]
+    assert keys == [[{"key": "model"}], [{"key": "stream"}]]
+    assert "meshserve.body" in lua_source()
 
 
 def test_local_replies_are_openai_shaped() -> None:
     hcm = render(CFG)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    mappers = hcm["local_reply_config"]["mappers"]
+    mappers = [m for m in hcm["local_reply_config"]["mappers"] if "status_code_filter" in m["filter"]]
     by_status = {
         m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]: m["body_format_override"]
         for m in mappers
@@ -93,16 +121,18 @@ def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_c
     names = [f["name"] for f in hcm["http_filters"]]
     assert names == [
         "envoy.filters.http.ext_authz",
+        "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.lua",
         "envoy.filters.http.ratelimit",
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.router",
     ]
-    rl = hcm["http_filters"][2]["typed_config"]
+    rl = hcm["http_filters"][3]["typed_config"]
     assert rl["failure_mode_deny"] and rl["rate_limited_as_resource_exhausted"]
-    admin_route, api_route = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    admin_route, *api_routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     assert "rate_limits" not in admin_route["route"]
-    limits = api_route["route"]["rate_limits"]
+    assert len({str(r["route"]["rate_limits"]) for r in api_routes}) == 1
+    limits = api_routes[0]["route"]["rate_limits"]
     descriptors = [[a["request_headers"]["descriptor_key"] for a in d["actions"]] for d in limits]
     assert descriptors == [["tenant", "key_id", "key_rpm"], ["tenant"], ["tenant", "model"]]
     assert {c["name"] for c in full["static_resources"]["clusters"]} == {"router", "auth", "ratelimit"}

@@ -141,3 +141,19 @@ def test_defaults_of_unserved_fields_are_accepted() -> None:
             response_format=_struct({"type": "text"}),
         )
     )
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_refused_naming_the_field(field: str, bad: float) -> None:
+    # NaN compares false with every bound: a range check alone lets it through.
+    with pytest.raises(InvalidArgument, match=f"^{field}: must be a finite number"):
+        validation.chat(chat(**{field: bad}))
+    with pytest.raises(InvalidArgument, match=f"^{field}: must be a finite number"):
+        validation.completion(llm_pb2.CompletionParams(model="m", prompt="p", **{field: bad}))
+
+
+def test_a_huge_role_is_quoted_back_shortened() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validation.chat(chat(messages=[llm_pb2.ChatMessage(role="r" * 100_000, content="x")]))
+    assert len(str(info.value)) < 200
