@@ -1,5 +1,5 @@
 # The README's two commands: `make up` and `make test`. Both install what is missing first.
-.PHONY: up test lint bench gen
+.PHONY: up test lint bench gen fuzz
 
 up:
 	@scripts/bootstrap.sh
@@ -24,3 +24,8 @@ bench:
 
 gen:
 	@.venv/bin/meshserve gen
+
+# The long fuzz run of the edge (10,000 cases per property); the report goes to bench/reports/fuzz.md.
+fuzz:
+	@scripts/bootstrap.sh
+	@MESHSERVE_FUZZ_EXAMPLES=10000 MESHSERVE_FUZZ_REPORT=bench/reports/fuzz.md .venv/bin/python -m pytest tests/integration/test_fuzz.py -p no:cacheprovider -o timeout=7200 $(ARGS)

@@ -365,7 +365,14 @@ def _llm_routes(cfg: EdgeConfig) -> list[dict[str, Any]]:
     """The API's routes, matched on the gRPC path the transcoder made (or the native client sent):
     streams last as long as generation does and are bounded by idleness; whole replies by a timeout."""
     limits = {"rate_limits": rate_limit_descriptors()} if cfg.ratelimit is not None else {}
-    idle = {"idle_timeout": f"{cfg.stream_idle_timeout_s}s"}
+    # A request that never reached a router (refused connection, a stream the router refused while
+    # restarting) is tried again for about 2 s: a restarting router is not an error for its callers.
+    retry = {
+        "retry_on": "connect-failure,refused-stream,reset-before-request",
+        "num_retries": 4,
+        "retry_back_off": {"base_interval": "0.25s", "max_interval": "1s"},
+    }
+    idle = {"idle_timeout": f"{cfg.stream_idle_timeout_s}s", "retry_policy": retry}
     streams = [
         {"match": {"path": f"/{LLM_SERVICE}/{m}"}, "route": {"cluster": "router", "timeout": "0s", **idle, **limits}}
         for m in STREAMING_METHODS
@@ -466,7 +473,12 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                 }
             ],
             "clusters": [
-                _grpc_cluster("router", cfg.router),
+                {
+                    **_grpc_cluster("router", cfg.router),
+                    # Envoy allows 3 retries in flight per cluster by default: while a router restarts,
+                    # every waiting caller retries at once, and the rest would get 503s.
+                    "circuit_breakers": {"thresholds": [{"max_retries": 1024}]},
+                },
                 *([_grpc_cluster("auth", cfg.auth)] if cfg.auth is not None else []),
                 *([_grpc_cluster("ratelimit", cfg.ratelimit)] if cfg.ratelimit is not None else []),
                 *([_grpc_cluster("billing", cfg.billing)] if cfg.billing is not None else []),

@@ -105,6 +105,19 @@ local function grpc_model(raw)
   return model
 end
 
+-- Removes gRPC's own headers (grpc-status, grpc-message, grpc-accept-encoding) from a REST response.
+local function drop_grpc_headers(headers)
+  local names = {}
+  for name, _ in pairs(headers) do
+    if name:sub(1, 5) == "grpc-" then
+      names[#names + 1] = name
+    end
+  end
+  for _, name in ipairs(names) do
+    headers:remove(name)
+  end
+end
+
 -- A local reply; the edge's local_reply_config turns it into an OpenAI error body by its status.
 local function refuse(handle, status, message)
   handle:respond({[":status"] = tostring(status), ["content-type"] = "text/plain"}, message)
@@ -117,15 +130,7 @@ function envoy_on_request(handle)
   local grpc = is_grpc(headers)
   if not grpc then
     -- gRPC's own headers mean nothing on REST; a client's grpc-timeout would cut its request short.
-    local names = {}
-    for name, _ in pairs(headers) do
-      if name:sub(1, 5) == "grpc-" then
-        names[#names + 1] = name
-      end
-    end
-    for _, name in ipairs(names) do
-      headers:remove(name)
-    end
+    drop_grpc_headers(headers)
   end
   if headers:get(":method") ~= "POST" then
     return
@@ -186,6 +191,48 @@ local function json_message(raw)
   return nil
 end
 
+-- Byte ranges a UTF-8 sequence's second byte may take after its first (no overlongs, no surrogates).
+local SECOND = {[0xE0] = {0xA0, 0xBF}, [0xED] = {0x80, 0x9F}, [0xF0] = {0x90, 0xBF}, [0xF4] = {0x80, 0x8F}}
+
+-- s with every byte that is not part of well-formed UTF-8 replaced by U+FFFD: the transcoder quotes a
+-- caller's invalid bytes back in its messages, and a JSON body must be UTF-8.
+local function utf8_clean(s)
+  if not s:find("[\128-\255]") then
+    return s
+  end
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local c = s:byte(i)
+    local len = 0
+    if c < 0x80 then
+      len = 1
+    elseif c >= 0xC2 and c <= 0xDF then
+      len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 3
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 4
+    end
+    local ok = len > 0 and i + len - 1 <= n
+    for j = i + 1, ok and (i + len - 1) or i do
+      local b = s:byte(j)
+      local range = (j == i + 1 and SECOND[c]) or {0x80, 0xBF}
+      if b < range[1] or b > range[2] then
+        ok = false
+        break
+      end
+    end
+    if ok then
+      out[#out + 1] = s:sub(i, i + len - 1)
+      i = i + len
+    else
+      out[#out + 1] = "\239\191\189"
+      i = i + 1
+    end
+  end
+  return table.concat(out)
+end
+
 local function json_escape(s)
   s = s:gsub('[%c"\\]', function(c)
     if c == '"' then return '\\"' end
@@ -198,8 +245,12 @@ end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
+  if is_grpc(headers) then
+    return
+  end
+  drop_grpc_headers(headers)
   local status = tonumber(headers:get(":status"))
-  if status == nil or status < 400 or is_grpc(headers) then
+  if status == nil or status < 400 then
     return
   end
   local content_type = headers:get("content-type") or ""
@@ -218,6 +269,7 @@ function envoy_on_response(handle)
   if message == nil then
     message = json_escape(raw)
   end
+  message = utf8_clean(message)
   if message == "" then
     message = "HTTP " .. status
   end

@@ -168,12 +168,8 @@ class LocalMesh:
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)
         # Locally the edge stops first, so a drain period would only delay Ctrl-C.
-        local = {
-            "MESHSERVE_DRAIN_SECONDS": "0",
-            "MESHSERVE_ROUTER_DRAIN_SECONDS": "0",
-            "MESHSERVE_INFERENCE_DRAIN_SECONDS": "0",
-            "HF_HUB_OFFLINE": "1",
-        }
+        drained = ("", "AUTH_", "RATELIMIT_", "BILLING_", "ROUTER_", "INFERENCE_")
+        local = {**{f"MESHSERVE_{p}DRAIN_SECONDS": "0" for p in drained}, "HF_HUB_OFFLINE": "1"}
         inherited = {k: v for k, v in os.environ.items() if k not in tracing.ENDPOINT_VARIABLES}
         full_env = {**inherited, **local, **self.options.tracing_env(), **self.options.env, **env}
         if nice:

@@ -50,7 +50,7 @@ class Supervisor:
                 delay = min(self._max, self._base * 2**state.count)
                 state.due = now + delay
                 self._say(
-                    f"{proc.name} exited with code {proc.popen.returncode}; restarting in {delay:.0f}s "
+                    f"{proc.name} exited with code {proc.popen.returncode}; restarting in {delay:g}s "
                     f"(log: {proc.log})"
                 )
                 # Reap at once: an engine whose server died must not hold its memory through the backoff.

@@ -95,23 +95,28 @@ def start(mesh: LocalMesh, name: str, tokens: int, token_seconds: float, **env: 
     return mesh.start_service(name, __name__, "MESHSERVE_", {**settings, **env})
 
 
-def full_mesh(mesh: LocalMesh, rules: Path, tokens: int, token_seconds: float, **env: str) -> Proc:
-    """Starts the whole mesh (Redis, auth, rate limits, billing, router, Envoy, a first user key) over one
-    scripted replica named inference; returns the replica."""
+def full_mesh(
+    mesh: LocalMesh, rules: Path, tokens: int, token_seconds: float, replicas: int = 1, **env: str
+) -> list[Proc]:
+    """Starts the whole mesh (Redis, auth, rate limits, billing, router, Envoy, a first user key) over
+    scripted replicas named inference, inference-2, ...; returns the replicas."""
     mesh.start_redis()
     auth = mesh.start_auth()
     ratelimit = mesh.start_ratelimit(rules=rules)
     billing = mesh.start_billing()
-    replica = start(mesh, "inference", tokens, token_seconds, **env)
-    for proc in (auth, ratelimit, billing, replica):
+    engines = [
+        start(mesh, "inference" if i == 0 else f"inference-{i + 1}", tokens, token_seconds, **env)
+        for i in range(replicas)
+    ]
+    for proc in (auth, ratelimit, billing, *engines):
         mesh.wait_serving(proc, 60)
-    router = mesh.start_router(replicas=[f"127.0.0.1:{replica.grpc_port}"])
+    router = mesh.start_router(replicas=[f"127.0.0.1:{p.grpc_port}" for p in engines])
     mesh.wait_serving(router, 60)
-    mesh.wait_routable(router, [replica], 30)
+    mesh.wait_routable(router, engines, 30)
     mesh.start_envoy()
     mesh.wait_edge(30)
     mesh.ensure_user_key()
-    return replica
+    return engines
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.mesh.local import LocalMesh, MeshOptions
 from tests.e2e.helpers import create_key, passed_by_failure_mode, scrape, value
 from tests.integration import scripted_inference
+from tests.integration.bystanders import Bystanders
 
 MODEL = "smollm2-135m-instruct"
 RULES = Path(__file__).with_name("ratelimits-hardening.yaml")
@@ -51,42 +51,6 @@ def chat_body(**extra: object) -> dict[str, object]:
 
 def ejections(mesh: LocalMesh) -> float:
     return value(scrape(mesh, "router"), "meshserve_router_ejections_total")
-
-
-class Bystanders:
-    """Streams of another tenant that run while a test misbehaves; each must finish whole."""
-
-    def __init__(self, mesh: LocalMesh, streams: int = 8) -> None:
-        _, self.key = create_key(mesh, f"bystander-{time.monotonic_ns()}")
-        self.mesh = mesh
-        self.results: list[str] = []
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(streams)
-        self._futures = [self._pool.submit(self._run) for _ in range(streams)]
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with httpx.stream(
-                "POST",
-                f"{self.mesh.edge_url}{CHAT}",
-                json=chat_body(stream=True),
-                headers={"authorization": f"Bearer {self.key}"},
-                timeout=30,
-            ) as r:
-                body = r.read().decode()
-            whole = r.status_code == 200 and '"finish_reason":"stop"' in body and body.rstrip().endswith("}")
-            self.results.append("ok" if whole else f"{r.status_code}: {body[-200:]}")
-
-    def __enter__(self) -> Bystanders:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for f in self._futures:
-            f.result(timeout=60)
-        self._pool.shutdown()
-        failed = [r for r in self.results if r != "ok"]
-        assert self.results and not failed, f"bystander streams hurt: {failed[:3]}"
 
 
 @pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "frequency_penalty"])
@@ -300,3 +264,31 @@ def test_a_router_reports_serving_only_once_its_model_has_a_replica_in_rotation(
     mesh.wait_serving(router, 30)
     mesh.stop_proc(router)
     mesh.stop_proc(replica)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_pipelined_http1_requests_are_all_answered(mesh: LocalMesh, method: str) -> None:
+    body = json.dumps(chat_body()).encode()
+    auth = f"Authorization: Bearer {mesh.user_key}\r\n"
+    if method == "GET":
+        one = f"GET /v1/models HTTP/1.1\r\nHost: edge\r\n{auth}\r\n".encode()
+    else:
+        head = f"POST {CHAT} HTTP/1.1\r\nHost: edge\r\n{auth}Content-Type: application/json\r\n"
+        one = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+    with socket.create_connection((mesh.edge.host, mesh.edge.port), timeout=10) as s:
+        s.sendall(one * 3)
+        data = b""
+        deadline = time.monotonic() + 10
+        while data.count(b"HTTP/1.1 200 OK") < 3 and time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 3, data[-500:]
+
+
+@pytest.mark.parametrize("raw", [b"\x80", b'{"model": "\xff\xfe", "messages": []}', b'{"model": "\xed\xa0\x80"}'])
+def test_invalid_utf8_is_a_400_whose_body_is_still_json(mesh: LocalMesh, raw: bytes) -> None:
+    r = post(mesh, raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"  # the body decodes: it is valid UTF-8 JSON

@@ -95,6 +95,16 @@ def test_the_edge_has_the_limits_an_internet_facing_envoy_needs() -> None:
     assert transcoder["ignore_unknown_query_parameters"]
 
 
+def test_a_request_that_never_reached_a_router_is_retried_with_room_for_every_caller() -> None:
+    rendered = render(CFG)["static_resources"]
+    routes = rendered["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    for route in routes["virtual_hosts"][0]["routes"]:
+        retry = route["route"]["retry_policy"]
+        assert set(retry["retry_on"].split(",")) == {"connect-failure", "refused-stream", "reset-before-request"}
+    router = next(c for c in rendered["clusters"] if c["name"] == "router")
+    assert router["circuit_breakers"]["thresholds"][0]["max_retries"] >= 256
+
+
 def test_the_model_and_stream_flag_are_read_by_a_json_parser_for_the_lua_filter() -> None:
     rules = filters()["envoy.filters.http.json_to_metadata"]["request_rules"]
     keys = [r["selectors"] for r in rules["rules"]]
