@@ -19,37 +19,29 @@ pytestmark = pytest.mark.mesh
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def children_of(pid: int) -> set[int]:
-    out = set()
+def _processes() -> dict[int, list[str]]:
+    """Every process's /proc stat fields after the command name (state, ppid, pgid, ...), by pid."""
+    out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                out[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(stat[1]) == pid:
-                out.add(int(entry))
     return out
 
 
-def alive(pid: int) -> bool:
-    try:
-        return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
+def children_of(pid: int) -> set[int]:
+    return {p for p, stat in _processes().items() if int(stat[1]) == pid}
 
 
 def group_members(pgid: int) -> set[int]:
-    out = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[2]) == pgid:
-                out.add(int(entry))
-    return out
+    return {p for p, stat in _processes().items() if int(stat[2]) == pgid}
+
+
+def alive(pid: int) -> bool:
+    stat = _processes().get(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def test_up_serves_restarts_a_killed_engine_then_ctrl_c_stops_everything(tmp_path: Path, model_dir: Path) -> None:
