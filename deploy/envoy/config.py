@@ -79,6 +79,9 @@ class EdgeConfig:
     max_connections: int = 10_000
     # Envoy's heap: at 95% it frees what it can, at 98% it stops taking new requests.
     max_heap_bytes: int = 1024 * 1024 * 1024
+    # Origins browsers may call the API from (CORS); "*" allows any, as vLLM's server does. Never with
+    # credentials: the API key is a header the page sends, not a cookie.
+    cors_origins: tuple[str, ...] = ("*",)
     # OpenTelemetry tracing; None leaves it out (no tracer, no cost).
     tracing: Tracing | None = None
 
@@ -144,7 +147,6 @@ def _json_to_metadata() -> dict[str, Any]:
             },
         },
     }
-
 
 
 def _grpc_local_status(cfg: EdgeConfig) -> dict[int, tuple[int, str]]:
@@ -275,8 +277,48 @@ def rate_limit_descriptors() -> list[dict[str, Any]]:
     ]
 
 
+# The public health endpoint for load balancers: no key, 200 only while a router serves.
+HEALTH_PATH = "/health"
+
+
+def _health_check() -> dict[str, Any]:
+    """GET /health answered by the edge: 200 while at least one router passes its gRPC health check
+    (SERVING: its models have replicas in rotation), 503 otherwise."""
+    return {
+        "name": "envoy.filters.http.health_check",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+            "pass_through_mode": False,
+            "headers": [
+                {"name": ":path", "string_match": {"exact": HEALTH_PATH}},
+                {"name": ":method", "string_match": {"exact": "GET"}},
+            ],
+            "cluster_min_healthy_percentages": {"router": {"value": 1.0}},
+        },
+    }
+
+
+def _cors_policy(cfg: EdgeConfig) -> dict[str, Any]:
+    origins = [{"safe_regex": {"regex": ".*"}} if o == "*" else {"exact": o} for o in cfg.cors_origins]
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": origins,
+        "allow_methods": "GET, POST, OPTIONS",
+        "allow_headers": "*",
+        "expose_headers": "x-request-id, retry-after, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset",
+        "max_age": "86400",
+        "allow_credentials": False,
+    }
+
+
 def _http_filters(cfg: EdgeConfig) -> list[dict[str, Any]]:
     return [
+        _health_check(),
+        # Before auth: a browser's preflight carries no key, and the CORS filter answers it itself.
+        {
+            "name": "envoy.filters.http.cors",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+        },
         *([_ext_authz()] if cfg.auth is not None else []),
         _json_to_metadata(),
         # Before the rate-limit filter: it names the request's model in a header for per-model limits.
@@ -421,6 +463,9 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
         "stat_prefix": "edge",
         "codec_type": "AUTO",
         "generate_request_id": True,
+        # Every response says its request id: the client's own x-request-id if it sent one.
+        "preserve_external_request_id": True,
+        "always_set_request_id_in_response": True,
         "use_remote_address": True,
         "stream_idle_timeout": f"{cfg.stream_idle_timeout_s}s",
         "request_headers_timeout": f"{cfg.request_headers_timeout_s}s",
@@ -439,6 +484,7 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                 {
                     "name": "meshserve",
                     "domains": ["*"],
+                    "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(cfg)},
                     "routes": [
                         *(
                             [{"match": {"prefix": ADMIN_PATH_PREFIX}, "route": {"cluster": "auth", "timeout": "10s"}}]
@@ -475,6 +521,20 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
             "clusters": [
                 {
                     **_grpc_cluster("router", cfg.router),
+                    # /health and the choice among routers: the gRPC health of each (SERVING once its
+                    # models have replicas in rotation). With every router failing, Envoy's panic mode
+                    # still sends to all of them, so a single router's restart costs no extra time.
+                    "health_checks": [
+                        {
+                            "timeout": "1s",
+                            "interval": "1s",
+                            # Also before any request was routed (Envoy's default then is once a minute).
+                            "no_traffic_interval": "1s",
+                            "unhealthy_threshold": 2,
+                            "healthy_threshold": 1,
+                            "grpc_health_check": {},
+                        }
+                    ],
                     # Envoy allows 3 retries in flight per cluster by default: while a router restarts,
                     # every waiting caller retries at once, and the rest would get 503s.
                     "circuit_breakers": {"thresholds": [{"max_retries": 1024}]},

@@ -127,6 +127,11 @@ def test_an_invalid_value_of_a_known_query_parameter_is_a_400(mesh: LocalMesh) -
             "per-model-0",
             '{"model": "smollm2\\u002d135m-instruct", "messages": [{"role": "user", "content": "hi"}]}',
         ),
+        # The same key twice: the edge's parser and the transcoder both take the last, the model served.
+        (
+            "per-model-3",
+            '{"model": "x", "model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}]}',
+        ),
         # A decoy "model" nested before the real one.
         (
             "per-model-1",

@@ -19,6 +19,8 @@ def filters() -> dict[str, dict]:  # type: ignore[type-arg]
 
 def test_filters_parse_the_body_then_run_lua_then_transcoder_then_router() -> None:
     assert list(filters()) == [
+        "envoy.filters.http.health_check",
+        "envoy.filters.http.cors",
         "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.lua",
         "envoy.filters.http.grpc_json_transcoder",
@@ -130,6 +132,8 @@ def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_c
     hcm = full["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"] for f in hcm["http_filters"]]
     assert names == [
+        "envoy.filters.http.health_check",
+        "envoy.filters.http.cors",
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.lua",
@@ -137,7 +141,7 @@ def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_c
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.router",
     ]
-    rl = hcm["http_filters"][3]["typed_config"]
+    rl = hcm["http_filters"][5]["typed_config"]
     assert rl["failure_mode_deny"] and rl["rate_limited_as_resource_exhausted"]
     admin_route, *api_routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     assert "rate_limits" not in admin_route["route"]

@@ -1,0 +1,76 @@
+"""What the edge answers itself: a public health endpoint, CORS for browsers, and a request id on every reply."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.mesh.local import LocalMesh, MeshOptions
+from tests.integration import scripted_inference
+
+MODEL = "smollm2-135m-instruct"
+RULES = Path(__file__).with_name("ratelimits-hardening.yaml")
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    m = LocalMesh(MeshOptions(state_dir=tmp_path_factory.mktemp("surface"), model=MODEL, model_store=Path("unused")))
+    try:
+        scripted_inference.full_mesh(m, RULES, 2, 0.01)
+        yield m
+    finally:
+        m.stop()
+
+
+def health(mesh: LocalMesh, want: int, within: float = 15) -> None:
+    deadline = time.monotonic() + within
+    while (code := httpx.get(f"{mesh.edge_url}/health", timeout=5).status_code) != want:
+        assert time.monotonic() < deadline, f"/health stayed {code}, wanted {want}"
+        time.sleep(0.2)
+
+
+def test_health_needs_no_key_and_says_whether_a_router_serves(mesh: LocalMesh) -> None:
+    health(mesh, 200)
+    router = mesh.procs["router"]
+    mesh.stop_proc(router)
+    health(mesh, 503)
+    mesh.restart("router")
+    health(mesh, 200)
+
+
+def test_a_preflight_needs_no_key_and_allows_any_origin_without_credentials(mesh: LocalMesh) -> None:
+    r = httpx.options(
+        f"{mesh.edge_url}/v1/chat/completions",
+        headers={
+            "origin": "https://app.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type",
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] in ("*", "https://app.example")
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert "access-control-allow-credentials" not in r.headers
+    answer = httpx.post(
+        f"{mesh.edge_url}/v1/chat/completions",
+        json=BODY,
+        headers={"origin": "https://app.example", "authorization": f"Bearer {mesh.user_key}"},
+    )
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] in ("*", "https://app.example")
+    assert "x-request-id" in answer.headers["access-control-expose-headers"]
+
+
+def test_every_reply_carries_a_request_id_and_keeps_the_clients_own(mesh: LocalMesh) -> None:
+    headers = {"authorization": f"Bearer {mesh.user_key}"}
+    mine = httpx.post(f"{mesh.edge_url}/v1/chat/completions", json=BODY, headers={**headers, "x-request-id": "req-42"})
+    assert mine.headers["x-request-id"] == "req-42"
+    assigned = httpx.post(f"{mesh.edge_url}/v1/chat/completions", json=BODY, headers=headers)
+    refused = httpx.get(f"{mesh.edge_url}/v1/models")  # no key: an error reply has one too
+    assert assigned.headers["x-request-id"] and refused.headers["x-request-id"]
+    assert assigned.headers["x-request-id"] != refused.headers["x-request-id"]
