@@ -41,10 +41,18 @@ class Sampling:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    stop_token_ids: tuple[int, ...] = ()
 
 
-# Sampling fields that are unset (None) unless the caller gives them.
-OPTIONAL_SAMPLING = tuple(f.name for f in fields(Sampling) if f.name != "stop")
+# Sampling fields that are unset (None) unless the caller gives them (the rest are lists).
+OPTIONAL_SAMPLING = tuple(f.name for f in fields(Sampling) if f.name not in ("stop", "stop_token_ids"))
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,7 @@ class Engine:
         kwargs: dict[str, Any] = {
             "max_tokens": max_tokens,
             "stop": list(sampling.stop),
+            "stop_token_ids": list(sampling.stop_token_ids),
             "output_kind": RequestOutputKind.DELTA,
         }
         for name in OPTIONAL_SAMPLING:

@@ -58,7 +58,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidArgument("request_id: is required")
         s = request.sampling
         sampling = Sampling(
-            stop=tuple(s.stop), **{name: getattr(s, name) for name in OPTIONAL_SAMPLING if s.HasField(name)}
+            stop=tuple(s.stop),
+            stop_token_ids=tuple(s.stop_token_ids),
+            **{name: getattr(s, name) for name in OPTIONAL_SAMPLING if s.HasField(name)},
         )
         prompt_ids = self._prompt_ids(engine, request.input)
         async for step in engine.generate(request.request_id, prompt_ids, sampling):

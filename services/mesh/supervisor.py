@@ -50,8 +50,7 @@ class Supervisor:
                 delay = min(self._max, self._base * 2**state.count)
                 state.due = now + delay
                 self._say(
-                    f"{proc.name} exited with code {proc.popen.returncode}; restarting in {delay:g}s "
-                    f"(log: {proc.log})"
+                    f"{proc.name} exited with code {proc.popen.returncode}; restarting in {delay:g}s (log: {proc.log})"
                 )
                 # Reap at once: an engine whose server died must not hold its memory through the backoff.
                 reap(proc)

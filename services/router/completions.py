@@ -171,7 +171,7 @@ class _Metered:
 
 def _engine_request(request_id: str, spec: GenerationSpec) -> inference_pb2.GenerateRequest:
     s = spec.sampling
-    sampling = inference_pb2.SamplingParams(stop=s.stop)
+    sampling = inference_pb2.SamplingParams(stop=s.stop, stop_token_ids=s.stop_token_ids)
     for name in OPTIONAL_SAMPLING:
         value = getattr(s, name)
         if value is not None:

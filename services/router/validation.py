@@ -27,10 +27,21 @@ class SamplingSpec:
     seed: int | None
     presence_penalty: float | None
     frequency_penalty: float | None
+    # vLLM's extensions, which its own server accepts in the body.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    stop_token_ids: tuple[int, ...] = ()
 
 
-# Sampling fields left to the engine's default unless the caller sets them.
-OPTIONAL_SAMPLING = tuple(f.name for f in fields(SamplingSpec) if f.name != "stop")
+# Sampling fields left to the engine's default unless the caller sets them (the rest are lists).
+OPTIONAL_SAMPLING = tuple(f.name for f in fields(SamplingSpec) if f.name not in ("stop", "stop_token_ids"))
+# The vLLM extensions among them that need no rule beyond their type.
+PASSED_AS_SET = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,13 @@ class _Common(Protocol):
     n: int
     stream: bool
     stream_options: llm_pb2.StreamOptions
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    min_tokens: int
+
+    @property
+    def stop_token_ids(self) -> Sequence[int]: ...
 
     def HasField(self, name: str) -> bool: ...
 
@@ -118,6 +136,16 @@ def _common(params: _Common, max_tokens: int | None) -> tuple[str, SamplingSpec,
     _in_range("top_p", top_p, 0.0, 1.0, low_open=True)
     _in_range("presence_penalty", presence, -2.0, 2.0)
     _in_range("frequency_penalty", frequency, -2.0, 2.0)
+    top_k = params.top_k if params.HasField("top_k") else None
+    if top_k is not None and top_k < 1 and top_k != -1:
+        raise InvalidArgument(f"top_k: must be -1 (all tokens) or at least 1, got {top_k}")
+    min_p = _optional(params, "min_p")
+    repetition = _optional(params, "repetition_penalty")
+    _in_range("min_p", min_p, 0.0, 1.0)
+    _in_range("repetition_penalty", repetition, 0.0, 2.0, low_open=True)
+    min_tokens = params.min_tokens if params.HasField("min_tokens") else None
+    if min_tokens is not None and max_tokens is not None and min_tokens > max_tokens:
+        raise InvalidArgument(f"min_tokens: {min_tokens} is more than max_tokens {max_tokens}")
     if params.HasField("stream_options") and not params.stream:
         raise InvalidArgument("stream_options: only allowed when stream is true")
     seed = params.seed if params.HasField("seed") else None
@@ -129,6 +157,12 @@ def _common(params: _Common, max_tokens: int | None) -> tuple[str, SamplingSpec,
         seed=seed,
         presence_penalty=presence,
         frequency_penalty=frequency,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition,
+        min_tokens=min_tokens,
+        stop_token_ids=tuple(params.stop_token_ids),
+        **{name: getattr(params, name) if params.HasField(name) else None for name in PASSED_AS_SET},
     )
     return params.model, sampling, params.stream_options.include_usage
 

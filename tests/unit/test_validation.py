@@ -157,3 +157,42 @@ def test_a_huge_role_is_quoted_back_shortened() -> None:
     with pytest.raises(InvalidArgument) as info:
         validation.chat(chat(messages=[llm_pb2.ChatMessage(role="r" * 100_000, content="x")]))
     assert len(str(info.value)) < 200
+
+
+def test_vllm_sampling_extensions_pass_through() -> None:
+    spec = validation.chat(
+        chat(
+            max_tokens=8,
+            top_k=5,
+            min_p=0.1,
+            repetition_penalty=1.2,
+            min_tokens=3,
+            ignore_eos=True,
+            stop_token_ids=[2, 7],
+            skip_special_tokens=False,
+            include_stop_str_in_output=True,
+        )
+    )
+    s = spec.sampling
+    assert (s.top_k, s.min_tokens, s.ignore_eos, s.stop_token_ids) == (5, 3, True, (2, 7))
+    assert (s.skip_special_tokens, s.include_stop_str_in_output) == (False, True)
+    assert s.min_p == pytest.approx(0.1) and s.repetition_penalty == pytest.approx(1.2)
+    unset = validation.completion(llm_pb2.CompletionParams(model="m", prompt="p")).sampling
+    assert unset.top_k is None and unset.ignore_eos is None and unset.stop_token_ids == ()
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_p": float("nan")}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": 3.0}, "repetition_penalty"),
+        ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ],
+)
+def test_vllm_sampling_extensions_are_checked(kw: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument, match=f"^{field}:"):
+        validation.chat(chat(**kw))
