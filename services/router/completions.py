@@ -22,7 +22,7 @@ from services.router import access, metrics, validation
 from services.router.admission import NO_REPLICA_RETRY_SECONDS, Admission
 from services.router.balancer import Balancer, ReplicaState
 from services.router.caller import Caller, RouteHints
-from services.router.catalogue import Catalogue, Version
+from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.validation import OPTIONAL_SAMPLING, GenerationSpec
 from services.runtime import tracing
 from services.runtime.errors import DomainError, Unavailable
@@ -169,6 +169,10 @@ class _Metered:
     unary: bool = False
 
 
+def _model(entry: ModelEntry) -> llm_pb2.Model:
+    return llm_pb2.Model(id=entry.id, object="model", created=entry.created, owned_by=entry.owned_by)
+
+
 def _engine_request(request_id: str, spec: GenerationSpec) -> inference_pb2.GenerateRequest:
     s = spec.sampling
     sampling = inference_pb2.SamplingParams(stop=s.stop, stop_token_ids=s.stop_token_ids)
@@ -216,11 +220,15 @@ class Completions:
         """The catalogue's models that the caller may use."""
         return llm_pb2.ListModelsResponse(
             object="list",
-            data=[
-                llm_pb2.Model(id=e.id, object="model", created=e.created, owned_by=e.owned_by)
-                for e in self._catalogue().entries()
-                if caller.may_use(e.id)
-            ],
+            data=[_model(e) for e in self._catalogue().entries() if caller.may_use(e.id)],
+        )
+
+    def retrieve_model(self, model: str, caller: Caller) -> llm_pb2.RetrieveModelResponse:
+        """One model the caller may use; as for generation, permission is checked before existence."""
+        caller.require(model)
+        entry = self._catalogue().get(model)
+        return llm_pb2.RetrieveModelResponse(
+            id=entry.id, object="model", created=entry.created, owned_by=entry.owned_by
         )
 
     def unready_models(self) -> list[str]:

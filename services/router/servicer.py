@@ -73,3 +73,10 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     async def ListModels(self, request: llm_pb2.ListModelsRequest, context: Context) -> llm_pb2.ListModelsResponse:
         with access.opened("ListModels", _status_name) as entry:
             return self._completions.list_models(self._caller(context, entry)[0])
+
+    async def RetrieveModel(
+        self, request: llm_pb2.RetrieveModelRequest, context: Context
+    ) -> llm_pb2.RetrieveModelResponse:
+        with access.opened("RetrieveModel", _status_name) as entry:
+            entry.model = request.model
+            return self._completions.retrieve_model(request.model, self._caller(context, entry)[0])

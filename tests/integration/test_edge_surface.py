@@ -74,3 +74,23 @@ def test_every_reply_carries_a_request_id_and_keeps_the_clients_own(mesh: LocalM
     refused = httpx.get(f"{mesh.edge_url}/v1/models")  # no key: an error reply has one too
     assert assigned.headers["x-request-id"] and refused.headers["x-request-id"]
     assert assigned.headers["x-request-id"] != refused.headers["x-request-id"]
+
+
+def test_the_sdk_retrieves_a_model_the_key_may_use_and_no_other(mesh: LocalMesh) -> None:
+    import openai
+
+    from meshserve.auth.v1 import auth_pb2
+
+    client = openai.OpenAI(base_url=f"{mesh.edge_url}/v1", api_key=mesh.user_key, max_retries=0)
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "meshserve")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    channel, stub, admin = mesh.admin_stub()
+    with channel:
+        limited = stub.CreateKey(
+            auth_pb2.CreateKeyRequest(tenant="limited", allowed_models=["another-model"]), metadata=admin, timeout=10
+        )
+    other = openai.OpenAI(base_url=f"{mesh.edge_url}/v1", api_key=limited.secret, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        other.models.retrieve(MODEL)

@@ -159,8 +159,14 @@ def mutated_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
     for _ in range(draw(st.integers(1, 4))):
         field = draw(st.sampled_from([*FIELDS, "unknown_field", "messages.0.role", "messages.0.content"]))
         action = draw(st.sampled_from(["set", "delete", "deep", "huge_list"]))
-        if field.startswith("messages.0.") and chat:
-            target, key = body["messages"][0], field.rsplit(".", 1)[1]
+        messages = body.get("messages")
+        if (
+            field.startswith("messages.0.")
+            and isinstance(messages, list)
+            and messages
+            and isinstance(messages[0], dict)
+        ):
+            target, key = messages[0], field.rsplit(".", 1)[1]
         else:
             target, key = body, field.split(".")[0]
         if action == "delete":

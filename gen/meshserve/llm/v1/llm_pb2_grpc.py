@@ -64,6 +64,11 @@ class LlmServiceStub:
                 request_serializer=meshserve_dot_llm_dot_v1_dot_llm__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=meshserve_dot_llm_dot_v1_dot_llm__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.RetrieveModel = channel.unary_unary(
+                '/meshserve.llm.v1.LlmService/RetrieveModel',
+                request_serializer=meshserve_dot_llm_dot_v1_dot_llm__pb2.RetrieveModelRequest.SerializeToString,
+                response_deserializer=meshserve_dot_llm_dot_v1_dot_llm__pb2.RetrieveModelResponse.FromString,
+                _registered_method=True)
 
 
 class LlmServiceServicer:
@@ -109,6 +114,13 @@ class LlmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetrieveModel(self, request, context):
+        """RetrieveModel describes one model the caller may use (OpenAI's GET /v1/models/{model}).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LlmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +148,11 @@ def add_LlmServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=meshserve_dot_llm_dot_v1_dot_llm__pb2.ListModelsRequest.FromString,
                     response_serializer=meshserve_dot_llm_dot_v1_dot_llm__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'RetrieveModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetrieveModel,
+                    request_deserializer=meshserve_dot_llm_dot_v1_dot_llm__pb2.RetrieveModelRequest.FromString,
+                    response_serializer=meshserve_dot_llm_dot_v1_dot_llm__pb2.RetrieveModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,6 +295,33 @@ class LlmService:
             '/meshserve.llm.v1.LlmService/ListModels',
             meshserve_dot_llm_dot_v1_dot_llm__pb2.ListModelsRequest.SerializeToString,
             meshserve_dot_llm_dot_v1_dot_llm__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrieveModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.llm.v1.LlmService/RetrieveModel',
+            meshserve_dot_llm_dot_v1_dot_llm__pb2.RetrieveModelRequest.SerializeToString,
+            meshserve_dot_llm_dot_v1_dot_llm__pb2.RetrieveModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,8 @@ class LlmServiceStub:
     """StreamCompletion streams the continuation of a plain-text prompt."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_llm_pb2.ListModelsRequest, _llm_pb2.ListModelsResponse]
     """ListModels lists the models the caller may use."""
+    RetrieveModel: _grpc.UnaryUnaryMultiCallable[_llm_pb2.RetrieveModelRequest, _llm_pb2.RetrieveModelResponse]
+    """RetrieveModel describes one model the caller may use (OpenAI's GET /v1/models/{model})."""
 
 @_typing.type_check_only
 class LlmServiceAsyncStub(LlmServiceStub):
@@ -74,6 +76,8 @@ class LlmServiceAsyncStub(LlmServiceStub):
     """StreamCompletion streams the continuation of a plain-text prompt."""
     ListModels: _aio.UnaryUnaryMultiCallable[_llm_pb2.ListModelsRequest, _llm_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the models the caller may use."""
+    RetrieveModel: _aio.UnaryUnaryMultiCallable[_llm_pb2.RetrieveModelRequest, _llm_pb2.RetrieveModelResponse]  # type: ignore[assignment]
+    """RetrieveModel describes one model the caller may use (OpenAI's GET /v1/models/{model})."""
 
 class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
     """LlmService serves chat completions, text completions and the model list.
@@ -122,5 +126,13 @@ class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_llm_pb2.ListModelsResponse, _abc.Awaitable[_llm_pb2.ListModelsResponse]]:
         """ListModels lists the models the caller may use."""
+
+    @_abc_1.abstractmethod
+    def RetrieveModel(
+        self,
+        request: _llm_pb2.RetrieveModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_llm_pb2.RetrieveModelResponse, _abc.Awaitable[_llm_pb2.RetrieveModelResponse]]:
+        """RetrieveModel describes one model the caller may use (OpenAI's GET /v1/models/{model})."""
 
 def add_LlmServiceServicer_to_server(servicer: LlmServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
