@@ -233,6 +233,22 @@ local function utf8_clean(s)
   return table.concat(out)
 end
 
+-- Longest error message the edge sends (the services bound theirs the same way): the transcoder quotes
+-- a caller's bad value back whole, however long.
+local MAX_MESSAGE = 1024
+
+-- A JSON-escaped message cut to MAX_MESSAGE bytes, never inside an escape (utf8_clean mends a cut character).
+local function bounded(message)
+  if #message <= MAX_MESSAGE then
+    return message
+  end
+  local cut = message:sub(1, MAX_MESSAGE):gsub("\\u%x?%x?%x?$", "")
+  if #cut:match("(\\*)$") % 2 == 1 then
+    cut = cut:sub(1, -2)
+  end
+  return cut .. "... (" .. (#message - #cut) .. " more bytes)"
+end
+
 local function json_escape(s)
   s = s:gsub('[%c"\\]', function(c)
     if c == '"' then return '\\"' end
@@ -269,7 +285,7 @@ function envoy_on_response(handle)
   if message == nil then
     message = json_escape(raw)
   end
-  message = utf8_clean(message)
+  message = utf8_clean(bounded(message))
   if message == "" then
     message = "HTTP " .. status
   end

@@ -52,7 +52,7 @@ def _denied(exc: DomainError) -> external_auth_pb2.CheckResponse:
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=status),
             headers=headers,
-            # The edge wraps local replies in OpenAI's error shape (deploy/envoy/config.py).
+            # The edge wraps local replies in OpenAI's error shape (deploy/envoy/replies.py).
             body=str(exc),
         ),
     )

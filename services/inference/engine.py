@@ -6,12 +6,13 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from services.runtime import tracing
 from services.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.runtime.sampling import OPTIONAL_SAMPLING, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -28,31 +29,6 @@ class EngineConfig:
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.9
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Generation settings; None takes the engine's default."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
-    ignore_eos: bool | None = None
-    skip_special_tokens: bool | None = None
-    include_stop_str_in_output: bool | None = None
-    stop_token_ids: tuple[int, ...] = ()
-
-
-# Sampling fields that are unset (None) unless the caller gives them (the rest are lists).
-OPTIONAL_SAMPLING = tuple(f.name for f in fields(Sampling) if f.name not in ("stop", "stop_token_ids"))
 
 
 @dataclass(frozen=True)

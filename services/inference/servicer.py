@@ -11,8 +11,9 @@ from typing import Any
 from grpc import aio
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.inference.engine import OPTIONAL_SAMPLING, Engine, Sampling
+from services.inference.engine import Engine
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, echo
+from services.runtime.sampling import OPTIONAL_SAMPLING, Sampling
 
 Context = aio.ServicerContext[Any, Any]
 

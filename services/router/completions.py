@@ -23,9 +23,10 @@ from services.router.admission import NO_REPLICA_RETRY_SECONDS, Admission
 from services.router.balancer import Balancer, ReplicaState
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, ModelEntry, Version
-from services.router.validation import OPTIONAL_SAMPLING, GenerationSpec
+from services.router.validation import GenerationSpec
 from services.runtime import tracing
 from services.runtime.errors import DomainError, Unavailable
+from services.runtime.sampling import OPTIONAL_SAMPLING
 
 log = logging.getLogger(__name__)
 

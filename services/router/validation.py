@@ -4,42 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Protocol
 
 from google.protobuf import struct_pb2
 
 from meshserve.llm.v1 import llm_pb2
 from services.runtime.errors import InvalidArgument, echo
+from services.runtime.sampling import Sampling
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
 
 
-@dataclass(frozen=True)
-class SamplingSpec:
-    """Validated sampling settings; None takes the engine's default."""
-
-    max_tokens: int | None
-    temperature: float | None
-    top_p: float | None
-    stop: tuple[str, ...]
-    seed: int | None
-    presence_penalty: float | None
-    frequency_penalty: float | None
-    # vLLM's extensions, which its own server accepts in the body.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
-    ignore_eos: bool | None = None
-    skip_special_tokens: bool | None = None
-    include_stop_str_in_output: bool | None = None
-    stop_token_ids: tuple[int, ...] = ()
-
-
-# Sampling fields left to the engine's default unless the caller sets them (the rest are lists).
-OPTIONAL_SAMPLING = tuple(f.name for f in fields(SamplingSpec) if f.name not in ("stop", "stop_token_ids"))
 # The vLLM extensions among them that need no rule beyond their type.
 PASSED_AS_SET = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
 
@@ -52,7 +29,7 @@ class GenerationSpec:
     # Exactly one of text and turns is set.
     text: str | None
     turns: tuple[tuple[str, str], ...]
-    sampling: SamplingSpec
+    sampling: Sampling
     include_usage: bool
 
 
@@ -120,7 +97,7 @@ def _stop(value: struct_pb2.Value) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _common(params: _Common, max_tokens: int | None) -> tuple[str, SamplingSpec, bool]:
+def _common(params: _Common, max_tokens: int | None) -> tuple[str, Sampling, bool]:
     if not params.model:
         raise InvalidArgument("model: is required")
     if max_tokens is not None and max_tokens < 1:
@@ -149,7 +126,7 @@ def _common(params: _Common, max_tokens: int | None) -> tuple[str, SamplingSpec,
     if params.HasField("stream_options") and not params.stream:
         raise InvalidArgument("stream_options: only allowed when stream is true")
     seed = params.seed if params.HasField("seed") else None
-    sampling = SamplingSpec(
+    sampling = Sampling(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,

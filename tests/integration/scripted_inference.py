@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +118,21 @@ def full_mesh(
     mesh.wait_edge(30)
     mesh.ensure_user_key()
     return engines
+
+
+@contextmanager
+def scripted_mesh(
+    state_dir: Path, rules: Path, tokens: int, token_seconds: float, replicas: int = 1
+) -> Iterator[LocalMesh]:
+    """The whole mesh over scripted replicas (full_mesh), stopped on the way out."""
+    from services.mesh.local import LocalMesh, MeshOptions
+
+    mesh = LocalMesh(MeshOptions(state_dir=state_dir, model="smollm2-135m-instruct", model_store=Path("unused")))
+    try:
+        full_mesh(mesh, rules, tokens, token_seconds, replicas)
+        yield mesh
+    finally:
+        mesh.stop()
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.mesh.local import LocalMesh, MeshOptions
+from services.mesh.local import LocalMesh
 from tests.integration import scripted_inference
 
 MODEL = "smollm2-135m-instruct"
@@ -19,12 +19,8 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    m = LocalMesh(MeshOptions(state_dir=tmp_path_factory.mktemp("surface"), model=MODEL, model_store=Path("unused")))
-    try:
-        scripted_inference.full_mesh(m, RULES, 2, 0.01)
+    with scripted_inference.scripted_mesh(tmp_path_factory.mktemp("surface"), RULES, 2, 0.01) as m:
         yield m
-    finally:
-        m.stop()
 
 
 def health(mesh: LocalMesh, want: int, within: float = 15) -> None:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
-from services.mesh.local import LocalMesh, MeshOptions
+from services.mesh.local import LocalMesh
 from services.mesh.supervisor import Supervisor
 from tests.e2e.helpers import create_key
 from tests.integration import scripted_inference
@@ -51,17 +51,13 @@ class Supervised:
 
 @pytest.fixture(scope="module")
 def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervised]:
-    mesh = LocalMesh(MeshOptions(state_dir=tmp_path_factory.mktemp("faults"), model=MODEL, model_store=Path("unused")))
-    try:
-        scripted_inference.full_mesh(mesh, RULES, 6, 0.05, replicas=2)
+    with scripted_inference.scripted_mesh(tmp_path_factory.mktemp("faults"), RULES, 6, 0.05, replicas=2) as mesh:
         s = Supervised(mesh)
         thread = threading.Thread(target=s.run, daemon=True)
         thread.start()
         yield s
         s.stop.set()
         thread.join(5)
-    finally:
-        mesh.stop()
 
 
 @dataclass

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshserve.llm.v1 import llm_pb2
-from services.mesh.local import LocalMesh, MeshOptions
+from services.mesh.local import LocalMesh
 from services.runtime.openai_errors import ERROR_TYPES
 from tests.integration import scripted_inference
 from tests.integration.bystanders import Bystanders
@@ -60,10 +60,8 @@ class Fuzzed:
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
-    mesh = LocalMesh(MeshOptions(state_dir=tmp_path_factory.mktemp("fuzz"), model=MODEL, model_store=Path("unused")))
     started = time.monotonic()
-    try:
-        scripted_inference.full_mesh(mesh, RULES, 3, 0.05)
+    with scripted_inference.scripted_mesh(tmp_path_factory.mktemp("fuzz"), RULES, 3, 0.05) as mesh:
         f = Fuzzed(mesh)
         with f.bystanders:
             yield f
@@ -72,8 +70,6 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
         dead = [p.name for p in mesh.procs.values() if not p.alive()]
         assert dead == [], f"processes died while fuzzing: {dead}"
         _report(f.bystanders.results, time.monotonic() - started)
-    finally:
-        mesh.stop()
 
 
 def _report(bystanders: list[str], seconds: float) -> None:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
-from services.mesh.local import LocalMesh, MeshOptions
+from services.mesh.local import LocalMesh
 from tests.e2e.helpers import create_key, passed_by_failure_mode, scrape, value
 from tests.integration import scripted_inference
 from tests.integration.bystanders import Bystanders
@@ -30,13 +30,8 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    m = LocalMesh(MeshOptions(state_dir=tmp_path_factory.mktemp("hardening"), model=MODEL, model_store=Path("unused")))
-    try:
-        # 6 tokens 0.1 s apart: a stream is open for about 0.6 s, long enough to be hit by a bad neighbour.
-        scripted_inference.full_mesh(m, RULES, 6, 0.1)
+    with scripted_inference.scripted_mesh(tmp_path_factory.mktemp("hardening"), RULES, 6, 0.1) as m:
         yield m
-    finally:
-        m.stop()
 
 
 def post(mesh: LocalMesh, body: object, key: str | None = None, path: str = CHAT, **kw: object) -> httpx.Response:
@@ -297,3 +292,13 @@ def test_invalid_utf8_is_a_400_whose_body_is_still_json(mesh: LocalMesh, raw: by
     r = post(mesh, raw, headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"  # the body decodes: it is valid UTF-8 JSON
+
+
+@pytest.mark.parametrize(
+    "value", ['"' + "x" * 70_000 + '"', '"' + "\\u00e9" * 20_000 + '"', '"' + '\\"' * 30_000 + '"']
+)
+def test_a_huge_bad_value_is_quoted_back_shortened(mesh: LocalMesh, value: str) -> None:
+    r = post(mesh, '{"model": "' + MODEL + '", "prompt": "hi", "max_tokens": ' + value + "}", path="/v1/completions")
+    assert r.status_code == 400, r.text[:300]
+    assert "max_tokens" in r.json()["error"]["message"]  # the body is valid JSON, whatever was cut
+    assert len(r.json()["error"]["message"]) < 1200

@@ -53,7 +53,7 @@ def test_a_prompt_that_cannot_fit_is_refused_without_tokenizing_it() -> None:
 
 def test_non_finite_sampling_never_reaches_the_engine() -> None:
     pytest.importorskip("vllm")
-    from services.inference.engine import Sampling
+    from services.runtime.sampling import Sampling
 
     for bad in (float("nan"), float("inf")):
         with pytest.raises(errors.InvalidArgument, match="finite"):
