@@ -141,6 +141,14 @@ def _health_check() -> dict[str, Any]:
     }
 
 
+# Response headers a browser page may read: the request id and OpenAI's rate-limit headers.
+EXPOSED_HEADERS = (
+    "x-request-id",
+    "retry-after",
+    *(f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")),
+)
+
+
 def cors_policy(cfg: EdgeConfig) -> dict[str, Any]:
     origins = [{"safe_regex": {"regex": ".*"}} if o == "*" else {"exact": o} for o in cfg.cors_origins]
     return {
@@ -148,7 +156,7 @@ def cors_policy(cfg: EdgeConfig) -> dict[str, Any]:
         "allow_origin_string_match": origins,
         "allow_methods": "GET, POST, OPTIONS",
         "allow_headers": "*",
-        "expose_headers": "x-request-id, retry-after, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset",
+        "expose_headers": ", ".join(EXPOSED_HEADERS),
         "max_age": "86400",
         "allow_credentials": False,
     }

@@ -40,6 +40,8 @@ def edge(traced: bool = False) -> EdgeConfig:
         billing=Address("billing", 50051),
         ratelimit_fail_closed=Rules.from_yaml(RULES).failure_mode(Kind.REQUESTS) is FailureMode.CLOSED,
         tracing=Tracing(COLLECTOR, TRACE_SAMPLE_RATIO * 100) if traced else None,
+        # Below the edge container's 512Mi limit (base/edge.yaml): Envoy sheds load before the OOM killer acts.
+        max_heap_bytes=400 * 1024 * 1024,
     )
 
 

@@ -234,6 +234,12 @@ def test_the_edge_config_map_holds_the_generated_envoy_config_for_in_cluster_ser
     assert {clusters[n]["type"] for n in ("router", "auth", "ratelimit", "billing")} == {"STRICT_DNS"}
     listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert listener == {"address": "0.0.0.0", "port_value": 8080}
+    # Envoy sheds load on its own heap limit before the container's memory limit kills it.
+    edge = named("gpu", "Deployment", "edge")["spec"]["template"]["spec"]["containers"][0]
+    limit = edge["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    heap = next(m for m in config["overload_manager"]["resource_monitors"] if m["name"].endswith("fixed_heap"))
+    assert heap["typed_config"]["max_heap_size_bytes"] < int(limit[:-2]) * 1024 * 1024
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
