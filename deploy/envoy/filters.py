@@ -170,6 +170,16 @@ def http_filters(cfg: EdgeConfig) -> list[dict[str, Any]]:
             "name": "envoy.filters.http.cors",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
         },
+        # Whole bodies up to the limit, refused (413; RESOURCE_EXHAUSTED to gRPC clients) beyond it by the
+        # filter made for it, before auth: a body that overflowed while the auth check was pending stalled
+        # until the client's deadline instead (Envoy stops reading; nothing was left to send the 413).
+        {
+            "name": "envoy.filters.http.buffer",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                "max_request_bytes": cfg.max_request_bytes,
+            },
+        },
         *([_ext_authz()] if cfg.auth is not None else []),
         _json_to_metadata(),
         # Before the rate-limit filter: it names the request's model in a header for per-model limits.

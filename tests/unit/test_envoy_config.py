@@ -21,6 +21,7 @@ def test_filters_parse_the_body_then_run_lua_then_transcoder_then_router() -> No
     assert list(filters()) == [
         "envoy.filters.http.health_check",
         "envoy.filters.http.cors",
+        "envoy.filters.http.buffer",
         "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.lua",
         "envoy.filters.http.grpc_json_transcoder",
@@ -134,6 +135,7 @@ def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_c
     assert names == [
         "envoy.filters.http.health_check",
         "envoy.filters.http.cors",
+        "envoy.filters.http.buffer",
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.lua",
@@ -141,7 +143,7 @@ def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_c
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.router",
     ]
-    rl = hcm["http_filters"][5]["typed_config"]
+    rl = hcm["http_filters"][6]["typed_config"]
     assert rl["failure_mode_deny"] and rl["rate_limited_as_resource_exhausted"]
     admin_route, *api_routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     assert "rate_limits" not in admin_route["route"]
