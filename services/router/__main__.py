@@ -11,8 +11,9 @@ from services.router.admission import Admission
 from services.router.balancer import Balancer
 from services.router.budget import GrpcTokenBudget
 from services.router.catalogue import Catalogue
-from services.router.completions import Completions, RoutingPolicy
+from services.router.completions import Completions
 from services.router.config import RouterSettings
+from services.router.failover import RoutingPolicy
 from services.router.fleet import Fleet
 from services.router.servicer import LlmServicer
 from services.router.usage import GrpcUsageSink

@@ -7,22 +7,21 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from opentelemetry import trace
-from prometheus_client import Counter
 
-from meshserve.billing.v1 import billing_pb2
 from meshserve.inference.v1 import inference_pb2
 from meshserve.llm.v1 import llm_pb2
-from services.router import access, metrics, validation
-from services.router.admission import NO_REPLICA_RETRY_SECONDS, Admission
-from services.router.balancer import Balancer, ReplicaState
+from services.router import metrics, validation
+from services.router.accounting import Accounting, Metered, TokenBudget, UsageSink
+from services.router.admission import Admission
+from services.router.balancer import Balancer
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, ModelEntry, Version
+from services.router.failover import DEFAULT_POLICY, Failover, ReplicaDirectory, RoutingPolicy, affinity_key
 from services.router.validation import GenerationSpec
 from services.runtime import tracing
 from services.runtime.errors import DomainError, Unavailable
@@ -30,11 +29,6 @@ from services.runtime.sampling import OPTIONAL_SAMPLING
 
 log = logging.getLogger(__name__)
 
-FAILOVERS = Counter(
-    "meshserve_router_failovers_total",
-    "Requests moved to another replica after one failed before the first token.",
-    ["model"],
-)
 NO_HINTS = RouteHints()
 
 FINISH_REASONS = {
@@ -43,34 +37,7 @@ FINISH_REASONS = {
 }
 
 
-class Replica(Protocol):
-    """An inference replica, as the router calls it."""
-
-    address: str
-
-    def generate(self, request: inference_pb2.GenerateRequest) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
-        """Streams the engine's steps; raises DomainError for what went wrong. Closing it aborts the generation."""
-        ...
-
-    async def count_tokens(self, request: inference_pb2.GenerateRequest) -> tuple[int, int]:
-        """(prompt tokens, the model's context length) for a request."""
-        ...
-
-
-class TokenBudget(Protocol):
-    """Token limits: reserve before generating, settle with the real counts after."""
-
-    async def reserve(self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int) -> None:
-        """Holds the tokens; raises ResourceExhausted when the budget cannot hold them."""
-        ...
-
-    def settle(
-        self, request_id: str, caller: Caller, model: str, prompt_tokens: int, completion_tokens: int, outcome: str
-    ) -> None:
-        """Settles in the background (outcome: completed, cancelled or failed); never raises."""
-        ...
-
-
+M = TypeVar("M", llm_pb2.Model, llm_pb2.RetrieveModelResponse)
 Chunk = TypeVar("Chunk", llm_pb2.StreamChatCompletionResponse, llm_pb2.StreamCompletionResponse)
 
 
@@ -94,84 +61,9 @@ def _error_detail(exc: BaseException) -> llm_pb2.ErrorDetail:
     return llm_pb2.ErrorDetail(message="internal error while generating", type="server_error", code="internal_error")
 
 
-class UsageSink(Protocol):
-    """Where usage records go (billing), off the request's path."""
-
-    def record(self, record: billing_pb2.UsageRecord) -> None:
-        """Queues one record; never blocks and never raises."""
-        ...
-
-
-USAGE_OUTCOMES = {
-    "completed": billing_pb2.OUTCOME_COMPLETED,
-    "cancelled": billing_pb2.OUTCOME_CANCELLED,
-    "failed": billing_pb2.OUTCOME_FAILED,
-}
-
-
-class ReplicaDirectory(Protocol):
-    """The replicas the catalogue names, as states to balance over and clients to call."""
-
-    def states(self, targets: Sequence[str]) -> list[ReplicaState]:
-        """The state of every replica behind targets (host:port, or names that resolve to several)."""
-        ...
-
-    def replica(self, address: str) -> Replica:
-        """The client of one replica."""
-        ...
-
-
-@dataclass(frozen=True)
-class RoutingPolicy:
-    """How requests are spread and retried."""
-
-    # Prompts at least this long are routed by their first this-many characters (prefix affinity).
-    prefix_chars: int = 512
-    # Replicas tried for one request when they fail before the first token.
-    failover_attempts: int = 3
-    # A failed replica is out of rotation this long, doubling per failure in a row up to the maximum.
-    eject_seconds: float = 1.0
-    eject_max_seconds: float = 30.0
-
-
-def affinity_key(spec: GenerationSpec, hints: RouteHints, prefix_chars: int) -> str | None:
-    """A session's id, or the prompt's first prefix_chars characters; None for short prompts."""
-    if hints.session:
-        return f"session:{hints.session}"
-    if spec.text is not None:
-        prompt = spec.text
-    else:
-        # Only the opening matters: stop joining turns once it is long enough (conversations grow long).
-        parts: list[str] = []
-        length = 0
-        for role, content in spec.turns:
-            parts.append(f"{role}\n{content}\n")
-            length += len(parts[-1])
-            if length >= prefix_chars:
-                break
-        prompt = "".join(parts)
-    return prompt[:prefix_chars] if len(prompt) >= prefix_chars else None
-
-
-@dataclass
-class _Metered:
-    """What one generation used: for settling its token reservation and for its usage record."""
-
-    started: float
-    # Whether the caller has a token budget to reserve from (internal callers have none).
-    budgeted: bool
-    prompt_tokens: int = 0
-    reserved: bool = False
-    last: inference_pb2.GenerateResponse | None = None
-    outcome: str = "cancelled"
-    admitted: float = 0.0
-    first_token: float = 0.0
-    # A whole reply (not a stream): the client receives its tokens only if it completes.
-    unary: bool = False
-
-
-def _model(entry: ModelEntry) -> llm_pb2.Model:
-    return llm_pb2.Model(id=entry.id, object="model", created=entry.created, owned_by=entry.owned_by)
+def _model(entry: ModelEntry, message: type[M]) -> M:
+    """The model object, in the list (Model) or alone (RetrieveModelResponse: the same fields)."""
+    return message(id=entry.id, object="model", created=entry.created, owned_by=entry.owned_by)
 
 
 def _engine_request(request_id: str, spec: GenerationSpec) -> inference_pb2.GenerateRequest:
@@ -204,33 +96,30 @@ class Completions:
         budget: TokenBudget | None = None,
         balancer: Balancer | None = None,
         admission: Admission | None = None,
-        policy: RoutingPolicy = RoutingPolicy(),
+        policy: RoutingPolicy = DEFAULT_POLICY,
         usage: UsageSink | None = None,
     ) -> None:
-        self._usage = usage
         self._catalogue = catalogue
         self._replicas = replicas
         self._budget = budget
         self._clock = clock
         self._rng = rng or random.Random()
-        self._balancer = balancer or Balancer()
         self._admission = admission or Admission(queue_size=256, queue_timeout_seconds=30.0)
         self._policy = policy
+        self._failover = Failover(replicas, balancer or Balancer(), budget, policy)
+        self._accounting = Accounting(budget, usage, clock)
 
     def list_models(self, caller: Caller) -> llm_pb2.ListModelsResponse:
         """The catalogue's models that the caller may use."""
         return llm_pb2.ListModelsResponse(
             object="list",
-            data=[_model(e) for e in self._catalogue().entries() if caller.may_use(e.id)],
+            data=[_model(e, llm_pb2.Model) for e in self._catalogue().entries() if caller.may_use(e.id)],
         )
 
     def retrieve_model(self, model: str, caller: Caller) -> llm_pb2.RetrieveModelResponse:
         """One model the caller may use; as for generation, permission is checked before existence."""
         caller.require(model)
-        entry = self._catalogue().get(model)
-        return llm_pb2.RetrieveModelResponse(
-            id=entry.id, object="model", created=entry.created, owned_by=entry.owned_by
-        )
+        return _model(self._catalogue().get(model), llm_pb2.RetrieveModelResponse)
 
     def unready_models(self) -> list[str]:
         """Models the router must not report ready without: required, and no replica of theirs in rotation."""
@@ -261,7 +150,7 @@ class Completions:
         request = _engine_request(request_id, spec)
         key = affinity_key(spec, hints, self._policy.prefix_chars)
         # Internal callers (no tenant) have no token budget.
-        metered = _Metered(
+        metered = Metered(
             started=time.monotonic(), budgeted=self._budget is not None and bool(caller.tenant), unary=unary
         )
         timer = metrics.GenerationTimer(spec.model, metered.started)
@@ -280,7 +169,7 @@ class Completions:
                 with tracing.span("router.generate", {**attributes, "meshserve.request_id": request_id}) as span:
                     try:
                         # aclosing: a consumer that stops early closes the replica's stream (aborts the engine) now.
-                        replica_steps = self._failover(request, spec, caller, version, key, metered)
+                        replica_steps = self._failover.steps(request, spec, caller, version, key, metered)
                         steps = self._timed(replica_steps, metered, timer, span)
                         async with aclosing(steps):
                             async for step in steps:
@@ -288,7 +177,7 @@ class Completions:
                     finally:
                         # Runs however the stream ends: finished, failed, or closed early by a client gone away.
                         span.set_attribute("meshserve.outcome", metered.outcome)
-                        self._account(request_id, spec, caller, version, metered)
+                        self._accounting.account(request_id, spec, caller, version, metered)
         finally:
             if queued.is_recording():
                 queued.end()
@@ -296,7 +185,7 @@ class Completions:
     @staticmethod
     async def _timed(
         replica_steps: AsyncGenerator[inference_pb2.GenerateResponse, None],
-        metered: _Metered,
+        metered: Metered,
         timer: metrics.GenerationTimer,
         span: trace.Span,
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
@@ -316,101 +205,6 @@ class Completions:
         except Exception:
             metered.outcome = "failed"
             raise
-
-    def _account(
-        self, request_id: str, spec: GenerationSpec, caller: Caller, version: Version, metered: _Metered
-    ) -> None:
-        """Settles the reservation and records the usage of a generation, in the background."""
-        last = metered.last
-        prompt_tokens = last.prompt_tokens if last is not None else metered.prompt_tokens
-        completion_tokens = last.completion_tokens if last is not None else 0
-        if metered.reserved and self._budget is not None:
-            self._budget.settle(request_id, caller, spec.model, prompt_tokens, completion_tokens, metered.outcome)
-        tenant = caller.tenant or "internal"
-        metrics.finished(spec.model, version.name, tenant, metered.outcome, prompt_tokens, completion_tokens)
-        entry = access.CURRENT.get()
-        if entry is not None:
-            entry.version, entry.outcome = version.name, metered.outcome
-            entry.prompt_tokens, entry.completion_tokens = prompt_tokens, completion_tokens
-            entry.ttft_ms = (metered.first_token - metered.started) * 1000 if metered.first_token else 0.0
-        # A request the engine reported on was generated for, and is billed for what its client received:
-        # a stream's tokens as they went out, whatever its outcome; a whole reply's only if it was sent.
-        # Tokens nobody received are recorded as written off, never silently dropped.
-        if last is not None and self._usage is not None:
-            received = 0 if metered.unary and metered.outcome == "failed" else completion_tokens
-            ended = time.monotonic()
-            record = billing_pb2.UsageRecord(
-                request_id=request_id,
-                tenant=tenant,
-                key_id=caller.key_id,
-                model=spec.model,
-                version=version.name,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=received,
-                written_off_tokens=completion_tokens - received,
-                outcome=USAGE_OUTCOMES[metered.outcome],
-                queue_seconds=metered.admitted - metered.started,
-                ttft_seconds=metered.first_token - metered.started,
-                total_seconds=ended - metered.started,
-                traceparent=tracing.traceparent(),
-            )
-            record.finished_at.FromNanoseconds(int(self._clock() * 1e9))
-            self._usage.record(record)
-
-    async def _failover(
-        self,
-        request: inference_pb2.GenerateRequest,
-        spec: GenerationSpec,
-        caller: Caller,
-        version: Version,
-        key: str | None,
-        metered: _Metered,
-    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
-        """The steps of one replica; a replica that fails before its first step is ejected and another tried."""
-        tried: list[str] = []
-        last_error: Unavailable | None = None
-        while True:
-            with tracing.span("router.choose_replica") as choice:
-                state = self._balancer.choose(self._replicas.states(version.replicas), key, tried)
-                choice.set_attribute("meshserve.attempt", len(tried) + 1)
-                choice.set_attribute("meshserve.replica", state.address if state is not None else "")
-            if state is None:
-                failed = f"; {len(tried)} failed, the last with: {last_error}" if tried else ""
-                raise Unavailable(
-                    f"no replica of {spec.model} version {version.name} is in rotation{failed}",
-                    retry_after_seconds=NO_REPLICA_RETRY_SECONDS,
-                )
-            replica = self._replicas.replica(state.address)
-            state.in_flight += 1
-            started = False
-            try:
-                if metered.budgeted and not metered.reserved and self._budget is not None:
-                    prompt_tokens, context = await replica.count_tokens(request)
-                    s = spec.sampling
-                    max_tokens = s.max_tokens if s.max_tokens is not None else max(0, context - prompt_tokens)
-                    await self._budget.reserve(request.request_id, caller, spec.model, prompt_tokens, max_tokens)
-                    metered.prompt_tokens, metered.reserved = prompt_tokens, True
-                async with aclosing(replica.generate(request)) as stream:
-                    async for step in stream:
-                        started = True
-                        yield step
-                state.succeeded()
-                return
-            except Unavailable as exc:
-                if started:
-                    raise
-                state.eject(self._policy.eject_seconds, self._policy.eject_max_seconds)
-                tried.append(state.address)
-                last_error = exc
-                FAILOVERS.labels(spec.model).inc()
-                log.warning(
-                    "replica failed before the first token; ejected",
-                    extra={"request_id": request.request_id, "replica": state.address, "error": str(exc)},
-                )
-                if len(tried) >= self._policy.failover_attempts:
-                    raise
-            finally:
-                state.in_flight -= 1
 
     async def _collect(
         self, request_id: str, spec: GenerationSpec, caller: Caller, hints: RouteHints

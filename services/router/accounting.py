@@ -1,0 +1,111 @@
+"""What a generation used, settled and recorded off its path: the token reservation and the usage record."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from meshserve.billing.v1 import billing_pb2
+from meshserve.inference.v1 import inference_pb2
+from services.router import access, metrics
+from services.router.caller import Caller
+from services.router.catalogue import Version
+from services.router.validation import GenerationSpec
+from services.runtime import tracing
+
+
+class TokenBudget(Protocol):
+    """Token limits: reserve before generating, settle with the real counts after."""
+
+    async def reserve(self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int) -> None:
+        """Holds the tokens; raises ResourceExhausted when the budget cannot hold them."""
+        ...
+
+    def settle(
+        self, request_id: str, caller: Caller, model: str, prompt_tokens: int, completion_tokens: int, outcome: str
+    ) -> None:
+        """Settles in the background (outcome: completed, cancelled or failed); never raises."""
+        ...
+
+
+class UsageSink(Protocol):
+    """Where usage records go (billing), off the request's path."""
+
+    def record(self, record: billing_pb2.UsageRecord) -> None:
+        """Queues one record; never blocks and never raises."""
+        ...
+
+
+USAGE_OUTCOMES = {
+    "completed": billing_pb2.OUTCOME_COMPLETED,
+    "cancelled": billing_pb2.OUTCOME_CANCELLED,
+    "failed": billing_pb2.OUTCOME_FAILED,
+}
+
+
+@dataclass
+class Metered:
+    """What one generation used: for settling its token reservation and for its usage record."""
+
+    started: float
+    # Whether the caller has a token budget to reserve from (internal callers have none).
+    budgeted: bool
+    prompt_tokens: int = 0
+    reserved: bool = False
+    last: inference_pb2.GenerateResponse | None = None
+    outcome: str = "cancelled"
+    admitted: float = 0.0
+    first_token: float = 0.0
+    # A whole reply (not a stream): the client receives its tokens only if it completes.
+    unary: bool = False
+
+
+class Accounting:
+    """Settles each generation's reservation and records its usage, both in the background."""
+
+    def __init__(self, budget: TokenBudget | None, usage: UsageSink | None, clock: Callable[[], float]) -> None:
+        self._budget = budget
+        self._usage = usage
+        self._clock = clock
+
+    def account(
+        self, request_id: str, spec: GenerationSpec, caller: Caller, version: Version, metered: Metered
+    ) -> None:
+        """Settles the reservation and records the usage of a generation, in the background."""
+        last = metered.last
+        prompt_tokens = last.prompt_tokens if last is not None else metered.prompt_tokens
+        completion_tokens = last.completion_tokens if last is not None else 0
+        if metered.reserved and self._budget is not None:
+            self._budget.settle(request_id, caller, spec.model, prompt_tokens, completion_tokens, metered.outcome)
+        tenant = caller.tenant or "internal"
+        metrics.finished(spec.model, version.name, tenant, metered.outcome, prompt_tokens, completion_tokens)
+        entry = access.CURRENT.get()
+        if entry is not None:
+            entry.version, entry.outcome = version.name, metered.outcome
+            entry.prompt_tokens, entry.completion_tokens = prompt_tokens, completion_tokens
+            entry.ttft_ms = (metered.first_token - metered.started) * 1000 if metered.first_token else 0.0
+        # A request the engine reported on was generated for, and is billed for what its client received:
+        # a stream's tokens as they went out, whatever its outcome; a whole reply's only if it was sent.
+        # Tokens nobody received are recorded as written off, never silently dropped.
+        if last is not None and self._usage is not None:
+            received = 0 if metered.unary and metered.outcome == "failed" else completion_tokens
+            ended = time.monotonic()
+            record = billing_pb2.UsageRecord(
+                request_id=request_id,
+                tenant=tenant,
+                key_id=caller.key_id,
+                model=spec.model,
+                version=version.name,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=received,
+                written_off_tokens=completion_tokens - received,
+                outcome=USAGE_OUTCOMES[metered.outcome],
+                queue_seconds=metered.admitted - metered.started,
+                ttft_seconds=metered.first_token - metered.started,
+                total_seconds=ended - metered.started,
+                traceparent=tracing.traceparent(),
+            )
+            record.finished_at.FromNanoseconds(int(self._clock() * 1e9))
+            self._usage.record(record)

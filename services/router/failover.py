@@ -1,0 +1,157 @@
+"""Routing one generation: the affinity key, the replica choice, and failover before the first token."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import Counter
+
+from meshserve.inference.v1 import inference_pb2
+from services.router.accounting import Metered, TokenBudget
+from services.router.admission import NO_REPLICA_RETRY_SECONDS
+from services.router.balancer import Balancer, ReplicaState
+from services.router.caller import Caller, RouteHints
+from services.router.catalogue import Version
+from services.router.validation import GenerationSpec
+from services.runtime import tracing
+from services.runtime.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+FAILOVERS = Counter(
+    "meshserve_router_failovers_total",
+    "Requests moved to another replica after one failed before the first token.",
+    ["model"],
+)
+
+
+class Replica(Protocol):
+    """An inference replica, as the router calls it."""
+
+    address: str
+
+    def generate(self, request: inference_pb2.GenerateRequest) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """Streams the engine's steps; raises DomainError for what went wrong. Closing it aborts the generation."""
+        ...
+
+    async def count_tokens(self, request: inference_pb2.GenerateRequest) -> tuple[int, int]:
+        """(prompt tokens, the model's context length) for a request."""
+        ...
+
+
+class ReplicaDirectory(Protocol):
+    """The replicas the catalogue names, as states to balance over and clients to call."""
+
+    def states(self, targets: Sequence[str]) -> list[ReplicaState]:
+        """The state of every replica behind targets (host:port, or names that resolve to several)."""
+        ...
+
+    def replica(self, address: str) -> Replica:
+        """The client of one replica."""
+        ...
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """How requests are spread and retried."""
+
+    # Prompts at least this long are routed by their first this-many characters (prefix affinity).
+    prefix_chars: int = 512
+    # Replicas tried for one request when they fail before the first token.
+    failover_attempts: int = 3
+    # A failed replica is out of rotation this long, doubling per failure in a row up to the maximum.
+    eject_seconds: float = 1.0
+    eject_max_seconds: float = 30.0
+
+
+DEFAULT_POLICY = RoutingPolicy()
+
+
+def affinity_key(spec: GenerationSpec, hints: RouteHints, prefix_chars: int) -> str | None:
+    """A session's id, or the prompt's first prefix_chars characters; None for short prompts."""
+    if hints.session:
+        return f"session:{hints.session}"
+    if spec.text is not None:
+        prompt = spec.text
+    else:
+        # Only the opening matters: stop joining turns once it is long enough (conversations grow long).
+        parts: list[str] = []
+        length = 0
+        for role, content in spec.turns:
+            parts.append(f"{role}\n{content}\n")
+            length += len(parts[-1])
+            if length >= prefix_chars:
+                break
+        prompt = "".join(parts)
+    return prompt[:prefix_chars] if len(prompt) >= prefix_chars else None
+
+
+class Failover:
+    """The steps of one generation from a replica the balancer chose, moving on when one fails before its first step."""
+
+    def __init__(
+        self, replicas: ReplicaDirectory, balancer: Balancer, budget: TokenBudget | None, policy: RoutingPolicy
+    ) -> None:
+        self._replicas = replicas
+        self._balancer = balancer
+        self._budget = budget
+        self._policy = policy
+
+    async def steps(
+        self,
+        request: inference_pb2.GenerateRequest,
+        spec: GenerationSpec,
+        caller: Caller,
+        version: Version,
+        key: str | None,
+        metered: Metered,
+    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """The steps of one replica; a replica that fails before its first step is ejected and another tried."""
+        tried: list[str] = []
+        last_error: Unavailable | None = None
+        while True:
+            with tracing.span("router.choose_replica") as choice:
+                state = self._balancer.choose(self._replicas.states(version.replicas), key, tried)
+                choice.set_attribute("meshserve.attempt", len(tried) + 1)
+                choice.set_attribute("meshserve.replica", state.address if state is not None else "")
+            if state is None:
+                failed = f"; {len(tried)} failed, the last with: {last_error}" if tried else ""
+                raise Unavailable(
+                    f"no replica of {spec.model} version {version.name} is in rotation{failed}",
+                    retry_after_seconds=NO_REPLICA_RETRY_SECONDS,
+                )
+            replica = self._replicas.replica(state.address)
+            state.in_flight += 1
+            started = False
+            try:
+                if metered.budgeted and not metered.reserved and self._budget is not None:
+                    prompt_tokens, context = await replica.count_tokens(request)
+                    s = spec.sampling
+                    max_tokens = s.max_tokens if s.max_tokens is not None else max(0, context - prompt_tokens)
+                    await self._budget.reserve(request.request_id, caller, spec.model, prompt_tokens, max_tokens)
+                    metered.prompt_tokens, metered.reserved = prompt_tokens, True
+                async with aclosing(replica.generate(request)) as stream:
+                    async for step in stream:
+                        started = True
+                        yield step
+                state.succeeded()
+                return
+            except Unavailable as exc:
+                if started:
+                    raise
+                state.eject(self._policy.eject_seconds, self._policy.eject_max_seconds)
+                tried.append(state.address)
+                last_error = exc
+                FAILOVERS.labels(spec.model).inc()
+                log.warning(
+                    "replica failed before the first token; ejected",
+                    extra={"request_id": request.request_id, "replica": state.address, "error": str(exc)},
+                )
+                if len(tried) >= self._policy.failover_attempts:
+                    raise
+            finally:
+                state.in_flight -= 1
