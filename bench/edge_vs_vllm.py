@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -37,6 +38,8 @@ PROMPTS = [
 def start_vllm_server(model_dir: Path, port: int, state: Path, settings: InferenceSettings) -> subprocess.Popen[bytes]:
     """vLLM's own OpenAI server with the engine settings the inference service uses."""
     env = {**os.environ, **settings.vllm_env()}
+    settings.ipc_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
+    Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
     args = [
         sys.executable,
         "-m",
@@ -57,6 +60,8 @@ def start_vllm_server(model_dir: Path, port: int, state: Path, settings: Inferen
         str(settings.max_num_seqs),
         "--enforce-eager",
         "--no-enable-log-requests",
+        # The serving flags the replicas use (the model's tool parser): the same answers, side by side.
+        *shlex.split(settings.serve_flags),
     ]
     log = (state / "vllm-serve.log").open("wb")
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

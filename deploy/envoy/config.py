@@ -10,7 +10,7 @@ import yaml
 
 from deploy.envoy.filters import cors_policy, http_filters, lua_source, rate_limit_descriptors
 from deploy.envoy.replies import access_log, local_reply_config
-from deploy.envoy.settings import LLM_SERVICE, USAGE_PATH, Address, EdgeConfig, Tracing
+from deploy.envoy.settings import LLM_SERVICE, OPENAI_SERVICE, USAGE_PATH, Address, EdgeConfig, Tracing
 from services.auth.keys import ADMIN_PATH_PREFIX
 from services.runtime import keepalive
 
@@ -81,7 +81,8 @@ def _llm_routes(cfg: EdgeConfig) -> list[dict[str, Any]]:
     }
     idle = {"idle_timeout": f"{cfg.stream_idle_timeout_s}s", "retry_policy": retry}
     streams = [
-        {"match": {"path": f"/{LLM_SERVICE}/{m}"}, "route": {"cluster": "router", "timeout": "0s", **idle, **limits}}
+        {"match": {"path": f"/{service}/{m}"}, "route": {"cluster": "router", "timeout": "0s", **idle, **limits}}
+        for service in (OPENAI_SERVICE, LLM_SERVICE)
         for m in STREAMING_METHODS
     ]
     unary = {"cluster": "router", "timeout": f"{cfg.unary_timeout_s}s", **idle, **limits}

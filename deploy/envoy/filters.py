@@ -8,15 +8,16 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor
 
-from deploy.envoy.settings import BILLING_SERVICE, LLM_SERVICE, LUA, EdgeConfig
+from deploy.envoy.settings import BILLING_SERVICE, LLM_SERVICE, LUA, OPENAI_SERVICE, EdgeConfig
 from meshserve.billing.v1 import billing_pb2
 from meshserve.llm.v1 import llm_pb2
+from meshserve.llm.v2 import llm_pb2 as llm_v2_pb2
 from services.runtime.identity import KEY_ID_HEADER, KEY_RPM_HEADER, MODEL_HEADER, TENANT_HEADER
 from services.runtime.openai_errors import ERROR_TYPES
 
 
 def transcoded_services(cfg: EdgeConfig) -> list[str]:
-    return [LLM_SERVICE, *([BILLING_SERVICE] if cfg.billing is not None else [])]
+    return [OPENAI_SERVICE, LLM_SERVICE, *([BILLING_SERVICE] if cfg.billing is not None else [])]
 
 
 def descriptor_set() -> bytes:
@@ -30,6 +31,7 @@ def descriptor_set() -> bytes:
             visit(dep)
         seen[fd.name] = fd
 
+    visit(llm_v2_pb2.DESCRIPTOR)
     visit(llm_pb2.DESCRIPTOR)
     visit(billing_pb2.DESCRIPTOR)
     out = descriptor_pb2.FileDescriptorSet()

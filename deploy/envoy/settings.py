@@ -7,9 +7,12 @@ from pathlib import Path
 
 from meshserve.billing.v1 import billing_pb2
 from meshserve.llm.v1 import llm_pb2
+from meshserve.llm.v2 import llm_pb2 as llm_v2_pb2
 
 LUA = Path(__file__).with_name("openai.lua")
 LLM_SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
+# The OpenAI API (chat and completions, whole JSON bodies); v1 keeps the model list and its typed gRPC methods.
+OPENAI_SERVICE = llm_v2_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
 BILLING_SERVICE = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
 # The one billing method callers may reach through the edge (RecordUsage is the router's alone).
 USAGE_PATH = f"/{BILLING_SERVICE}/GetUsage"

@@ -13,6 +13,7 @@ from services.inference.config import InferenceSettings
 from services.inference.engine import Engine, EngineConfig
 from services.inference.metrics import LoadCollector
 from services.inference.model_store import ModelStore
+from services.inference.openai_serving import ServingLayer
 from services.inference.servicer import InferenceServicer
 from services.runtime.server import Runtime, serve
 
@@ -46,8 +47,17 @@ def main() -> None:
         async def load_and_warm_up() -> None:
             # Loading blocks for seconds to minutes: off the event loop, so health answers NOT_SERVING meanwhile.
             engine = await asyncio.to_thread(Engine.start, config)
-            servicer.engine = engine
             await engine.warm_up()
+            servicer.serving = await ServingLayer.start(
+                engine.llm,
+                str(config.model_dir),
+                config.model_name,
+                config.max_model_len,
+                engine.max_token_bytes,
+                settings.serve_flags,
+                engine.count_in_flight,
+            )
+            servicer.engine = engine
 
         async def stop_engine() -> None:
             if servicer.engine is not None:

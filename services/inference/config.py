@@ -35,6 +35,9 @@ class InferenceSettings(ServiceSettings):
     in_process_engine: bool = False
     # Fraction of GPU memory vLLM may take (ignored on CPU).
     gpu_memory_utilization: float = 0.9
+    # vLLM server flags for its OpenAI serving layer, as `vllm serve` takes them: the model's tool parser
+    # and chat template live here (the packaged SmolLM2 writes tool calls as hermes does).
+    serve_flags: str = "--enable-auto-tool-choice --tool-call-parser hermes"
     # Folder for vLLM's caches and IPC sockets.
     cache_dir: str = "var/cache/vllm"
 

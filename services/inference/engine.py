@@ -107,6 +107,15 @@ class Engine:
         return cls(config, llm, tokenizer, sink)
 
     @property
+    def llm(self) -> Any:
+        """The AsyncLLM itself, for vLLM's own serving layer."""
+        return self._llm
+
+    def count_in_flight(self, change: int) -> None:
+        """Counts a generation that vLLM's serving layer started (1) or ended (-1) in the load."""
+        self._in_flight += change
+
+    @property
     def max_model_len(self) -> int:
         return self.config.max_model_len
 

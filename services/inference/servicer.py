@@ -12,6 +12,7 @@ from grpc import aio
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.engine import Engine
+from services.inference.openai_serving import Endpoint, Exchange, Reply, ServingLayer
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, echo
 from services.runtime.sampling import OPTIONAL_SAMPLING, Sampling
 
@@ -24,6 +25,24 @@ FINISH = {
 }
 
 
+ENDPOINTS = {
+    inference_pb2.ENDPOINT_CHAT_COMPLETIONS: Endpoint.CHAT,
+    inference_pb2.ENDPOINT_COMPLETIONS: Endpoint.COMPLETIONS,
+}
+
+
+def _serve_response(reply: Reply) -> inference_pb2.ServeResponse:
+    return inference_pb2.ServeResponse(
+        data=reply.data,
+        prompt_tokens=reply.prompt_tokens,
+        completion_tokens=reply.completion_tokens,
+        finish_reason=inference_pb2.FINISH_REASON_STOP if reply.finished else inference_pb2.FINISH_REASON_UNSPECIFIED,
+        measured=reply.measured,
+        max_tokens=reply.max_tokens,
+        failed=reply.failed,
+    )
+
+
 def _load_reply(engine: Engine) -> inference_pb2.GetLoadResponse:
     return inference_pb2.GetLoadResponse(**asdict(engine.load()))
 
@@ -33,6 +52,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def __init__(self, draining: asyncio.Event | None = None) -> None:
         self.engine: Engine | None = None
+        self.serving: ServingLayer | None = None
         # Load streams end when the replica starts draining: routers take it out of rotation at once.
         self._draining = draining or asyncio.Event()
 
@@ -72,6 +92,44 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 completion_tokens=step.completion_tokens,
                 finish_reason=FINISH.get(step.finish_reason or "", inference_pb2.FINISH_REASON_UNSPECIFIED),
             )
+
+    async def Serve(
+        self, requests: AsyncIterator[inference_pb2.ServeRequest], context: Context
+    ) -> AsyncIterator[inference_pb2.ServeResponse]:
+        first = await anext(aiter(requests), None)
+        if first is None or not first.HasField("start"):
+            raise InvalidArgument("start: the first message must be a ServeStart")
+        start = first.start
+        self._engine(start.model)
+        if self.serving is None:
+            raise FailedPrecondition("the model is still loading")
+        if start.endpoint not in ENDPOINTS:
+            raise InvalidArgument("endpoint: is required")
+        if not start.request_id:
+            raise InvalidArgument("request_id: is required")
+        exchange = Exchange()
+        if start.proceed:
+            exchange.proceed.set()
+
+        async def follow() -> None:
+            async for message in requests:
+                if message.HasField("proceed"):
+                    exchange.proceed.set()
+
+        served = asyncio.create_task(
+            self.serving.serve(ENDPOINTS[start.endpoint], start.body, start.request_id, start.model, exchange)
+        )
+        followed = asyncio.create_task(follow())
+        try:
+            while (reply := await exchange.replies.get()) is not None:
+                if isinstance(reply, BaseException):
+                    raise reply
+                yield _serve_response(reply)
+        finally:
+            # A caller gone (or done) cancels the generation: vLLM's generator closes and aborts it in the engine.
+            for task in (served, followed):
+                task.cancel()
+            await asyncio.gather(served, followed, return_exceptions=True)
 
     async def CountTokens(
         self, request: inference_pb2.CountTokensRequest, context: Context

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
+from meshserve.llm.v2 import llm_pb2 as llm_v2_pb2
+from meshserve.llm.v2 import llm_pb2_grpc as llm_v2_pb2_grpc
 from services.router.admission import Admission
 from services.router.balancer import Balancer
 from services.router.budget import GrpcTokenBudget
@@ -15,6 +17,8 @@ from services.router.completions import Completions
 from services.router.config import RouterSettings
 from services.router.failover import RoutingPolicy
 from services.router.fleet import Fleet
+from services.router.openai_api import OpenAIApi
+from services.router.openai_servicer import OpenAIServicer
 from services.router.servicer import LlmServicer
 from services.router.usage import GrpcUsageSink
 from services.runtime.server import Runtime, serve
@@ -23,6 +27,7 @@ from services.runtime.watched import WatchedFile
 log = logging.getLogger("services.router")
 
 SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
+OPENAI_SERVICE = llm_v2_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
 
 
 def main() -> None:
@@ -56,6 +61,8 @@ def main() -> None:
             usage=usage,
         )
         llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(completions, settings.require_caller), rt.server)
+        openai = OpenAIServicer(OpenAIApi(completions.pipeline), settings.require_caller)
+        llm_v2_pb2_grpc.add_LlmServiceServicer_to_server(openai, rt.server)
 
         watcher = asyncio.create_task(catalogue.follow(settings.catalogue_poll_seconds))
 
@@ -84,7 +91,7 @@ def main() -> None:
         rt.warm_up_with(replicas_in_rotation)
         rt.on_shutdown(close)
 
-    serve("router", settings, [SERVICE], setup)
+    serve("router", settings, [SERVICE, OPENAI_SERVICE], setup)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from meshserve.inference.v1 import inference_pb2
 from services.router import access, metrics
 from services.router.caller import Caller
 from services.router.catalogue import Version
-from services.router.validation import GenerationSpec
 from services.runtime import tracing
 
 
@@ -54,7 +53,7 @@ class Metered:
     budgeted: bool
     prompt_tokens: int = 0
     reserved: bool = False
-    last: inference_pb2.GenerateResponse | None = None
+    last: inference_pb2.GenerateResponse | inference_pb2.ServeResponse | None = None
     outcome: str = "cancelled"
     admitted: float = 0.0
     first_token: float = 0.0
@@ -70,17 +69,15 @@ class Accounting:
         self._usage = usage
         self._clock = clock
 
-    def account(
-        self, request_id: str, spec: GenerationSpec, caller: Caller, version: Version, metered: Metered
-    ) -> None:
+    def account(self, request_id: str, model: str, caller: Caller, version: Version, metered: Metered) -> None:
         """Settles the reservation and records the usage of a generation, in the background."""
         last = metered.last
         prompt_tokens = last.prompt_tokens if last is not None else metered.prompt_tokens
         completion_tokens = last.completion_tokens if last is not None else 0
         if metered.reserved and self._budget is not None:
-            self._budget.settle(request_id, caller, spec.model, prompt_tokens, completion_tokens, metered.outcome)
+            self._budget.settle(request_id, caller, model, prompt_tokens, completion_tokens, metered.outcome)
         tenant = caller.tenant or "internal"
-        metrics.finished(spec.model, version.name, tenant, metered.outcome, prompt_tokens, completion_tokens)
+        metrics.finished(model, version.name, tenant, metered.outcome, prompt_tokens, completion_tokens)
         entry = access.CURRENT.get()
         if entry is not None:
             entry.version, entry.outcome = version.name, metered.outcome
@@ -96,7 +93,7 @@ class Accounting:
                 request_id=request_id,
                 tenant=tenant,
                 key_id=caller.key_id,
-                model=spec.model,
+                model=model,
                 version=version.name,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=received,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import time
@@ -11,19 +10,17 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import TypeVar
 
-from opentelemetry import trace
-
 from meshserve.inference.v1 import inference_pb2
 from meshserve.llm.v1 import llm_pb2
-from services.router import metrics, validation
-from services.router.accounting import Accounting, Metered, TokenBudget, UsageSink
+from services.router import validation
+from services.router.accounting import Metered, TokenBudget, UsageSink
 from services.router.admission import Admission
 from services.router.balancer import Balancer
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, ModelEntry, Version
-from services.router.failover import DEFAULT_POLICY, Failover, ReplicaDirectory, RoutingPolicy, affinity_key
+from services.router.failover import DEFAULT_POLICY, Attempt, Replica, ReplicaDirectory, RoutingPolicy, affinity_key
+from services.router.pipeline import Pipeline
 from services.router.validation import GenerationSpec
-from services.runtime import tracing
 from services.runtime.errors import DomainError, Unavailable
 from services.runtime.sampling import OPTIONAL_SAMPLING
 
@@ -100,14 +97,18 @@ class Completions:
         usage: UsageSink | None = None,
     ) -> None:
         self._catalogue = catalogue
-        self._replicas = replicas
-        self._budget = budget
         self._clock = clock
-        self._rng = rng or random.Random()
-        self._admission = admission or Admission(queue_size=256, queue_timeout_seconds=30.0)
-        self._policy = policy
-        self._failover = Failover(replicas, balancer or Balancer(), budget, policy)
-        self._accounting = Accounting(budget, usage, clock)
+        self.pipeline = Pipeline(
+            catalogue,
+            replicas,
+            budget,
+            usage,
+            clock,
+            rng or random.Random(),
+            balancer or Balancer(),
+            admission or Admission(queue_size=256, queue_timeout_seconds=30.0),
+            policy,
+        )
 
     def list_models(self, caller: Caller) -> llm_pb2.ListModelsResponse:
         """The catalogue's models that the caller may use."""
@@ -123,88 +124,35 @@ class Completions:
 
     def unready_models(self) -> list[str]:
         """Models the router must not report ready without: required, and no replica of theirs in rotation."""
-        return [
-            e.id
-            for e in self._catalogue().entries()
-            if e.required_for_ready
-            and not any(s.available for v in e.versions for s in self._replicas.states(v.replicas))
-        ]
-
-    def capacity(self, version: Version) -> int:
-        """Requests the version's replicas in rotation can generate for at once."""
-        return sum(s.capacity for s in self._replicas.states(version.replicas) if s.available)
+        return self.pipeline.unready_models()
 
     def replicas_changed(self) -> None:
         """Lets queued requests in when replicas come into rotation."""
-        for entry in self._catalogue().entries():
-            for version in entry.versions:
-                self._admission.wake((entry.id, version.name), functools.partial(self.capacity, version))
+        self.pipeline.replicas_changed()
 
-    async def _generate(
+    def _generate(
         self, request_id: str, spec: GenerationSpec, caller: Caller, hints: RouteHints, unary: bool = False
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
-        # Permission before existence: a key learns nothing about models it may not use.
-        caller.require(spec.model)
-        entry = self._catalogue().get(spec.model)
-        version = entry.version(hints.version) if hints.version else entry.pick(self._rng)
         request = _engine_request(request_id, spec)
-        key = affinity_key(spec, hints, self._policy.prefix_chars)
-        # Internal callers (no tenant) have no token budget.
-        metered = Metered(
-            started=time.monotonic(), budgeted=self._budget is not None and bool(caller.tenant), unary=unary
-        )
-        timer = metrics.GenerationTimer(spec.model, metered.started)
-        attributes = {
-            "meshserve.model": spec.model,
-            "meshserve.version": version.name,
-            "meshserve.tenant": caller.tenant,
-        }
-        queued = tracing.start_span("router.queue_wait", attributes)
-        try:
-            async with self._admission.slot((spec.model, version.name), lambda: self.capacity(version)):
-                queued.end()
-                metered.admitted = time.monotonic()
-                timer.admitted(metered.admitted)
-                # Current while the replica is called: the engine's spans and billing's record join it.
-                with tracing.span("router.generate", {**attributes, "meshserve.request_id": request_id}) as span:
-                    try:
-                        # aclosing: a consumer that stops early closes the replica's stream (aborts the engine) now.
-                        replica_steps = self._failover.steps(request, spec, caller, version, key, metered)
-                        steps = self._timed(replica_steps, metered, timer, span)
-                        async with aclosing(steps):
-                            async for step in steps:
-                                yield step
-                    finally:
-                        # Runs however the stream ends: finished, failed, or closed early by a client gone away.
-                        span.set_attribute("meshserve.outcome", metered.outcome)
-                        self._accounting.account(request_id, spec, caller, version, metered)
-        finally:
-            if queued.is_recording():
-                queued.end()
+        pipeline = self.pipeline
 
-    @staticmethod
-    async def _timed(
-        replica_steps: AsyncGenerator[inference_pb2.GenerateResponse, None],
-        metered: Metered,
-        timer: metrics.GenerationTimer,
-        span: trace.Span,
-    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
-        """The replica's steps, timed and metered as they pass."""
-        try:
-            async with aclosing(replica_steps) as steps:
-                async for step in steps:
-                    at = time.monotonic()
-                    if metered.last is None:
-                        metered.first_token = at
-                        span.add_event("first_token")
-                    timer.step(at, step.completion_tokens)
-                    metered.last = step
-                    if step.finish_reason in FINISH_REASONS:
-                        metered.outcome = "completed"
-                    yield step
-        except Exception:
-            metered.outcome = "failed"
-            raise
+        def attempt(metered: Metered, version: Version) -> Attempt[inference_pb2.GenerateResponse]:
+            async def steps(replica: Replica) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+                reserve = pipeline.reserver(request_id, caller, spec.model, metered)
+                if reserve is not None:
+                    prompt_tokens, context = await replica.count_tokens(request)
+                    s = spec.sampling
+                    await reserve(
+                        prompt_tokens, s.max_tokens if s.max_tokens is not None else max(0, context - prompt_tokens)
+                    )
+                async with aclosing(replica.generate(request)) as stream:
+                    async for step in stream:
+                        yield step
+
+            return steps
+
+        key = affinity_key(spec, hints, self.pipeline.policy.prefix_chars)
+        return pipeline.generate(request_id, spec.model, key, caller, hints, attempt, unary)
 
     async def _collect(
         self, request_id: str, spec: GenerationSpec, caller: Caller, hints: RouteHints

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prometheus_client import Counter
 
 from meshserve.inference.v1 import inference_pb2
-from services.router.accounting import Metered, TokenBudget
 from services.router.admission import NO_REPLICA_RETRY_SECONDS
 from services.router.balancer import Balancer, ReplicaState
-from services.router.caller import Caller, RouteHints
+from services.router.caller import RouteHints
 from services.router.catalogue import Version
 from services.router.validation import GenerationSpec
 from services.runtime import tracing
@@ -41,6 +40,18 @@ class Replica(Protocol):
     async def count_tokens(self, request: inference_pb2.GenerateRequest) -> tuple[int, int]:
         """(prompt tokens, the model's context length) for a request."""
         ...
+
+    def serve(
+        self, start: inference_pb2.ServeStart, reserve: Callable[[int, int], Awaitable[None]] | None
+    ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
+        """Streams an OpenAI request's replies; reserve (prompt tokens, most tokens) runs once the replica
+        has measured the rendered prompt, before it generates. Closing it aborts the generation."""
+        ...
+
+
+S = TypeVar("S")
+# One try of a generation on one replica: its steps (reserving tokens first where the caller has a budget).
+Attempt = Callable[[Replica], AsyncGenerator[S, None]]
 
 
 class ReplicaDirectory(Protocol):
@@ -71,45 +82,42 @@ class RoutingPolicy:
 DEFAULT_POLICY = RoutingPolicy()
 
 
-def affinity_key(spec: GenerationSpec, hints: RouteHints, prefix_chars: int) -> str | None:
+def opening(turns: Iterable[tuple[str, str]], prefix_chars: int) -> str:
+    """A conversation's opening: only it matters, so joining stops once it is long enough."""
+    parts: list[str] = []
+    length = 0
+    for role, content in turns:
+        parts.append(f"{role}\n{content}\n")
+        length += len(parts[-1])
+        if length >= prefix_chars:
+            break
+    return "".join(parts)
+
+
+def prefix_key(prompt: str, hints: RouteHints, prefix_chars: int) -> str | None:
     """A session's id, or the prompt's first prefix_chars characters; None for short prompts."""
     if hints.session:
         return f"session:{hints.session}"
-    if spec.text is not None:
-        prompt = spec.text
-    else:
-        # Only the opening matters: stop joining turns once it is long enough (conversations grow long).
-        parts: list[str] = []
-        length = 0
-        for role, content in spec.turns:
-            parts.append(f"{role}\n{content}\n")
-            length += len(parts[-1])
-            if length >= prefix_chars:
-                break
-        prompt = "".join(parts)
     return prompt[:prefix_chars] if len(prompt) >= prefix_chars else None
+
+
+def affinity_key(spec: GenerationSpec, hints: RouteHints, prefix_chars: int) -> str | None:
+    """The affinity key of a typed (v1) request."""
+    prompt = spec.text if spec.text is not None else opening(spec.turns, prefix_chars)
+    return prefix_key(prompt, hints, prefix_chars)
 
 
 class Failover:
     """The steps of one generation from a replica the balancer chose, moving on when one fails before its first step."""
 
-    def __init__(
-        self, replicas: ReplicaDirectory, balancer: Balancer, budget: TokenBudget | None, policy: RoutingPolicy
-    ) -> None:
+    def __init__(self, replicas: ReplicaDirectory, balancer: Balancer, policy: RoutingPolicy) -> None:
         self._replicas = replicas
         self._balancer = balancer
-        self._budget = budget
         self._policy = policy
 
     async def steps(
-        self,
-        request: inference_pb2.GenerateRequest,
-        spec: GenerationSpec,
-        caller: Caller,
-        version: Version,
-        key: str | None,
-        metered: Metered,
-    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        self, attempt: Attempt[S], request_id: str, model: str, version: Version, key: str | None
+    ) -> AsyncGenerator[S, None]:
         """The steps of one replica; a replica that fails before its first step is ejected and another tried."""
         tried: list[str] = []
         last_error: Unavailable | None = None
@@ -121,20 +129,14 @@ class Failover:
             if state is None:
                 failed = f"; {len(tried)} failed, the last with: {last_error}" if tried else ""
                 raise Unavailable(
-                    f"no replica of {spec.model} version {version.name} is in rotation{failed}",
+                    f"no replica of {model} version {version.name} is in rotation{failed}",
                     retry_after_seconds=NO_REPLICA_RETRY_SECONDS,
                 )
             replica = self._replicas.replica(state.address)
             state.in_flight += 1
             started = False
             try:
-                if metered.budgeted and not metered.reserved and self._budget is not None:
-                    prompt_tokens, context = await replica.count_tokens(request)
-                    s = spec.sampling
-                    max_tokens = s.max_tokens if s.max_tokens is not None else max(0, context - prompt_tokens)
-                    await self._budget.reserve(request.request_id, caller, spec.model, prompt_tokens, max_tokens)
-                    metered.prompt_tokens, metered.reserved = prompt_tokens, True
-                async with aclosing(replica.generate(request)) as stream:
+                async with aclosing(attempt(replica)) as stream:
                     async for step in stream:
                         started = True
                         yield step
@@ -146,10 +148,10 @@ class Failover:
                 state.eject(self._policy.eject_seconds, self._policy.eject_max_seconds)
                 tried.append(state.address)
                 last_error = exc
-                FAILOVERS.labels(spec.model).inc()
+                FAILOVERS.labels(model).inc()
                 log.warning(
                     "replica failed before the first token; ejected",
-                    extra={"request_id": request.request_id, "replica": state.address, "error": str(exc)},
+                    extra={"request_id": request_id, "replica": state.address, "error": str(exc)},
                 )
                 if len(tried) >= self._policy.failover_attempts:
                     raise

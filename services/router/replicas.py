@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import cast
 
 import grpc
 from grpc import aio
@@ -47,7 +48,7 @@ _OPTIONS = [
 
 
 _SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
-GENERATE, COUNT_TOKENS = f"/{_SERVICE}/Generate", f"/{_SERVICE}/CountTokens"
+GENERATE, COUNT_TOKENS, SERVE = f"/{_SERVICE}/Generate", f"/{_SERVICE}/CountTokens", f"/{_SERVICE}/Serve"
 
 
 # Codes that say the replica itself cannot serve (down, restarting, still loading): the router ejects it
@@ -86,6 +87,31 @@ class GrpcReplica:
             try:
                 async for step in call:
                     yield step
+            except aio.AioRpcError as exc:
+                raise domain_error(exc, self.address) from exc
+            finally:
+                # Closing early (client gone, router stopping) must abort the generation on the engine.
+                call.cancel()
+
+    async def serve(
+        self, start: inference_pb2.ServeStart, reserve: Callable[[int, int], Awaitable[None]] | None
+    ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
+        with tracing.client_call(SERVE) as metadata:
+            call = self._stub.Serve(metadata=metadata)
+            try:
+                await call.write(inference_pb2.ServeRequest(start=start))
+                if start.proceed:
+                    await call.done_writing()
+                while (read := await call.read()) is not aio.EOF:
+                    reply = cast(inference_pb2.ServeResponse, read)
+                    if reply.measured:
+                        if not start.proceed:
+                            if reserve is not None:
+                                await reserve(reply.prompt_tokens, reply.max_tokens)
+                            await call.write(inference_pb2.ServeRequest(proceed=inference_pb2.ServeProceed()))
+                            await call.done_writing()
+                        continue
+                    yield reply
             except aio.AioRpcError as exc:
                 raise domain_error(exc, self.address) from exc
             finally:

@@ -98,4 +98,4 @@ def test_the_engine_load_is_exported_for_the_autoscaler(mesh: LocalMesh) -> None
         body = r.read().decode()
     assert f'{QUEUE_DEPTH}{{model="{MODEL}"}} 0.0' in body
     assert "meshserve_inference_running_requests" in body
-    assert 'meshserve_rpc_requests_total{code="OK",method="Generate",service="inference"}' in body
+    assert 'meshserve_rpc_requests_total{code="OK",method="Serve",service="inference"}' in body

@@ -128,7 +128,7 @@ def test_unknown_model_streamed_is_not_found_too(mesh: LocalMesh) -> None:
         ({"messages": QUESTION, "max_tokens": 0}, "max_tokens"),
         ({"messages": QUESTION, "temperature": 2.5}, "temperature"),
         ({"messages": QUESTION, "top_p": 0}, "top_p"),
-        ({"messages": QUESTION, "n": 2}, "n"),
+        ({"messages": QUESTION, "n": 0}, "n"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "hi " * 3000}]}, "context"),
         ({"messages": QUESTION, "max_tokens": 4000}, "max_tokens"),
@@ -183,17 +183,3 @@ def test_stop_strings_end_generation(mesh: LocalMesh) -> None:
     text = reply.choices[0].message.content or ""
     assert "5" not in text and "4" in text
     assert reply.choices[0].finish_reason == "stop"
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-    ],
-)
-def test_unserved_openai_features_are_refused_not_silently_ignored(mesh: LocalMesh, kwargs: dict, field: str) -> None:
-    with pytest.raises(openai.BadRequestError) as info:
-        openai_client(mesh).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, **kwargs)
-    assert info.value.message.startswith(f"{field}:") or f"{field}:" in info.value.message

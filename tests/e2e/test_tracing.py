@@ -105,19 +105,21 @@ def check_path(spans: Sequence[Span]) -> Span:
     rls = under_edge("meshserve-ratelimit", "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit")
     assert rls.attributes["meshserve.admitted"] is True
 
-    router = one(spans, "meshserve-router", "/meshserve.llm.v1.LlmService/CreateChatCompletion")
+    router = one(spans, "meshserve-router", "/meshserve.llm.v2.LlmService/CreateChatCompletion")
     assert by_id[router.parent_span_id].service == "meshserve-edge", describe(spans)
     one(spans, "meshserve-router", "router.queue_wait", router)
     gen = one(spans, "meshserve-router", "router.generate", router)
     one(spans, "meshserve-router", "router.choose_replica", gen)
 
-    reserve_call = one(spans, "meshserve-router", "/meshserve.ratelimit.v1.TokenBudgetService/Reserve", gen)
+    serve_call = one(spans, "meshserve-router", "/meshserve.inference.v1.InferenceService/Serve", gen)
+    assert serve_call.kind == CLIENT
+    # The replica measures the rendered prompt first; the reservation is made for it during the call.
+    reserve_call = one(spans, "meshserve-router", "/meshserve.ratelimit.v1.TokenBudgetService/Reserve")
+    assert reserve_call.parent_span_id in (gen.span_id, serve_call.span_id), describe(spans)
     reserve = one(spans, "meshserve-ratelimit", "/meshserve.ratelimit.v1.TokenBudgetService/Reserve", reserve_call)
     assert reserve.attributes["meshserve.reserved_tokens"] > 0
 
-    generate_call = one(spans, "meshserve-router", "/meshserve.inference.v1.InferenceService/Generate", gen)
-    assert generate_call.kind == CLIENT
-    engine_call = one(spans, "meshserve-inference", "/meshserve.inference.v1.InferenceService/Generate", generate_call)
+    engine_call = one(spans, "meshserve-inference", "/meshserve.inference.v1.InferenceService/Serve", serve_call)
     engine = one(spans, "meshserve-inference", "engine.generate", engine_call)
     assert "first_token" in engine.events
     assert engine.attributes["meshserve.completion_tokens"] == 4

@@ -35,7 +35,7 @@ class Bystanders:
                 timeout=30,
             ) as r:
                 body = r.read().decode()
-            whole = r.status_code == 200 and '"finish_reason":"stop"' in body and body.rstrip().endswith("}")
+            whole = r.status_code == 200 and '"finish_reason":"stop"' in body and body.rstrip().endswith("data: [DONE]")
             self.results.append("ok" if whole else f"{r.status_code}: {body[-200:]}")
 
     def __enter__(self) -> Bystanders:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
     from services.mesh.local import LocalMesh, Proc
 
 SERVICE = ipb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))  # as vLLM's pydantic models write it
 
 
 class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
@@ -72,6 +77,47 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             self.running -= 1
             self._event("done" if finished else "abort", request.request_id)
+
+    async def Serve(self, requests: AsyncIterator[ipb.ServeRequest], context: Any) -> AsyncIterator[ipb.ServeResponse]:
+        """vLLM's serving layer, played: the script's tokens as OpenAI bodies or SSE events."""
+        start = (await anext(aiter(requests))).start
+        body = json.loads(start.body)
+        chat = start.endpoint == ipb.ENDPOINT_CHAT_COMPLETIONS
+        last = (body["messages"][-1].get("content") or "") if chat else body["prompt"]
+        prompt = last if isinstance(last, str) else "".join(str(p.get("text", "")) for p in last if isinstance(p, dict))
+        steps = self.Generate(ipb.GenerateRequest(request_id=start.request_id, input=ipb.Input(text=prompt)), context)
+        if not start.proceed:
+            yield ipb.ServeResponse(measured=True, prompt_tokens=3, max_tokens=body.get("max_tokens") or 16)
+            await anext(aiter(requests))
+        rid = ("chatcmpl-" if chat else "cmpl-") + start.request_id
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "model": start.model}
+        texts: list[str] = []
+        async for step in steps:
+            texts.append(step.text)
+            if body.get("stream") and step.text:
+                choice = {"index": 0, "delta": {"content": step.text}} if chat else {"index": 0, "text": step.text}
+                event = {**head, "object": head["object"] + ".chunk" if chat else head["object"], "choices": [choice]}
+                yield ipb.ServeResponse(
+                    data=f"data: {_json(event)}\n\n".encode(), prompt_tokens=3, completion_tokens=len(texts)
+                )
+        usage = {"prompt_tokens": 3, "completion_tokens": len(texts) - 1, "total_tokens": len(texts) + 2}
+        done = {"prompt_tokens": 3, "completion_tokens": len(texts) - 1, "finish_reason": ipb.FINISH_REASON_STOP}
+        if body.get("stream"):
+            final = (
+                {"index": 0, "delta": {}, "finish_reason": "stop"}
+                if chat
+                else {"index": 0, "text": "", "finish_reason": "stop"}
+            )
+            event = {**head, "object": head["object"] + ".chunk" if chat else head["object"], "choices": [final]}
+            if (body.get("stream_options") or {}).get("include_usage"):
+                event["usage"] = usage
+            data = f"data: {_json(event)}\n\ndata: [DONE]\n\n".encode()
+            yield ipb.ServeResponse(data=data, **done)  # type: ignore[arg-type]
+            return
+        text = "".join(texts)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+        whole = {**head, "choices": [{**choice, "finish_reason": "stop"}], "usage": usage}
+        yield ipb.ServeResponse(data=_json(whole).encode(), **done)  # type: ignore[arg-type]
 
     async def CountTokens(self, request: ipb.CountTokensRequest, context: Any) -> ipb.CountTokensResponse:
         # Every prompt is 3 tokens, as Generate reports; a context of 2048 like the packaged model's.

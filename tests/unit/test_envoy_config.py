@@ -31,7 +31,7 @@ def test_filters_parse_the_body_then_run_lua_then_transcoder_then_router() -> No
 
 def test_transcoder_speaks_openai_json_and_sse() -> None:
     t = filters()["envoy.filters.http.grpc_json_transcoder"]
-    assert t["services"] == ["meshserve.llm.v1.LlmService"]
+    assert t["services"] == ["meshserve.llm.v2.LlmService", "meshserve.llm.v1.LlmService"]
     assert t["print_options"]["preserve_proto_field_names"]
     assert t["print_options"]["always_print_primitive_fields"]
     assert t["print_options"]["stream_sse_style_delimited"]
@@ -52,6 +52,7 @@ def test_usage_queries_reach_billing_and_nothing_else_of_it_does() -> None:
     assert to_billing == [{"path": "/meshserve.billing.v1.BillingService/GetUsage"}]
     transcoder = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.grpc_json_transcoder")
     assert transcoder["typed_config"]["services"] == [
+        "meshserve.llm.v2.LlmService",
         "meshserve.llm.v1.LlmService",
         "meshserve.billing.v1.BillingService",
     ]

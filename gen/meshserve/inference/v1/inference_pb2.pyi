@@ -7,16 +7,69 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Endpoint(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENDPOINT_UNSPECIFIED: _ClassVar[Endpoint]
+    ENDPOINT_CHAT_COMPLETIONS: _ClassVar[Endpoint]
+    ENDPOINT_COMPLETIONS: _ClassVar[Endpoint]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
+ENDPOINT_UNSPECIFIED: Endpoint
+ENDPOINT_CHAT_COMPLETIONS: Endpoint
+ENDPOINT_COMPLETIONS: Endpoint
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
+
+class ServeStart(_message.Message):
+    __slots__ = ("request_id", "model", "endpoint", "body", "proceed")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    PROCEED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    endpoint: Endpoint
+    body: bytes
+    proceed: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., endpoint: _Optional[_Union[Endpoint, str]] = ..., body: _Optional[bytes] = ..., proceed: _Optional[bool] = ...) -> None: ...
+
+class ServeProceed(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServeRequest(_message.Message):
+    __slots__ = ("start", "proceed")
+    START_FIELD_NUMBER: _ClassVar[int]
+    PROCEED_FIELD_NUMBER: _ClassVar[int]
+    start: ServeStart
+    proceed: ServeProceed
+    def __init__(self, start: _Optional[_Union[ServeStart, _Mapping]] = ..., proceed: _Optional[_Union[ServeProceed, _Mapping]] = ...) -> None: ...
+
+class ServeResponse(_message.Message):
+    __slots__ = ("data", "prompt_tokens", "completion_tokens", "finish_reason", "measured", "max_tokens", "failed")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    measured: bool
+    max_tokens: int
+    failed: bool
+    def __init__(self, data: _Optional[bytes] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., measured: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., failed: _Optional[bool] = ...) -> None: ...
 
 class ChatTurn(_message.Message):
     __slots__ = ("role", "content")

@@ -60,6 +60,11 @@ class InferenceServiceStub:
                 request_serializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.Serve = channel.stream_stream(
+                '/meshserve.inference.v1.InferenceService/Serve',
+                request_serializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.ServeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.ServeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -106,6 +111,22 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Serve(self, request_iterator, context):
+        """Serve answers one OpenAI API request (a JSON body) with vLLM's own
+        serving layer: its chat rendering, tool parsers, structured outputs,
+        logprobs and n. The first message from the caller is a ServeStart. Once
+        the prompt is rendered the replica sends a message with measured set
+        (the prompt's tokens and the most it may generate); unless the start
+        said proceed, it waits for a ServeProceed before generating, so the
+        caller can reserve tokens for exactly that prompt. Then come the body
+        (one message) or the stream's SSE events (one per message), each with
+        the token counts so far; the last has finish_reason. Cancelling the call
+        aborts the generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +154,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.GetModelRequest.FromString,
                     response_serializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.GetModelResponse.SerializeToString,
+            ),
+            'Serve': grpc.stream_stream_rpc_method_handler(
+                    servicer.Serve,
+                    request_deserializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.ServeRequest.FromString,
+                    response_serializer=meshserve_dot_inference_dot_v1_dot_inference__pb2.ServeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +297,33 @@ class InferenceService:
             '/meshserve.inference.v1.InferenceService/GetModel',
             meshserve_dot_inference_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
             meshserve_dot_inference_dot_v1_dot_inference__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Serve(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/meshserve.inference.v1.InferenceService/Serve',
+            meshserve_dot_inference_dot_v1_dot_inference__pb2.ServeRequest.SerializeToString,
+            meshserve_dot_inference_dot_v1_dot_inference__pb2.ServeResponse.FromString,
             options,
             channel_credentials,
             insecure,

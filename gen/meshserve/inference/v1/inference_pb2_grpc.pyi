@@ -52,6 +52,18 @@ class InferenceServiceStub:
     """
     GetModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetModelRequest, _inference_pb2.GetModelResponse]
     """GetModel describes the model this replica serves."""
+    Serve: _grpc.StreamStreamMultiCallable[_inference_pb2.ServeRequest, _inference_pb2.ServeResponse]
+    """Serve answers one OpenAI API request (a JSON body) with vLLM's own
+    serving layer: its chat rendering, tool parsers, structured outputs,
+    logprobs and n. The first message from the caller is a ServeStart. Once
+    the prompt is rendered the replica sends a message with measured set
+    (the prompt's tokens and the most it may generate); unless the start
+    said proceed, it waits for a ServeProceed before generating, so the
+    caller can reserve tokens for exactly that prompt. Then come the body
+    (one message) or the stream's SSE events (one per message), each with
+    the token counts so far; the last has finish_reason. Cancelling the call
+    aborts the generation.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -75,6 +87,18 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """
     GetModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetModelRequest, _inference_pb2.GetModelResponse]  # type: ignore[assignment]
     """GetModel describes the model this replica serves."""
+    Serve: _aio.StreamStreamMultiCallable[_inference_pb2.ServeRequest, _inference_pb2.ServeResponse]  # type: ignore[assignment]
+    """Serve answers one OpenAI API request (a JSON body) with vLLM's own
+    serving layer: its chat rendering, tool parsers, structured outputs,
+    logprobs and n. The first message from the caller is a ServeStart. Once
+    the prompt is rendered the replica sends a message with measured set
+    (the prompt's tokens and the most it may generate); unless the start
+    said proceed, it waits for a ServeProceed before generating, so the
+    caller can reserve tokens for exactly that prompt. Then come the body
+    (one message) or the stream's SSE events (one per message), each with
+    the token counts so far; the last has finish_reason. Cancelling the call
+    aborts the generation.
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """InferenceService generates text with the replica's model."""
@@ -125,5 +149,23 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.GetModelResponse, _abc.Awaitable[_inference_pb2.GetModelResponse]]:
         """GetModel describes the model this replica serves."""
+
+    @_abc_1.abstractmethod
+    def Serve(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inference_pb2.ServeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.ServeResponse], _abc.AsyncIterator[_inference_pb2.ServeResponse]]:
+        """Serve answers one OpenAI API request (a JSON body) with vLLM's own
+        serving layer: its chat rendering, tool parsers, structured outputs,
+        logprobs and n. The first message from the caller is a ServeStart. Once
+        the prompt is rendered the replica sends a message with measured set
+        (the prompt's tokens and the most it may generate); unless the start
+        said proceed, it waits for a ServeProceed before generating, so the
+        caller can reserve tokens for exactly that prompt. Then come the body
+        (one message) or the stream's SSE events (one per message), each with
+        the token counts so far; the last has finish_reason. Cancelling the call
+        aborts the generation.
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

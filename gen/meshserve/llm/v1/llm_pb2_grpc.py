@@ -28,9 +28,8 @@ if _version_not_supported:
 class LlmServiceStub:
     """LlmService serves chat completions, text completions and the model list.
 
-    OpenAI clients use one path for streaming and non-streaming requests and
-    tell them apart by `"stream": true` in the body; the edge rewrites such
-    requests to the `:stream` bindings below.
+    Its chat and completion methods are native gRPC only: REST clients reach
+    meshserve.llm.v2, which serves the whole OpenAI API at the same paths.
     """
 
     def __init__(self, channel):
@@ -74,9 +73,8 @@ class LlmServiceStub:
 class LlmServiceServicer:
     """LlmService serves chat completions, text completions and the model list.
 
-    OpenAI clients use one path for streaming and non-streaming requests and
-    tell them apart by `"stream": true` in the body; the edge rewrites such
-    requests to the `:stream` bindings below.
+    Its chat and completion methods are native gRPC only: REST clients reach
+    meshserve.llm.v2, which serves the whole OpenAI API at the same paths.
     """
 
     def CreateChatCompletion(self, request, context):
@@ -165,9 +163,8 @@ def add_LlmServiceServicer_to_server(servicer, server):
 class LlmService:
     """LlmService serves chat completions, text completions and the model list.
 
-    OpenAI clients use one path for streaming and non-streaming requests and
-    tell them apart by `"stream": true` in the body; the edge rewrites such
-    requests to the `:stream` bindings below.
+    Its chat and completion methods are native gRPC only: REST clients reach
+    meshserve.llm.v2, which serves the whole OpenAI API at the same paths.
     """
 
     @staticmethod

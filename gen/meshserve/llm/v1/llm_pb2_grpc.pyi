@@ -34,9 +34,8 @@ GRPC_VERSION: str
 class LlmServiceStub:
     """LlmService serves chat completions, text completions and the model list.
 
-    OpenAI clients use one path for streaming and non-streaming requests and
-    tell them apart by `"stream": true` in the body; the edge rewrites such
-    requests to the `:stream` bindings below.
+    Its chat and completion methods are native gRPC only: REST clients reach
+    meshserve.llm.v2, which serves the whole OpenAI API at the same paths.
     """
 
     @_typing.overload
@@ -60,9 +59,8 @@ class LlmServiceStub:
 class LlmServiceAsyncStub(LlmServiceStub):
     """LlmService serves chat completions, text completions and the model list.
 
-    OpenAI clients use one path for streaming and non-streaming requests and
-    tell them apart by `"stream": true` in the body; the edge rewrites such
-    requests to the `:stream` bindings below.
+    Its chat and completion methods are native gRPC only: REST clients reach
+    meshserve.llm.v2, which serves the whole OpenAI API at the same paths.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -82,9 +80,8 @@ class LlmServiceAsyncStub(LlmServiceStub):
 class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
     """LlmService serves chat completions, text completions and the model list.
 
-    OpenAI clients use one path for streaming and non-streaming requests and
-    tell them apart by `"stream": true` in the body; the edge rewrites such
-    requests to the `:stream` bindings below.
+    Its chat and completion methods are native gRPC only: REST clients reach
+    meshserve.llm.v2, which serves the whole OpenAI API at the same paths.
     """
 
     @_abc_1.abstractmethod

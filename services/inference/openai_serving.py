@@ -1,0 +1,284 @@
+"""OpenAI requests served by vLLM's own serving layer over the replica's engine. Imports no gRPC.
+
+vLLM's server (`vllm.entrypoints.openai`) renders chats with the model's template, parses tool calls,
+applies structured outputs, and shapes chat and completion bodies, streams, logprobs and n choices. This
+module builds that layer exactly as vLLM's server does (its own argument parser and init_app_state, with
+the server flags the replica is configured with) over the replica's AsyncLLM, so a request gets the same
+answer here as from vLLM's server. Around it: the checks where OpenAI's contract is stricter than vLLM
+(unknown fields, a named or required tool choice whose arguments must match the tool's parameters), and a
+meter between the serving layer and the engine that counts every prompt and generated token and holds
+generation until the caller has reserved tokens for the rendered prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import shlex
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from services.runtime import tracing
+from services.runtime.errors import DomainError, Internal, InvalidArgument, Unavailable, echo
+
+log = logging.getLogger(__name__)
+
+
+class Endpoint(Enum):
+    CHAT = "chat.completions"
+    COMPLETIONS = "completions"
+
+
+# OpenAI fields that have no effect on a self-hosted model: accepted and documented as no-ops.
+NO_OP_FIELDS = frozenset({"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"})
+# Set by meshserve, never by the caller: the engine's request id must be unique.
+MESH_FIELDS = frozenset({"request_id"})
+
+
+@dataclass
+class Reply:
+    """One message for the caller: the body or an SSE event, and the token counts so far."""
+
+    data: bytes = b""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finished: bool = False
+    measured: bool = False
+    max_tokens: int = 0
+    failed: bool = False
+
+
+@dataclass
+class Exchange:
+    """One request between the caller and the engine: its counts, and the gate generation waits at."""
+
+    proceed: asyncio.Event = field(default_factory=asyncio.Event)
+    replies: asyncio.Queue[Reply | BaseException | None] = field(default_factory=asyncio.Queue)
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    completion_tokens: int = 0
+    measured: bool = False
+
+    def reply(self, **fields: Any) -> Reply:
+        return Reply(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, **fields)
+
+
+_EXCHANGE: contextvars.ContextVar[Exchange] = contextvars.ContextVar("meshserve_exchange")
+
+
+def _prompt_len(prompt: Any) -> int:
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else getattr(prompt, "prompt_token_ids", None)
+    return len(ids) if ids is not None else 0
+
+
+class MeteredEngine:
+    """The engine as vLLM's serving layer sees it: generation metered, and gated on the caller's go-ahead."""
+
+    def __init__(self, llm: Any, on_generate: Any = None) -> None:
+        self._llm = llm
+        self._on_generate = on_generate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args: Any, **kwargs: Any) -> Any:
+        exchange = _EXCHANGE.get(None)
+        if exchange is None:  # a call of vLLM's own (none today): unmetered
+            return self._llm.generate(prompt, sampling_params, request_id, *args, **kwargs)
+        exchange.prompt_tokens += _prompt_len(prompt)
+        exchange.max_tokens += (sampling_params.max_tokens or 0) * max(1, getattr(sampling_params, "n", 1) or 1)
+        return self._metered(exchange, prompt, sampling_params, request_id, args, kwargs)
+
+    async def _metered(
+        self, exchange: Exchange, prompt: Any, params: Any, request_id: str, args: Any, kwargs: Any
+    ) -> AsyncGenerator[Any, None]:
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        # Every generate call of a request is made before the first is iterated: the counts are whole here.
+        if not exchange.measured:
+            exchange.measured = True
+            exchange.replies.put_nowait(exchange.reply(measured=True, max_tokens=exchange.max_tokens))
+        await exchange.proceed.wait()
+        delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA
+        seen: dict[int, int] = {}
+        if self._on_generate is not None:
+            self._on_generate(1)
+        span = tracing.start_span("engine.generate", {"meshserve.prompt_tokens": _prompt_len(prompt)})
+        try:
+            async for output in self._llm.generate(prompt, params, request_id, *args, **kwargs):
+                if not seen:
+                    span.add_event("first_token")
+                for choice in output.outputs:
+                    count = len(choice.token_ids)
+                    before = seen.get(choice.index, 0)
+                    now = before + count if delta else count
+                    seen[choice.index] = now
+                    exchange.completion_tokens += now - before
+                yield output
+        except EngineDeadError as exc:  # the replica is down, not this request at fault
+            raise Unavailable(f"the engine died: {exc}") from exc
+        finally:
+            span.set_attribute("meshserve.completion_tokens", sum(seen.values()))
+            span.end()
+            if self._on_generate is not None:
+                self._on_generate(-1)
+
+
+def _strings(value: Any) -> int:
+    """Characters in every string of a JSON value (what tokenizing it would read)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_strings(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_strings(v) for v in value.values())
+    return 0
+
+
+class ServingLayer:
+    """vLLM's OpenAI serving for chat and completions, over one engine."""
+
+    def __init__(self, state: Any, allowed: dict[Endpoint, frozenset[str]], max_chars: int) -> None:
+        self._state = state
+        self._allowed = allowed
+        self._max_chars = max_chars
+
+    @classmethod
+    async def start(
+        cls,
+        llm: Any,
+        model_dir: str,
+        model_name: str,
+        max_model_len: int,
+        max_token_bytes: int,
+        flags: str,
+        on_generate: Any = None,
+    ) -> ServingLayer:
+        """Builds the layer as vLLM's server does, with its server flags (e.g. the model's tool parser)."""
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        argv = ["--model", model_dir, "--served-model-name", model_name, "--max-model-len", str(max_model_len)]
+        parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
+        args = parser.parse_args([*argv, *shlex.split(flags)])
+        state = State()
+        engine: Any = MeteredEngine(llm, on_generate)  # the EngineClient it wraps, metered
+        await init_app_state(engine, state, args, ("generate",))
+
+        def names(model: Any) -> frozenset[str]:
+            fields = model.model_fields
+            return frozenset(fields) | {f.alias for f in fields.values() if f.alias} | NO_OP_FIELDS
+
+        allowed = {Endpoint.CHAT: names(ChatCompletionRequest), Endpoint.COMPLETIONS: names(CompletionRequest)}
+        return cls(state, allowed, max_model_len * max_token_bytes)
+
+    def _request(self, endpoint: Endpoint, body: bytes, request_id: str, model: str) -> Any:
+        from pydantic import ValidationError
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        try:
+            fields = json.loads(body)
+        except ValueError as exc:
+            raise InvalidArgument(f"the body is not JSON: {exc}") from exc
+        if not isinstance(fields, dict):
+            raise InvalidArgument("the body must be a JSON object")
+        unknown = sorted(set(fields) - self._allowed[endpoint] - MESH_FIELDS) + sorted(set(fields) & MESH_FIELDS)
+        if unknown:
+            raise InvalidArgument(f"Unrecognized request argument supplied: {echo(unknown[0])}")
+        source = "messages" if endpoint is Endpoint.CHAT else "prompt"
+        chars = _strings(fields.get(source))
+        if chars > self._max_chars:
+            # Before tokenizing: megabytes of text take seconds in which this replica serves nobody else.
+            raise InvalidArgument(f"{source}: the prompt ({chars} characters) cannot fit the model's context")
+        for name in NO_OP_FIELDS:
+            fields.pop(name, None)
+        fields["request_id"], fields["model"] = request_id, model
+        kind = ChatCompletionRequest if endpoint is Endpoint.CHAT else CompletionRequest
+        try:
+            request = kind.model_validate(fields)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            raise InvalidArgument(f"{where}: {first.get('msg', 'is invalid')}") from exc
+        if endpoint is Endpoint.CHAT:
+            _force_tool_arguments(request)
+        return request
+
+    async def serve(self, endpoint: Endpoint, body: bytes, request_id: str, model: str, exchange: Exchange) -> None:
+        """Answers one request into exchange.replies (ending with None); errors go there as exceptions."""
+        token = _EXCHANGE.set(exchange)
+        try:
+            await self._serve(endpoint, self._request(endpoint, body, request_id, model), exchange)
+        except BaseException as exc:
+            exchange.replies.put_nowait(_domain(exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        else:
+            exchange.replies.put_nowait(None)
+        finally:
+            _EXCHANGE.reset(token)
+
+    async def _serve(self, endpoint: Endpoint, request: Any, exchange: Exchange) -> None:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        if endpoint is Endpoint.CHAT:
+            result = await self._state.openai_serving_chat.create_chat_completion(request, None)
+        else:
+            result = await self._state.openai_serving_completion.create_completion(request, None)
+        if isinstance(result, ErrorResponse):
+            raise _error(result.error.code, result.error.message)
+        if hasattr(result, "model_dump_json"):
+            exchange.replies.put_nowait(exchange.reply(data=result.model_dump_json().encode(), finished=True))
+            return
+        failed = False
+        async for event in result:
+            failed = failed or event.startswith('data: {"error"')
+            done = event.startswith("data: [DONE]")
+            exchange.replies.put_nowait(
+                exchange.reply(data=event.encode(), finished=done and not failed, failed=failed)
+            )
+
+
+def _force_tool_arguments(request: Any) -> None:
+    """A named or required tool choice: the arguments must parse as JSON matching the tool's parameters, as
+    OpenAI's contract says. vLLM's server leaves the output unconstrained for tool parsers that do not force
+    it themselves (SmolLM2 with hermes answered arguments "\\"Paris\\"", a JSON string); the tool's schema,
+    through vLLM's own structured outputs and vLLM's own schema builder, makes the engine keep to it."""
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+    choice = request.tool_choice
+    if not request.tools or request.structured_outputs is not None or choice in (None, "none", "auto"):
+        return
+    schema = get_json_schema_from_tools(choice, request.tools, request.parallel_tool_calls)
+    if schema is not None:
+        request.structured_outputs = StructuredOutputsParams(json=schema)
+        request.response_format = None
+
+
+def _error(status: int, message: str) -> Exception:
+    # A request vLLM refuses is the caller's (4xx, 501 for a feature this model lacks); never a fault of the
+    # replica, which keeps serving everyone else.
+    if 400 <= status < 500 or status == 501:
+        return InvalidArgument(message)
+    return Internal(f"the engine failed on this request: {message}")
+
+
+def _domain(exc: BaseException) -> BaseException:
+    from vllm.exceptions import VLLMValidationError
+
+    if isinstance(exc, DomainError):
+        return exc
+    if isinstance(exc, VLLMValidationError | ValueError | TypeError | NotImplementedError | OverflowError):
+        return InvalidArgument(str(exc) or type(exc).__name__)
+    return exc

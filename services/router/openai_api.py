@@ -1,0 +1,229 @@
+"""The OpenAI chat and completions API (meshserve.llm.v2): the client's JSON checked against OpenAI's contract,
+routed and metered by the pipeline, answered by vLLM's serving layer on a replica. Imports no gRPC.
+
+The replica validates everything vLLM knows (its request models) and refuses unknown fields; the router
+refuses, before any token is reserved, what OpenAI's contract forbids and vLLM would accept (non-finite
+numbers, values out of OpenAI's ranges), so that a bad request costs the mesh one JSON parse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from meshserve.inference.v1 import inference_pb2
+from services.router.accounting import Metered
+from services.router.caller import Caller, RouteHints
+from services.router.catalogue import Version
+from services.router.failover import Attempt, Replica, opening, prefix_key
+from services.router.pipeline import Pipeline
+from services.runtime.errors import DomainError, Internal, InvalidArgument, Unavailable, bounded, echo
+from services.runtime.openai_errors import ERROR_TYPES
+
+log = logging.getLogger(__name__)
+
+CHAT = inference_pb2.ENDPOINT_CHAT_COMPLETIONS
+COMPLETIONS = inference_pb2.ENDPOINT_COMPLETIONS
+ID_PREFIX: dict[int, str] = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-"}
+
+# OpenAI's ranges, where vLLM accepts more: (low, high, low excluded).
+RANGES = {
+    "temperature": (0.0, 2.0, False),
+    "top_p": (0.0, 1.0, True),
+    "presence_penalty": (-2.0, 2.0, False),
+    "frequency_penalty": (-2.0, 2.0, False),
+    "min_p": (0.0, 1.0, False),
+    "repetition_penalty": (0.0, 2.0, True),
+}
+AT_LEAST_ONE = ("max_tokens", "max_completion_tokens", "n")
+MAX_STOP = 4
+# OpenAI's roles (vLLM takes any role a chat template might know).
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Body:
+    """A request body as the router needs it: the JSON to pass on, the model, the prompt's opening."""
+
+    data: bytes
+    model: str
+    opening: str
+
+
+def _finite(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"{where}: must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _finite(item, f"{where}[{i}]")
+
+
+def _number(fields: dict[str, Any], name: str) -> float | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{name}: must be a number, got {echo(value)}")
+    return float(value)
+
+
+def _contract(fields: dict[str, Any]) -> None:
+    """OpenAI's rules that vLLM does not enforce."""
+    _finite(fields, "")
+    for name, (low, high, low_open) in RANGES.items():
+        value = _number(fields, name)
+        if value is None:
+            continue
+        if (value <= low if low_open else value < low) or value > high:
+            bracket = "(" if low_open else "["
+            raise InvalidArgument(f"{name}: {value:g} is out of range; it must be in {bracket}{low:g}, {high:g}]")
+    for name in AT_LEAST_ONE:
+        value = _number(fields, name)
+        if value is not None and value < 1:
+            raise InvalidArgument(f"{name}: must be at least 1, got {value:g}")
+    messages = fields.get("messages", [])
+    if not isinstance(messages, list):
+        raise InvalidArgument("messages: must be a list of messages")
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role: must be one of {', '.join(ROLES)}, got {echo(role)}")
+        content = message.get("content")
+        parts = content if isinstance(content, list) else []
+        if not (content is None or isinstance(content, str | list)) or not all(
+            isinstance(p, dict) and isinstance(p.get("type"), str) for p in parts
+        ):
+            raise InvalidArgument(f"messages[{i}].content: must be a string or a list of content parts")
+    stop = fields.get("stop")
+    if isinstance(stop, list) and len(stop) > MAX_STOP:
+        raise InvalidArgument(f"stop: at most {MAX_STOP} stop strings, got {len(stop)}")
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _opening(endpoint: int, fields: dict[str, Any], prefix_chars: int) -> str:
+    if endpoint == CHAT:
+        messages = fields.get("messages")
+        turns = ((str(m.get("role", "")), _text(m.get("content"))) for m in messages or [] if isinstance(m, dict))
+        return opening(turns, prefix_chars) if isinstance(messages, list) else ""
+    prompt = fields.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else ""
+
+
+def parse(endpoint: int, data: bytes, stream: bool, prefix_chars: int) -> Body:
+    """Checks a body against OpenAI's contract; the stream flag is the method's (the edge routes by it)."""
+
+    def constant(raw: str) -> float:
+        return float(raw)  # NaN and Infinity are not JSON: kept, then refused with the field's name
+
+    try:
+        fields = json.loads(data.decode("utf-8"), parse_constant=constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"the body is not valid JSON: {bounded(str(exc))}") from exc
+    if not isinstance(fields, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    model = fields.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidArgument("model: is required (a string)")
+    if "stream" in fields and not isinstance(fields["stream"], bool | None):
+        raise InvalidArgument("stream: must be a boolean")
+    _contract(fields)
+    if endpoint == CHAT and not fields.get("messages"):
+        raise InvalidArgument("messages: must contain at least one message")
+    if bool(fields.get("stream")) != stream:
+        fields["stream"] = stream
+        data = json.dumps(fields).encode()
+    return Body(data, model, _opening(endpoint, fields, prefix_chars))
+
+
+def error_event(exc: BaseException) -> bytes:
+    """An error after a stream began, in-band as vLLM and OpenAI send it; the OpenAI SDK raises on it."""
+    detail = exc if isinstance(exc, DomainError) else Internal("internal error while generating")
+    status = {"invalid_request": 400, "resource_exhausted": 429, "unavailable": 503, "timeout": 504}.get(
+        detail.code, 500
+    )
+    kind, code = ERROR_TYPES[status]
+    body = {"error": {"message": bounded(str(detail)), "type": kind, "code": code}}
+    return f"data: {json.dumps(body)}\n\n".encode() + DONE
+
+
+class OpenAIApi:
+    """Chat and completions as OpenAI's API, over the pipeline."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    def _replies(
+        self, endpoint: int, data: bytes, stream: bool, caller: Caller, hints: RouteHints
+    ) -> tuple[str, AsyncGenerator[inference_pb2.ServeResponse, None]]:
+        pipeline = self._pipeline
+        body = parse(endpoint, data, stream, pipeline.policy.prefix_chars)
+        request_id = f"{ID_PREFIX[endpoint]}{uuid.uuid4().hex}"
+
+        def attempt(metered: Metered, version: Version) -> Attempt[inference_pb2.ServeResponse]:
+            def replies(replica: Replica) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
+                reserve = pipeline.reserver(request_id, caller, body.model, metered)
+                start = inference_pb2.ServeStart(
+                    request_id=request_id.removeprefix(ID_PREFIX[endpoint]),
+                    model=body.model,
+                    endpoint=endpoint,  # type: ignore[arg-type]
+                    body=body.data,
+                    proceed=reserve is None,
+                )
+                return replica.serve(start, reserve)
+
+            return replies
+
+        key = prefix_key(body.opening, hints, pipeline.policy.prefix_chars)
+        return request_id, pipeline.generate(request_id, body.model, key, caller, hints, attempt, unary=not stream)
+
+    async def whole(self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints) -> bytes:
+        """A whole response body."""
+        _, replies = self._replies(endpoint, data, False, caller, hints)
+        out = b""
+        async with aclosing(replies):
+            async for reply in replies:
+                out += reply.data
+        if not out:
+            raise Unavailable("the engine ended the request without answering")
+        return out
+
+    async def stream(self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints) -> AsyncIterator[bytes]:
+        """SSE events as vLLM's server sends them, ending with `data: [DONE]`."""
+        request_id, replies = self._replies(endpoint, data, True, caller, hints)
+        # Until the first event an error is still a status code (a 4xx/5xx on REST); after it, in-band.
+        first = await anext(replies, None)
+        if first is None:
+            raise Unavailable("the engine ended the stream before its first event")
+        yield first.data
+        done = first.data.endswith(DONE)
+        try:
+            async for reply in replies:
+                yield reply.data
+                done = reply.data.endswith(DONE)
+        except Exception as exc:
+            log.warning("stream failed after it began", extra={"request_id": request_id, "error": str(exc)})
+            yield error_event(exc)
+            return
+        finally:
+            await replies.aclose()
+        if not done:
+            yield error_event(Unavailable("the engine ended the stream without finishing"))

@@ -1,0 +1,166 @@
+"""One generation, whatever the endpoint: admission, the replica and failover, timing, and accounting after."""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from typing import Any, Protocol, TypeVar
+
+from opentelemetry import trace
+
+from meshserve.inference.v1 import inference_pb2
+from services.router import metrics
+from services.router.accounting import Accounting, Metered, TokenBudget, UsageSink
+from services.router.admission import Admission
+from services.router.balancer import Balancer
+from services.router.caller import Caller, RouteHints
+from services.router.catalogue import Catalogue, Version
+from services.router.failover import Attempt, Failover, Replica, ReplicaDirectory, RoutingPolicy
+from services.runtime import tracing
+
+FINISHED = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
+
+
+class Step(Protocol):
+    """What the pipeline reads of every step a replica sends (GenerateResponse, ServeResponse)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Any
+
+
+S = TypeVar("S", inference_pb2.GenerateResponse, inference_pb2.ServeResponse)
+# Builds one request's attempt on a replica from what it is metered by and the version chosen.
+AttemptFactory = Callable[[Metered, Version], Attempt[S]]
+
+
+class Pipeline:
+    """Admission, the replica choice with failover, timing and accounting: the same for every endpoint."""
+
+    def __init__(
+        self,
+        catalogue: Callable[[], Catalogue],
+        replicas: ReplicaDirectory,
+        budget: TokenBudget | None,
+        usage: UsageSink | None,
+        clock: Callable[[], float],
+        rng: random.Random,
+        balancer: Balancer,
+        admission: Admission,
+        policy: RoutingPolicy,
+    ) -> None:
+        self.catalogue = catalogue
+        self.replicas = replicas
+        self.budget = budget
+        self.policy = policy
+        self._rng = rng
+        self._admission = admission
+        self._failover = Failover(replicas, balancer, policy)
+        self._accounting = Accounting(budget, usage, clock)
+
+    def capacity(self, version: Version) -> int:
+        """Requests the version's replicas in rotation can generate for at once."""
+        return sum(s.capacity for s in self.replicas.states(version.replicas) if s.available)
+
+    def replicas_changed(self) -> None:
+        """Lets queued requests in when replicas come into rotation."""
+        for entry in self.catalogue().entries():
+            for version in entry.versions:
+                self._admission.wake((entry.id, version.name), functools.partial(self.capacity, version))
+
+    def unready_models(self) -> list[str]:
+        """Models the router must not report ready without: required, and no replica of theirs in rotation."""
+        return [
+            e.id
+            for e in self.catalogue().entries()
+            if e.required_for_ready
+            and not any(s.available for v in e.versions for s in self.replicas.states(v.replicas))
+        ]
+
+    async def generate(
+        self,
+        request_id: str,
+        model: str,
+        key: str | None,
+        caller: Caller,
+        hints: RouteHints,
+        attempt: AttemptFactory[S],
+        unary: bool = False,
+    ) -> AsyncGenerator[S, None]:
+        """The steps of one generation, from admission to accounting (which runs however it ends)."""
+        # Permission before existence: a key learns nothing about models it may not use.
+        caller.require(model)
+        entry = self.catalogue().get(model)
+        version = entry.version(hints.version) if hints.version else entry.pick(self._rng)
+        # Internal callers (no tenant) have no token budget.
+        metered = Metered(
+            started=time.monotonic(), budgeted=self.budget is not None and bool(caller.tenant), unary=unary
+        )
+        timer = metrics.GenerationTimer(model, metered.started)
+        attributes = {"meshserve.model": model, "meshserve.version": version.name, "meshserve.tenant": caller.tenant}
+        queued = tracing.start_span("router.queue_wait", attributes)
+        try:
+            async with self._admission.slot((model, version.name), lambda: self.capacity(version)):
+                queued.end()
+                metered.admitted = time.monotonic()
+                timer.admitted(metered.admitted)
+                # Current while the replica is called: the engine's spans and billing's record join it.
+                with tracing.span("router.generate", {**attributes, "meshserve.request_id": request_id}) as span:
+                    try:
+                        # aclosing: a consumer that stops early closes the replica's stream (aborts the engine) now.
+                        replica_steps = self._failover.steps(attempt(metered, version), request_id, model, version, key)
+                        steps = _timed(replica_steps, metered, timer, span)
+                        async with aclosing(steps):
+                            async for step in steps:
+                                yield step
+                    finally:
+                        # Runs however the stream ends: finished, failed, or closed early by a client gone away.
+                        span.set_attribute("meshserve.outcome", metered.outcome)
+                        self._accounting.account(request_id, model, caller, version, metered)
+        finally:
+            if queued.is_recording():
+                queued.end()
+
+    def reserver(self, request_id: str, caller: Caller, model: str, metered: Metered) -> Reserve | None:
+        """What reserves tokens for a measured prompt, or None where nothing is to be reserved (any more)."""
+        budget = self.budget
+        if budget is None or not metered.budgeted or metered.reserved:
+            return None
+
+        async def reserve(prompt_tokens: int, max_tokens: int) -> None:
+            await budget.reserve(request_id, caller, model, prompt_tokens, max_tokens)
+            metered.prompt_tokens, metered.reserved = prompt_tokens, True
+
+        return reserve
+
+
+Reserve = Callable[[int, int], Any]
+
+
+async def _timed(
+    replica_steps: AsyncGenerator[S, None], metered: Metered, timer: metrics.GenerationTimer, span: trace.Span
+) -> AsyncGenerator[S, None]:
+    """The replica's steps, timed and metered as they pass."""
+    try:
+        async with aclosing(replica_steps) as steps:
+            async for step in steps:
+                at = time.monotonic()
+                if metered.last is None:
+                    metered.first_token = at
+                    span.add_event("first_token")
+                timer.step(at, step.completion_tokens)
+                metered.last = step
+                if step.finish_reason in FINISHED:
+                    metered.outcome = "completed"
+                elif getattr(step, "failed", False):
+                    metered.outcome = "failed"
+                yield step
+    except Exception:
+        metered.outcome = "failed"
+        raise
+
+
+__all__ = ["Pipeline", "Replica", "Step"]

@@ -1,0 +1,170 @@
+"""The whole chat and completions API through the edge, side by side with vLLM's own OpenAI server.
+
+Both serve the same model folder with the same engine settings and serving flags; at temperature 0 they
+must give the same answers. Where vLLM breaks OpenAI's contract (a named or required tool choice whose
+arguments do not match the tool's parameters; unknown fields ignored), the test asserts the contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pydantic
+import pytest
+
+from bench.edge_vs_vllm import start_vllm_server, wait_http
+from services.inference.config import InferenceSettings
+from services.mesh.local import LocalMesh
+from services.mesh.procs import free_port
+from tests.e2e.helpers import MODEL, openai_client
+
+pytestmark = pytest.mark.mesh
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+ASK = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+
+
+@pytest.fixture(scope="module")
+def vllm(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    """vLLM's own OpenAI server on the model the mesh serves, with the replicas' settings."""
+    port = free_port()
+    proc = start_vllm_server(model_dir, port, tmp_path_factory.mktemp("vllm"), InferenceSettings())
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 300)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    finally:
+        # vLLM's engine core runs in the server's process group: stop them all.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def both(mesh: LocalMesh, vllm: openai.OpenAI) -> list[openai.OpenAI]:
+    return [openai_client(mesh), vllm]
+
+
+def test_content_parts_and_roles_give_vllms_answer(mesh: LocalMesh, vllm: openai.OpenAI) -> None:
+    messages = [{"role": "developer", "content": "Answer in one word."}, *ASK]
+    replies = [
+        c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+        for c in both(mesh, vllm)
+    ]
+    ours, theirs = replies
+    assert ours.choices[0].message.content == theirs.choices[0].message.content
+    assert ours.choices[0].finish_reason == theirs.choices[0].finish_reason
+    assert ours.usage == theirs.usage
+
+
+def test_logprobs_and_n_give_vllms_answer(mesh: LocalMesh, vllm: openai.OpenAI) -> None:
+    ask = {"model": MODEL, "messages": ASK, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    ours, theirs = [c.chat.completions.create(**ask) for c in both(mesh, vllm)]
+    mine, other = ours.choices[0].logprobs.content, theirs.choices[0].logprobs.content
+    assert [t.token for t in mine] == [t.token for t in other]
+    assert all(abs(a.logprob - b.logprob) < 1e-3 for a, b in zip(mine, other, strict=True))
+    assert all(len(t.top_logprobs) == 2 for t in mine)
+    sampled = openai_client(mesh).chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=6, temperature=1.0, seed=7, n=3
+    )
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert 3 <= sampled.usage.completion_tokens <= 18
+
+
+def test_prompt_lists_and_echo_on_completions_give_vllms_answer(mesh: LocalMesh, vllm: openai.OpenAI) -> None:
+    ask = {"model": MODEL, "prompt": ["The sky is", "Water is"], "max_tokens": 5, "temperature": 0, "logprobs": 1}
+    ours, theirs = [c.completions.create(**ask) for c in both(mesh, vllm)]
+    assert [c.text for c in ours.choices] == [c.text for c in theirs.choices]
+    assert [c.index for c in ours.choices] == [0, 1]
+    assert ours.usage == theirs.usage
+    echoed = openai_client(mesh).completions.create(model=MODEL, prompt="The sky is", max_tokens=3, echo=True)
+    assert echoed.choices[0].text.startswith("The sky is")
+
+
+def test_structured_output_parses_into_a_pydantic_model(mesh: LocalMesh, vllm: openai.OpenAI) -> None:
+    class City(pydantic.BaseModel):
+        city: str
+
+    ask = {"model": MODEL, "messages": ASK, "max_tokens": 30, "temperature": 0, "response_format": City}
+    ours, theirs = [c.chat.completions.parse(**ask) for c in both(mesh, vllm)]
+    assert isinstance(ours.choices[0].message.parsed, City)
+    assert ours.choices[0].message.content == theirs.choices[0].message.content
+
+
+GAP = (
+    "known gap (issue 16 stays open): the tool schema meshserve sets as structured outputs is not yet "
+    "enforced on this path; vLLM's server answers the same way"
+)
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        pytest.param("required", marks=pytest.mark.xfail(strict=True, reason=GAP)),
+        {"type": "function", "function": {"name": "get_weather"}},
+    ],
+)
+def test_forced_tool_calls_keep_to_the_tools_parameters(mesh: LocalMesh, choice: object) -> None:
+    # The contract, not vLLM's answer: vLLM's server gave arguments "\"gaben\"" here (a JSON string).
+    reply = openai_client(mesh).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice=choice,  # type: ignore[arg-type]
+        max_tokens=60,
+        temperature=0,
+    )
+    calls = reply.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    arguments = json.loads(calls[0].function.arguments)
+    assert isinstance(arguments, dict) and isinstance(arguments.get("city"), str)
+
+
+@pytest.mark.xfail(strict=True, reason=GAP)
+def test_streamed_tool_calls_accumulate_as_the_sdk_does(mesh: LocalMesh) -> None:
+    ask = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "max_tokens": 60,
+        "temperature": 0,
+    }
+    with openai_client(mesh).chat.completions.stream(**ask) as stream:  # type: ignore[arg-type]
+        final = stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+
+
+def test_streams_end_with_done_and_unknown_fields_are_refused(mesh: LocalMesh) -> None:
+    headers = {"authorization": f"Bearer {mesh.user_key}"}
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{mesh.edge_url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+    refused = httpx.post(
+        f"{mesh.edge_url}/v1/chat/completions", json={**body, "stream": False, "colour": "blue"}, headers=headers
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "Unrecognized request argument supplied: 'colour'"
+    noop = httpx.post(
+        f"{mesh.edge_url}/v1/chat/completions", json={**body, "stream": False, "store": False}, headers=headers
+    )
+    assert noop.status_code == 200, noop.text
