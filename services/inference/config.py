@@ -36,8 +36,11 @@ class InferenceSettings(ServiceSettings):
     # Fraction of GPU memory vLLM may take (ignored on CPU).
     gpu_memory_utilization: float = 0.9
     # vLLM server flags for its OpenAI serving layer, as `vllm serve` takes them: the model's tool parser
-    # and chat template live here (the packaged SmolLM2 writes tool calls as hermes does).
-    serve_flags: str = "--enable-auto-tool-choice --tool-call-parser hermes"
+    # and chat template live here (the packaged SmolLM2 writes tool calls as hermes does). OpenAI's contract
+    # says a tool call's arguments match the tool's parameters: vLLM's default strict level (auto) leaves
+    # them unconstrained unless a tool says strict (SmolLM2 then answered "\"Paris\"" for an object
+    # schema); `parameter` holds every call to its tool's schema through structured outputs.
+    serve_flags: str = "--enable-auto-tool-choice --tool-call-parser hermes --tool-strict-level parameter"
     # Folder for vLLM's caches and IPC sockets.
     cache_dir: str = "var/cache/vllm"
 

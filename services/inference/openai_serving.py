@@ -104,8 +104,18 @@ class MeteredEngine:
             exchange.measured = True
             exchange.replies.put_nowait(exchange.reply(measured=True, max_tokens=exchange.max_tokens))
         await exchange.proceed.wait()
-        delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA
+        kind = getattr(params, "output_kind", None)
+        # A whole reply is asked of the engine step by step, as a stream is, and merged here with vLLM's own
+        # RequestOutput.add: the caller then sees every token as it comes (time to first token, gaps
+        # between tokens) and vLLM's layer still gets the one final output it asked for.
+        whole = kind == RequestOutputKind.FINAL_ONLY
+        if whole:
+            params = params.clone()
+            params.output_kind = RequestOutputKind.DELTA
+        delta = whole or kind == RequestOutputKind.DELTA
         seen: dict[int, int] = {}
+        merged: Any = None
+        finished = False
         if self._on_generate is not None:
             self._on_generate(1)
         span = tracing.start_span("engine.generate", {"meshserve.prompt_tokens": _prompt_len(prompt)})
@@ -119,14 +129,30 @@ class MeteredEngine:
                     now = before + count if delta else count
                     seen[choice.index] = now
                     exchange.completion_tokens += now - before
-                yield output
+                finished = bool(output.finished)
+                if not whole:
+                    yield output
+                    continue
+                exchange.replies.put_nowait(exchange.reply())  # progress: the counts, no data
+                if merged is None:
+                    merged = output
+                else:
+                    merged.add(output, aggregate=True)
+            if merged is not None:
+                merged.outputs.sort(key=lambda o: o.index)
+                yield merged
         except EngineDeadError as exc:  # the replica is down, not this request at fault
             raise Unavailable(f"the engine died: {exc}") from exc
         finally:
-            span.set_attribute("meshserve.completion_tokens", sum(seen.values()))
+            completion_tokens = sum(seen.values())
+            span.set_attribute("meshserve.completion_tokens", completion_tokens)
+            span.set_attribute("meshserve.finished", finished)
             span.end()
             if self._on_generate is not None:
                 self._on_generate(-1)
+            if not finished:
+                # AsyncLLM aborts a generation whose iterator closes early; said here, as Engine.generate says it.
+                log.info("aborted", extra={"request_id": request_id, "completion_tokens": completion_tokens})
 
 
 def _strings(value: Any) -> int:
@@ -210,8 +236,6 @@ class ServingLayer:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "body"
             raise InvalidArgument(f"{where}: {first.get('msg', 'is invalid')}") from exc
-        if endpoint is Endpoint.CHAT:
-            _force_tool_arguments(request)
         return request
 
     async def serve(self, endpoint: Endpoint, body: bytes, request_id: str, model: str, exchange: Exchange) -> None:
@@ -247,23 +271,6 @@ class ServingLayer:
             exchange.replies.put_nowait(
                 exchange.reply(data=event.encode(), finished=done and not failed, failed=failed)
             )
-
-
-def _force_tool_arguments(request: Any) -> None:
-    """A named or required tool choice: the arguments must parse as JSON matching the tool's parameters, as
-    OpenAI's contract says. vLLM's server leaves the output unconstrained for tool parsers that do not force
-    it themselves (SmolLM2 with hermes answered arguments "\\"Paris\\"", a JSON string); the tool's schema,
-    through vLLM's own structured outputs and vLLM's own schema builder, makes the engine keep to it."""
-    from vllm.sampling_params import StructuredOutputsParams
-    from vllm.tool_parsers.utils import get_json_schema_from_tools
-
-    choice = request.tool_choice
-    if not request.tools or request.structured_outputs is not None or choice in (None, "none", "auto"):
-        return
-    schema = get_json_schema_from_tools(choice, request.tools, request.parallel_tool_calls)
-    if schema is not None:
-        request.structured_outputs = StructuredOutputsParams(json=schema)
-        request.response_format = None
 
 
 def _error(status: int, message: str) -> Exception:

@@ -48,19 +48,19 @@ class OpenAIServicer(llm_pb2_grpc.LlmServiceServicer):
                 yield httpbody_pb2.HttpBody(content_type=SSE, data=event)
 
     async def CreateChatCompletion(self, request: httpbody_pb2.HttpBody, context: Context) -> httpbody_pb2.HttpBody:
-        return await self._whole("v2.CreateChatCompletion", CHAT, request, context)
+        return await self._whole("CreateChatCompletion", CHAT, request, context)
 
     async def StreamChatCompletion(
         self, request: httpbody_pb2.HttpBody, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        async for event in self._stream("v2.StreamChatCompletion", CHAT, request, context):
+        async for event in self._stream("StreamChatCompletion", CHAT, request, context):
             yield event
 
     async def CreateCompletion(self, request: httpbody_pb2.HttpBody, context: Context) -> httpbody_pb2.HttpBody:
-        return await self._whole("v2.CreateCompletion", COMPLETIONS, request, context)
+        return await self._whole("CreateCompletion", COMPLETIONS, request, context)
 
     async def StreamCompletion(
         self, request: httpbody_pb2.HttpBody, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        async for event in self._stream("v2.StreamCompletion", COMPLETIONS, request, context):
+        async for event in self._stream("StreamCompletion", COMPLETIONS, request, context):
             yield event
