@@ -96,10 +96,17 @@ def summarize(rounds: list[RoundResult]) -> dict[str, float]:
     }
 
 
+CLIENTS = {
+    "loadgen": "bench/loadgen.py (fixed prompts)",
+    "vllm-bench": "vLLM's own `vllm bench serve --backend openai-chat`, unpatched (random 64-token prompts)",
+}
+
+
 def report(results: dict[int, dict[str, dict[str, float]]], args: argparse.Namespace, started: float) -> str:
     lines = [
         "# meshserve edge vs vLLM's OpenAI server",
         "",
+        f"Client: {CLIENTS[args.client]}. "
         f"Model {MODEL}, greedy, max_tokens {args.max_tokens}, streamed with usage; "
         f"{args.rounds} alternating rounds per target and concurrency, {args.requests} requests per round "
         f"(x concurrency/4, at least the concurrency), {args.settle:g} s of quiet before each round. "
@@ -134,11 +141,53 @@ def report(results: dict[int, dict[str, dict[str, float]]], args: argparse.Names
 Target = tuple[str, dict[str, str]]  # base URL, headers
 
 
+def vllm_bench_round(
+    target: str, url: str, headers: dict[str, str], c: int, n: int, max_tokens: int, tokenizer: Path
+) -> RoundResult:
+    """One round by vLLM's own benchmark client, unpatched (random prompts of 64 tokens, ignore_eos)."""
+    key = headers.get("authorization", "Bearer unused").removeprefix("Bearer ")
+    args = [
+        *("--backend", "openai-chat", "--base-url", url, "--endpoint", "/v1/chat/completions"),
+        *("--model", MODEL, "--tokenizer", str(tokenizer), "--dataset-name", "random", "--ignore-eos"),
+        *("--random-input-len", "64", "--random-output-len", str(max_tokens), "--num-prompts", str(n)),
+        *("--max-concurrency", str(c), "--seed", "1", "--disable-tqdm", "--save-detailed"),
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.vllm_bench", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OPENAI_API_KEY": key},
+        cwd=ROOT,
+        check=True,
+    )
+    line = next(x for x in reversed(run.stdout.splitlines()) if x.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    return RoundResult(
+        target,
+        c,
+        requests=int(result["completed"]) + int(result["failed"]),
+        wall_s=float(result["duration"]),
+        completion_tokens=int(result["total_output_tokens"]),
+        ttfts_s=[float(t) for t in result.get("ttfts") or [] if t],
+        errors=int(result["failed"]),
+    )
+
+
+async def one_round(
+    args: argparse.Namespace, target: str, url: str, headers: dict[str, str], prompts: list[str], c: int
+) -> RoundResult:
+    if args.client == "vllm-bench":
+        return await asyncio.to_thread(
+            vllm_bench_round, target, url, headers, c, len(prompts), args.max_tokens, args.tokenizer
+        )
+    return await run_round(target, url, MODEL, prompts, c, args.max_tokens, headers)
+
+
 async def measure(args: argparse.Namespace, targets: dict[str, Target]) -> dict[int, dict[str, dict[str, float]]]:
     results: dict[int, dict[str, dict[str, float]]] = {}
     # Unrecorded warm-up: first requests pay for lazy start-up on both sides.
     for target, (url, headers) in targets.items():
-        await run_round(target, url, MODEL, PROMPTS, 4, args.max_tokens, headers)
+        await one_round(args, target, url, headers, PROMPTS, 4)
     for c in args.concurrency:
         n = max(c, args.requests * max(1, c // 4))
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
@@ -148,7 +197,7 @@ async def measure(args: argparse.Namespace, targets: dict[str, Target]) -> dict[
                 # Both engines share the cores; vLLM's engine core spins for about 1 s after its last
                 # step, so the other target's first requests would pay for it.
                 await asyncio.sleep(args.settle)
-                r = await run_round(target, url, MODEL, prompts, c, args.max_tokens, headers)
+                r = await one_round(args, target, url, headers, prompts, c)
                 rounds[target].append(r)
                 print(
                     f"c={c:<3} {target:<11} {r.tokens_per_s:7.1f} tok/s  "
@@ -167,10 +216,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each round")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "edge_vs_vllm.md")
+    parser.add_argument(
+        "--client",
+        choices=["loadgen", "vllm-bench"],
+        default="loadgen",
+        help="the load generator: ours (bench/loadgen.py) or vLLM's own `vllm bench serve`, unpatched",
+    )
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    suffix = "" if args.client == "loadgen" else "_vllm_bench"
+    args.out = args.out or ROOT / "bench" / "reports" / f"edge_vs_vllm{suffix}.md"
     started = time.time()
     model_dir = model_store.ensure(model_store.ModelStore(ROOT / "var" / "models"), MODEL)
+    args.tokenizer = model_dir
     state = ROOT / "var" / "bench"
     state.mkdir(parents=True, exist_ok=True)
     settings = InferenceSettings(cache_dir=str(state / "vllm-cache"))

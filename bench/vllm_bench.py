@@ -22,5 +22,5 @@ def main(argv: list[str]) -> dict[str, object]:
 
 if __name__ == "__main__":
     result = main(sys.argv[1:])
-    keys = ("completed", "failed", "output_throughput", "median_ttft_ms", "total_output_tokens")
+    keys = ("completed", "failed", "duration", "output_throughput", "median_ttft_ms", "total_output_tokens", "ttfts")
     print("RESULT " + json.dumps({k: result.get(k) for k in keys}))
