@@ -16,6 +16,7 @@ bench:
 	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null
 	@.venv/bin/python -m bench.edge_vs_vllm $(ARGS)
 	@.venv/bin/python -m bench.auth_overhead
+	@.venv/bin/python -m bench.mtls
 	@.venv/bin/python -m bench.ratelimit
 	@.venv/bin/python -m bench.affinity
 	@.venv/bin/python -m bench.billing

@@ -111,6 +111,7 @@ def main() -> None:
             model=MODEL,
             model_store=ROOT / "var" / "models",
             replicas=2,
+            mtls=False,  # the router and replicas measured alone, dialled directly: plaintext
             env={"MESHSERVE_INFERENCE_CPU_KV_CACHE_GIB": str(args.kv_cache_gib)},
         )
     )

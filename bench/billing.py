@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "billing.md")
     args = parser.parse_args()
     state = bench_state("bench-billing")
-    mesh = LocalMesh(MeshOptions(state_dir=state, model=MODEL, model_store=Path("unused")))
+    # Billing measured alone, dialled directly: plaintext, like the numbers on record.
+    mesh = LocalMesh(MeshOptions(state_dir=state, model=MODEL, model_store=Path("unused"), mtls=False))
     started = time.time()
     rounds: list[dict[str, float]] = []
     lat: dict[tuple[str, int], list[float]] = {}

@@ -18,7 +18,8 @@ from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 
 from services.mesh.local import LocalMesh, Proc
-from services.runtime import files
+from services.runtime import files, tls
+from services.runtime.settings import ServiceSettings
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
 SHOULD_RATE_LIMIT = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
@@ -31,7 +32,7 @@ ALLOW = {
 
 def start(mesh: LocalMesh, name: str) -> Proc:
     """Starts the floor as mesh's service `name` (e.g. "auth", so that the edge calls it) and waits until bound."""
-    proc = mesh.start_service(name, __name__, "MESHSERVE_")
+    proc = mesh.start_service(name, __name__, "MESHSERVE_", kind=name)
     mesh.wait_bound(proc, 30)
     return proc
 
@@ -47,10 +48,15 @@ async def serve(port: int, ready_file: str) -> None:
         # No (de)serializers: bytes in, bytes out.
         handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(allow)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {name: handler}),))
-    bound = server.add_insecure_port(f"{os.environ.get('MESHSERVE_HOST', '127.0.0.1')}:{port}")
+    address = f"{os.environ.get('MESHSERVE_HOST', '127.0.0.1')}:{port}"
+    # As the real services: mutual TLS with the identity the mesh gave it, if it gave one.
+    certs = ServiceSettings().tls_files()
+    bound = (
+        server.add_secure_port(address, tls.server_credentials(certs)) if certs else server.add_insecure_port(address)
+    )
     await server.start()
     if ready_file:
-        files.write_ready(Path(ready_file), bound, 0)
+        files.write_ready(Path(ready_file), bound, 0, certs is not None)
     await server.wait_for_termination()
 
 

@@ -135,10 +135,11 @@ def main() -> None:
     rules = state / "rules.yaml"
     rules.write_text(yaml.safe_dump(RULES))
     limited = LocalMesh(
-        MeshOptions(state_dir=state / "with", model="m", model_store=Path("unused"), ratelimit_rules=rules)
+        MeshOptions(state_dir=state / "with", model="m", model_store=Path("unused"), ratelimit_rules=rules, mtls=False)
     )
-    plain = LocalMesh(MeshOptions(state_dir=state / "without", model="m", model_store=Path("unused")))
-    empty = LocalMesh(MeshOptions(state_dir=state / "floor", model="m", model_store=Path("unused")))
+    # The rate-limit service measured alone, dialled directly: plaintext, like the numbers on record.
+    plain = LocalMesh(MeshOptions(state_dir=state / "without", model="m", model_store=Path("unused"), mtls=False))
+    empty = LocalMesh(MeshOptions(state_dir=state / "floor", model="m", model_store=Path("unused"), mtls=False))
     started = time.time()
     rounds: dict[str, list[dict[str, float]]] = {"requests": [], "tokens": [], "empty RPC": []}
     try:

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from deploy.envoy.filters import cors_policy, http_filters, lua_source, rate_limit_descriptors
+from deploy.envoy.mesh_tls import upstream_socket
 from deploy.envoy.replies import access_log, local_reply_config
 from deploy.envoy.settings import LLM_SERVICE, OPENAI_SERVICE, USAGE_PATH, Address, EdgeConfig, Tracing
 from services.auth.keys import ADMIN_PATH_PREFIX
@@ -29,9 +30,10 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _grpc_cluster(name: str, addr: Address) -> dict[str, Any]:
+def _grpc_cluster(name: str, addr: Address, mesh_sds: Path | None = None) -> dict[str, Any]:
     return {
         "name": name,
+        **({"transport_socket": upstream_socket(name, mesh_sds)} if mesh_sds is not None else {}),
         # Kubernetes Service names resolve through DNS; local addresses are fixed.
         "type": "STATIC" if _is_ip(addr.host) else "STRICT_DNS",
         "connect_timeout": "1s",
@@ -171,6 +173,8 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
         "http_filters": http_filters(cfg),
     }
     return {
+        # Who this Envoy is (SDS, used for the mesh certificates, requires it).
+        "node": {"id": "edge", "cluster": "meshserve-edge"},
         "admin": {"address": _socket(cfg.admin)},
         "overload_manager": _overload_manager(cfg),
         "static_resources": {
@@ -186,7 +190,7 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
             ],
             "clusters": [
                 {
-                    **_grpc_cluster("router", cfg.router),
+                    **_grpc_cluster("router", cfg.router, cfg.mesh_sds),
                     # /health and the choice among routers: the gRPC health of each (SERVING once its
                     # models have replicas in rotation). With every router failing, Envoy's panic mode
                     # still sends to all of them, so a single router's restart costs no extra time.
@@ -205,9 +209,10 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                     # every waiting caller retries at once, and the rest would get 503s.
                     "circuit_breakers": {"thresholds": [{"max_retries": 1024}]},
                 },
-                *([_grpc_cluster("auth", cfg.auth)] if cfg.auth is not None else []),
-                *([_grpc_cluster("ratelimit", cfg.ratelimit)] if cfg.ratelimit is not None else []),
-                *([_grpc_cluster("billing", cfg.billing)] if cfg.billing is not None else []),
+                *([_grpc_cluster("auth", cfg.auth, cfg.mesh_sds)] if cfg.auth is not None else []),
+                *([_grpc_cluster("ratelimit", cfg.ratelimit, cfg.mesh_sds)] if cfg.ratelimit is not None else []),
+                *([_grpc_cluster("billing", cfg.billing, cfg.mesh_sds)] if cfg.billing is not None else []),
+                # The collector is not a mesh service: plaintext OTLP, as collectors listen by default.
                 *([_grpc_cluster("otlp", cfg.tracing.collector)] if cfg.tracing is not None else []),
             ],
         },

@@ -48,7 +48,8 @@ def lua_source() -> str:
     """The Lua filter with the error table filled in."""
     rows = ",\n".join(f'  [{status}] = {{"{kind}", "{code}"}}' for status, (kind, code) in ERROR_TYPES.items())
     source = LUA.read_text().replace("%%ERROR_TYPES%%", rows).replace("%%MODEL_HEADER%%", MODEL_HEADER)
-    return source.replace("%%LLM_SERVICE%%", LLM_SERVICE).replace("%%BODY_METADATA%%", BODY_METADATA)
+    source = source.replace("%%LLM_SERVICE%%", LLM_SERVICE).replace("%%OPENAI_SERVICE%%", OPENAI_SERVICE)
+    return source.replace("%%BODY_METADATA%%", BODY_METADATA)
 
 
 def _json_to_metadata() -> dict[str, Any]:

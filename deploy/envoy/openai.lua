@@ -20,6 +20,7 @@ end
 -- The request's model goes in a header for per-model rate limits; a client's own value never survives.
 local MODEL_HEADER = "%%MODEL_HEADER%%"
 local LLM_PREFIX = "/%%LLM_SERVICE%%/"
+local OPENAI_PREFIX = "/%%OPENAI_SERVICE%%/"
 -- Where the json_to_metadata filter before this one puts the body's top-level "model" and "stream",
 -- read by a real JSON parser (escapes decoded, nested keys ignored), as the transcoder reads them.
 local BODY_METADATA = "%%BODY_METADATA%%"
@@ -81,14 +82,96 @@ local function pb_fields(s, from, to, want)
   return found
 end
 
--- params.model (field 1 of field 1) of an uncompressed gRPC message of the LLM API, as protobuf decodes
--- it: occurrences of a message field merge and the last value of a string field wins.
-local function grpc_model(raw)
+-- The first message of an uncompressed gRPC body: its first and last byte (nil when it is not one).
+local function grpc_message(raw)
   if #raw < 5 or raw:byte(1) ~= 0 then
     return nil
   end
-  local last = math.min(#raw, 5 + raw:byte(2) * 16777216 + raw:byte(3) * 65536 + raw:byte(4) * 256 + raw:byte(5))
-  local params = pb_fields(raw, 6, last, 1)
+  return 6, math.min(#raw, 5 + raw:byte(2) * 16777216 + raw:byte(3) * 65536 + raw:byte(4) * 256 + raw:byte(5))
+end
+
+-- The top-level "model" string of a JSON object, as a JSON parser reads it; nil when there is none.
+-- Returns false when the object is not one this scanner can read with certainty (an escape in a
+-- top-level key or in the model's name, a model that is not a string, or an unterminated string):
+-- the caller refuses the request then.
+local function json_model(s)
+  local i, depth, key, expect_key, model = 1, 0, nil, false, nil
+  while i <= #s do
+    local c = s:sub(i, i)
+    if c == '"' then
+      local j = i + 1
+      local escaped = false
+      while j <= #s and s:sub(j, j) ~= '"' do
+        if s:sub(j, j) == "\\" then
+          escaped = true
+          j = j + 1
+        end
+        j = j + 1
+      end
+      if j > #s then
+        return false
+      end
+      local text = s:sub(i + 1, j - 1)
+      if depth == 1 and expect_key then
+        if escaped then
+          return false -- a key spelled with escapes could be "model" to a JSON parser
+        end
+        key = text
+        expect_key = false
+      elseif depth == 1 and key == "model" then
+        if escaped then
+          return false
+        end
+        model = text
+        key = nil
+      elseif depth == 1 then
+        key = nil
+      end
+      i = j + 1
+    else
+      if c == "{" or c == "[" then
+        if depth == 1 and key == "model" then
+          return false
+        end
+        depth = depth + 1
+        if depth == 1 then
+          expect_key = true
+        end
+      elseif c == "}" or c == "]" then
+        depth = depth - 1
+      elseif c == "," and depth == 1 then
+        expect_key, key = true, nil
+      elseif depth == 1 and key == "model" and c:match("[%w%-]") then
+        return false
+      end
+      i = i + 1
+    end
+  end
+  return model
+end
+
+-- The model of an uncompressed gRPC message of the OpenAI API (meshserve.llm.v2): the top-level "model"
+-- of the JSON in google.api.HttpBody.data (field 2; the last occurrence wins, as protobuf decodes it).
+local function grpc_openai_model(raw)
+  local first, last = grpc_message(raw)
+  if first == nil then
+    return nil
+  end
+  local data = pb_fields(raw, first, last, 2)
+  if data == nil or #data == 0 then
+    return nil
+  end
+  return json_model(raw:sub(data[#data][1], data[#data][2]))
+end
+
+-- params.model (field 1 of field 1) of an uncompressed gRPC message of the LLM API, as protobuf decodes
+-- it: occurrences of a message field merge and the last value of a string field wins.
+local function grpc_model(raw)
+  local first, last = grpc_message(raw)
+  if first == nil then
+    return nil
+  end
+  local params = pb_fields(raw, first, last, 1)
   if params == nil then
     return nil
   end
@@ -137,14 +220,25 @@ function envoy_on_request(handle)
   end
   local model
   if grpc then
-    if path:sub(1, #LLM_PREFIX) ~= LLM_PREFIX then
+    local openai = path:sub(1, #OPENAI_PREFIX) == OPENAI_PREFIX
+    if not openai and path:sub(1, #LLM_PREFIX) ~= LLM_PREFIX then
       return
     end
     local body = handle:body()
     if body == nil then
       return
     end
-    model = grpc_model(body:getBytes(0, body:length()))
+    local raw = body:getBytes(0, body:length())
+    if openai then
+      model = grpc_openai_model(raw)
+      if model == false then
+        handle:respond({[":status"] = "200", ["content-type"] = "application/grpc", ["grpc-status"] = "3",
+          ["grpc-message"] = "model: must be a plain string at the top level of the JSON body"}, "")
+        return
+      end
+    else
+      model = grpc_model(raw)
+    end
   else
     if not STREAMABLE[path] then
       return

@@ -6,11 +6,11 @@ from typing import Any
 
 from deploy.envoy.settings import EdgeConfig
 from services.runtime.identity import MODEL_HEADER, TENANT_HEADER
-from services.runtime.openai_errors import ERROR_TYPES
+from services.runtime.openai_errors import ERROR_TYPES, error_body
 
 
-def _error_body(kind: str, code: str) -> dict[str, Any]:
-    return {"json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": kind, "param": None, "code": code}}}
+def _error_body(status: int) -> dict[str, Any]:
+    return {"json_format": error_body(status, "%LOCAL_REPLY_BODY%")}
 
 
 def _grpc_local_status(cfg: EdgeConfig) -> dict[int, tuple[int, str]]:
@@ -54,10 +54,9 @@ def _grpc_mappers(cfg: EdgeConfig) -> list[dict[str, Any]]:
 
 def local_reply_config(cfg: EdgeConfig) -> dict[str, Any]:
     mappers = _grpc_mappers(cfg) + [
-        {"filter": _status_is(status), "body_format_override": _error_body(kind, code)}
-        for status, (kind, code) in ERROR_TYPES.items()
+        {"filter": _status_is(status), "body_format_override": _error_body(status)} for status in ERROR_TYPES
     ]
-    return {"mappers": mappers, "body_format": _error_body("server_error", "internal_error")}
+    return {"mappers": mappers, "body_format": _error_body(500)}
 
 
 def access_log() -> list[dict[str, Any]]:

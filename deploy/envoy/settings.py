@@ -76,3 +76,6 @@ class EdgeConfig:
     cors_origins: tuple[str, ...] = ("*",)
     # OpenTelemetry tracing; None leaves it out (no tracer, no cost).
     tracing: Tracing | None = None
+    # Mutual TLS to every mesh service: the folder of the SDS files with the edge's certificate and the
+    # mesh CA (mesh_tls.write_sds). None: plaintext upstreams (`meshserve up --no-mtls` only).
+    mesh_sds: Path | None = None

@@ -140,7 +140,7 @@ class Authenticator:
                 # first, and the cache is cleared on subscribing again so changes missed meanwhile apply.
                 self.subscribed.clear()
                 try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8
                 except (RedisError, OSError):
                     pass
             await asyncio.sleep(backoff)

@@ -32,10 +32,10 @@ Context = aio.ServicerContext[Any, Any]
 
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_DENIALS: dict[type[DomainError], tuple[int, int]] = {
-    Unauthenticated: (401, code_pb2.UNAUTHENTICATED),
-    PermissionDenied: (403, code_pb2.PERMISSION_DENIED),
-    Unavailable: (503, code_pb2.UNAVAILABLE),
+_DENIALS: dict[type[DomainError], int] = {
+    Unauthenticated: code_pb2.UNAUTHENTICATED,
+    PermissionDenied: code_pb2.PERMISSION_DENIED,
+    Unavailable: code_pb2.UNAVAILABLE,
 }
 
 
@@ -45,7 +45,8 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 def _denied(exc: DomainError) -> external_auth_pb2.CheckResponse:
-    status, code = _DENIALS.get(type(exc), (503, code_pb2.UNAVAILABLE))
+    code = _DENIALS.get(type(exc), code_pb2.UNAVAILABLE)
+    status = exc.http_status if type(exc) in _DENIALS else Unavailable.http_status
     headers = [_header("www-authenticate", 'Bearer realm="meshserve"')] if status == 401 else []
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code, message=str(exc)),

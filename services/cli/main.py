@@ -13,6 +13,7 @@ from rich.console import Console
 from services.cli import keys
 from services.mesh.local import LocalMesh, MeshError, MeshOptions
 from services.mesh.supervisor import Supervisor
+from services.runtime import tls
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -120,6 +121,9 @@ def up(
         "", envvar="MESHSERVE_OTLP_ENDPOINT", help="OTLP/gRPC collector host:port for traces; empty: tracing off."
     ),
     trace_sample: float = typer.Option(0.1, min=0.0, max=1.0, help="Share of requests traced (the edge decides)."),
+    mtls: bool = typer.Option(
+        True, help="Mutual TLS on every internal hop, with a local CA made in STATE/tls on first start."
+    ),
 ) -> None:
     """Starts the local mesh (Redis, auth, rate limits, billing, inference on vLLM, router, Envoy edge) until Ctrl-C."""
     from services.inference import model_store
@@ -136,7 +140,10 @@ def up(
         replicas=replicas,
         otlp_endpoint=otlp_endpoint,
         trace_sample_ratio=trace_sample,
+        mtls=mtls,
     )
+    if not mtls:
+        console.print("[bold red]mutual TLS is OFF[/]: every internal hop is plaintext and unauthenticated")
     if rules is not None:
         options.ratelimit_rules = rules
     mesh = LocalMesh(options)
@@ -208,11 +215,14 @@ def usage(
     if not ready.exists():
         console.print(f"[red]no running billing service[/] (no {ready}); start the mesh with `make up`")
         raise typer.Exit(1)
-    port = json.loads(ready.read_text())["grpc_port"]
+    announced = json.loads(ready.read_text())
+    port = announced["grpc_port"]
     start = Timestamp()
     start.FromSeconds(int(time.time() - hours * 3600))
     request = billing_pb2.GetUsageRequest(start=start, tenant=tenant, key_id=key, model=model)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    # As the operator: the mesh's `admin` certificate, when the mesh runs mutual TLS (the default).
+    files = tls.issue(state / "tls", "admin") if announced.get("mtls") else None
+    with tls.channel(f"127.0.0.1:{port}", files, "billing") as channel:
         try:
             reply = billing_pb2_grpc.BillingServiceStub(channel).GetUsage(request, timeout=10)
         except grpc.RpcError as exc:

@@ -48,15 +48,7 @@ def main() -> None:
             # Loading blocks for seconds to minutes: off the event loop, so health answers NOT_SERVING meanwhile.
             engine = await asyncio.to_thread(Engine.start, config)
             await engine.warm_up()
-            servicer.serving = await ServingLayer.start(
-                engine.llm,
-                str(config.model_dir),
-                config.model_name,
-                config.max_model_len,
-                engine.max_token_bytes,
-                settings.serve_flags,
-                engine.count_in_flight,
-            )
+            servicer.serving = await ServingLayer.start(engine, settings.serve_flags)
             servicer.engine = engine
 
         async def stop_engine() -> None:

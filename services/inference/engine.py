@@ -119,7 +119,7 @@ class Engine:
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
-    def _refuse_oversized(self, field: str, chars: int, pieces: int) -> None:
+    def refuse_oversized(self, field: str, chars: int, pieces: int) -> None:
         """Refuses, from its size alone, a prompt that cannot fit the context: before tokenizing it, which
         for megabytes of text takes seconds in which this replica serves nobody else."""
         if chars > self.max_model_len * self.max_token_bytes or pieces > self.max_model_len:
@@ -132,7 +132,7 @@ class Engine:
         """Token ids of a raw prompt, as vLLM's own completions endpoint tokenizes it."""
         if not text:
             raise InvalidArgument("input.text: must not be empty")
-        self._refuse_oversized("prompt", len(text), 1)
+        self.refuse_oversized("prompt", len(text), 1)
         return list(self._tokenizer(text).input_ids)
 
     def tokenize_chat(self, turns: Sequence[Turn]) -> list[int]:
@@ -140,7 +140,7 @@ class Engine:
         if not turns:
             raise InvalidArgument("input.conversation: must have at least one turn")
         # Every turn adds at least one token of the template's own.
-        self._refuse_oversized("messages", sum(len(r) + len(c) for r, c in turns), len(turns))
+        self.refuse_oversized("messages", sum(len(r) + len(c) for r, c in turns), len(turns))
         messages = [{"role": role, "content": content} for role, content in turns]
         try:
             ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -5,8 +5,8 @@ applies structured outputs, and shapes chat and completion bodies, streams, logp
 module builds that layer exactly as vLLM's server does (its own argument parser and init_app_state, with
 the server flags the replica is configured with) over the replica's AsyncLLM, so a request gets the same
 answer here as from vLLM's server. Around it: the checks where OpenAI's contract is stricter than vLLM
-(unknown fields, a named or required tool choice whose arguments must match the tool's parameters), and a
-meter between the serving layer and the engine that counts every prompt and generated token and holds
+(unknown fields; tool arguments held to their tool's parameters is a serving flag, see the settings), and
+a meter between the serving layer and the engine that counts every prompt and generated token and holds
 generation until the caller has reserved tokens for the rendered prompt.
 """
 
@@ -17,13 +17,16 @@ import contextvars
 import json
 import logging
 import shlex
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.runtime import tracing
 from services.runtime.errors import DomainError, Internal, InvalidArgument, Unavailable, echo
+
+if TYPE_CHECKING:
+    from services.inference.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,6 @@ class Endpoint(Enum):
 
 # OpenAI fields that have no effect on a self-hosted model: accepted and documented as no-ops.
 NO_OP_FIELDS = frozenset({"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"})
-# Set by meshserve, never by the caller: the engine's request id must be unique.
-MESH_FIELDS = frozenset({"request_id"})
 
 
 @dataclass
@@ -78,7 +79,7 @@ def _prompt_len(prompt: Any) -> int:
 class MeteredEngine:
     """The engine as vLLM's serving layer sees it: generation metered, and gated on the caller's go-ahead."""
 
-    def __init__(self, llm: Any, on_generate: Any = None) -> None:
+    def __init__(self, llm: Any, on_generate: Callable[[int], None] | None = None) -> None:
         self._llm = llm
         self._on_generate = on_generate
 
@@ -169,22 +170,13 @@ def _strings(value: Any) -> int:
 class ServingLayer:
     """vLLM's OpenAI serving for chat and completions, over one engine."""
 
-    def __init__(self, state: Any, allowed: dict[Endpoint, frozenset[str]], max_chars: int) -> None:
+    def __init__(self, state: Any, allowed: dict[Endpoint, frozenset[str]], engine: Engine) -> None:
         self._state = state
         self._allowed = allowed
-        self._max_chars = max_chars
+        self._engine = engine
 
     @classmethod
-    async def start(
-        cls,
-        llm: Any,
-        model_dir: str,
-        model_name: str,
-        max_model_len: int,
-        max_token_bytes: int,
-        flags: str,
-        on_generate: Any = None,
-    ) -> ServingLayer:
+    async def start(cls, engine: Engine, flags: str) -> ServingLayer:
         """Builds the layer as vLLM's server does, with its server flags (e.g. the model's tool parser)."""
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -193,19 +185,23 @@ class ServingLayer:
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-        argv = ["--model", model_dir, "--served-model-name", model_name, "--max-model-len", str(max_model_len)]
+        config = engine.config
+        argv = [
+            *("--model", str(config.model_dir), "--served-model-name", config.model_name),
+            *("--max-model-len", str(config.max_model_len)),
+        ]
         parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
         args = parser.parse_args([*argv, *shlex.split(flags)])
         state = State()
-        engine: Any = MeteredEngine(llm, on_generate)  # the EngineClient it wraps, metered
-        await init_app_state(engine, state, args, ("generate",))
+        metered: Any = MeteredEngine(engine.llm, engine.count_in_flight)  # the EngineClient it wraps, metered
+        await init_app_state(metered, state, args, ("generate",))
 
         def names(model: Any) -> frozenset[str]:
             fields = model.model_fields
             return frozenset(fields) | {f.alias for f in fields.values() if f.alias} | NO_OP_FIELDS
 
         allowed = {Endpoint.CHAT: names(ChatCompletionRequest), Endpoint.COMPLETIONS: names(CompletionRequest)}
-        return cls(state, allowed, max_model_len * max_token_bytes)
+        return cls(state, allowed, engine)
 
     def _request(self, endpoint: Endpoint, body: bytes, request_id: str, model: str) -> Any:
         from pydantic import ValidationError
@@ -218,14 +214,15 @@ class ServingLayer:
             raise InvalidArgument(f"the body is not JSON: {exc}") from exc
         if not isinstance(fields, dict):
             raise InvalidArgument("the body must be a JSON object")
-        unknown = sorted(set(fields) - self._allowed[endpoint] - MESH_FIELDS) + sorted(set(fields) & MESH_FIELDS)
+        unknown = sorted(set(fields) - self._allowed[endpoint])
         if unknown:
             raise InvalidArgument(f"Unrecognized request argument supplied: {echo(unknown[0])}")
+        if "request_id" in fields:
+            raise InvalidArgument("request_id: is set by meshserve (it names the request in billing and the logs)")
         source = "messages" if endpoint is Endpoint.CHAT else "prompt"
-        chars = _strings(fields.get(source))
-        if chars > self._max_chars:
-            # Before tokenizing: megabytes of text take seconds in which this replica serves nobody else.
-            raise InvalidArgument(f"{source}: the prompt ({chars} characters) cannot fit the model's context")
+        value = fields.get(source)
+        # Before tokenizing: megabytes of text take seconds in which this replica serves nobody else.
+        self._engine.refuse_oversized(source, _strings(value), len(value) if isinstance(value, list) else 1)
         for name in NO_OP_FIELDS:
             fields.pop(name, None)
         fields["request_id"], fields["model"] = request_id, model

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import yaml
 
 from deploy.envoy.config import Address, EdgeConfig, Tracing
 from deploy.envoy.config import write as write_envoy_config
+from deploy.envoy.mesh_tls import write_sds
 from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.mesh.procs import (
     MeshError,
@@ -31,10 +31,10 @@ from services.mesh.procs import (
     wait_http_ok,
     wait_redis,
 )
+from services.mesh.readiness import Readiness
 from services.ratelimit.rules import FailureMode, Kind, Rules
-from services.runtime import tracing
+from services.runtime import tls, tracing
 from services.runtime.files import write_private
-from services.runtime.server import check_health
 
 __all__ = [
     "LocalMesh",
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 
-class LocalMesh:
+class LocalMesh(Readiness):
     """The processes of one local mesh."""
 
     def __init__(self, options: MeshOptions) -> None:
@@ -58,6 +58,9 @@ class LocalMesh:
         self.edge = Address(options.host, options.edge_port or free_port(options.host))
         self.admin = Address(options.host, free_port(options.host))
         options.state_dir.mkdir(parents=True, exist_ok=True)
+        # Certificates by identity, issued (or found fresh) once per mesh; test threads ask at once.
+        self._identities: dict[str, tls.Files] = {}
+        self._issuing = threading.Lock()
 
     @property
     def edge_url(self) -> str:
@@ -83,14 +86,40 @@ class LocalMesh:
         return proc
 
     def start_service(
-        self, name: str, module: str, env_prefix: str, env: dict[str, str] | None = None, nice: int = 0
+        self,
+        name: str,
+        module: str,
+        env_prefix: str,
+        env: dict[str, str] | None = None,
+        nice: int = 0,
+        kind: str = "",
     ) -> Proc:
-        """Starts `python -m module`, a service on the shared runtime, bound to the mesh's host."""
+        """Starts `python -m module`, a service on the shared runtime, bound to the mesh's host.
+
+        kind is its mesh identity (by default the package under services/); with mtls it serves and
+        calls with that identity's certificate."""
+        kind = kind or module.split(".")[1]
         ready = str((self.options.state_dir / f"{name}.ready.json").resolve())
         base = {env_prefix + "HOST": self.options.host, env_prefix + "READY_FILE": ready}
-        proc = self._spawn(name, [sys.executable, "-m", module], {**base, **(env or {})}, nice=nice)
-        proc.port_env = env_prefix + "PORT"
+        files = self.identity(kind)
+        certs = files.env(env_prefix) if files is not None else {}
+        proc = self._spawn(name, [sys.executable, "-m", module], {**base, **certs, **(env or {})}, nice=nice)
+        proc.port_env, proc.kind = env_prefix + "PORT", kind
         return proc
+
+    def identity(self, name: str) -> tls.Files | None:
+        """The certificate files of a mesh identity (made on first use), or None with mtls off."""
+        if not self.options.mtls:
+            return None
+        with self._issuing:
+            if name not in self._identities:
+                self._identities[name] = tls.issue(self.options.state_dir / "tls", name)
+            return self._identities[name]
+
+    def channel(self, name: str | Proc, caller: str) -> grpc.Channel:
+        """A channel to a service of this mesh (by name or process), calling as the mesh identity `caller`."""
+        proc = self.procs[name] if isinstance(name, str) else name
+        return tls.channel(f"{self.options.host}:{proc.grpc_port}", self.identity(caller), proc.kind)
 
     def restart(self, name: str, timeout: float = 60) -> Proc:
         """Stops a service and starts it again on the same port, as a Kubernetes Service address stays put."""
@@ -105,7 +134,7 @@ class LocalMesh:
         env = {**old.env, old.port_env: str(old.grpc_port)} if old.port_env else old.env
         # old.args already hold the nice prefix.
         proc = self._spawn(old.name, old.args, env, ready=old.ready_file is not None, nice=0)
-        proc.port_env, proc.grpc_port = old.port_env, old.grpc_port
+        proc.port_env, proc.grpc_port, proc.kind = old.port_env, old.grpc_port, old.kind
         return proc
 
     def start_redis(self, port: int = 0) -> Proc:
@@ -174,22 +203,6 @@ class LocalMesh:
         """The inference replicas started so far, in order."""
         return [p for name, p in self.procs.items() if name == "inference" or name.startswith("inference-")]
 
-    def wait_routable(self, router: Proc, replicas: list[Proc], timeout: float) -> None:
-        """Waits until the router has every replica in rotation (its load stream reports)."""
-        wanted = [
-            f'meshserve_router_replica_available{{replica="{self.options.host}:{p.grpc_port}"}} 1.0' for p in replicas
-        ]
-        url = f"http://{self.options.host}:{router.metrics_port}/metrics"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive(router)
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
-                body = r.read().decode()
-                if all(line in body for line in wanted):
-                    return
-            time.sleep(0.1)
-        raise MeshError(f"router did not take every replica into rotation within {timeout:.0f}s\n{router.tail()}")
-
     def start_router(
         self,
         name: str = "router",
@@ -241,6 +254,7 @@ class LocalMesh:
         auth = self.procs.get("auth")
         ratelimit = self.procs.get("ratelimit")
         billing = self.procs.get("billing")
+        edge = self.identity("edge")
         config = write_envoy_config(
             EdgeConfig(
                 listen=self.edge,
@@ -253,6 +267,7 @@ class LocalMesh:
                 tracing=Tracing(Address.parse(self.options.otlp_endpoint), self.options.trace_sample_ratio * 100)
                 if self.options.otlp_endpoint
                 else None,
+                mesh_sds=write_sds(edge, self.options.state_dir / "tls" / "edge-sds") if edge else None,
             ),
             self.options.state_dir / "envoy.yaml",
         )
@@ -271,44 +286,6 @@ class LocalMesh:
             "1000",
         ]
         return self._spawn("envoy", args, {}, ready=False, nice=self.options.support_nice)
-
-    def wait_bound(self, proc: Proc, timeout: float) -> None:
-        """Waits until a service has bound its ports (it writes its ready file)."""
-        assert proc.ready_file is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive(proc)
-            if proc.ready_file.exists():
-                ports = json.loads(proc.ready_file.read_text())
-                proc.grpc_port, proc.metrics_port = ports["grpc_port"], ports["metrics_port"]
-                return
-            time.sleep(0.1)
-        raise MeshError(f"{proc.name} did not bind within {timeout:.0f}s\n{proc.tail()}")
-
-    def wait_serving(self, proc: Proc, timeout: float, tick: Callable[[], None] | None = None) -> None:
-        """Waits until a service's health says SERVING (for inference: model loaded and warmed up)."""
-        self.wait_bound(proc, timeout)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive(proc)
-            if check_health(f"{self.options.host}:{proc.grpc_port}", timeout=1.0):
-                return
-            if tick is not None:
-                tick()
-            time.sleep(0.25)
-        raise MeshError(f"{proc.name} was not serving within {timeout:.0f}s\n{proc.tail()}")
-
-    def wait_edge(self, timeout: float) -> None:
-        """Waits until Envoy answers on its admin /ready."""
-        proc = self.procs["envoy"]
-        if not wait_http_ok(
-            f"http://{self.admin.host}:{self.admin.port}/ready", lambda: self._check_alive(proc), timeout
-        ):
-            raise MeshError(f"envoy was not ready within {timeout:.0f}s\n{proc.tail()}")
-
-    def _check_alive(self, proc: Proc) -> None:
-        if not proc.alive():
-            raise MeshError(f"{proc.name} exited with code {proc.popen.returncode}\n{proc.tail()}")
 
     def start(self, timeout: float = 600, tick: Callable[[], None] | None = None) -> None:
         """Starts the whole mesh and waits until the edge serves and a first user key exists."""

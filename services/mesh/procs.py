@@ -87,6 +87,8 @@ class Proc:
     env: dict[str, str] = field(default_factory=dict)
     nice: int = 0
     port_env: str = ""
+    # The mesh identity it serves as (its certificate's name): auth, ratelimit, billing, router, inference.
+    kind: str = ""
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -126,6 +128,9 @@ class MeshOptions:
     otlp_endpoint: str = ""
     # Share of requests traced: the edge samples them, the services follow its decision.
     trace_sample_ratio: float = 0.1
+    # Mutual TLS on every internal hop, with a throwaway CA in the state folder (tls/). Off: plaintext,
+    # every service logs so at start.
+    mtls: bool = True
 
     def tracing_env(self) -> dict[str, str]:
         """The OTEL_* variables of every service: tracing to otlp_endpoint, or none at all."""

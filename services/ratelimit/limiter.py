@@ -62,6 +62,8 @@ class Reservation:
     reserved_tokens: int
     estimated_completion_tokens: int
     enforced: bool
+    # The window with the least room left after the reservation (OpenAI's x-ratelimit-*-tokens headers).
+    tightest: WindowState | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ class Limiter:
             return Reservation(prompt_tokens + max_tokens, max_tokens, enforced=False)
         DECISIONS.labels(Kind.TOKENS.value, "admitted" if admission.admitted else "limited").inc()
         if admission.admitted:
-            return Reservation(admission.amount, admission.estimate, enforced=True)
+            return Reservation(admission.amount, admission.estimate, True, tightest(admission.windows))
         if admission.retry_after_seconds is None:
             raise ResourceExhausted(
                 f"this request needs {admission.amount} tokens ({prompt_tokens} prompt + {admission.estimate} "

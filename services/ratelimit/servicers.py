@@ -104,11 +104,16 @@ class TokenBudgetServicer(ratelimit_pb2_grpc.TokenBudgetServiceServicer):
             request.request_id, caller, request.model, request.prompt_tokens, request.max_tokens
         )
         trace.get_current_span().set_attribute("meshserve.reserved_tokens", reservation.reserved_tokens)
-        return ratelimit_pb2.ReserveResponse(
+        reply = ratelimit_pb2.ReserveResponse(
             reserved_tokens=reservation.reserved_tokens,
             estimated_completion_tokens=reservation.estimated_completion_tokens,
             enforced=reservation.enforced,
         )
+        if (window := reservation.tightest) is not None:
+            reply.limit_tokens = min(window.limit.limit, _UINT32)
+            reply.remaining_tokens = min(window.remaining, _UINT32)
+            reply.reset_seconds = window.reset_seconds
+        return reply
 
     async def Settle(self, request: ratelimit_pb2.SettleRequest, context: Context) -> ratelimit_pb2.SettleResponse:
         if not request.request_id:

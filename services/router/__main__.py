@@ -35,11 +35,20 @@ def main() -> None:
 
     async def setup(rt: Runtime) -> None:
         catalogue = WatchedFile(Path(settings.catalogue), Catalogue.from_yaml, "catalogue")
-        budget = GrpcTokenBudget(settings.ratelimit, settings.ratelimit_fail_open) if settings.ratelimit else None
+        budget = (
+            GrpcTokenBudget(settings.ratelimit, settings.ratelimit_fail_open, files=rt.tls)
+            if settings.ratelimit
+            else None
+        )
         if budget is None:
             log.warning("no rate-limit service configured (MESHSERVE_ROUTER_RATELIMIT): token limits are off")
         usage = (
-            GrpcUsageSink(settings.billing, Path(settings.usage_spool), replay_seconds=settings.usage_replay_seconds)
+            GrpcUsageSink(
+                settings.billing,
+                Path(settings.usage_spool),
+                replay_seconds=settings.usage_replay_seconds,
+                files=rt.tls,
+            )
             if settings.billing
             else None
         )
@@ -50,6 +59,7 @@ def main() -> None:
             on_change=lambda: completions.replicas_changed(),
             report_interval_ms=settings.load_report_ms,
             resolve_seconds=settings.resolve_seconds,
+            files=rt.tls,
         )
         completions = Completions(
             lambda: catalogue.current,

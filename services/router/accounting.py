@@ -15,11 +15,31 @@ from services.router.catalogue import Version
 from services.runtime import tracing
 
 
+@dataclass(frozen=True)
+class TokenWindow:
+    """The caller's tightest token window after a reservation, as OpenAI's x-ratelimit-*-tokens headers say it."""
+
+    limit: int
+    remaining: int
+    reset_seconds: float
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        reset = f"{self.reset_seconds:.3f}".rstrip("0").rstrip(".") + "s"
+        return (
+            ("x-ratelimit-limit-tokens", str(self.limit)),
+            ("x-ratelimit-remaining-tokens", str(self.remaining)),
+            ("x-ratelimit-reset-tokens", reset),
+        )
+
+
 class TokenBudget(Protocol):
     """Token limits: reserve before generating, settle with the real counts after."""
 
-    async def reserve(self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int) -> None:
-        """Holds the tokens; raises ResourceExhausted when the budget cannot hold them."""
+    async def reserve(
+        self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int
+    ) -> TokenWindow | None:
+        """Holds the tokens (the tightest window after, None where no limit applied); raises
+        ResourceExhausted when the budget cannot hold them."""
         ...
 
     def settle(

@@ -10,8 +10,9 @@ from grpc import aio
 from prometheus_client import Counter
 
 from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
+from services.router.accounting import TokenWindow
 from services.router.caller import Caller
-from services.runtime import errors, keepalive, tracing
+from services.runtime import errors, keepalive, tls, tracing
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,16 @@ RESERVE, SETTLE = f"/{_SERVICE}/Reserve", f"/{_SERVICE}/Settle"
 class GrpcTokenBudget:
     """The rate-limit service's TokenBudgetService, as the router uses it."""
 
-    def __init__(self, address: str, fail_open: bool, settle_attempts: int = 5) -> None:
-        self._channel = aio.insecure_channel(address, options=keepalive.channel_options())
+    def __init__(self, address: str, fail_open: bool, settle_attempts: int = 5, files: tls.Files | None = None) -> None:
+        self._channel = tls.aio_channel(address, files, "ratelimit", keepalive.channel_options())
         self._stub = ratelimit_pb2_grpc.TokenBudgetServiceStub(self._channel)
         self._fail_open = fail_open
         self._attempts = settle_attempts
         self._pending: set[asyncio.Task[None]] = set()
 
-    async def reserve(self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int) -> None:
+    async def reserve(
+        self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int
+    ) -> TokenWindow | None:
         """Holds the tokens, or raises ResourceExhausted (with a retry delay) before any GPU work."""
         request = ratelimit_pb2.ReserveRequest(
             request_id=request_id,
@@ -69,7 +72,7 @@ class GrpcTokenBudget:
         )
         try:
             with tracing.client_call(RESERVE) as metadata:
-                await self._stub.Reserve(request, timeout=2, metadata=metadata)
+                reply = await self._stub.Reserve(request, timeout=2, metadata=metadata)
         except aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -83,6 +86,10 @@ class GrpcTokenBudget:
                 "rate-limit service unreachable; generating without a token reservation (fail-open)",
                 extra={"request_id": request_id, "error": code.name},
             )
+            return None
+        if not reply.enforced or not reply.limit_tokens:
+            return None
+        return TokenWindow(reply.limit_tokens, reply.remaining_tokens, reply.reset_seconds)
 
     def settle(
         self, request_id: str, caller: Caller, model: str, prompt_tokens: int, completion_tokens: int, outcome: str

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.runtime.errors import PermissionDenied, Unauthenticated, echo
-from services.runtime.identity import KEY_ID_HEADER, KEY_TPM_HEADER, MODELS_HEADER, TENANT_HEADER
+from services.runtime.identity import KEY_ID_HEADER, KEY_TPM_HEADER, MODEL_HEADER, MODELS_HEADER, TENANT_HEADER
 
 # Routing hints a client may send (headers on REST, metadata on gRPC).
 VERSION_HEADER = "x-meshserve-version"
@@ -59,8 +59,14 @@ class RouteHints:
 
     version: str | None = None
     session: str | None = None
+    # The model the edge read from the body, to which its per-model request limits applied.
+    edge_model: str | None = None
 
 
 def hints_from_metadata(metadata: Mapping[str, str]) -> RouteHints:
     """The routing hints among a call's headers."""
-    return RouteHints(version=metadata.get(VERSION_HEADER) or None, session=metadata.get(SESSION_HEADER) or None)
+    return RouteHints(
+        version=metadata.get(VERSION_HEADER) or None,
+        session=metadata.get(SESSION_HEADER) or None,
+        edge_model=metadata.get(MODEL_HEADER) or None,
+    )

@@ -21,7 +21,8 @@ from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.failover import DEFAULT_POLICY, Attempt, Replica, ReplicaDirectory, RoutingPolicy, affinity_key
 from services.router.pipeline import Pipeline
 from services.router.validation import GenerationSpec
-from services.runtime.errors import DomainError, Unavailable
+from services.runtime.errors import DomainError, Internal, Unavailable
+from services.runtime.openai_errors import error_body
 from services.runtime.sampling import OPTIONAL_SAMPLING
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,10 @@ def _finish_reason(step: inference_pb2.GenerateResponse) -> str:
 
 
 def _error_detail(exc: BaseException) -> llm_pb2.ErrorDetail:
-    if isinstance(exc, DomainError):
-        return llm_pb2.ErrorDetail(message=str(exc), type="server_error", code=exc.code)
-    return llm_pb2.ErrorDetail(message="internal error while generating", type="server_error", code="internal_error")
+    """An error after a stream began, with the type and code the same error has over HTTP."""
+    detail = exc if isinstance(exc, DomainError) else Internal("internal error while generating")
+    error = error_body(detail.http_status, str(detail))["error"]
+    return llm_pb2.ErrorDetail(message=str(error["message"]), type=str(error["type"]), code=str(error["code"] or ""))
 
 
 def _model(entry: ModelEntry, message: type[M]) -> M:

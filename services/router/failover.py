@@ -42,10 +42,11 @@ class Replica(Protocol):
         ...
 
     def serve(
-        self, start: inference_pb2.ServeStart, reserve: Callable[[int, int], Awaitable[None]] | None
+        self, start: inference_pb2.ServeStart, reserve: Callable[[int, int], Awaitable[object]] | None
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         """Streams an OpenAI request's replies; reserve (prompt tokens, most tokens) runs once the replica
-        has measured the rendered prompt, before it generates. Closing it aborts the generation."""
+        has measured the rendered prompt, before it generates (None: it generates at once). Closing it
+        aborts the generation."""
         ...
 
 

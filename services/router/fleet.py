@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from services.router.balancer import ReplicaState
 from services.router.replicas import GrpcReplica
+from services.runtime import tls
 from services.runtime.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ class Fleet:
         on_change: Callable[[], None] = lambda: None,
         report_interval_ms: int = 250,
         resolve_seconds: float = 5.0,
+        files: tls.Files | None = None,
     ) -> None:
         self._targets = targets
+        self._files = files
         self._on_change = on_change
         self._interval_ms = report_interval_ms
         self._resolve_seconds = resolve_seconds
@@ -93,7 +96,7 @@ class Fleet:
         self._resolved = resolved
         wanted = {a for addresses in resolved.values() for a in addresses}
         for address in wanted - self._members.keys():
-            member = _Member(GrpcReplica(address), ReplicaState(address))
+            member = _Member(GrpcReplica(address, self._files), ReplicaState(address))
             member.watcher = asyncio.create_task(self._watch(member))
             self._members[address] = member
             log.info("replica added", extra={"replica": address})

@@ -12,19 +12,21 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 from meshserve.inference.v1 import inference_pb2
-from services.router.accounting import Metered
+from services.router import access
+from services.router.accounting import Metered, TokenWindow
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Version
 from services.router.failover import Attempt, Replica, opening, prefix_key
-from services.router.pipeline import Pipeline
+from services.router.pipeline import Pipeline, Reserve
+from services.router.validation import MAX_STOP, in_range
 from services.runtime.errors import DomainError, Internal, InvalidArgument, Unavailable, bounded, echo
-from services.runtime.openai_errors import ERROR_TYPES
+from services.runtime.openai_errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,19 @@ RANGES = {
     "repetition_penalty": (0.0, 2.0, True),
 }
 AT_LEAST_ONE = ("max_tokens", "max_completion_tokens", "n")
-MAX_STOP = 4
 # OpenAI's roles (vLLM takes any role a chat template might know).
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class ResponseMeta:
+    """What a response's headers say, known once tokens are reserved: before its first byte."""
+
+    token_window: TokenWindow | None = None
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return self.token_window.headers() if self.token_window is not None else ()
 
 
 @dataclass(frozen=True)
@@ -81,12 +92,7 @@ def _contract(fields: dict[str, Any]) -> None:
     """OpenAI's rules that vLLM does not enforce."""
     _finite(fields, "")
     for name, (low, high, low_open) in RANGES.items():
-        value = _number(fields, name)
-        if value is None:
-            continue
-        if (value <= low if low_open else value < low) or value > high:
-            bracket = "(" if low_open else "["
-            raise InvalidArgument(f"{name}: {value:g} is out of range; it must be in {bracket}{low:g}, {high:g}]")
+        in_range(name, _number(fields, name), low, high, low_open)
     for name in AT_LEAST_ONE:
         value = _number(fields, name)
         if value is not None and value < 1:
@@ -157,12 +163,19 @@ def parse(endpoint: int, data: bytes, stream: bool, prefix_chars: int) -> Body:
 def error_event(exc: BaseException) -> bytes:
     """An error after a stream began, in-band as vLLM and OpenAI send it; the OpenAI SDK raises on it."""
     detail = exc if isinstance(exc, DomainError) else Internal("internal error while generating")
-    status = {"invalid_request": 400, "resource_exhausted": 429, "unavailable": 503, "timeout": 504}.get(
-        detail.code, 500
-    )
-    kind, code = ERROR_TYPES[status]
-    body = {"error": {"message": bounded(str(detail)), "type": kind, "code": code}}
+    body = error_body(detail.http_status, bounded(str(detail)))
     return f"data: {json.dumps(body)}\n\n".encode() + DONE
+
+
+def _noting(reserve: Reserve | None, meta: ResponseMeta) -> Callable[[int, int], Awaitable[None]] | None:
+    """reserve, noting in meta the token window it leaves (for the response's headers)."""
+    if reserve is None:
+        return None
+
+    async def noted(prompt_tokens: int, max_tokens: int) -> None:
+        meta.token_window = await reserve(prompt_tokens, max_tokens)
+
+    return noted
 
 
 class OpenAIApi:
@@ -172,21 +185,26 @@ class OpenAIApi:
         self._pipeline = pipeline
 
     def _replies(
-        self, endpoint: int, data: bytes, stream: bool, caller: Caller, hints: RouteHints
+        self, endpoint: int, data: bytes, stream: bool, caller: Caller, hints: RouteHints, meta: ResponseMeta
     ) -> tuple[str, AsyncGenerator[inference_pb2.ServeResponse, None]]:
         pipeline = self._pipeline
         body = parse(endpoint, data, stream, pipeline.policy.prefix_chars)
+        if hints.edge_model is not None and hints.edge_model != body.model:
+            # The edge limited the request by the model it read; the body must not name another.
+            raise InvalidArgument(f"model: the edge read {echo(hints.edge_model)}, the body names {echo(body.model)}")
+        entry = access.CURRENT.get()
+        if entry is not None:
+            entry.model = body.model
         request_id = f"{ID_PREFIX[endpoint]}{uuid.uuid4().hex}"
 
         def attempt(metered: Metered, version: Version) -> Attempt[inference_pb2.ServeResponse]:
             def replies(replica: Replica) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
-                reserve = pipeline.reserver(request_id, caller, body.model, metered)
+                reserve = _noting(pipeline.reserver(request_id, caller, body.model, metered), meta)
                 start = inference_pb2.ServeStart(
                     request_id=request_id.removeprefix(ID_PREFIX[endpoint]),
                     model=body.model,
                     endpoint=endpoint,  # type: ignore[arg-type]
                     body=body.data,
-                    proceed=reserve is None,
                 )
                 return replica.serve(start, reserve)
 
@@ -195,9 +213,9 @@ class OpenAIApi:
         key = prefix_key(body.opening, hints, pipeline.policy.prefix_chars)
         return request_id, pipeline.generate(request_id, body.model, key, caller, hints, attempt, unary=not stream)
 
-    async def whole(self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints) -> bytes:
+    async def whole(self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints, meta: ResponseMeta) -> bytes:
         """A whole response body."""
-        _, replies = self._replies(endpoint, data, False, caller, hints)
+        _, replies = self._replies(endpoint, data, False, caller, hints, meta)
         out = b""
         async with aclosing(replies):
             async for reply in replies:
@@ -206,9 +224,11 @@ class OpenAIApi:
             raise Unavailable("the engine ended the request without answering")
         return out
 
-    async def stream(self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints) -> AsyncIterator[bytes]:
-        """SSE events as vLLM's server sends them, ending with `data: [DONE]`."""
-        request_id, replies = self._replies(endpoint, data, True, caller, hints)
+    async def stream(
+        self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints, meta: ResponseMeta
+    ) -> AsyncIterator[bytes]:
+        """SSE events as vLLM's server sends them, ending with `data: [DONE]`; meta is filled before the first."""
+        request_id, replies = self._replies(endpoint, data, True, caller, hints, meta)
         # Until the first event an error is still a status code (a 4xx/5xx on REST); after it, in-band.
         first = await anext(replies, None)
         if first is None:

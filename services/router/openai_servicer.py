@@ -9,12 +9,10 @@ from google.api import httpbody_pb2
 from grpc import aio
 
 from meshserve.llm.v2 import llm_pb2_grpc
-from services.router import access, caller
+from services.router import access
 from services.router.caller import Caller, RouteHints
-from services.router.openai_api import CHAT, COMPLETIONS, OpenAIApi
-from services.router.servicer import _status_name
-from services.runtime.identity import MODEL_HEADER
-from services.runtime.metadata import text_metadata
+from services.router.openai_api import CHAT, COMPLETIONS, OpenAIApi, ResponseMeta
+from services.router.servicer import identify, status_name
 
 Context = aio.ServicerContext[Any, Any]
 JSON = "application/json"
@@ -29,22 +27,27 @@ class OpenAIServicer(llm_pb2_grpc.LlmServiceServicer):
         self._require_caller = require_caller
 
     def _caller(self, context: Context, entry: access.Access) -> tuple[Caller, RouteHints]:
-        metadata = text_metadata(context)
-        who = caller.from_metadata(metadata, self._require_caller)
-        entry.tenant = who.tenant or "internal"
-        entry.model = metadata.get(MODEL_HEADER, "")
-        return who, caller.hints_from_metadata(metadata)
+        return identify(context, entry, self._require_caller)
 
     async def _whole(self, method: str, endpoint: int, body: httpbody_pb2.HttpBody, context: Context) -> Any:
-        with access.opened(method, _status_name) as entry:
-            data = await self._api.whole(endpoint, body.data, *self._caller(context, entry))
+        with access.opened(method, status_name) as entry:
+            meta = ResponseMeta()
+            data = await self._api.whole(endpoint, body.data, *self._caller(context, entry), meta)
+            if headers := meta.headers():
+                await context.send_initial_metadata(headers)
             return httpbody_pb2.HttpBody(content_type=JSON, data=data)
 
     async def _stream(
         self, method: str, endpoint: int, body: httpbody_pb2.HttpBody, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        with access.opened(method, _status_name) as entry:
-            async for event in self._api.stream(endpoint, body.data, *self._caller(context, entry)):
+        with access.opened(method, status_name) as entry:
+            meta = ResponseMeta()
+            first = True
+            async for event in self._api.stream(endpoint, body.data, *self._caller(context, entry), meta):
+                if first and (headers := meta.headers()):
+                    # As response headers (the transcoder makes them so), before the first event.
+                    await context.send_initial_metadata(headers)
+                first = False
                 yield httpbody_pb2.HttpBody(content_type=SSE, data=event)
 
     async def CreateChatCompletion(self, request: httpbody_pb2.HttpBody, context: Context) -> httpbody_pb2.HttpBody:

@@ -5,36 +5,30 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 from opentelemetry import trace
 
 from meshserve.inference.v1 import inference_pb2
 from services.router import metrics
-from services.router.accounting import Accounting, Metered, TokenBudget, UsageSink
+from services.router.accounting import Accounting, Metered, TokenBudget, TokenWindow, UsageSink
 from services.router.admission import Admission
 from services.router.balancer import Balancer
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, Version
-from services.router.failover import Attempt, Failover, Replica, ReplicaDirectory, RoutingPolicy
+from services.router.failover import Attempt, Failover, ReplicaDirectory, RoutingPolicy
 from services.runtime import tracing
 
 FINISHED = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
 
 
-class Step(Protocol):
-    """What the pipeline reads of every step a replica sends (GenerateResponse, ServeResponse)."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: Any
-
-
 S = TypeVar("S", inference_pb2.GenerateResponse, inference_pb2.ServeResponse)
 # Builds one request's attempt on a replica from what it is metered by and the version chosen.
 AttemptFactory = Callable[[Metered, Version], Attempt[S]]
+# Reserves tokens for a measured prompt (prompt tokens, the most it may generate): the tightest window after.
+Reserve = Callable[[int, int], Awaitable[TokenWindow | None]]
 
 
 class Pipeline:
@@ -130,14 +124,12 @@ class Pipeline:
         if budget is None or not metered.budgeted or metered.reserved:
             return None
 
-        async def reserve(prompt_tokens: int, max_tokens: int) -> None:
-            await budget.reserve(request_id, caller, model, prompt_tokens, max_tokens)
+        async def reserve(prompt_tokens: int, max_tokens: int) -> TokenWindow | None:
+            window = await budget.reserve(request_id, caller, model, prompt_tokens, max_tokens)
             metered.prompt_tokens, metered.reserved = prompt_tokens, True
+            return window
 
         return reserve
-
-
-Reserve = Callable[[int, int], Any]
 
 
 async def _timed(
@@ -161,6 +153,3 @@ async def _timed(
     except Exception:
         metered.outcome = "failed"
         raise
-
-
-__all__ = ["Pipeline", "Replica", "Step"]

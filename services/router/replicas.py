@@ -11,7 +11,7 @@ from grpc import aio
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.router.balancer import LoadReport
-from services.runtime import errors, keepalive, tracing
+from services.runtime import errors, keepalive, tls, tracing
 
 # Keepalive notices a dead replica on an idle channel; the service config lets gRPC
 # itself retry a call that failed before the replica answered anything. round_robin spreads
@@ -74,9 +74,9 @@ def domain_error(exc: aio.AioRpcError, address: str) -> errors.DomainError:
 class GrpcReplica:
     """One inference replica."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, files: tls.Files | None = None) -> None:
         self.address = address
-        self._channel = aio.insecure_channel(address, options=_OPTIONS)
+        self._channel = tls.aio_channel(address, files, "inference", _OPTIONS)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
 
     async def generate(
@@ -94,20 +94,23 @@ class GrpcReplica:
                 call.cancel()
 
     async def serve(
-        self, start: inference_pb2.ServeStart, reserve: Callable[[int, int], Awaitable[None]] | None
+        self, start: inference_pb2.ServeStart, reserve: Callable[[int, int], Awaitable[object]] | None
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         with tracing.client_call(SERVE) as metadata:
             call = self._stub.Serve(metadata=metadata)
             try:
-                await call.write(inference_pb2.ServeRequest(start=start))
-                if start.proceed:
+                # Nothing to reserve: the replica generates at once, without waiting for a go-ahead.
+                opening = inference_pb2.ServeStart()
+                opening.CopyFrom(start)
+                opening.proceed = reserve is None
+                await call.write(inference_pb2.ServeRequest(start=opening))
+                if reserve is None:
                     await call.done_writing()
                 while (read := await call.read()) is not aio.EOF:
                     reply = cast(inference_pb2.ServeResponse, read)
                     if reply.measured:
-                        if not start.proceed:
-                            if reserve is not None:
-                                await reserve(reply.prompt_tokens, reply.max_tokens)
+                        if reserve is not None:
+                            await reserve(reply.prompt_tokens, reply.max_tokens)
                             await call.write(inference_pb2.ServeRequest(proceed=inference_pb2.ServeProceed()))
                             await call.done_writing()
                         continue

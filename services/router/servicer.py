@@ -19,12 +19,21 @@ from services.runtime.metadata import text_metadata
 Context = aio.ServicerContext[Any, Any]
 
 
-def _status_name(exc: BaseException) -> str:
+def status_name(exc: BaseException) -> str:
+    """The status code name of a call that ended with exc (for the access log)."""
     if isinstance(exc, DomainError):
         return status_of(exc).name
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
     return "UNKNOWN"
+
+
+def identify(context: Context, entry: access.Access, require_caller: bool) -> tuple[Caller, RouteHints]:
+    """Who calls (from the edge's identity headers) and how they asked to be routed; noted in the access line."""
+    metadata = text_metadata(context)
+    who = caller.from_metadata(metadata, require_caller)
+    entry.tenant = who.tenant or "internal"
+    return who, caller.hints_from_metadata(metadata)
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
@@ -35,22 +44,19 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         self._require_caller = require_caller
 
     def _caller(self, context: Context, entry: access.Access) -> tuple[Caller, RouteHints]:
-        metadata = text_metadata(context)
-        who = caller.from_metadata(metadata, self._require_caller)
-        entry.tenant = who.tenant or "internal"
-        return who, caller.hints_from_metadata(metadata)
+        return identify(context, entry, self._require_caller)
 
     async def CreateChatCompletion(
         self, request: llm_pb2.CreateChatCompletionRequest, context: Context
     ) -> llm_pb2.CreateChatCompletionResponse:
-        with access.opened("CreateChatCompletion", _status_name) as entry:
+        with access.opened("CreateChatCompletion", status_name) as entry:
             entry.model = request.params.model
             return await self._completions.chat(request.params, *self._caller(context, entry))
 
     async def StreamChatCompletion(
         self, request: llm_pb2.StreamChatCompletionRequest, context: Context
     ) -> AsyncIterator[llm_pb2.StreamChatCompletionResponse]:
-        with access.opened("StreamChatCompletion", _status_name) as entry:
+        with access.opened("StreamChatCompletion", status_name) as entry:
             entry.model = request.params.model
             async for chunk in self._completions.chat_stream(request.params, *self._caller(context, entry)):
                 yield chunk
@@ -58,25 +64,25 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     async def CreateCompletion(
         self, request: llm_pb2.CreateCompletionRequest, context: Context
     ) -> llm_pb2.CreateCompletionResponse:
-        with access.opened("CreateCompletion", _status_name) as entry:
+        with access.opened("CreateCompletion", status_name) as entry:
             entry.model = request.params.model
             return await self._completions.completion(request.params, *self._caller(context, entry))
 
     async def StreamCompletion(
         self, request: llm_pb2.StreamCompletionRequest, context: Context
     ) -> AsyncIterator[llm_pb2.StreamCompletionResponse]:
-        with access.opened("StreamCompletion", _status_name) as entry:
+        with access.opened("StreamCompletion", status_name) as entry:
             entry.model = request.params.model
             async for chunk in self._completions.completion_stream(request.params, *self._caller(context, entry)):
                 yield chunk
 
     async def ListModels(self, request: llm_pb2.ListModelsRequest, context: Context) -> llm_pb2.ListModelsResponse:
-        with access.opened("ListModels", _status_name) as entry:
+        with access.opened("ListModels", status_name) as entry:
             return self._completions.list_models(self._caller(context, entry)[0])
 
     async def RetrieveModel(
         self, request: llm_pb2.RetrieveModelRequest, context: Context
     ) -> llm_pb2.RetrieveModelResponse:
-        with access.opened("RetrieveModel", _status_name) as entry:
+        with access.opened("RetrieveModel", status_name) as entry:
             entry.model = request.model
             return self._completions.retrieve_model(request.model, self._caller(context, entry)[0])

@@ -21,7 +21,7 @@ from grpc import aio
 from prometheus_client import Counter, Gauge
 
 from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
-from services.runtime import keepalive
+from services.runtime import keepalive, tls
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ class GrpcUsageSink:
         linger_seconds: float = 0.1,
         replay_seconds: float = 2.0,
         timeout_seconds: float = 5.0,
+        files: tls.Files | None = None,
     ) -> None:
-        self._channel = aio.insecure_channel(address, options=keepalive.channel_options())
+        self._channel = tls.aio_channel(address, files, "billing", keepalive.channel_options())
         self._stub = billing_pb2_grpc.BillingServiceStub(self._channel)
         self._spool = spool
         self._batch_size = batch_size

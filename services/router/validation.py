@@ -63,7 +63,7 @@ def _optional(params: _Common, name: str) -> float | None:
     return value
 
 
-def _in_range(name: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:
+def in_range(name: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:
     if value is None:
         return
     if not math.isfinite(value):
@@ -109,17 +109,17 @@ def _common(params: _Common, max_tokens: int | None) -> tuple[str, Sampling, boo
     top_p = _optional(params, "top_p")
     presence = _optional(params, "presence_penalty")
     frequency = _optional(params, "frequency_penalty")
-    _in_range("temperature", temperature, 0.0, 2.0)
-    _in_range("top_p", top_p, 0.0, 1.0, low_open=True)
-    _in_range("presence_penalty", presence, -2.0, 2.0)
-    _in_range("frequency_penalty", frequency, -2.0, 2.0)
+    in_range("temperature", temperature, 0.0, 2.0)
+    in_range("top_p", top_p, 0.0, 1.0, low_open=True)
+    in_range("presence_penalty", presence, -2.0, 2.0)
+    in_range("frequency_penalty", frequency, -2.0, 2.0)
     top_k = params.top_k if params.HasField("top_k") else None
     if top_k is not None and top_k < 1 and top_k != -1:
         raise InvalidArgument(f"top_k: must be -1 (all tokens) or at least 1, got {top_k}")
     min_p = _optional(params, "min_p")
     repetition = _optional(params, "repetition_penalty")
-    _in_range("min_p", min_p, 0.0, 1.0)
-    _in_range("repetition_penalty", repetition, 0.0, 2.0, low_open=True)
+    in_range("min_p", min_p, 0.0, 1.0)
+    in_range("repetition_penalty", repetition, 0.0, 2.0, low_open=True)
     min_tokens = params.min_tokens if params.HasField("min_tokens") else None
     if min_tokens is not None and max_tokens is not None and min_tokens > max_tokens:
         raise InvalidArgument(f"min_tokens: {min_tokens} is more than max_tokens {max_tokens}")

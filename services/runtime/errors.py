@@ -25,8 +25,10 @@ def echo(value: object) -> str:
 class DomainError(Exception):
     """Base of every error a caller should see with its own status."""
 
-    # Short machine-readable code, shown to clients (OpenAI's error `code`).
-    code = "internal_error"
+    # The HTTP status a REST client gets: the edge's mapping of the error's gRPC status (Envoy's
+    # grpc-to-HTTP table), so an error reported in-band in a stream reads as it would have before it;
+    # its OpenAI type and code come from the one table in openai_errors.
+    http_status = 500
 
     def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
         super().__init__(bounded(message))
@@ -37,52 +39,52 @@ class DomainError(Exception):
 class InvalidArgument(DomainError):
     """The request is malformed; the message names the field and why."""
 
-    code = "invalid_request"
+    http_status = 400
 
 
 class NotFound(DomainError):
     """The named thing (a model, a key) does not exist."""
 
-    code = "not_found"
+    http_status = 404
 
 
 class ResourceExhausted(DomainError):
     """A limit or a queue is full; the caller may retry later."""
 
-    code = "resource_exhausted"
+    http_status = 429
 
 
 class Unavailable(DomainError):
     """A dependency (an engine replica, Redis) cannot be reached right now."""
 
-    code = "unavailable"
+    http_status = 503
 
 
 class FailedPrecondition(DomainError):
     """The service is not in a state to do this (e.g. the model is not loaded)."""
 
-    code = "failed_precondition"
+    http_status = 400
 
 
 class Unauthenticated(DomainError):
     """No usable credential: missing, malformed, unknown, expired or revoked."""
 
-    code = "invalid_api_key"
+    http_status = 401
 
 
 class PermissionDenied(DomainError):
     """A valid credential that may not do this."""
 
-    code = "permission_denied"
+    http_status = 403
 
 
 class DeadlineExceeded(DomainError):
     """A call ran out of its time; says nothing about the health of whoever was called."""
 
-    code = "timeout"
+    http_status = 504
 
 
 class Internal(DomainError):
     """A fault on the server's side that is not the caller's and not a dependency being away."""
 
-    code = "internal_error"
+    http_status = 500

@@ -13,7 +13,7 @@ import grpc
 from grpc import aio
 from opentelemetry.trace import Span, StatusCode
 
-from services.runtime import errors, metrics, tracing
+from services.runtime import callers, errors, metrics, tls, tracing
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,10 @@ def _code_of(context: aio.ServicerContext[Any, Any]) -> str:
 class ServiceInterceptor(aio.ServerInterceptor):
     """Counts and times every RPC, and turns DomainError into its own status code."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, identities: bool = False) -> None:
         self._service = service
+        # With mutual TLS: every call is checked against the caller matrix by the peer's identity.
+        self._identities = identities
         # Wrapped handlers by the handler they wrap: built once per method, not once per call.
         self._wrapped: dict[Any, Any] = {}
 
@@ -114,6 +116,13 @@ class ServiceInterceptor(aio.ServerInterceptor):
         service = self._service
         method = full_method.rsplit("/", 1)[-1]
         traced = tracing.traced(full_method)
+        allowed = callers.allowed(full_method)
+        identities = self._identities
+
+        def admit(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+            _refuse_undecodable(request)
+            if identities:
+                callers.check(full_method, allowed, tls.peer_identity(context.auth_context()))
 
         def span_of(context: aio.ServicerContext[Any, Any]) -> contextlib.AbstractContextManager[Span | None]:
             if not traced:
@@ -133,7 +142,7 @@ class ServiceInterceptor(aio.ServerInterceptor):
                 start = time.perf_counter()
                 with span_of(context) as span:
                     try:
-                        _refuse_undecodable(request)
+                        admit(request, context)
                         return await inner(request, context)
                     except errors.DomainError as exc:
                         await _abort_for(exc, context)
@@ -151,7 +160,7 @@ class ServiceInterceptor(aio.ServerInterceptor):
                 start = time.perf_counter()
                 with span_of(context) as span:
                     try:
-                        _refuse_undecodable(request)
+                        admit(request, context)
                         async for item in inner(request, context):
                             yield item
                     except errors.DomainError as exc:

@@ -22,3 +22,9 @@ ERROR_TYPES: dict[int, tuple[str, str]] = {
     503: ("server_error", "service_unavailable"),
     504: ("server_error", "timeout"),
 }
+
+
+def error_body(status: int, message: str) -> dict[str, dict[str, object]]:
+    """OpenAI's error object for an HTTP status, as the edge writes it for every error reply."""
+    kind, code = ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}

@@ -16,7 +16,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.runtime import files, keepalive, tracing
+from services.runtime import files, keepalive, tls, tracing
 from services.runtime.identity import METADATA_BYTES
 from services.runtime.interceptors import ServiceInterceptor
 from services.runtime.logs import configure_logging
@@ -35,8 +35,10 @@ class Runtime:
         self.name = name
         self.settings = settings
         self.service_names = list(service_names)
+        # Mutual TLS files, or None for plaintext; the service's own clients take their credentials here.
+        self.tls = settings.tls_files()
         self.server = aio.server(
-            interceptors=[ServiceInterceptor(name)],
+            interceptors=[ServiceInterceptor(name, identities=self.tls is not None)],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -81,12 +83,17 @@ async def _run(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         rt.server,
     )
-    port = rt.server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if rt.tls is not None:
+        port = rt.server.add_secure_port(address, tls.server_credentials(rt.tls))
+    else:
+        log.warning("mutual TLS is OFF: plaintext gRPC, callers unauthenticated (set the tls_* settings)")
+        port = rt.server.add_insecure_port(address)
     metrics_port = serve_metrics(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else -1
     await rt.server.start()
     log.info("listening", extra={"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()})
     if settings.ready_file:
-        files.write_ready(Path(settings.ready_file), port, metrics_port)
+        files.write_ready(Path(settings.ready_file), port, metrics_port, rt.tls is not None)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,11 +149,16 @@ def serve(
     asyncio.run(_run(name, settings, service_names, setup))
 
 
-def check_health(target: str, service: str = "", timeout: float = 2.0) -> bool:
-    """True when the server at target reports SERVING (a blocking probe for CLIs and tests)."""
-    with grpc.insecure_channel(target) as channel:
+def check_health(
+    target: str, service: str = "", timeout: float = 2.0, files: tls.Files | None = None, peer: str = ""
+) -> bool:
+    """True when the server at target reports SERVING (a blocking probe for CLIs and tests).
+
+    With files, over mutual TLS to the mesh service peer.
+    """
+    with tls.channel(target, files, peer) as channel_:
         try:
-            stub: Any = health_pb2_grpc.HealthStub(channel)
+            stub: Any = health_pb2_grpc.HealthStub(channel_)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError:
             return False

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.runtime import keepalive
+from services.runtime import keepalive, tls
 
 
 class ServiceSettings(BaseSettings):
@@ -33,3 +35,18 @@ class ServiceSettings(BaseSettings):
     keepalive_seconds: float = keepalive.INTERVAL_SECONDS
     # Maximum size of one gRPC message, in bytes.
     max_message_bytes: int = Field(default=16 * 1024 * 1024)
+    # Mutual TLS: this service's certificate and key, and the mesh CA (PEM files, re-read when they
+    # change). All three set: the server requires a mesh client certificate and enforces the caller
+    # matrix, and the service's own gRPC clients present the certificate. None set: plaintext, logged.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+
+    def tls_files(self) -> tls.Files | None:
+        """The mTLS files, or None for plaintext; some but not all set is a configuration error."""
+        given = [self.tls_cert_file, self.tls_key_file, self.tls_ca_file]
+        if not any(given):
+            return None
+        if not all(given):
+            raise ValueError("set all of tls_cert_file, tls_key_file and tls_ca_file, or none")
+        return tls.Files(Path(self.tls_cert_file), Path(self.tls_key_file), Path(self.tls_ca_file))

@@ -34,7 +34,7 @@ def edge_stub(mesh: LocalMesh) -> tuple[grpc.Channel, llm_pb2_grpc.LlmServiceStu
 
 
 def engine_stub(mesh: LocalMesh) -> tuple[grpc.Channel, inference_pb2_grpc.InferenceServiceStub]:
-    channel = grpc.insecure_channel(f"127.0.0.1:{mesh.procs['inference'].grpc_port}")
+    channel = mesh.channel("inference", "router")
     return channel, inference_pb2_grpc.InferenceServiceStub(channel)
 
 

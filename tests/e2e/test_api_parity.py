@@ -16,16 +16,20 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pydantic
 import pytest
+from google.api import httpbody_pb2
 
 from bench.edge_vs_vllm import start_vllm_server, wait_http
+from meshserve.llm.v2 import llm_pb2_grpc as llm_v2_pb2_grpc
 from services.inference.config import InferenceSettings
 from services.mesh.local import LocalMesh
 from services.mesh.procs import free_port
-from tests.e2e.helpers import MODEL, openai_client
+from tests.e2e.helpers import MODEL, create_key, openai_client
+from tests.e2e.test_billing import ledger_line
 
 pytestmark = pytest.mark.mesh
 
@@ -221,3 +225,68 @@ def test_vllms_benchmark_client_runs_unpatched_against_the_edge(
     assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-2000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
     assert result["completed"] == 6 and result["failed"] == 0, result
+
+
+def test_the_same_features_over_native_grpc_through_the_stubs(mesh: LocalMesh) -> None:
+    auth = (("authorization", f"Bearer {mesh.user_key}"),)
+    ask = {
+        "model": MODEL,
+        "messages": WEATHER_QUESTION,
+        "tools": [WEATHER],
+        "tool_choice": "required",
+        "max_tokens": 60,
+        "temperature": 0,
+    }
+
+    def body(**extra: object) -> httpbody_pb2.HttpBody:
+        return httpbody_pb2.HttpBody(content_type="application/json", data=json.dumps({**ask, **extra}).encode())
+
+    with grpc.insecure_channel(f"{mesh.edge.host}:{mesh.edge.port}") as channel:
+        stub = llm_v2_pb2_grpc.LlmServiceStub(channel)
+        whole = json.loads(stub.CreateChatCompletion(body(), metadata=auth, timeout=120).data)
+        events = [m.data for m in stub.StreamChatCompletion(body(), metadata=auth, timeout=120)]
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.CreateChatCompletion(body(colour="blue"), metadata=auth, timeout=30)
+    call = whole["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"]).get("city"), str)
+    # The stream's events, as REST clients get them, ending with [DONE]; its tool-call deltas add up to the same.
+    assert events[-1] == b"data: [DONE]\n\n"
+    deltas = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
+    streamed = "".join(
+        tc["function"].get("arguments") or ""
+        for d in deltas
+        for c in d["choices"]
+        for tc in (c["delta"].get("tool_calls") or [])
+    )
+    assert json.loads(streamed) == json.loads(call["arguments"])
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "colour" in (refused.value.details() or "")
+
+
+def test_an_image_part_for_a_text_only_model_is_a_clear_400_like_vllms(mesh: LocalMesh, vllm: openai.OpenAI) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]
+    errors = []
+    for client in both(mesh, vllm):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)  # type: ignore[arg-type]
+        errors.append(info.value)
+    ours = errors[0]
+    assert isinstance(ours.body, dict) and ours.body["type"] == "invalid_request_error" and ours.message
+
+
+def test_usage_of_n_choices_prompt_lists_and_tool_calls_is_what_billing_records(mesh: LocalMesh) -> None:
+    key, secret = create_key(mesh, "usage-forms")
+    client = openai_client(mesh, secret)
+    replies = [
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, temperature=1.0, seed=3, n=3),
+        client.completions.create(model=MODEL, prompt=["The sky is", "Water is", "Fire is"], max_tokens=4),
+        client.chat.completions.create(
+            model=MODEL, messages=WEATHER_QUESTION, tools=[WEATHER], tool_choice="required", max_tokens=40
+        ),
+    ]
+    told_prompt = sum(r.usage.prompt_tokens for r in replies if r.usage)
+    told_completion = sum(r.usage.completion_tokens for r in replies if r.usage)
+    assert told_completion > 3 * 1 + 3 * 1  # every choice and every prompt counted
+    line = ledger_line(mesh, key.key_id, len(replies))
+    assert (line.requests, line.prompt_tokens, line.completion_tokens) == (3, told_prompt, told_completion)

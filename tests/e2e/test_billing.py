@@ -28,7 +28,7 @@ def engine_generated(mesh: LocalMesh) -> float:
 def ledger_line(mesh: LocalMesh, key_id: str, requests: int, timeout: float = 30) -> billing_pb2.UsageLine:
     deadline = time.monotonic() + timeout
     while True:
-        with grpc.insecure_channel(f"127.0.0.1:{mesh.procs['billing'].grpc_port}") as channel:
+        with mesh.channel("billing", "admin") as channel:
             reply = billing_pb2_grpc.BillingServiceStub(channel).GetUsage(
                 billing_pb2.GetUsageRequest(key_id=key_id), timeout=10
             )

@@ -7,7 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
@@ -51,7 +50,7 @@ def test_sigterm_lets_a_running_stream_finish(mesh: LocalMesh) -> None:
     router = mesh.start_router(name="router-sigterm")
     try:
         mesh.wait_serving(router, 60)
-        with grpc.insecure_channel(f"127.0.0.1:{router.grpc_port}") as channel:
+        with mesh.channel(router, "edge") as channel:
             stub = llm_pb2_grpc.LlmServiceStub(channel)
             params = llm_pb2.ChatCompletionParams(
                 model=MODEL,

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.mesh
 
 
 def token_windows(mesh: LocalMesh, key: auth_pb2.Key) -> dict[str, int]:
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.procs['ratelimit'].grpc_port}") as channel:
+    with mesh.channel("ratelimit", "router") as channel:
         who = ratelimit_pb2.Caller(
             tenant=key.tenant, key_id=key.key_id, key_tokens_per_minute=key.limits.tokens_per_minute
         )
@@ -203,3 +203,23 @@ def test_a_cancelled_stream_settles_to_the_tokens_actually_produced(mesh: LocalM
         assert time.monotonic() < deadline, used
         time.sleep(0.1)
     assert prompt + seen <= used < prompt + 1000
+
+
+def test_replies_carry_openais_token_limit_headers_whole_and_streamed(mesh: LocalMesh) -> None:
+    _, secret = create_key(mesh, "token-headers", tpm=5000)
+    headers = {"authorization": f"Bearer {secret}"}
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+    whole = httpx.post(f"{mesh.edge_url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert whole.status_code == 200, whole.text
+    assert whole.headers["x-ratelimit-limit-tokens"] == "5000"
+    # What this request reserved (its prompt plus max_tokens) is out of the window.
+    used = 5000 - int(whole.headers["x-ratelimit-remaining-tokens"])
+    assert whole.json()["usage"]["prompt_tokens"] + 8 <= used
+    assert whole.headers["x-ratelimit-reset-tokens"].endswith("s")
+    with httpx.stream(
+        "POST", f"{mesh.edge_url}/v1/chat/completions", json={**body, "stream": True}, headers=headers, timeout=60
+    ) as streamed:
+        streamed.read()
+    assert streamed.headers["x-ratelimit-limit-tokens"] == "5000"
+    assert int(streamed.headers["x-ratelimit-remaining-tokens"]) < 5000 - used + 8
+    assert "grpc-status" not in streamed.headers and "grpc-status" not in whole.headers

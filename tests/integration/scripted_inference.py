@@ -24,6 +24,7 @@ import grpc
 
 from meshserve.inference.v1 import inference_pb2 as ipb
 from meshserve.inference.v1 import inference_pb2_grpc
+from services.runtime.errors import InvalidArgument
 from services.runtime.server import Runtime, serve
 from services.runtime.settings import ServiceSettings
 
@@ -35,6 +36,21 @@ SERVICE = ipb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))  # as vLLM's pydantic models write it
+
+
+def _prompt_of(body: Any, chat: bool) -> str:
+    """The text the script reacts to; a body whose prompt vLLM's serving layer refuses is refused (400)."""
+    value = body.get("messages" if chat else "prompt") if isinstance(body, dict) else None
+    if chat:
+        if not isinstance(value, list) or not value or not isinstance(value[-1], dict):
+            raise InvalidArgument("messages: must be a non-empty list of messages")
+        value = value[-1].get("content") or ""
+    if isinstance(value, str) and (value or chat):
+        return value
+    if isinstance(value, list) and value:
+        parts = [p if isinstance(p, str) else str(p.get("text", "")) if isinstance(p, dict) else "" for p in value]
+        return "".join(parts)
+    raise InvalidArgument("Either prompt or prompt_embeds must be provided and non-empty.")
 
 
 class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
@@ -83,8 +99,7 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
         start = (await anext(aiter(requests))).start
         body = json.loads(start.body)
         chat = start.endpoint == ipb.ENDPOINT_CHAT_COMPLETIONS
-        last = (body["messages"][-1].get("content") or "") if chat else body["prompt"]
-        prompt = last if isinstance(last, str) else "".join(str(p.get("text", "")) for p in last if isinstance(p, dict))
+        prompt = _prompt_of(body, chat)
         steps = self.Generate(ipb.GenerateRequest(request_id=start.request_id, input=ipb.Input(text=prompt)), context)
         if not start.proceed:
             yield ipb.ServeResponse(measured=True, prompt_tokens=3, max_tokens=body.get("max_tokens") or 16)
@@ -139,7 +154,7 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
 def start(mesh: LocalMesh, name: str, tokens: int, token_seconds: float, **env: str) -> Proc:
     """Starts a scripted replica as a service of mesh, named name, streaming tokens token_seconds apart."""
     settings = {"SCRIPTED_NAME": name, "SCRIPTED_TOKENS": str(tokens), "SCRIPTED_TOKEN_SECONDS": str(token_seconds)}
-    return mesh.start_service(name, __name__, "MESHSERVE_", {**settings, **env})
+    return mesh.start_service(name, __name__, "MESHSERVE_", {**settings, **env}, kind="inference")
 
 
 def full_mesh(

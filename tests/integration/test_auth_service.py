@@ -6,7 +6,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -26,7 +25,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
         grace = {"MESHSERVE_AUTH_OUTAGE_GRACE_SECONDS": str(OUTAGE_GRACE_SECONDS)}
         m.wait_serving(m.start_auth("auth", grace), 30)
         m.wait_serving(m.start_auth("auth-2", grace), 30)
-        router = m.start_service("router", "tests.integration.recording_router", "MESHSERVE_")
+        router = m.start_service("router", "tests.integration.recording_router", "MESHSERVE_", kind="router")
         m.wait_serving(router, 30)
         m.start_envoy()
         m.wait_edge(30)
@@ -40,7 +39,7 @@ def check(mesh: LocalMesh, replica: str, secret: str) -> int:
     request = external_auth_pb2.CheckRequest()
     request.attributes.request.http.path = "/v1/models"
     request.attributes.request.http.headers["authorization"] = f"Bearer {secret}"
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.procs[replica].grpc_port}") as channel:
+    with mesh.channel(replica, "edge") as channel:
         return int(external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=5).status.code)
 
 
@@ -54,7 +53,7 @@ def create(mesh: LocalMesh, models: tuple[str, ...] = ()) -> auth_pb2.CreateKeyR
 def test_a_revocation_on_one_replica_reaches_the_other_within_a_second(mesh: LocalMesh) -> None:
     created = create(mesh)
     assert check(mesh, "auth-2", created.secret) == 0  # cached on the second replica now
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.procs['auth'].grpc_port}") as channel:
+    with mesh.channel("auth", "edge") as channel:
         from meshserve.auth.v1 import auth_pb2_grpc
 
         admin = (("authorization", f"Bearer {mesh.admin_key}"),)
@@ -103,7 +102,7 @@ def test_an_operator_secret_becomes_the_admin_key_once(mesh: LocalMesh) -> None:
     for attempt in range(2):  # a restart must not create a second key
         replica = mesh.start_service(f"auth-operator-{attempt}", "services.auth", "MESHSERVE_AUTH_", env)
         mesh.wait_serving(replica, 30)
-        with grpc.insecure_channel(f"127.0.0.1:{replica.grpc_port}") as channel:
+        with mesh.channel(replica, "edge") as channel:
             keys = auth_pb2_grpc.AuthAdminServiceStub(channel).ListKeys(
                 auth_pb2.ListKeysRequest(tenant="admin"), metadata=(("authorization", f"Bearer {secret}"),), timeout=10
             )

@@ -18,7 +18,7 @@ MODEL = "smollm2-135m-instruct"
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     mesh = LocalMesh(MeshOptions(state_dir=tmp_path_factory.mktemp("edge"), model=MODEL, model_store=Path("unused")))
     try:
-        replica = mesh.start_service("scripted", "tests.integration.scripted_inference", "MESHSERVE_")
+        replica = mesh.start_service("scripted", "tests.integration.scripted_inference", "MESHSERVE_", kind="inference")
         mesh.wait_serving(replica, 30)
         mesh.wait_serving(mesh.start_router(replicas=[f"127.0.0.1:{replica.grpc_port}"], require_caller=False), 60)
         mesh.start_envoy()

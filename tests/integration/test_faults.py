@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 
@@ -145,7 +144,7 @@ def wait_recovered(mesh: LocalMesh, key: str, within: float = 60) -> float:
 
 
 def billed(mesh: LocalMesh, key_id: str) -> billing_pb2.UsageLine:
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.procs['billing'].grpc_port}") as channel:
+    with mesh.channel("billing", "admin") as channel:
         reply = billing_pb2_grpc.BillingServiceStub(channel).GetUsage(
             billing_pb2.GetUsageRequest(key_id=key_id), timeout=10
         )

@@ -16,8 +16,10 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from google.api import httpbody_pb2
 
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
+from meshserve.llm.v2 import llm_pb2_grpc as llm_v2_pb2_grpc
 from services.mesh.local import LocalMesh
 from tests.e2e.helpers import create_key, passed_by_failure_mode, scrape, value
 from tests.integration import scripted_inference
@@ -159,6 +161,54 @@ def test_the_tenant_model_limit_sees_the_last_model_of_a_grpc_message(mesh: Loca
     assert codes == ["OK", "OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"]
 
 
+@pytest.mark.parametrize(
+    ("tenant", "body"),
+    [
+        # A decoy "model" nested before the real one, and the same key twice (the last one is served).
+        (
+            "per-model-4",
+            '{"metadata": {"model": "x"}, "model": "x", "model": "smollm2-135m-instruct", "max_tokens": 2}',
+        ),
+        ("per-model-5", '{"model": "smollm2-135m-instruct", "tools": [{"model": "x"}], "max_tokens": 2}'),
+    ],
+)
+def test_the_tenant_model_limit_sees_the_model_of_an_openai_grpc_body(mesh: LocalMesh, tenant: str, body: str) -> None:
+    _, key = create_key(mesh, tenant)
+    messages = ', "messages": [{"role": "user", "content": "hi"}]}'
+    request = httpbody_pb2.HttpBody(content_type="application/json", data=(body[:-1] + messages).encode())
+    codes = []
+    with grpc.insecure_channel(f"{mesh.edge.host}:{mesh.edge.port}") as channel:
+        stub = llm_v2_pb2_grpc.LlmServiceStub(channel)
+        for _ in range(4):
+            try:
+                stub.CreateChatCompletion(request, metadata=(("authorization", f"Bearer {key}"),), timeout=10)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+    assert codes[2:] == ["RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"], codes
+
+
+@pytest.mark.parametrize(
+    "escaped",
+    [
+        b'{"model": "smollm2\\u002d135m-instruct", "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"mod\\u0065l": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}]}',
+    ],
+)
+def test_an_openai_grpc_body_whose_model_the_edge_cannot_read_plainly_is_refused(
+    mesh: LocalMesh, escaped: bytes
+) -> None:
+    with grpc.insecure_channel(f"{mesh.edge.host}:{mesh.edge.port}") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            llm_v2_pb2_grpc.LlmServiceStub(channel).CreateChatCompletion(
+                httpbody_pb2.HttpBody(content_type="application/json", data=escaped),
+                metadata=(("authorization", f"Bearer {mesh.user_key}"),),
+                timeout=10,
+            )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model" in (info.value.details() or "")
+
+
 def test_a_header_too_large_is_a_431_the_sdk_does_not_retry(mesh: LocalMesh) -> None:
     r = post(mesh, chat_body(), headers={"x-meshserve-session": "s" * 40_000})
     assert r.status_code == 431, r.text
@@ -260,7 +310,8 @@ def test_a_router_reports_serving_only_once_its_model_has_a_replica_in_rotation(
     mesh.wait_bound(router, 30)
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline:
-        assert not check_health(f"127.0.0.1:{router.grpc_port}"), "serving with no replica in rotation"
+        target = f"127.0.0.1:{router.grpc_port}"
+        assert not check_health(target, files=mesh.identity("admin"), peer="router"), "serving with no replica"
         time.sleep(0.2)
     replica = scripted_inference.start(mesh, "late", 2, 0.01, MESHSERVE_PORT=str(port))
     mesh.wait_serving(replica, 30)

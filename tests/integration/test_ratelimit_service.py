@@ -36,12 +36,12 @@ def rls(mesh: LocalMesh, replica: str, key_id: str, tenant: str = "acme") -> rls
     entries.add(key="key_id", value=key_id)
     entries.add(key="key_rpm", value="0")
     request.descriptors.add().entries.add(key="tenant", value=tenant)
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.procs[replica].grpc_port}") as channel:
+    with mesh.channel(replica, "edge") as channel:
         return rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(request, timeout=5)
 
 
 def budget(mesh: LocalMesh, replica: str) -> ratelimit_pb2_grpc.TokenBudgetServiceStub:
-    channel = grpc.insecure_channel(f"127.0.0.1:{mesh.procs[replica].grpc_port}")
+    channel = mesh.channel(replica, "router")
     return ratelimit_pb2_grpc.TokenBudgetServiceStub(channel)
 
 
@@ -70,7 +70,7 @@ def test_an_over_limit_answer_tells_envoy_what_to_send(mesh: LocalMesh) -> None:
 
 
 def test_an_unknown_domain_or_descriptor_is_an_invalid_argument(mesh: LocalMesh) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.procs['rl-a'].grpc_port}") as channel:
+    with mesh.channel("rl-a", "edge") as channel:
         stub = rls_pb2_grpc.RateLimitServiceStub(channel)
         with pytest.raises(grpc.RpcError) as bad_domain:
             stub.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="other"), timeout=5)

@@ -64,8 +64,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         mesh.stop()
 
 
-def stub(router: Proc) -> tuple[grpc.Channel, llm_pb2_grpc.LlmServiceStub]:
-    channel = grpc.insecure_channel(f"127.0.0.1:{router.grpc_port}")
+def stub(mesh: LocalMesh, router: Proc) -> tuple[grpc.Channel, llm_pb2_grpc.LlmServiceStub]:
+    channel = mesh.channel(router, "edge")
     return channel, llm_pb2_grpc.LlmServiceStub(channel)
 
 
@@ -75,9 +75,11 @@ def params(user: str = "hi", system: str | None = None, max_tokens: int = 16) ->
     return llm_pb2.ChatCompletionParams(model=MODEL, messages=messages, max_tokens=max_tokens)
 
 
-def served_by(router: Proc, p: llm_pb2.ChatCompletionParams, metadata: tuple[tuple[str, str], ...] = ()) -> str:
+def served_by(
+    mesh: LocalMesh, router: Proc, p: llm_pb2.ChatCompletionParams, metadata: tuple[tuple[str, str], ...] = ()
+) -> str:
     """The replica that answered (scripted replicas start their reply with their name)."""
-    channel, llm = stub(router)
+    channel, llm = stub(mesh, router)
     with channel:
         reply = llm.CreateChatCompletion(llm_pb2.CreateChatCompletionRequest(params=p), timeout=30, metadata=metadata)
     return reply.choices[0].message.content.split(" ")[0]
@@ -91,25 +93,25 @@ def metric(router: Proc, line_start: str) -> float:
 
 def test_concurrent_requests_spread_by_load(fleet: Fleet) -> None:
     with ThreadPoolExecutor(6) as pool:
-        homes = Counter(pool.map(lambda i: served_by(fleet.router, params(f"question {i}")), range(6)))
+        homes = Counter(pool.map(lambda i: served_by(fleet.mesh, fleet.router, params(f"question {i}")), range(6)))
     assert set(homes) == {"a", "b", "c"}, homes
     assert max(homes.values()) <= 3, homes
 
 
 def test_a_shared_prefix_lands_on_one_replica_and_different_prefixes_spread(fleet: Fleet) -> None:
-    homes = {served_by(fleet.router, params(f"question {i}", system=SYSTEM)) for i in range(9)}
+    homes = {served_by(fleet.mesh, fleet.router, params(f"question {i}", system=SYSTEM)) for i in range(9)}
     assert len(homes) == 1
-    spread = {served_by(fleet.router, params("question", system=f"{i} {SYSTEM}")) for i in range(12)}
+    spread = {served_by(fleet.mesh, fleet.router, params("question", system=f"{i} {SYSTEM}")) for i in range(12)}
     assert len(spread) >= 2
 
 
 def test_a_session_header_keeps_a_short_conversation_on_one_replica(fleet: Fleet) -> None:
     session = (("x-meshserve-session", "chat-7"),)
-    assert len({served_by(fleet.router, params(f"turn {i}"), session) for i in range(6)}) == 1
+    assert len({served_by(fleet.mesh, fleet.router, params(f"turn {i}"), session) for i in range(6)}) == 1
 
 
 def test_a_client_that_goes_away_aborts_the_generation_on_the_replica(fleet: Fleet) -> None:
-    channel, llm = stub(fleet.router)
+    channel, llm = stub(fleet.mesh, fleet.router)
     with channel:
         stream = llm.StreamChatCompletion(
             llm_pb2.StreamChatCompletionRequest(params=params("long one", max_tokens=64)), timeout=30
@@ -127,7 +129,7 @@ def test_a_replica_whose_engine_fails_is_ejected_and_requests_go_elsewhere(fleet
     broken = fleet.replica("broken", SCRIPTED_BROKEN="1")
     fleet.mesh.wait_serving(broken, 30)
     router = fleet.start_router("router-broken", [broken, fleet.replicas["a"]], MESHSERVE_ROUTER_BALANCE="round_robin")
-    assert [served_by(router, params(f"q{i}")) for i in range(6)] == ["a"] * 6
+    assert [served_by(fleet.mesh, router, params(f"q{i}")) for i in range(6)] == ["a"] * 6
     assert metric(router, f'meshserve_router_ejections_total{{replica="{fleet.address(broken)}"}}') >= 1
     assert metric(router, "meshserve_router_failovers_total") >= 1
     assert fleet.events("broken") == []
@@ -139,7 +141,7 @@ def test_saturation_is_refused_fast_with_retry_after(fleet: Fleet) -> None:
     router = fleet.start_router("router-small", [slow], MESHSERVE_ROUTER_QUEUE_SIZE="2")
 
     def call(i: int) -> tuple[grpc.StatusCode, float, str]:
-        channel, llm = stub(router)
+        channel, llm = stub(fleet.mesh, router)
         started = time.monotonic()
         with channel:
             try:
@@ -164,7 +166,7 @@ def test_kill_9_mid_load_errors_only_the_started_streams_then_the_replica_comes_
     for proc in (victim, survivor):
         fleet.mesh.wait_serving(proc, 30)
     router = fleet.start_router("router-kill", [victim, survivor])
-    channel, llm = stub(router)
+    channel, llm = stub(fleet.mesh, router)
     with channel:
         streams = [
             llm.StreamChatCompletion(
@@ -178,18 +180,18 @@ def test_kill_9_mid_load_errors_only_the_started_streams_then_the_replica_comes_
         os.killpg(victim.popen.pid, signal.SIGKILL)
         victim.popen.wait()
         # Requests that had not started: all served, by the survivor, without a client error.
-        after = [served_by(router, params(f"after {i}")) for i in range(6)]
+        after = [served_by(fleet.mesh, router, params(f"after {i}")) for i in range(6)]
         assert after == ["survivor"] * 6
         # Streams that had started: in-band errors on the victim's, clean finishes on the survivor's.
         for home, stream in zip(homes, streams, strict=True):
             rest = list(stream)
             if home == "victim":
-                assert rest[-1].error.code == "unavailable", rest[-1]
+                assert rest[-1].error.code == "service_unavailable", rest[-1]
             else:
                 assert rest[-1].choices[0].finish_reason == "stop"
     assert metric(router, f'meshserve_router_replica_available{{replica="{fleet.address(victim)}"}}') == 0
     restarted = fleet.mesh.restart("victim")
     fleet.mesh.wait_routable(router, [restarted], 30)
     with ThreadPoolExecutor(4) as pool:
-        homes_now = set(pool.map(lambda i: served_by(router, params(f"back {i}")), range(4)))
+        homes_now = set(pool.map(lambda i: served_by(fleet.mesh, router, params(f"back {i}")), range(4)))
     assert homes_now == {"victim", "survivor"}

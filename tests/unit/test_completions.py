@@ -144,7 +144,7 @@ async def test_an_error_after_the_first_token_goes_in_band() -> None:
     chunks = [c async for c in completions(replica).chat_stream(chat(stream=True), ANY)]
     assert chunks[0].choices[0].delta.content == "a"
     assert chunks[-1].error.message == "replica died"
-    assert chunks[-1].error.type == "server_error" and chunks[-1].error.code == "unavailable"
+    assert chunks[-1].error.type == "server_error" and chunks[-1].error.code == "service_unavailable"
 
 
 async def test_an_error_before_the_first_token_is_a_status() -> None:

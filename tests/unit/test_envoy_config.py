@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+from pathlib import Path
 
+import yaml
 from google.protobuf import descriptor_pb2
 
+from deploy.envoy import mesh_tls
 from deploy.envoy.config import Address, EdgeConfig, Tracing, lua_source, render
+from services.runtime import tls
 from services.runtime.openai_errors import ERROR_TYPES
 
 CFG = EdgeConfig(listen=Address("127.0.0.1", 8080), admin=Address("127.0.0.1", 9901), router=Address("10.0.0.2", 50051))
@@ -172,3 +177,37 @@ def test_tracing_is_an_opentelemetry_provider_with_its_own_cluster_or_absent() -
     assert provider["name"] == "envoy.tracers.opentelemetry"
     assert provider["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "otlp"
     assert "otlp" in clusters
+
+
+def test_with_mesh_tls_every_mesh_cluster_is_mutual_tls_to_the_service_it_names(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(
+        CFG,
+        auth=Address("10.0.0.3", 1),
+        ratelimit=Address("10.0.0.4", 1),
+        billing=Address("10.0.0.5", 1),
+        tracing=Tracing(Address("10.0.0.6", 4317)),
+        mesh_sds=tmp_path,
+    )
+    clusters = {c["name"]: c for c in render(cfg)["static_resources"]["clusters"]}
+    assert set(clusters) == {"router", "auth", "ratelimit", "billing", "otlp"}
+    for name in ("router", "auth", "ratelimit", "billing"):
+        socket = clusters[name]["transport_socket"]["typed_config"]
+        assert socket["@type"].endswith("UpstreamTlsContext")
+        context = socket["common_tls_context"]
+        assert context["tls_params"]["tls_minimum_protocol_version"] == "TLSv1_2"
+        assert context["tls_certificate_sds_secret_configs"][0]["name"] == mesh_tls.CLIENT_SECRET
+        san = context["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"]
+        assert san == [{"san_type": "DNS", "matcher": {"exact": name}}]
+    # The collector is not a mesh service; without mesh_sds nothing is TLS.
+    assert "transport_socket" not in clusters["otlp"]
+    assert all("transport_socket" not in c for c in render(CFG)["static_resources"]["clusters"])
+
+
+def test_the_sds_files_name_the_edge_certificate_and_watch_its_folder(tmp_path: Path) -> None:
+    files = tls.issue(tmp_path / "ca", "edge")
+    folder = mesh_tls.write_sds(files, tmp_path / "sds")
+    client = yaml.safe_load((folder / mesh_tls.SDS_FILES[mesh_tls.CLIENT_SECRET]).read_text())["resources"]
+    assert [r["name"] for r in client] == [mesh_tls.CLIENT_SECRET]
+    certificate = client[0]["tls_certificate"]
+    assert certificate["certificate_chain"]["filename"] == str(files.cert.absolute())
+    assert certificate["watched_directory"]["path"] == str(files.folder.absolute())

@@ -43,14 +43,20 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("reserved_tokens", "estimated_completion_tokens", "enforced")
+    __slots__ = ("reserved_tokens", "estimated_completion_tokens", "enforced", "limit_tokens", "remaining_tokens", "reset_seconds")
     RESERVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ENFORCED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     reserved_tokens: int
     estimated_completion_tokens: int
     enforced: bool
-    def __init__(self, reserved_tokens: _Optional[int] = ..., estimated_completion_tokens: _Optional[int] = ..., enforced: _Optional[bool] = ...) -> None: ...
+    limit_tokens: int
+    remaining_tokens: int
+    reset_seconds: float
+    def __init__(self, reserved_tokens: _Optional[int] = ..., estimated_completion_tokens: _Optional[int] = ..., enforced: _Optional[bool] = ..., limit_tokens: _Optional[int] = ..., remaining_tokens: _Optional[int] = ..., reset_seconds: _Optional[float] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
     __slots__ = ("request_id", "caller", "model", "prompt_tokens", "completion_tokens", "outcome")

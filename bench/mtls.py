@@ -1,0 +1,65 @@
+"""What mutual TLS inside the mesh adds: the same edge path with every internal hop plaintext or mTLS.
+
+Two meshes run at once on one machine, identical but for MeshOptions.mtls: Envoy, ext_authz to the auth
+service (a cached key, Redis), and the router, serving GET /v1/models (two internal hops per request: the
+edge to auth, the edge to the router; no engine). wrk drives both with keep-alive connections at
+concurrency 1 and 8 in alternating rounds. Connections inside the mesh are long-lived HTTP/2, so what
+this measures is the per-request cost of encrypting and decrypting, not handshakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench.loadgen import compare_edges, edge_tables, write_report, wrk_state
+from services.mesh.local import LocalMesh, MeshOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start(mesh: LocalMesh) -> tuple[str, dict[str, str]]:
+    mesh.start_redis()
+    mesh.wait_serving(mesh.start_auth(), 30)
+    mesh.wait_serving(mesh.start_router(replicas=["127.0.0.1:1"], required_for_ready=False), 30)
+    mesh.start_envoy()
+    mesh.wait_edge(30)
+    mesh.ensure_user_key()
+    return f"{mesh.edge_url}/v1/models", {"authorization": f"Bearer {mesh.user_key}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=5, help="length of one wrk round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "mtls.md")
+    args = parser.parse_args()
+    state = wrk_state("bench-mtls")
+    unused = Path("unused")
+    meshes = {
+        "plaintext": LocalMesh(MeshOptions(state_dir=state / "plain", model="m", model_store=unused, mtls=False)),
+        "mutual TLS": LocalMesh(MeshOptions(state_dir=state / "mtls", model="m", model_store=unused)),
+    }
+    started = time.time()
+    try:
+        targets = {name: _start(mesh) for name, mesh in meshes.items()}
+        results = compare_edges(targets, args.rounds, args.seconds)
+    finally:
+        for mesh in meshes.values():
+            mesh.stop()
+    lines = [
+        "# What mutual TLS inside the mesh adds",
+        "",
+        "GET /v1/models through Envoy, ext_authz to the auth service (cached key) and the router, every internal "
+        "hop plaintext or mutual TLS (long-lived HTTP/2 connections), wrk with keep-alive, "
+        f"{args.rounds} alternating rounds of {args.seconds} s; medians of the rounds. "
+        f"Run took {time.time() - started:.0f} s on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        *edge_tables(results, "plaintext", "mutual TLS", "mutual TLS"),
+    ]
+    write_report(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()

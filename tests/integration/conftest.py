@@ -1,0 +1,21 @@
+"""Fixtures shared by the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.mesh.local import LocalMesh, MeshOptions
+
+
+@pytest.fixture(scope="module")
+def redis_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """A mesh of one Redis (per test module), to start services on."""
+    m = LocalMesh(MeshOptions(state_dir=tmp_path_factory.mktemp("redis-mesh"), model_store=Path("unused")))
+    try:
+        m.start_redis()
+        yield m
+    finally:
+        m.stop()
