@@ -110,6 +110,7 @@ def report(results: dict[int, dict[str, dict[str, float]]], args: argparse.Names
         f"Model {MODEL}, greedy, max_tokens {args.max_tokens}, streamed with usage; "
         f"{args.rounds} alternating rounds per target and concurrency, {args.requests} requests per round "
         f"(x concurrency/4, at least the concurrency), {args.settle:g} s of quiet before each round. "
+        f"The mesh's internal hops: {'mutual TLS' if args.mtls else 'plaintext (--no-mtls)'}. "
         f"Machine: {os.cpu_count()} cores. "
         f"Run took {time.time() - started:.0f} s on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
@@ -222,6 +223,9 @@ def main() -> None:
         default="loadgen",
         help="the load generator: ours (bench/loadgen.py) or vLLM's own `vllm bench serve`, unpatched",
     )
+    parser.add_argument(
+        "--no-mtls", dest="mtls", action="store_false", help="run the mesh's internal hops plaintext (default: mTLS)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     suffix = "" if args.client == "loadgen" else "_vllm_bench"
@@ -235,7 +239,8 @@ def main() -> None:
     settings.ipc_dir().mkdir(mode=0o700, exist_ok=True)
     port = free_port()
     vllm = start_vllm_server(model_dir, port, state, settings)
-    mesh = LocalMesh(MeshOptions(state_dir=state / "mesh", model=MODEL, model_store=model_dir.parent))
+    options = MeshOptions(state_dir=state / "mesh", model=MODEL, model_store=model_dir.parent, mtls=args.mtls)
+    mesh = LocalMesh(options)
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", vllm, 600)
         mesh.start(timeout=600)

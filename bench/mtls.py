@@ -56,7 +56,7 @@ def main() -> None:
         f"{args.rounds} alternating rounds of {args.seconds} s; medians of the rounds. "
         f"Run took {time.time() - started:.0f} s on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
-        *edge_tables(results, "plaintext", "mutual TLS", "mutual TLS"),
+        *edge_tables(results, "plaintext", "mutual TLS", "mutual TLS", target=""),
     ]
     write_report(lines, args.out)
 
