@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from deploy.envoy.filters import cors_policy, http_filters, lua_source, rate_limit_descriptors
-from deploy.envoy.mesh_tls import upstream_socket
+from deploy.envoy.mesh_tls import downstream_socket, upstream_socket
 from deploy.envoy.replies import access_log, local_reply_config
 from deploy.envoy.settings import LLM_SERVICE, OPENAI_SERVICE, USAGE_PATH, Address, EdgeConfig, Tracing
 from services.auth.keys import ADMIN_PATH_PREFIX
@@ -184,7 +184,10 @@ def render(cfg: EdgeConfig) -> dict[str, Any]:
                     "address": _socket(cfg.listen),
                     "per_connection_buffer_limit_bytes": cfg.max_request_bytes,
                     "filter_chains": [
-                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                        {
+                            **({"transport_socket": downstream_socket(cfg.edge_sds)} if cfg.edge_sds else {}),
+                            "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
+                        }
                     ],
                 }
             ],

@@ -17,27 +17,38 @@ from services.runtime import tls
 
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 UPSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-CLIENT_SECRET, CA_SECRET = "mesh_client", "mesh_ca"
+CLIENT_SECRET, CA_SECRET, SERVER_SECRET = "mesh_client", "mesh_ca", "edge_server"
+DOWNSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 
 
-SDS_FILES = {CLIENT_SECRET: "sds-cert.yaml", CA_SECRET: "sds-ca.yaml"}
+SDS_FILES = {CLIENT_SECRET: "sds-cert.yaml", CA_SECRET: "sds-ca.yaml", SERVER_SECRET: "sds-edge-server.yaml"}
 
 
-def sds_resources(files: tls.Files) -> dict[str, dict[str, Any]]:
+def sds_resources(files: tls.Files, server: tls.Files | None = None) -> dict[str, dict[str, Any]]:
     """Each SDS file's content by secret name (Envoy takes one secret per file): the edge's
-    certificate and the mesh CA, by file name."""
+    certificate and the mesh CA, and the certificate its clients see (server: by default the same)."""
     # Envoy reloads a secret when its folder's `..data` link moves (tls.publish, the kubelet), reading
     # certificate and key together.
-    watched = {"watched_directory": {"path": str(files.folder.absolute())}}
-    secrets = {
-        CLIENT_SECRET: {
+    server = server or files
+
+    def certificate(of: tls.Files) -> dict[str, Any]:
+        return {
             "tls_certificate": {
-                "certificate_chain": {"filename": str(files.cert.absolute())},
-                "private_key": {"filename": str(files.key.absolute())},
-                **watched,
+                "certificate_chain": {"filename": str(of.cert.absolute())},
+                "private_key": {"filename": str(of.key.absolute())},
+                "watched_directory": {"path": str(of.folder.absolute())},
+            }
+        }
+
+    secrets = {
+        CLIENT_SECRET: certificate(files),
+        SERVER_SECRET: certificate(server),
+        CA_SECRET: {
+            "validation_context": {
+                "trusted_ca": {"filename": str(files.ca.absolute())},
+                "watched_directory": {"path": str(files.folder.absolute())},
             }
         },
-        CA_SECRET: {"validation_context": {"trusted_ca": {"filename": str(files.ca.absolute())}, **watched}},
     }
     return {name: {"resources": [{"@type": SECRET_TYPE, "name": name, **body}]} for name, body in secrets.items()}
 
@@ -64,6 +75,22 @@ def upstream_socket(peer: str, sds_dir: Path) -> dict[str, Any]:
                     },
                     "validation_context_sds_secret_config": _sds(CA_SECRET, sds_dir),
                 },
+            },
+        },
+    }
+
+
+def downstream_socket(sds_dir: Path) -> dict[str, Any]:
+    """The edge listener's TLS: HTTP/2 (native gRPC) and HTTP/1.1 by ALPN on one port, TLS 1.2 and up
+    (Envoy's default ciphers: no legacy ones), the certificate from SDS (reloaded when it changes)."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": DOWNSTREAM_TLS_TYPE,
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificate_sds_secret_configs": [_sds(SERVER_SECRET, sds_dir)],
             },
         },
     }

@@ -79,3 +79,6 @@ class EdgeConfig:
     # Mutual TLS to every mesh service: the folder of the SDS files with the edge's certificate and the
     # mesh CA (mesh_tls.write_sds). None: plaintext upstreams (`meshserve up --no-mtls` only).
     mesh_sds: Path | None = None
+    # TLS at the edge: the folder of the SDS files with the certificate clients see (mesh_tls.write_sds).
+    # None: plain HTTP (locally by default, as `vllm serve`).
+    edge_sds: Path | None = None

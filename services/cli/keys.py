@@ -26,6 +26,9 @@ EDGE = typer.Option("127.0.0.1:8080", envvar="MESHSERVE_EDGE", help="Edge addres
 ADMIN_KEY = typer.Option(
     "", envvar="MESHSERVE_ADMIN_KEY", help="Admin key; default: the one `meshserve up` wrote to var/run."
 )
+CA = typer.Option(
+    "", envvar="MESHSERVE_EDGE_CA", help="The CA of a TLS edge (`meshserve up --tls` prints it); empty: plain."
+)
 ADMIN_FILE = Path("var/run/admin-key.json")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 
@@ -40,7 +43,7 @@ def parse_duration(text: str) -> float:
 
 @contextmanager
 def _admin(
-    edge: str, admin_key: str
+    edge: str, admin_key: str, ca: str = ""
 ) -> Iterator[tuple[auth_pb2_grpc.AuthAdminServiceStub, tuple[tuple[str, str], ...]]]:
     if not admin_key:
         if not ADMIN_FILE.exists():
@@ -48,7 +51,12 @@ def _admin(
                 "no admin key: pass --admin-key or set MESHSERVE_ADMIN_KEY", param_hint="admin-key"
             )
         admin_key = json.loads(ADMIN_FILE.read_text())["secret"]
-    with grpc.insecure_channel(edge) as channel:
+    channel_ = (
+        grpc.secure_channel(edge, grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes()))
+        if ca
+        else grpc.insecure_channel(edge)
+    )
+    with channel_ as channel:
         try:
             yield auth_pb2_grpc.AuthAdminServiceStub(channel), (("authorization", f"Bearer {admin_key}"),)
         except grpc.RpcError as exc:
@@ -90,6 +98,7 @@ def create(
     tpm: int = typer.Option(0, help="Tokens per minute for this key (0: plan default)."),
     edge: str = EDGE,
     admin_key: str = ADMIN_KEY,
+    ca: str = CA,
 ) -> None:
     """Creates a key and prints its secret, the only time it is shown."""
     request = auth_pb2.CreateKeyRequest(
@@ -101,7 +110,7 @@ def create(
     )
     if expires_in:
         request.expires_at.FromSeconds(int(time.time() + parse_duration(expires_in)))
-    with _admin(edge, admin_key) as (stub, auth):
+    with _admin(edge, admin_key, ca) as (stub, auth):
         reply = stub.CreateKey(request, metadata=auth, timeout=10)
     out.print(_table([reply.key]))
     out.print(f"secret (shown once): [bold]{reply.secret}[/]")
@@ -113,9 +122,10 @@ def list_keys(
     all_keys: bool = typer.Option(False, "--all", help="Include revoked keys."),
     edge: str = EDGE,
     admin_key: str = ADMIN_KEY,
+    ca: str = CA,
 ) -> None:
     """Lists keys (never their secrets)."""
-    with _admin(edge, admin_key) as (stub, auth):
+    with _admin(edge, admin_key, ca) as (stub, auth):
         reply = stub.ListKeys(
             auth_pb2.ListKeysRequest(tenant=tenant, include_revoked=all_keys), metadata=auth, timeout=10
         )
@@ -123,9 +133,9 @@ def list_keys(
 
 
 @app.command()
-def get(key_id: str, edge: str = EDGE, admin_key: str = ADMIN_KEY) -> None:
+def get(key_id: str, edge: str = EDGE, admin_key: str = ADMIN_KEY, ca: str = CA) -> None:
     """Shows one key."""
-    with _admin(edge, admin_key) as (stub, auth):
+    with _admin(edge, admin_key, ca) as (stub, auth):
         reply = stub.GetKey(auth_pb2.GetKeyRequest(key_id=key_id), metadata=auth, timeout=10)
     out.print(_table([reply.key]))
 
@@ -136,9 +146,10 @@ def rotate(
     grace: str = typer.Option("1h", help="How long the old secret keeps working, e.g. 10m; 0s stops it now."),
     edge: str = EDGE,
     admin_key: str = ADMIN_KEY,
+    ca: str = CA,
 ) -> None:
     """Issues a new secret; the old one works for the grace period."""
-    with _admin(edge, admin_key) as (stub, auth):
+    with _admin(edge, admin_key, ca) as (stub, auth):
         reply = stub.RotateKey(
             auth_pb2.RotateKeyRequest(key_id=key_id, grace_seconds=int(parse_duration(grace))),
             metadata=auth,
@@ -150,8 +161,8 @@ def rotate(
 
 
 @app.command()
-def revoke(key_id: str, edge: str = EDGE, admin_key: str = ADMIN_KEY) -> None:
+def revoke(key_id: str, edge: str = EDGE, admin_key: str = ADMIN_KEY, ca: str = CA) -> None:
     """Revokes a key on every auth replica within a second."""
-    with _admin(edge, admin_key) as (stub, auth):
+    with _admin(edge, admin_key, ca) as (stub, auth):
         reply = stub.RevokeKey(auth_pb2.RevokeKeyRequest(key_id=key_id), metadata=auth, timeout=10)
     out.print(_table([reply.key]))

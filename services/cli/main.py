@@ -82,24 +82,34 @@ def gen() -> None:
     protogen.main()
 
 
-def _examples(url: str, model: str, key: str, admin_file: Path, key_file: Path, rules: Path) -> str:
-    return f"""[bold]Edge[/]: {url}  (REST + SSE, OpenAI-compatible; native gRPC on the same port)
+def _examples(url: str, model: str, key: str, admin_file: Path, key_file: Path, rules: Path, ca: Path | None) -> str:
+    # With a TLS edge, every example trusts the local CA.
+    cacert = f" --cacert {ca}" if ca else ""
+    trust = ""
+    sdk = f'client = OpenAI(base_url="{url}/v1", api_key=os.environ["MESHSERVE_API_KEY"])'
+    if ca:
+        trust = f"\n[bold]TLS[/]: the edge's certificate is from the local CA {ca}; `export MESHSERVE_EDGE_CA={ca}`"
+        sdk = (
+            f'client = OpenAI(base_url="{url}/v1", api_key=os.environ["MESHSERVE_API_KEY"],\n'
+            f'                  http_client=httpx.Client(verify=ssl.create_default_context(cafile="{ca}")))'
+        )
+    return f"""[bold]Edge[/]: {url}  (REST + SSE, OpenAI-compatible; native gRPC on the same port){trust}
 [bold]Rate limits[/]: {rules} (plans per tenant; reloads when edited)
 [bold]Usage[/]: `meshserve usage` (tokens and cost per tenant, key and model, from the billing ledger),
-  or per key's tenant over REST: curl -s {url}/v1/usage -H "Authorization: Bearer $MESHSERVE_API_KEY"
+  or per key's tenant over REST: curl -s{cacert} {url}/v1/usage -H "Authorization: Bearer $MESHSERVE_API_KEY"
 
 [bold]API key[/] (tenant "default", all models; also in {key_file}):
   export MESHSERVE_API_KEY={key}
 [bold]Admin key[/]: in {admin_file} (mode 0600); `meshserve keys --help` manages keys.
 
 [bold]curl[/]
-  curl -s {url}/v1/chat/completions -H "Authorization: Bearer $MESHSERVE_API_KEY" -H 'Content-Type: application/json' \\
+  curl -s{cacert} {url}/v1/chat/completions -H "Authorization: Bearer $MESHSERVE_API_KEY" -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32}}'
 
 [bold]OpenAI SDK[/]
-  import os
+  import os{", ssl, httpx" if ca else ""}
   from openai import OpenAI
-  client = OpenAI(base_url="{url}/v1", api_key=os.environ["MESHSERVE_API_KEY"])
+  {sdk}
   for chunk in client.chat.completions.create(model="{model}", stream=True,
           messages=[{{"role": "user", "content": "Tell me a joke."}}]):
       print(chunk.choices[0].delta.content or "", end="", flush=True) if chunk.choices else None
@@ -124,6 +134,9 @@ def up(
     mtls: bool = typer.Option(
         True, help="Mutual TLS on every internal hop, with a local CA made in STATE/tls on first start."
     ),
+    edge_tls: bool = typer.Option(
+        False, "--tls", help="Serve the edge over TLS (HTTP/1.1 and HTTP/2) with a certificate from the local CA."
+    ),
 ) -> None:
     """Starts the local mesh (Redis, auth, rate limits, billing, inference on vLLM, router, Envoy edge) until Ctrl-C."""
     from services.inference import model_store
@@ -141,6 +154,7 @@ def up(
         otlp_endpoint=otlp_endpoint,
         trace_sample_ratio=trace_sample,
         mtls=mtls,
+        edge_tls=edge_tls,
     )
     if not mtls:
         console.print("[bold red]mutual TLS is OFF[/]: every internal hop is plaintext and unauthenticated")
@@ -171,7 +185,13 @@ def up(
         console.print(f"[green]meshserve is up[/] in {time.monotonic() - started:.0f}s; logs in {state}/")
         out.print(
             _examples(
-                mesh.edge_url, model, mesh.user_key, mesh.admin_key_file, mesh.user_key_file, options.ratelimit_rules
+                mesh.edge_url,
+                model,
+                mesh.user_key,
+                mesh.admin_key_file,
+                mesh.user_key_file,
+                options.ratelimit_rules,
+                mesh.edge_ca,
             )
         )
         endpoints = ", ".join(

@@ -64,7 +64,19 @@ class LocalMesh(Readiness):
 
     @property
     def edge_url(self) -> str:
-        return f"http://{self.edge.host}:{self.edge.port}"
+        return f"{'https' if self.options.edge_tls else 'http'}://{self.edge.host}:{self.edge.port}"
+
+    @property
+    def edge_ca(self) -> Path | None:
+        """The CA a client of a TLS edge trusts (None for a plain HTTP edge)."""
+        return self._issue("edge").ca if self.options.edge_tls else None
+
+    def edge_channel(self) -> grpc.Channel:
+        """A native gRPC channel to the edge, over TLS when the edge serves it."""
+        target = f"{self.edge.host}:{self.edge.port}"
+        if self.edge_ca is None:
+            return grpc.insecure_channel(target)
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=self.edge_ca.read_bytes()))
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str], ready: bool = True, nice: int = 0) -> Proc:
         log = self.options.state_dir / f"{name}.log"
@@ -109,8 +121,9 @@ class LocalMesh(Readiness):
 
     def identity(self, name: str) -> tls.Files | None:
         """The certificate files of a mesh identity (made on first use), or None with mtls off."""
-        if not self.options.mtls:
-            return None
+        return self._issue(name) if self.options.mtls else None
+
+    def _issue(self, name: str) -> tls.Files:
         with self._issuing:
             if name not in self._identities:
                 self._identities[name] = tls.issue(self.options.state_dir / "tls", name)
@@ -255,6 +268,9 @@ class LocalMesh(Readiness):
         ratelimit = self.procs.get("ratelimit")
         billing = self.procs.get("billing")
         edge = self.identity("edge")
+        sds = self.options.state_dir / "tls" / "edge-sds"
+        if edge is not None or self.options.edge_tls:
+            write_sds(self._issue("edge"), sds)
         config = write_envoy_config(
             EdgeConfig(
                 listen=self.edge,
@@ -267,7 +283,8 @@ class LocalMesh(Readiness):
                 tracing=Tracing(Address.parse(self.options.otlp_endpoint), self.options.trace_sample_ratio * 100)
                 if self.options.otlp_endpoint
                 else None,
-                mesh_sds=write_sds(edge, self.options.state_dir / "tls" / "edge-sds") if edge else None,
+                mesh_sds=sds if edge is not None else None,
+                edge_sds=sds if self.options.edge_tls else None,
             ),
             self.options.state_dir / "envoy.yaml",
         )
@@ -332,7 +349,7 @@ class LocalMesh(Readiness):
         self,
     ) -> tuple[grpc.Channel, auth_pb2_grpc.AuthAdminServiceStub, tuple[tuple[str, str | bytes], ...]]:
         """The admin API through the edge, and the metadata that authenticates as the admin key."""
-        channel = grpc.insecure_channel(f"{self.edge.host}:{self.edge.port}")
+        channel = self.edge_channel()
         return channel, auth_pb2_grpc.AuthAdminServiceStub(channel), (("authorization", f"Bearer {self.admin_key}"),)
 
     def ensure_user_key(self) -> None:

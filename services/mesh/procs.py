@@ -131,6 +131,9 @@ class MeshOptions:
     # Mutual TLS on every internal hop, with a throwaway CA in the state folder (tls/). Off: plaintext,
     # every service logs so at start.
     mtls: bool = True
+    # TLS at the edge (HTTP/1.1 and HTTP/2 on one port) with the edge's certificate from the local CA;
+    # off, the edge is plain HTTP on loopback, as `vllm serve` is.
+    edge_tls: bool = False
 
     def tracing_env(self) -> dict[str, str]:
         """The OTEL_* variables of every service: tracing to otlp_endpoint, or none at all."""

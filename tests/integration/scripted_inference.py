@@ -183,12 +183,15 @@ def full_mesh(
 
 @contextmanager
 def scripted_mesh(
-    state_dir: Path, rules: Path, tokens: int, token_seconds: float, replicas: int = 1
+    state_dir: Path, rules: Path, tokens: int, token_seconds: float, replicas: int = 1, edge_tls: bool = False
 ) -> Iterator[LocalMesh]:
     """The whole mesh over scripted replicas (full_mesh), stopped on the way out."""
     from services.mesh.local import LocalMesh, MeshOptions
 
-    mesh = LocalMesh(MeshOptions(state_dir=state_dir, model="smollm2-135m-instruct", model_store=Path("unused")))
+    options = MeshOptions(
+        state_dir=state_dir, model="smollm2-135m-instruct", model_store=Path("unused"), edge_tls=edge_tls
+    )
+    mesh = LocalMesh(options)
     try:
         full_mesh(mesh, rules, tokens, token_seconds, replicas)
         yield mesh

@@ -211,3 +211,16 @@ def test_the_sds_files_name_the_edge_certificate_and_watch_its_folder(tmp_path: 
     certificate = client[0]["tls_certificate"]
     assert certificate["certificate_chain"]["filename"] == str(files.cert.absolute())
     assert certificate["watched_directory"]["path"] == str(files.folder.absolute())
+
+
+def test_the_edge_serves_tls_with_both_http_versions_only_when_asked(tmp_path: Path) -> None:
+    def chain(cfg: EdgeConfig) -> dict:  # type: ignore[type-arg]
+        return render(cfg)["static_resources"]["listeners"][0]["filter_chains"][0]  # type: ignore[no-any-return]
+
+    assert "transport_socket" not in chain(CFG)
+    socket = chain(dataclasses.replace(CFG, edge_sds=tmp_path))["transport_socket"]["typed_config"]
+    assert socket["@type"].endswith("DownstreamTlsContext")
+    context = socket["common_tls_context"]
+    assert context["alpn_protocols"] == ["h2", "http/1.1"]
+    assert context["tls_params"]["tls_minimum_protocol_version"] == "TLSv1_2"
+    assert context["tls_certificate_sds_secret_configs"][0]["name"] == mesh_tls.SERVER_SECRET
