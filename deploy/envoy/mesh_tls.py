@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from services.runtime import tls
+from services.runtime.files import write_atomic
 
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 UPSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -100,8 +101,5 @@ def write_sds(files: tls.Files, sds_dir: Path) -> Path:
     """Writes the SDS files into sds_dir atomically (Envoy reloads one when a new one is moved into place)."""
     sds_dir.mkdir(parents=True, exist_ok=True)
     for name, content in sds_resources(files).items():
-        path = sds_dir / SDS_FILES[name]
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(content, sort_keys=False))
-        tmp.replace(path)
+        write_atomic(sds_dir / SDS_FILES[name], yaml.safe_dump(content, sort_keys=False).encode())
     return sds_dir

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.runtime import tls
 
 app = typer.Typer(help="API keys (needs an admin key).", no_args_is_help=True)
 out = Console(soft_wrap=True)
@@ -51,12 +52,7 @@ def _admin(
                 "no admin key: pass --admin-key or set MESHSERVE_ADMIN_KEY", param_hint="admin-key"
             )
         admin_key = json.loads(ADMIN_FILE.read_text())["secret"]
-    channel_ = (
-        grpc.secure_channel(edge, grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes()))
-        if ca
-        else grpc.insecure_channel(edge)
-    )
-    with channel_ as channel:
+    with tls.edge_channel(edge, Path(ca) if ca else None) as channel:
         try:
             yield auth_pb2_grpc.AuthAdminServiceStub(channel), (("authorization", f"Bearer {admin_key}"),)
         except grpc.RpcError as exc:

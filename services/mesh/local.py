@@ -73,10 +73,7 @@ class LocalMesh(Readiness):
 
     def edge_channel(self) -> grpc.Channel:
         """A native gRPC channel to the edge, over TLS when the edge serves it."""
-        target = f"{self.edge.host}:{self.edge.port}"
-        if self.edge_ca is None:
-            return grpc.insecure_channel(target)
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=self.edge_ca.read_bytes()))
+        return tls.edge_channel(f"{self.edge.host}:{self.edge.port}", self.edge_ca)
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str], ready: bool = True, nice: int = 0) -> Proc:
         log = self.options.state_dir / f"{name}.log"
@@ -267,9 +264,9 @@ class LocalMesh(Readiness):
         auth = self.procs.get("auth")
         ratelimit = self.procs.get("ratelimit")
         billing = self.procs.get("billing")
-        edge = self.identity("edge")
+        # One SDS folder serves both: the edge's mesh certificate and the one its clients see.
         sds = self.options.state_dir / "tls" / "edge-sds"
-        if edge is not None or self.options.edge_tls:
+        if self.options.mtls or self.options.edge_tls:
             write_sds(self._issue("edge"), sds)
         config = write_envoy_config(
             EdgeConfig(
@@ -283,7 +280,7 @@ class LocalMesh(Readiness):
                 tracing=Tracing(Address.parse(self.options.otlp_endpoint), self.options.trace_sample_ratio * 100)
                 if self.options.otlp_endpoint
                 else None,
-                mesh_sds=sds if edge is not None else None,
+                mesh_sds=sds if self.options.mtls else None,
                 edge_sds=sds if self.options.edge_tls else None,
             ),
             self.options.state_dir / "envoy.yaml",

@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -63,54 +63,60 @@ def test_every_service_refuses_a_caller_without_a_mesh_certificate(mesh: LocalMe
             assert _health(ours) == "OK", f"{name} refused a mesh certificate"
 
 
-def _code(call: object) -> str:
-    try:
-        call()  # type: ignore[operator]
-    except grpc.RpcError as exc:
-        return str(exc.code().name)  # type: ignore[attr-defined]
-    return "OK"
+IDENTITY = (("x-meshserve-tenant", "acme"), ("x-meshserve-key-id", "key_x"))
+# One RPC of each service: the service it goes to and how to make it on a channel.
+CALLS: dict[str, tuple[str, Callable[[grpc.Channel], object]]] = {
+    "check": (
+        "auth",
+        lambda c: external_auth_pb2_grpc.AuthorizationStub(c).Check(external_auth_pb2.CheckRequest(), timeout=5),
+    ),
+    "should_rate_limit": (
+        "ratelimit",
+        lambda c: rls_pb2_grpc.RateLimitServiceStub(c).ShouldRateLimit(
+            rls_pb2.RateLimitRequest(domain="meshserve"), timeout=5
+        ),
+    ),
+    "record_usage": (
+        "billing",
+        lambda c: billing_pb2_grpc.BillingServiceStub(c).RecordUsage(
+            iter([billing_pb2.RecordUsageRequest()]), timeout=5
+        ),
+    ),
+    "count_tokens": (
+        "inference",
+        lambda c: inference_pb2_grpc.InferenceServiceStub(c).CountTokens(inference_pb2.CountTokensRequest(), timeout=5),
+    ),
+    "list_models": (
+        "router",
+        lambda c: llm_pb2_grpc.LlmServiceStub(c).ListModels(llm_pb2.ListModelsRequest(), metadata=IDENTITY, timeout=5),
+    ),
+}
 
 
 def test_each_rpc_takes_only_the_callers_of_the_matrix(mesh: LocalMesh) -> None:
-    def check(caller: str) -> str:
-        with mesh.channel("auth", caller) as channel:
-            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            return _code(lambda: stub.Check(external_auth_pb2.CheckRequest(), timeout=5))
-
-    def should_rate_limit(caller: str) -> str:
-        with mesh.channel("ratelimit", caller) as channel:
-            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
-            return _code(lambda: stub.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="meshserve"), timeout=5))
-
-    def record_usage(caller: str) -> str:
-        with mesh.channel("billing", caller) as channel:
-            stub = billing_pb2_grpc.BillingServiceStub(channel)
-            return _code(lambda: stub.RecordUsage(iter([billing_pb2.RecordUsageRequest()]), timeout=5))
-
-    def count_tokens(caller: str) -> str:
-        with mesh.channel("inference", caller) as channel:
-            stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            return _code(lambda: stub.CountTokens(inference_pb2.CountTokensRequest(), timeout=5))
-
-    def list_models(caller: str) -> str:
-        with mesh.channel("router", caller) as channel:
-            stub = llm_pb2_grpc.LlmServiceStub(channel)
-            identity = (("x-meshserve-tenant", "acme"), ("x-meshserve-key-id", "key_x"))
-            return _code(lambda: stub.ListModels(llm_pb2.ListModelsRequest(), metadata=identity, timeout=5))
+    def code(rpc: str, caller: str) -> str:
+        """The status name of one call of rpc as the mesh identity caller (OK when it succeeds)."""
+        service, call = CALLS[rpc]
+        with mesh.channel(service, caller) as channel:
+            try:
+                call(channel)
+            except grpc.RpcError as exc:
+                return str(exc.code().name)  # type: ignore[attr-defined]
+        return "OK"
 
     # Refused by identity: a router cannot authorize requests or take request limits; the edge cannot
     # write usage or reach an engine; an engine cannot call the router.
-    assert check("router") == "PERMISSION_DENIED"
-    assert should_rate_limit("router") == "PERMISSION_DENIED"
-    assert record_usage("edge") == "PERMISSION_DENIED"
-    assert count_tokens("edge") == "PERMISSION_DENIED"
-    assert list_models("inference") == "PERMISSION_DENIED"
+    assert code("check", "router") == "PERMISSION_DENIED"
+    assert code("should_rate_limit", "router") == "PERMISSION_DENIED"
+    assert code("record_usage", "edge") == "PERMISSION_DENIED"
+    assert code("count_tokens", "edge") == "PERMISSION_DENIED"
+    assert code("list_models", "inference") == "PERMISSION_DENIED"
     # Taken from the callers the matrix names (the answer is the service's own, past the identity check).
-    assert check("edge") == "OK"
-    assert should_rate_limit("edge") in ("OK", "INVALID_ARGUMENT")
-    assert record_usage("router") == "OK"
-    assert count_tokens("router") == "OK"
-    assert list_models("edge") == "OK"
+    assert code("check", "edge") == "OK"
+    assert code("should_rate_limit", "edge") in ("OK", "INVALID_ARGUMENT")
+    assert code("record_usage", "router") == "OK"
+    assert code("count_tokens", "router") == "OK"
+    assert code("list_models", "edge") == "OK"
 
 
 def _served_serial(mesh: LocalMesh, name: str) -> int:
