@@ -97,9 +97,9 @@ def downstream_socket(sds_dir: Path) -> dict[str, Any]:
     }
 
 
-def write_sds(files: tls.Files, sds_dir: Path) -> Path:
+def write_sds(files: tls.Files, sds_dir: Path, server: tls.Files | None = None) -> Path:
     """Writes the SDS files into sds_dir atomically (Envoy reloads one when a new one is moved into place)."""
     sds_dir.mkdir(parents=True, exist_ok=True)
-    for name, content in sds_resources(files).items():
+    for name, content in sds_resources(files, server).items():
         write_atomic(sds_dir / SDS_FILES[name], yaml.safe_dump(content, sort_keys=False).encode())
     return sds_dir

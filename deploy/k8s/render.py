@@ -9,11 +9,12 @@ from pathlib import Path
 
 import yaml
 
+from deploy.envoy import mesh_tls
 from deploy.envoy.config import Address, EdgeConfig, Tracing
 from deploy.envoy.config import write as write_envoy_config
 from services.auth.keys import new_secret
 from services.ratelimit.rules import FailureMode, Kind, Rules
-from services.runtime import tracing
+from services.runtime import tls, tracing
 
 K8S = Path(__file__).resolve().parent
 GENERATED = K8S / "base" / "generated"
@@ -26,13 +27,19 @@ TRACING = K8S / "components" / "tracing" / "generated"
 # of requests the edge starts traces for (the services follow the edge's decision).
 COLLECTOR = Address("otel-collector.observability", 4317)
 TRACE_SAMPLE_RATIO = 0.1
+# Where the pods read their certificates: Secret volumes (base/*.yaml), in the layout cert-manager and
+# tls.publish share (tls.crt, tls.key, ca.crt). The edge's SDS files sit beside envoy.yaml in its ConfigMap.
+MESH_TLS = Path("/var/run/secrets/meshserve/tls")
+EDGE_TLS = Path("/var/run/secrets/meshserve/edge-tls")
+ENVOY_DIR = Path("/etc/envoy")
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 
 
 def edge(traced: bool = False) -> EdgeConfig:
     """The edge in the cluster: Service names in the release's namespace; with tracing to COLLECTOR if traced."""
     return EdgeConfig(
-        listen=Address("0.0.0.0", 8080),
+        # TLS only (HTTP/1.1 and HTTP/2 by ALPN): the cluster has no plaintext listener.
+        listen=Address("0.0.0.0", 8443),
         admin=Address("0.0.0.0", 9901),
         router=Address("router", 50051),
         auth=Address("auth", 50051),
@@ -42,6 +49,8 @@ def edge(traced: bool = False) -> EdgeConfig:
         tracing=Tracing(COLLECTOR, TRACE_SAMPLE_RATIO * 100) if traced else None,
         # Below the edge container's 512Mi limit (base/edge.yaml): Envoy sheds load before the OOM killer acts.
         max_heap_bytes=400 * 1024 * 1024,
+        mesh_sds=ENVOY_DIR,
+        edge_sds=ENVOY_DIR,
     )
 
 
@@ -60,6 +69,7 @@ def generate() -> None:
     the services' OTEL_* variables)."""
     GENERATED.mkdir(parents=True, exist_ok=True)
     write_envoy_config(edge(), GENERATED / "envoy.yaml")
+    mesh_tls.write_sds(tls.Files.of(MESH_TLS), GENERATED, server=tls.Files.of(EDGE_TLS))
     TRACING.mkdir(parents=True, exist_ok=True)
     write_envoy_config(edge(traced=True), TRACING / "envoy.yaml")
     (TRACING / "services-env.yaml").write_text(yaml.safe_dump(_tracing_env_patch(), sort_keys=False))

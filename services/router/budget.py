@@ -53,8 +53,9 @@ class GrpcTokenBudget:
     """The rate-limit service's TokenBudgetService, as the router uses it."""
 
     def __init__(self, address: str, fail_open: bool, settle_attempts: int = 5, files: tls.Files | None = None) -> None:
-        self._channel = tls.aio_channel(address, files, "ratelimit", keepalive.channel_options())
-        self._stub = ratelimit_pb2_grpc.TokenBudgetServiceStub(self._channel)
+        self._channel = tls.MeshChannel(
+            address, files, "ratelimit", ratelimit_pb2_grpc.TokenBudgetServiceStub, keepalive.channel_options()
+        )
         self._fail_open = fail_open
         self._attempts = settle_attempts
         self._pending: set[asyncio.Task[None]] = set()
@@ -72,7 +73,7 @@ class GrpcTokenBudget:
         )
         try:
             with tracing.client_call(RESERVE) as metadata:
-                reply = await self._stub.Reserve(request, timeout=2, metadata=metadata)
+                reply = await self._channel.stub.Reserve(request, timeout=2, metadata=metadata)
         except aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -112,7 +113,7 @@ class GrpcTokenBudget:
         for attempt in range(1, self._attempts + 1):
             try:
                 with tracing.client_call(SETTLE) as metadata:
-                    await self._stub.Settle(request, timeout=2, metadata=metadata)
+                    await self._channel.stub.Settle(request, timeout=2, metadata=metadata)
                 return
             except aio.AioRpcError as exc:
                 if attempt == self._attempts or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:

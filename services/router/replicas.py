@@ -76,14 +76,13 @@ class GrpcReplica:
 
     def __init__(self, address: str, files: tls.Files | None = None) -> None:
         self.address = address
-        self._channel = tls.aio_channel(address, files, "inference", _OPTIONS)
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._channel = tls.MeshChannel(address, files, "inference", inference_pb2_grpc.InferenceServiceStub, _OPTIONS)
 
     async def generate(
         self, request: inference_pb2.GenerateRequest
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         with tracing.client_call(GENERATE) as metadata:
-            call = self._stub.Generate(request, metadata=metadata)
+            call = self._channel.stub.Generate(request, metadata=metadata)
             try:
                 async for step in call:
                     yield step
@@ -97,7 +96,7 @@ class GrpcReplica:
         self, start: inference_pb2.ServeStart, reserve: Callable[[int, int], Awaitable[object]] | None
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         with tracing.client_call(SERVE) as metadata:
-            call = self._stub.Serve(metadata=metadata)
+            call = self._channel.stub.Serve(metadata=metadata)
             try:
                 # Nothing to reserve: the replica generates at once, without waiting for a go-ahead.
                 opening = inference_pb2.ServeStart()
@@ -124,7 +123,7 @@ class GrpcReplica:
     async def count_tokens(self, request: inference_pb2.GenerateRequest) -> tuple[int, int]:
         try:
             with tracing.client_call(COUNT_TOKENS) as metadata:
-                counted = await self._stub.CountTokens(
+                counted = await self._channel.stub.CountTokens(
                     inference_pb2.CountTokensRequest(model=request.model, input=request.input),
                     timeout=10,
                     metadata=metadata,
@@ -135,7 +134,7 @@ class GrpcReplica:
 
     async def watch_load(self, interval_ms: int) -> AsyncGenerator[LoadReport, None]:
         """The replica's load reports, until the stream breaks (DomainError) or the replica drains (it ends)."""
-        call = self._stub.WatchLoad(inference_pb2.WatchLoadRequest(interval_ms=interval_ms))
+        call = self._channel.stub.WatchLoad(inference_pb2.WatchLoadRequest(interval_ms=interval_ms))
         try:
             async for reply in call:
                 load = reply.load

@@ -43,8 +43,9 @@ class GrpcUsageSink:
         timeout_seconds: float = 5.0,
         files: tls.Files | None = None,
     ) -> None:
-        self._channel = tls.aio_channel(address, files, "billing", keepalive.channel_options())
-        self._stub = billing_pb2_grpc.BillingServiceStub(self._channel)
+        self._channel = tls.MeshChannel(
+            address, files, "billing", billing_pb2_grpc.BillingServiceStub, keepalive.channel_options()
+        )
         self._spool = spool
         self._batch_size = batch_size
         self._linger = linger_seconds
@@ -64,7 +65,7 @@ class GrpcUsageSink:
 
     async def _send(self, batch: billing_pb2.RecordUsageRequest) -> bool:
         try:
-            await self._stub.RecordUsage(iter([batch]), timeout=self._timeout)
+            await self._channel.stub.RecordUsage(iter([batch]), timeout=self._timeout)
         except aio.AioRpcError as exc:
             log.warning("billing unreachable; spooling usage", extra={"error": exc.code().name})
             return False

@@ -90,8 +90,19 @@ async def _run(
         log.warning("mutual TLS is OFF: plaintext gRPC, callers unauthenticated (set the tls_* settings)")
         port = rt.server.add_insecure_port(address)
     metrics_port = serve_metrics(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else -1
+    probes = _health_server(rt, settings) if settings.health_port >= 0 else None
     await rt.server.start()
-    log.info("listening", extra={"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()})
+    if probes is not None:
+        await probes[0].start()
+    log.info(
+        "listening",
+        extra={
+            "grpc_port": port,
+            "metrics_port": metrics_port,
+            "health_port": probes and probes[1],
+            "pid": os.getpid(),
+        },
+    )
     if settings.ready_file:
         files.write_ready(Path(settings.ready_file), port, metrics_port, rt.tls is not None)
 
@@ -125,7 +136,7 @@ async def _run(
     await rt.health.enter_graceful_shutdown()
     if not failed:
         await asyncio.sleep(settings.drain_seconds)
-    await rt.server.stop(settings.grace_seconds)
+    await asyncio.gather(rt.server.stop(settings.grace_seconds), *([probes[0].stop(0)] if probes else []))
     for hook in reversed(rt._shutdown_hooks):
         try:
             await asyncio.wait_for(hook(), timeout=10)
@@ -135,6 +146,15 @@ async def _run(
     log.info("stopped")
     if failed:
         raise SystemExit(1)
+
+
+def _health_server(rt: Runtime, settings: ServiceSettings) -> tuple[aio.Server, int]:
+    """A plaintext server with the same health service and nothing else: what a probe that cannot present a
+    mesh certificate (the kubelet's) reads. It answers health alone, so it exposes no RPC to unauthenticated
+    callers."""
+    server = aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(rt.health, server)
+    return server, server.add_insecure_port(f"{settings.host}:{settings.health_port}")
 
 
 def serve(

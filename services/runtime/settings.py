@@ -41,6 +41,9 @@ class ServiceSettings(BaseSettings):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
+    # A plaintext port serving grpc.health.v1 alone, for probes that cannot present a certificate
+    # (Kubernetes' gRPC probes); 0 picks a free one, -1 (the default) serves none.
+    health_port: int = -1
 
     def tls_files(self) -> tls.Files | None:
         """The mTLS files, or None for plaintext; some but not all set is a configuration error."""

@@ -9,16 +9,17 @@ rotated certificate is served to new connections without a restart.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from cryptography import x509
@@ -37,6 +38,12 @@ CA_NAME = "ca"
 # Local certificates live this long and are issued again when less than a tenth of it is left.
 LIFETIME = datetime.timedelta(days=30)
 CA_LIFETIME = datetime.timedelta(days=365)
+# How often a client looks whether its certificate files changed, and how long calls made on the channel
+# of the previous certificate get to finish (the longest whole reply, deploy/envoy's unary timeout).
+RECHECK_SECONDS = 1.0
+RETIRE_GRACE_SECONDS = 600.0
+
+Stub = TypeVar("Stub")
 
 
 def spiffe_id(name: str) -> str:
@@ -208,12 +215,7 @@ def server_credentials(files: Files) -> grpc.ServerCredentials:
     stamp = [_stamp(files)]
 
     def config() -> grpc.ServerCertificateConfiguration:
-        cert, key, ca = files.read()
-        # A rotation caught between its writes (a new key beside the old certificate) is not taken:
-        # the files are read again at the next handshake.
-        public = serialization.load_pem_private_key(key, password=None).public_key()
-        if x509.load_pem_x509_certificate(cert).public_key() != public:
-            raise ValueError(f"{files.cert} does not match {files.key}")
+        cert, key, ca = _read_matching(files)
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
@@ -234,9 +236,19 @@ def server_credentials(files: Files) -> grpc.ServerCredentials:
     return grpc.dynamic_ssl_server_credentials(config(), fetch, require_client_authentication=True)  # type: ignore[arg-type]
 
 
+def _read_matching(files: Files) -> tuple[bytes, bytes, bytes]:
+    """The certificate, key and CA; ValueError if the key is not the certificate's. A rotation caught between
+    its writes (a new key beside the old certificate) is not taken: the files are read again later."""
+    cert, key, ca = files.read()
+    public = serialization.load_pem_private_key(key, password=None).public_key()
+    if x509.load_pem_x509_certificate(cert).public_key() != public:
+        raise ValueError(f"{files.cert} does not match {files.key}")
+    return cert, key, ca
+
+
 def channel_credentials(files: Files) -> grpc.ChannelCredentials:
     """Client credentials: this service's certificate, trusting only the mesh CA."""
-    cert, key, ca = files.read()
+    cert, key, ca = _read_matching(files)
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
@@ -274,6 +286,56 @@ def aio_channel(target: str, files: Files | None, peer: str, options: Sequence[t
     if files is None:
         return aio.insecure_channel(target, options=options)
     return aio.secure_channel(target, channel_credentials(files), options=_options(files, peer, options))
+
+
+class MeshChannel(Generic[Stub]):
+    """An asyncio channel to a mesh service and its stub, made again when this service's certificate files
+    change: gRPC reads client credentials once, so without this a long-running client would present its
+    first certificate until it expired. Calls already made finish on the old channel, closed after them."""
+
+    def __init__(
+        self,
+        target: str,
+        files: Files | None,
+        peer: str,
+        stub: Callable[[aio.Channel], Stub],
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._target, self._files, self._peer, self._options, self._make = target, files, peer, options, stub
+        self._channel = aio_channel(target, files, peer, options)
+        self._stub = stub(self._channel)
+        self._stamp = _stamp(files) if files is not None else ()
+        self._checked = time.monotonic()
+        self._retiring: dict[asyncio.Task[None], aio.Channel] = {}
+
+    @property
+    def stub(self) -> Stub:
+        """The stub for the next call; at most once a RECHECK_SECONDS it looks whether the files changed."""
+        if self._files is not None and time.monotonic() - self._checked >= RECHECK_SECONDS:
+            self._checked = time.monotonic()
+            self._renew(self._files)
+        return self._stub
+
+    def _renew(self, files: Files) -> None:
+        try:
+            stamp = _stamp(files)
+            if stamp == self._stamp:
+                return
+            channel = aio_channel(self._target, files, self._peer, self._options)
+        except (OSError, ValueError) as exc:  # caught mid-rotation: the old certificate serves until the next look
+            log.warning("certificate files unusable; calling with the previous ones", extra={"error": str(exc)})
+            return
+        old, self._channel, self._stub, self._stamp = self._channel, channel, self._make(channel), stamp
+        log.info("certificate files changed; calling with the new ones", extra={"peer": self._peer})
+        retiring = asyncio.get_running_loop().create_task(old.close(grace=RETIRE_GRACE_SECONDS))
+        self._retiring[retiring] = old
+        retiring.add_done_callback(lambda task: self._retiring.pop(task, None))
+
+    async def close(self) -> None:
+        for task, old in list(self._retiring.items()):
+            task.cancel()
+            await old.close()
+        await self._channel.close()
 
 
 def edge_channel(target: str, ca: Path | None) -> grpc.Channel:

@@ -11,11 +11,14 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from cloudcoil.models.cert_manager import v1 as cert_manager
 
 from deploy.k8s.render import OVERLAYS, render
 from services.billing.prices import Prices
 from services.inference.metrics import METRICS, QUEUE_DEPTH
 from services.router.admission import QUEUE_DEPTH as ROUTER_QUEUE_DEPTH
+from services.runtime import tls
+from services.runtime.callers import CALLERS
 
 ROOT = Path(__file__).resolve().parents[2]
 Doc = dict[str, Any]
@@ -51,6 +54,12 @@ def test_the_overlays_are_the_documented_ones() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_manifest_validates_against_the_kubernetes_schemas(overlay: str) -> None:
     for doc in docs(overlay):
+        if doc["apiVersion"].startswith("cert-manager.io/"):
+            # cert-manager's own schema (its CRDs as pydantic models); a field it does not know would be
+            # dropped on the way through, so the round trip must give the document back.
+            model = getattr(cert_manager, doc["kind"]).model_validate(doc)
+            assert model.model_dump(by_alias=True, exclude_unset=True, mode="json") == doc
+            continue
         kubernetes_validate.validate(doc, "1.37.0", strict=True)
 
 
@@ -79,8 +88,11 @@ def test_every_long_running_container_has_probes_and_grpc_services_use_native_gr
             where = f"{overlay}/{workload['metadata']['name']}"
             assert "readinessProbe" in c and "livenessProbe" in c, where
             if any(p.get("name") == "grpc" for p in c.get("ports", [])):
-                assert c["readinessProbe"]["grpc"]["port"] == 50051, where
-                assert c["livenessProbe"]["grpc"]["port"] == 50051, where
+                # The plaintext health-only port: the kubelet cannot present a mesh certificate.
+                health = next(p["containerPort"] for p in c["ports"] if p["name"] == "health")
+                assert any(k.endswith("_HEALTH_PORT") and v == str(health) for k, v in env(c).items()), where
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    assert probe not in c or c[probe]["grpc"]["port"] == health, where
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -126,7 +138,7 @@ def test_every_referenced_configmap_and_secret_exists(overlay: str) -> None:
             if "configMap" in v:
                 assert ("ConfigMap", v["configMap"]["name"]) in have
             if "secret" in v:
-                assert ("Secret", v["secret"]["secretName"]) in have
+                assert ("Secret", v["secret"]["secretName"]) in have or v["secret"]["secretName"] in issued(overlay)
             if "persistentVolumeClaim" in v:
                 assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in have
         for c in spec["containers"] + spec.get("initContainers", []):
@@ -233,7 +245,7 @@ def test_the_edge_config_map_holds_the_generated_envoy_config_for_in_cluster_ser
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     assert {clusters[n]["type"] for n in ("router", "auth", "ratelimit", "billing")} == {"STRICT_DNS"}
     listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
-    assert listener == {"address": "0.0.0.0", "port_value": 8080}
+    assert listener == {"address": "0.0.0.0", "port_value": 8443}
     # Envoy sheds load on its own heap limit before the container's memory limit kills it.
     edge = named("gpu", "Deployment", "edge")["spec"]["template"]["spec"]["containers"][0]
     limit = edge["resources"]["limits"]["memory"]
@@ -323,3 +335,78 @@ def test_routers_record_usage_to_billing_whose_ledger_and_prices_are_mounted(ove
     assert [t["metadata"]["name"] for t in billing["spec"]["volumeClaimTemplates"]] == ["ledger"]
     prices = yaml.safe_load(named(overlay, "ConfigMap", _generated(overlay, "billing-prices"))["data"]["prices.yaml"])
     assert Prices.model_validate(prices) == Prices.from_yaml(ROOT / "deploy" / "local" / "prices.yaml")
+
+
+def issued(overlay: str) -> dict[str, Doc]:
+    """cert-manager's Certificates by the Secret each fills."""
+    return {d["spec"]["secretName"]: d for d in of_kind(overlay, "Certificate")}
+
+
+MESH_SERVICES = ("auth", "ratelimit", "billing", "router", "inference")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_serves_and_calls_with_a_certificate_of_its_identity_from_the_mesh_ca(overlay: str) -> None:
+    certificates = issued(overlay)
+    issuers = {d["metadata"]["name"]: d for d in of_kind(overlay, "Issuer")}
+    [mesh_ca] = [c for c in certificates.values() if c["spec"].get("isCA")]
+    identities = set()
+    for workload, spec in pod_specs(overlay):
+        identity = workload["metadata"]["labels"]["app.kubernetes.io/name"]
+        if identity not in (*MESH_SERVICES, "edge"):
+            continue
+        identities.add(identity)
+        container = spec["containers"][0]
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+        secret = secrets[mounts["/var/run/secrets/meshserve/tls"]]
+        where = f"{overlay}/{workload['metadata']['name']}"
+        if identity != "edge":
+            prefix = f"MESHSERVE_{identity.upper()}_TLS_"
+            files = {k: v for k, v in env(container).items() if k.startswith(prefix)}
+            assert files == {
+                prefix + "CERT_FILE": "/var/run/secrets/meshserve/tls/tls.crt",
+                prefix + "KEY_FILE": "/var/run/secrets/meshserve/tls/tls.key",
+                prefix + "CA_FILE": "/var/run/secrets/meshserve/tls/ca.crt",
+            }, where
+        cert = certificates[secret]["spec"]
+        # The SPIFFE ID the services' caller matrix reads, and the DNS name each client checks.
+        assert cert["uris"] == [tls.spiffe_id(identity)], where
+        assert identity in cert["dnsNames"] and {"server auth", "client auth"} <= set(cert["usages"]), where
+        assert issuers[cert["issuerRef"]["name"]]["spec"]["ca"]["secretName"] == mesh_ca["spec"]["secretName"]
+        assert cert["privateKey"]["rotationPolicy"] == "Always", where
+    # Every identity the caller matrix names has a workload with its certificate ("admin" is the operator's).
+    assert identities >= set().union(*CALLERS.values()) - {"admin"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_edge_serves_tls_only_and_every_upstream_of_it_is_mutual_tls(overlay: str) -> None:
+    config_map = named(overlay, "ConfigMap", _generated(overlay, "envoy-config"))["data"]
+    config = yaml.safe_load(config_map["envoy.yaml"])
+    [listener] = config["static_resources"]["listeners"]
+    downstream = listener["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
+    assert downstream["alpn_protocols"] == ["h2", "http/1.1"]
+    assert downstream["tls_params"]["tls_minimum_protocol_version"] == "TLSv1_2"
+    edge_service = named(overlay, "Service", "edge")
+    assert [p["port"] for p in edge_service["spec"]["ports"]] == [443]
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == "otlp":  # the cluster's trace collector, outside the mesh
+            continue
+        socket = cluster["transport_socket"]["typed_config"]
+        assert socket["sni"] == cluster["name"]
+        sans = socket["common_tls_context"]["combined_validation_context"]["default_validation_context"]
+        assert sans["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": cluster["name"]}}]
+    # The SDS files name certificates in the edge's Secret volumes: its mesh identity and its server certificate.
+    edge = named(overlay, "Deployment", "edge")["spec"]["template"]["spec"]
+    mounted = {
+        m["mountPath"]: next(v["secret"]["secretName"] for v in edge["volumes"] if v["name"] == m["name"])
+        for m in edge["containers"][0]["volumeMounts"]
+        if any(v["name"] == m["name"] and "secret" in v for v in edge["volumes"])
+    }
+    certificates = issued(overlay)
+    for sds_file in ("sds-cert.yaml", "sds-ca.yaml", "sds-edge-server.yaml"):
+        [secret] = yaml.safe_load(config_map[sds_file])["resources"]
+        body = secret.get("tls_certificate") or secret["validation_context"]
+        folder = body["watched_directory"]["path"]
+        assert folder in mounted and mounted[folder] in certificates, sds_file
+    assert certificates[mounted["/var/run/secrets/meshserve/tls"]]["spec"]["uris"] == [tls.spiffe_id("edge")]

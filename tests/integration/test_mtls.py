@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
-from services.mesh.local import LocalMesh
+from services.mesh.local import LocalMesh, free_port
 from services.runtime import tls
 from tests.integration import scripted_inference
 from tests.integration.bystanders import Bystanders
@@ -61,6 +61,23 @@ def test_every_service_refuses_a_caller_without_a_mesh_certificate(mesh: LocalMe
             assert _health(foreign) == "UNAVAILABLE", f"{name} answered a certificate of another CA"
         with mesh.channel(name, "admin") as ours:
             assert _health(ours) == "OK", f"{name} refused a mesh certificate"
+
+
+def test_the_plaintext_health_port_answers_probes_and_nothing_else(mesh: LocalMesh) -> None:
+    # Kubernetes' gRPC probes cannot present a certificate: they read a health-only plaintext port.
+    port = free_port()
+    proc = mesh.start_auth("auth-probed", env={"MESHSERVE_AUTH_HEALTH_PORT": str(port)})
+    try:
+        mesh.wait_serving(proc, 60)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as probe:
+            assert _health(probe) == "OK"
+            with pytest.raises(grpc.RpcError) as refused:
+                CALLS["check"][1](probe)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+        with grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as plain:
+            assert _health(plain) == "UNAVAILABLE"  # the service's own port still wants a certificate
+    finally:
+        mesh.stop_proc(proc)
 
 
 IDENTITY = (("x-meshserve-tenant", "acme"), ("x-meshserve-key-id", "key_x"))
@@ -157,3 +174,6 @@ def test_rotated_certificates_are_taken_without_a_dropped_request(mesh: LocalMes
         assert time.monotonic() < deadline, "Envoy did not take the edge's new certificate"
         time.sleep(0.2)
     assert now["sds.mesh_client.key_rotation_failed"] == 0, "Envoy read a certificate and key that do not match"
+    # The router's own clients (replicas, token budgets, billing) call with its new certificate too.
+    log = mesh.procs["router"].log.read_text()
+    assert "calling with the new ones" in log, "the router's clients kept the old certificate"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -107,3 +108,36 @@ async def test_a_replaced_certificate_is_served_without_a_restart(billing: tuple
     for data, name in zip(old, ("tls.crt", "tls.key", "ca.crt"), strict=True):
         (tmp / name).write_bytes(data)
     assert await _usage(target, tls.Files.of(stale)) == "UNAVAILABLE"
+
+
+async def test_a_client_calls_with_its_renewed_certificate_and_calls_under_way_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls, "RECHECK_SECONDS", 0.0)
+    seen: list[bytes] = []
+
+    class Recording(billing_pb2_grpc.BillingServiceServicer):
+        async def GetUsage(self, request: Any, context: Any) -> billing_pb2.GetUsageResponse:
+            seen.append(context.auth_context()["x509_pem_cert"][0])
+            if request.tenant == "slow":
+                await asyncio.sleep(0.5)
+            return billing_pb2.GetUsageResponse(currency="USD")
+
+    server = aio.server()
+    billing_pb2_grpc.add_BillingServiceServicer_to_server(Recording(), server)
+    port = server.add_secure_port("127.0.0.1:0", tls.server_credentials(tls.issue(tmp_path / "ca", "billing")))
+    await server.start()
+    client = tls.issue(tmp_path / "ca", "router")
+    channel = tls.MeshChannel(f"127.0.0.1:{port}", client, "billing", billing_pb2_grpc.BillingServiceStub)
+    try:
+        first = client.cert.read_bytes()
+        under_way = asyncio.ensure_future(channel.stub.GetUsage(billing_pb2.GetUsageRequest(tenant="slow"), timeout=5))
+        await asyncio.sleep(0.1)
+        tls.issue(tmp_path / "ca", "router", renew=True)  # what cert-manager's renewal does to the mounted files
+        await channel.stub.GetUsage(billing_pb2.GetUsageRequest(), timeout=5)
+        assert (await under_way).currency == "USD"  # made on the old channel, which closes once it is done
+        assert seen[0].strip() == first.strip()
+        assert seen[1].strip() == client.cert.read_bytes().strip() != first.strip()
+    finally:
+        await channel.close()
+        await server.stop(0)
