@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,8 +163,11 @@ Targets = dict[str, tuple[str, dict[str, str]]]
 EdgeResults = dict[int, dict[str, list[dict[str, float]]]]
 
 
-def compare_edges(targets: Targets, rounds: int, seconds: int) -> EdgeResults:
-    """wrk on each target (name: url, headers) at concurrency 1 and 8, rounds alternating between targets."""
+def compare_edges(
+    targets: Targets, rounds: int, seconds: int, cpu: dict[str, Callable[[], float]] | None = None
+) -> EdgeResults:
+    """wrk on each target (name: url, headers) at concurrency 1 and 8, rounds alternating between targets;
+    with cpu (target: CPU seconds of its processes so far), each round's CPU per request too."""
     for url, headers in targets.values():
         wrk(url, 4, 2, headers)  # warm-up
     results: EdgeResults = {}
@@ -171,7 +175,10 @@ def compare_edges(targets: Targets, rounds: int, seconds: int) -> EdgeResults:
         results[c] = {t: [] for t in targets}
         for _ in range(rounds):
             for target, (url, headers) in targets.items():
+                used = cpu[target]() if cpu else 0.0
                 r = wrk(url, c, seconds, headers)
+                if cpu:
+                    r["cpu_us"] = (cpu[target]() - used) / max(1.0, r["rps"] * seconds) * 1e6
                 results[c][target].append(r)
                 print(f"c={c} {target:22s} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  {r['rps']:.0f} req/s")
     return results
@@ -186,17 +193,25 @@ def edge_tables(
     def med(rs: list[dict[str, float]], k: str) -> float:
         return median([r[k] for r in rs])
 
-    def added(c: int, target: str) -> list[str]:
-        a, b = results[c][target], results[c][baseline]
-        return [f"{med(a, 'p50_ms') - med(b, 'p50_ms'):.3f}", f"{med(a, 'p99_ms') - med(b, 'p99_ms'):.3f}"]
+    cpu = all("cpu_us" in r for by_target in results.values() for rs in by_target.values() for r in rs)
 
-    lines = ["| concurrency | edge | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|"]
+    def added(c: int, name: str) -> list[str]:
+        a, b = results[c][name], results[c][baseline]
+        cells = [f"{med(a, 'p50_ms') - med(b, 'p50_ms'):.3f}", f"{med(a, 'p99_ms') - med(b, 'p99_ms'):.3f}"]
+        return cells + ([f"{med(a, 'cpu_us') - med(b, 'cpu_us'):.0f}"] if cpu and not floor else [])
+
+    lines = [
+        "| concurrency | edge | p50 ms | p99 ms | req/s |" + (" mesh CPU µs/request |" if cpu else ""),
+        "|---|---|---|---|---|" + ("---|" if cpu else ""),
+    ]
     for c, by_target in results.items():
-        for target, rs in by_target.items():
+        for name, rs in by_target.items():
             lines.append(
-                f"| {c} | {target} | {med(rs, 'p50_ms'):.3f} | {med(rs, 'p99_ms'):.3f} | {med(rs, 'rps'):.0f} |"
+                f"| {c} | {name} | {med(rs, 'p50_ms'):.3f} | {med(rs, 'p99_ms'):.3f} | {med(rs, 'rps'):.0f} |"
+                + (f" {med(rs, 'cpu_us'):.0f} |" if cpu else "")
             )
     header = [f"p50 added by {what}, ms{target}", "p99 added, ms"]
+    header += ["CPU µs/request added"] if cpu and not floor else []
     if floor:
         header += [f"p50 added by {floor}, ms", "p99 added, ms"]
     lines += ["", "| concurrency | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]

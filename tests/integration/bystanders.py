@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,10 @@ class Bystanders:
     def __init__(self, mesh: LocalMesh, streams: int = 8) -> None:
         _, self.key = create_key(mesh, f"bystander-{time.monotonic_ns()}")
         self.mesh = mesh
+        # A TLS edge: trust the mesh's CA (each stream is a new connection, so a new handshake).
+        self._verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(mesh.edge_ca)) if mesh.edge_ca else True
+        )
         self.results: list[str] = []
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(streams)
@@ -33,6 +38,7 @@ class Bystanders:
                 json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True},
                 headers={"authorization": f"Bearer {self.key}"},
                 timeout=30,
+                verify=self._verify,
             ) as r:
                 body = r.read().decode()
             whole = r.status_code == 200 and '"finish_reason":"stop"' in body and body.rstrip().endswith("data: [DONE]")

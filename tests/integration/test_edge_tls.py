@@ -4,9 +4,11 @@ a client that does not trust it fails; plain HTTP to the TLS port gets no answer
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +16,15 @@ import grpc
 import httpx
 import openai
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from google.api import httpbody_pb2
 
 from meshserve.llm.v2 import llm_pb2_grpc
 from services.mesh.local import LocalMesh
+from services.runtime import tls
 from tests.integration import scripted_inference
+from tests.integration.bystanders import Bystanders
 
 MODEL = "smollm2-135m-instruct"
 RULES = Path(__file__).with_name("ratelimits-hardening.yaml")
@@ -75,3 +81,26 @@ def test_the_keys_cli_manages_keys_through_a_tls_edge(mesh: LocalMesh) -> None:
     assert listed.returncode == 0 and "first key" in listed.stdout, listed.stdout + listed.stderr
     plain = subprocess.run([*cli, *where], capture_output=True, text=True, env={"COLUMNS": "200"})
     assert plain.returncode != 0, "the CLI spoke plaintext to a TLS edge"
+
+
+def _served_certificate(mesh: LocalMesh) -> bytes:
+    context = ssl.create_default_context(cafile=str(mesh.edge_ca))
+    with socket.create_connection((mesh.edge.host, mesh.edge.port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="edge") as tls_socket:
+            der = tls_socket.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_a_renewed_edge_certificate_is_served_without_a_dropped_request(mesh: LocalMesh) -> None:
+    before = _served_certificate(mesh)
+    with Bystanders(mesh, 4):
+        time.sleep(1)
+        renewed = tls.issue(mesh.options.state_dir / "tls", "edge", renew=True)
+        time.sleep(2)
+    expected = x509.load_pem_x509_certificate(renewed.cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+    deadline = time.monotonic() + 10
+    while (now := _served_certificate(mesh)) != expected:
+        assert time.monotonic() < deadline, "the edge still serves the old certificate"
+        time.sleep(0.2)
+    assert now != before
