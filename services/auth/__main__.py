@@ -18,6 +18,7 @@ from services.auth.bootstrap import ensure_admin, ensure_admin_secret
 from services.auth.config import AuthSettings
 from services.auth.servicers import AdminServicer, ExtAuthzServicer
 from services.auth.store import KeyStore
+from services.runtime import redis_tls
 from services.runtime.server import Runtime, serve
 
 SERVICES = [
@@ -34,12 +35,15 @@ def main() -> None:
         # A broken pooled connection is retried once on a fresh one (after a Redis restart), nothing else.
         client = redis.Redis.from_url(
             settings.redis_url,
+            **redis_tls.options(settings.redis_url, rt.tls),
             socket_timeout=0.5,
             socket_connect_timeout=0.5,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         # Pub/sub holds its connection open indefinitely: no read timeout on it.
-        listener = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+        listener = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, **redis_tls.options(settings.redis_url, rt.tls)
+        )
         store = KeyStore(client)
         authenticator = Authenticator(
             store,

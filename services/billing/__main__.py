@@ -16,6 +16,7 @@ from services.billing.meter import Meter
 from services.billing.prices import Prices
 from services.billing.servicer import BillingServicer
 from services.billing.webhook import WebhookSink
+from services.runtime import redis_tls
 from services.runtime.server import Runtime, serve
 from services.runtime.watched import WatchedFile
 
@@ -28,7 +29,7 @@ def main() -> None:
 
     async def setup(rt: Runtime) -> None:
         prices = WatchedFile(Path(settings.prices), Prices.from_yaml, "price table")
-        client = redis.Redis.from_url(settings.redis_url)
+        client = redis.Redis.from_url(settings.redis_url, **redis_tls.options(settings.redis_url, rt.tls))
         meter = Meter(client, max_age_seconds=settings.max_age_days * 86400, prices=lambda: prices.current)
         ledger = open_ledger(settings.ledger, settings.ledger_dsn)
         sink = (

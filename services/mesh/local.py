@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import yaml
@@ -33,7 +34,7 @@ from services.mesh.procs import (
 )
 from services.mesh.readiness import Readiness
 from services.ratelimit.rules import FailureMode, Kind, Rules
-from services.runtime import tls, tracing
+from services.runtime import redis_tls, tls, tracing
 from services.runtime.files import write_private
 
 __all__ = [
@@ -150,16 +151,21 @@ class LocalMesh(Readiness):
     def start_redis(self, port: int = 0) -> Proc:
         """A private redis-server on a free (or the given) port, persisting to the state folder (append-only)."""
         port = port or free_port(self.options.host)
-        proc = self._spawn(
-            "redis", redis_args(self.options.host, port, self.options.state_dir / "redis"), {}, ready=False
-        )
+        args = redis_args(self.options.host, port, self.options.state_dir / "redis", self.identity("redis"))
+        proc = self._spawn("redis", args, {}, ready=False)
         proc.grpc_port = port
-        wait_redis(self.options.host, port, lambda: self._check_alive(proc), timeout=20)
+        wait_redis(self.redis_url, self.identity("admin"), lambda: self._check_alive(proc), timeout=20)
         return proc
 
     @property
     def redis_url(self) -> str:
-        return f"redis://{self.options.host}:{self.procs['redis'].grpc_port}/0"
+        """The mesh's Redis: TLS (rediss) with mutual TLS on, its clients presenting their mesh certificates."""
+        scheme = "rediss" if self.options.mtls else "redis"
+        return f"{scheme}://{self.options.host}:{self.procs['redis'].grpc_port}/0"
+
+    def redis_options(self, caller: str = "admin") -> dict[str, Any]:
+        """What a redis-py client of this mesh's Redis (a test's, a tool's) passes to from_url, as `caller`."""
+        return redis_tls.options(self.redis_url, self.identity(caller))
 
     @property
     def admin_key_file(self) -> Path:

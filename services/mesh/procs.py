@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.runtime import tracing
+import redis
+
+from services.runtime import redis_tls, tls, tracing
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -146,27 +148,31 @@ class MeshError(RuntimeError):
     """A process of the mesh failed to start or died."""
 
 
-def redis_args(host: str, port: int, data: Path) -> list[str]:
-    """A private redis-server on host:port, persisting to data (append-only)."""
+def redis_args(host: str, port: int, data: Path, files: tls.Files | None = None) -> list[str]:
+    """A private redis-server on host:port, persisting to data (append-only); with files, TLS only on that
+    port, requiring a client certificate from the mesh CA."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise MeshError("redis-server not found: install Debian's redis-server (make up does)")
     data.mkdir(parents=True, exist_ok=True)
     options = {"port": str(port), "bind": host, "dir": str(data.resolve()), "appendonly": "yes", "save": ""}
     options |= {"protected-mode": "no", "daemonize": "no"}
+    if files is not None:
+        options |= {"port": "0", "tls-port": str(port), "tls-auth-clients": "yes"}
+        options |= {"tls-cert-file": str(files.cert), "tls-key-file": str(files.key), "tls-ca-cert-file": str(files.ca)}
     return [exe, *(a for name, value in options.items() for a in (f"--{name}", value))]
 
 
-def wait_redis(host: str, port: int, check_alive: Callable[[], None], timeout: float) -> None:
-    """Waits until Redis answers PING; check_alive raises if the server died."""
+def wait_redis(url: str, files: tls.Files | None, check_alive: Callable[[], None], timeout: float) -> None:
+    """Waits until Redis answers PING (over TLS with files); check_alive raises if the server died."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        check_alive()
-        try:
-            with socket.create_connection((host, port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, **redis_tls.options(url, files))
+    with client:
+        while time.monotonic() < deadline:
+            check_alive()
+            try:
+                if client.ping():
                     return
-        except OSError:
-            time.sleep(0.05)
+            except (OSError, redis.RedisError):
+                time.sleep(0.05)
     raise MeshError(f"redis did not answer within {timeout:.0f}s")

@@ -17,6 +17,7 @@ from services.ratelimit.limiter import Limiter
 from services.ratelimit.rules import Rules
 from services.ratelimit.servicers import RateLimitServicer, TokenBudgetServicer
 from services.ratelimit.windows import SlidingWindows
+from services.runtime import redis_tls
 from services.runtime.server import Runtime, serve
 from services.runtime.watched import WatchedFile
 
@@ -36,6 +37,7 @@ def main() -> None:
         # connection is stale, and each would otherwise fail one decision open.
         client = redis.Redis.from_url(
             settings.redis_url,
+            **redis_tls.options(settings.redis_url, rt.tls),
             socket_timeout=settings.redis_timeout_seconds,
             socket_connect_timeout=settings.redis_timeout_seconds,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),

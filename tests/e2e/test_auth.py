@@ -129,7 +129,7 @@ def test_listed_keys_never_carry_secrets(mesh: LocalMesh) -> None:
 def test_redis_holds_no_plaintext_secret_and_logs_show_none(mesh: LocalMesh) -> None:
     create_key(mesh, label="scanned")
     secrets = [*SECRETS, mesh.user_key, mesh.admin_key]
-    client = redis.Redis.from_url(mesh.redis_url)
+    client = redis.Redis.from_url(mesh.redis_url, **mesh.redis_options())
     dump = b""
     for name in client.scan_iter("*"):
         # Every kind of value: auth's own keys, and the hashes and sets rate limits and billing keep beside them.

@@ -31,7 +31,7 @@ PRICES = Prices.model_validate(
 
 @pytest.fixture
 async def client(redis_mesh: LocalMesh) -> AsyncIterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_mesh.redis_url)
+    c = redis.Redis.from_url(redis_mesh.redis_url, **redis_mesh.redis_options())
     await c.flushdb()
     yield c
     await c.aclose()

@@ -103,7 +103,8 @@ class Metered:
 def metered(redis_mesh: LocalMesh, request: pytest.FixtureRequest) -> Iterator[Metered]:
     mesh = redis_mesh
     """The service tests run once over each ledger, with a webhook that fails its first posts."""
-    SyncRedis.from_url(mesh.redis_url).flushall()  # the other ledger's run counted into the same Redis
+    # The other ledger's run counted into the same Redis.
+    SyncRedis.from_url(mesh.redis_url, **mesh.redis_options()).flushall()
     receiver = Receiver(secret="whsec_test", fail_first=3)
     env = {
         "MESHSERVE_BILLING_WEBHOOK_URL": receiver.url,

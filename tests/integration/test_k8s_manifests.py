@@ -353,7 +353,7 @@ def test_every_service_serves_and_calls_with_a_certificate_of_its_identity_from_
     identities = set()
     for workload, spec in pod_specs(overlay):
         identity = workload["metadata"]["labels"]["app.kubernetes.io/name"]
-        if identity not in (*MESH_SERVICES, "edge"):
+        if identity not in (*MESH_SERVICES, "edge", "redis"):
             continue
         identities.add(identity)
         container = spec["containers"][0]
@@ -361,7 +361,7 @@ def test_every_service_serves_and_calls_with_a_certificate_of_its_identity_from_
         secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
         secret = secrets[mounts["/var/run/secrets/meshserve/tls"]]
         where = f"{overlay}/{workload['metadata']['name']}"
-        if identity != "edge":
+        if identity in MESH_SERVICES:
             prefix = f"MESHSERVE_{identity.upper()}_TLS_"
             files = {k: v for k, v in env(container).items() if k.startswith(prefix)}
             assert files == {
@@ -377,6 +377,13 @@ def test_every_service_serves_and_calls_with_a_certificate_of_its_identity_from_
         assert cert["privateKey"]["rotationPolicy"] == "Always", where
     # Every identity the caller matrix names has a workload with its certificate ("admin" is the operator's).
     assert identities >= set().union(*CALLERS.values()) - {"admin"}
+    # Redis is TLS only and wants a client certificate; its clients dial it over TLS by the name it carries.
+    [redis] = [c for w, spec in pod_specs(overlay) if w["metadata"]["name"] == "redis" for c in spec["containers"][:1]]
+    assert "--tls-auth-clients" in redis["args"] and redis["args"][redis["args"].index("--port") + 1] == "0"
+    urls = [
+        v for _, spec in pod_specs(overlay) for k, v in env(spec["containers"][0]).items() if k.endswith("REDIS_URL")
+    ]
+    assert len(urls) == 3 and set(urls) == {"rediss://redis:6379/0"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from cryptography import x509
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
@@ -25,7 +26,7 @@ from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.mesh.local import LocalMesh, free_port
-from services.runtime import tls
+from services.runtime import redis_tls, tls
 from tests.integration import scripted_inference
 from tests.integration.bystanders import Bystanders
 
@@ -78,6 +79,23 @@ def test_the_plaintext_health_port_answers_probes_and_nothing_else(mesh: LocalMe
             assert _health(plain) == "UNAVAILABLE"  # the service's own port still wants a certificate
     finally:
         mesh.stop_proc(proc)
+
+
+def test_redis_takes_only_tls_clients_with_a_mesh_certificate(mesh: LocalMesh, tmp_path: Path) -> None:
+    port = mesh.procs["redis"].grpc_port
+    assert mesh.redis_url == f"rediss://127.0.0.1:{port}/0"
+    with redis.Redis(port=port, socket_timeout=2) as plain, pytest.raises(redis.ConnectionError):
+        plain.ping()
+    ca = str(mesh.identity("admin").ca)  # type: ignore[union-attr]
+    with redis.Redis(port=port, ssl=True, ssl_ca_certs=ca, socket_timeout=2) as anonymous:
+        with pytest.raises(redis.ConnectionError):
+            anonymous.ping()
+    stranger = tls.issue(tmp_path / "other-ca", "billing")
+    foreign = redis_tls.options(mesh.redis_url, stranger) | {"socket_timeout": 2}
+    with redis.Redis.from_url(mesh.redis_url, **foreign) as client, pytest.raises(redis.ConnectionError):
+        client.ping()
+    with redis.Redis.from_url(mesh.redis_url, **mesh.redis_options("billing")) as ours:
+        assert ours.ping()
 
 
 IDENTITY = (("x-meshserve-tenant", "acme"), ("x-meshserve-key-id", "key_x"))

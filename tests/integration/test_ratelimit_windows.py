@@ -15,18 +15,18 @@ from services.ratelimit.windows import Estimate, SlidingWindows
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     m = LocalMesh(MeshOptions(state_dir=tmp_path_factory.mktemp("rl-redis"), model="m", model_store=Path("unused")))
     try:
         m.start_redis()
-        yield m.redis_url
+        yield m
     finally:
         m.stop()
 
 
 @pytest.fixture
-async def windows(redis_url: str) -> AsyncIterator[SlidingWindows]:
-    client = redis.Redis.from_url(redis_url)
+async def windows(redis_mesh: LocalMesh) -> AsyncIterator[SlidingWindows]:
+    client = redis.Redis.from_url(redis_mesh.redis_url, **redis_mesh.redis_options())
     await client.flushdb()
     yield SlidingWindows(client, Estimate(percentile=0.9, min_samples=4, samples=8))
     await client.aclose()
