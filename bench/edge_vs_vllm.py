@@ -67,6 +67,22 @@ def start_vllm_server(model_dir: Path, port: int, state: Path, settings: Inferen
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def side_by_side(mtls: bool, otlp_endpoint: str = "") -> tuple[subprocess.Popen[bytes], int, LocalMesh]:
+    """vLLM's own server started on a free port (wait for it with wait_http) and a mesh not yet started, on
+    the same model and engine settings; the mesh with otlp_endpoint traces every request."""
+    model_dir = model_store.ensure(model_store.ModelStore(ROOT / "var" / "models"), MODEL)
+    state = ROOT / "var" / "bench"
+    state.mkdir(parents=True, exist_ok=True)
+    settings = InferenceSettings(cache_dir=str(state / "vllm-cache"))
+    settings.ipc_dir().mkdir(mode=0o700, exist_ok=True)
+    port = free_port()
+    vllm = start_vllm_server(model_dir, port, state, settings)
+    options = MeshOptions(state_dir=state / "mesh", model=MODEL, model_store=model_dir.parent, mtls=mtls)
+    if otlp_endpoint:
+        options.otlp_endpoint, options.trace_sample_ratio = otlp_endpoint, 1.0
+    return vllm, port, LocalMesh(options)
+
+
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     def alive() -> None:
         if proc.poll() is not None:
@@ -231,16 +247,8 @@ def main() -> None:
     suffix = "" if args.client == "loadgen" else "_vllm_bench"
     args.out = args.out or ROOT / "bench" / "reports" / f"edge_vs_vllm{suffix}.md"
     started = time.time()
-    model_dir = model_store.ensure(model_store.ModelStore(ROOT / "var" / "models"), MODEL)
-    args.tokenizer = model_dir
-    state = ROOT / "var" / "bench"
-    state.mkdir(parents=True, exist_ok=True)
-    settings = InferenceSettings(cache_dir=str(state / "vllm-cache"))
-    settings.ipc_dir().mkdir(mode=0o700, exist_ok=True)
-    port = free_port()
-    vllm = start_vllm_server(model_dir, port, state, settings)
-    options = MeshOptions(state_dir=state / "mesh", model=MODEL, model_store=model_dir.parent, mtls=args.mtls)
-    mesh = LocalMesh(options)
+    vllm, port, mesh = side_by_side(args.mtls)
+    args.tokenizer = mesh.options.model_store / MODEL
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", vllm, 600)
         mesh.start(timeout=600)

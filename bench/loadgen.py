@@ -164,19 +164,24 @@ EdgeResults = dict[int, dict[str, list[dict[str, float]]]]
 
 
 def compare_edges(
-    targets: Targets, rounds: int, seconds: int, cpu: dict[str, Callable[[], float]] | None = None
+    targets: Targets,
+    rounds: int,
+    seconds: int,
+    cpu: dict[str, Callable[[], float]] | None = None,
+    script: Path | None = None,
 ) -> EdgeResults:
     """wrk on each target (name: url, headers) at concurrency 1 and 8, rounds alternating between targets;
-    with cpu (target: CPU seconds of its processes so far), each round's CPU per request too."""
+    with cpu (target: CPU seconds of its processes so far), each round's CPU per request too; script is
+    wrk's Lua script (a POST body)."""
     for url, headers in targets.values():
-        wrk(url, 4, 2, headers)  # warm-up
+        wrk(url, 4, 2, headers, script)  # warm-up
     results: EdgeResults = {}
     for c in (1, 8):
         results[c] = {t: [] for t in targets}
         for _ in range(rounds):
             for target, (url, headers) in targets.items():
                 used = cpu[target]() if cpu else 0.0
-                r = wrk(url, c, seconds, headers)
+                r = wrk(url, c, seconds, headers, script)
                 if cpu:
                     r["cpu_us"] = (cpu[target]() - used) / max(1.0, r["rps"] * seconds) * 1e6
                 results[c][target].append(r)

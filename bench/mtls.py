@@ -1,11 +1,13 @@
-"""What mutual TLS inside the mesh adds: the same edge path with every internal hop plaintext or mTLS.
+"""What mutual TLS inside the mesh adds: the same edge paths with every internal hop plaintext or mTLS.
 
-Two meshes run at once on one machine, identical but for MeshOptions.mtls: Envoy, ext_authz to the auth
-service (a cached key, Redis), and the router, serving GET /v1/models (two internal hops per request: the
-edge to auth, the edge to the router; no engine). wrk drives both with keep-alive connections at
-concurrency 1 and 8 in alternating rounds. Connections inside the mesh are long-lived HTTP/2, so what
-this measures is the per-request cost of encrypting and decrypting, not handshakes: in latency, and in the
-CPU time of every process of each mesh per request.
+Two meshes run at once on one machine, identical but for MeshOptions.mtls, in two parts. First Envoy,
+ext_authz to the auth service (a cached key) and the router, serving GET /v1/models (two internal hops per
+request, no engine). Then the whole control path of a unary chat completion over a scripted replica (no
+model): ext_authz, the edge's request limit, the router, the token reservation and settlement, billing, and
+Redis behind auth, the rate-limit service and billing (TLS too with mTLS on). wrk drives both meshes with
+keep-alive connections at concurrency 1 and 8 in alternating rounds. Connections inside the mesh are
+long-lived, so what this measures is the per-request cost of encrypting and decrypting, not handshakes:
+in latency, and in the CPU time of every process of each mesh per request.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import time
 from functools import partial
 from pathlib import Path
 
+import yaml
+
 from bench.loadgen import compare_edges, edge_tables, write_report, wrk_state
 from bench.ratelimit import cpu_seconds
+from bench.tracing import MODEL, RULES, post_script
 from services.mesh.local import LocalMesh, MeshOptions
+from tests.integration import scripted_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +35,19 @@ def _start(mesh: LocalMesh) -> tuple[str, dict[str, str]]:
     mesh.start_envoy()
     mesh.wait_edge(30)
     mesh.ensure_user_key()
-    return f"{mesh.edge_url}/v1/models", {"authorization": f"Bearer {mesh.user_key}"}
+    return f"{mesh.edge_url}/v1/models", _key(mesh)
+
+
+def _key(mesh: LocalMesh) -> dict[str, str]:
+    return {"authorization": f"Bearer {mesh.user_key}"}
+
+
+def _meshes(state: Path, model: str) -> dict[str, LocalMesh]:
+    unused = Path("unused")
+    return {
+        "plaintext": LocalMesh(MeshOptions(state_dir=state / "plain", model=model, model_store=unused, mtls=False)),
+        "mutual TLS": LocalMesh(MeshOptions(state_dir=state / "mtls", model=model, model_store=unused)),
+    }
 
 
 def _mesh_cpu(mesh: LocalMesh) -> float:
@@ -44,16 +62,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "mtls.md")
     args = parser.parse_args()
     state = wrk_state("bench-mtls")
-    unused = Path("unused")
-    meshes = {
-        "plaintext": LocalMesh(MeshOptions(state_dir=state / "plain", model="m", model_store=unused, mtls=False)),
-        "mutual TLS": LocalMesh(MeshOptions(state_dir=state / "mtls", model="m", model_store=unused)),
-    }
     started = time.time()
+    meshes = _meshes(state / "models", "m")
     try:
         targets = {name: _start(mesh) for name, mesh in meshes.items()}
         cpu = {name: partial(_mesh_cpu, mesh) for name, mesh in meshes.items()}
         results = compare_edges(targets, args.rounds, args.seconds, cpu)
+    finally:
+        for mesh in meshes.values():
+            mesh.stop()
+    rules = state / "ratelimits.yaml"
+    rules.write_text(yaml.safe_dump(RULES))
+    meshes = _meshes(state / "chat", MODEL)
+    try:
+        for mesh in meshes.values():
+            scripted_inference.full_mesh(mesh, rules, 4, 0)
+        targets = {
+            n: (f"{m.edge_url}/v1/chat/completions", {"authorization": f"Bearer {m.user_key}"})
+            for n, m in meshes.items()
+        }
+        cpu = {name: partial(_mesh_cpu, mesh) for name, mesh in meshes.items()}
+        with post_script() as script:
+            chat = compare_edges(targets, args.rounds, args.seconds, cpu, script)
     finally:
         for mesh in meshes.values():
             mesh.stop()
@@ -66,6 +96,12 @@ def main() -> None:
         f"Run took {time.time() - started:.0f} s on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         *edge_tables(results, "plaintext", "mutual TLS", "mutual TLS", target=""),
+        "",
+        "The whole control path: a unary chat completion (4 tokens from a scripted replica) through ext_authz,"
+        " the request limit, the router, the token reservation and its settlement, billing, and Redis (over TLS"
+        " with mutual TLS on):",
+        "",
+        *edge_tables(chat, "plaintext", "mutual TLS", "mutual TLS", target=""),
     ]
     write_report(lines, args.out)
 

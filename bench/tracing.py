@@ -75,6 +75,7 @@ class Collector:
             with self._lock:
                 self.exports += 1
                 self.bytes += len(request)
+                self.received(request)
             return b""
 
         handler = grpc.method_handlers_generic_handler(
@@ -84,6 +85,9 @@ class Collector:
         self._server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
+
+    def received(self, request: bytes) -> None:
+        """One export call's ExportTraceServiceRequest, as sent (under the lock); kept by subclasses."""
 
     def stop(self) -> None:
         self._server.stop(0)

@@ -15,55 +15,39 @@ import json
 import random
 import re
 import statistics
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import httpx
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from bench.edge_vs_vllm import MODEL, ROOT, start_vllm_server, wait_http
+from bench.edge_vs_vllm import MODEL, ROOT, side_by_side, wait_http
+from bench.tracing import Collector
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.inference import model_store
-from services.inference.config import InferenceSettings
-from services.mesh.local import LocalMesh, MeshOptions, free_port
 
 WORDS = "alpha bravo cedar delta ember fjord gamma harbor iris jade kelp lumen maple nova orbit pine".split()
 ENGINE_TTFT = "vllm:time_to_first_token_seconds"
 
 
-class SpanCollector:
+class SpanCollector(Collector):
     """An OTLP/gRPC trace endpoint that keeps every span: (trace id, service, name, start ns, end ns)."""
 
     def __init__(self) -> None:
         self.spans: list[tuple[bytes, str, str, int, int]] = []
-        self._lock = threading.Lock()
+        super().__init__()
 
-        def export(request: bytes, context: grpc.ServicerContext) -> bytes:
-            message = trace_service_pb2.ExportTraceServiceRequest.FromString(request)
-            with self._lock:
-                for resource in message.resource_spans:
-                    service = next(
-                        (a.value.string_value for a in resource.resource.attributes if a.key == "service.name"), "?"
+    def received(self, request: bytes) -> None:
+        message = trace_service_pb2.ExportTraceServiceRequest.FromString(request)
+        for resource in message.resource_spans:
+            attributes = resource.resource.attributes
+            service = next((a.value.string_value for a in attributes if a.key == "service.name"), "?")
+            for scope in resource.scope_spans:
+                for span in scope.spans:
+                    self.spans.append(
+                        (span.trace_id, service, span.name, span.start_time_unix_nano, span.end_time_unix_nano)
                     )
-                    for scope in resource.scope_spans:
-                        for span in scope.spans:
-                            self.spans.append(
-                                (span.trace_id, service, span.name, span.start_time_unix_nano, span.end_time_unix_nano)
-                            )
-            return trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-
-        handler = grpc.method_handlers_generic_handler(
-            "opentelemetry.proto.collector.trace.v1.TraceService",
-            {"Export": grpc.unary_unary_rpc_method_handler(export)},
-        )
-        self._server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
 
     def timeline(self) -> list[str]:
         """Median start and end of each span, in ms from the start of its trace's first span."""
@@ -88,9 +72,6 @@ class SpanCollector:
             end = statistics.median(e for _, e in spans)
             lines.append(f"| {service} | {name} | {len(spans)} | {start:.2f} | {end:.2f} |")
         return lines
-
-    def stop(self) -> None:
-        self._server.stop(0)
 
 
 def engine_ttft_total(metrics_url: str) -> tuple[float, float]:
@@ -157,21 +138,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--no-mtls", dest="mtls", action="store_false")
     parser.add_argument("--trace", action="store_true", help="trace every edge request and add the span timeline")
+    parser.add_argument(
+        "--no-guess", dest="guess", action="store_false", help="the router reserves after rendering only"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "ttft_breakdown.md")
     args = parser.parse_args()
     started = time.time()
-    model_dir = model_store.ensure(model_store.ModelStore(ROOT / "var" / "models"), MODEL)
-    state = ROOT / "var" / "bench"
-    state.mkdir(parents=True, exist_ok=True)
-    settings = InferenceSettings(cache_dir=str(state / "vllm-cache"))
-    settings.ipc_dir().mkdir(mode=0o700, exist_ok=True)
-    port = free_port()
-    vllm = start_vllm_server(model_dir, port, state, settings)
     collector = SpanCollector() if args.trace else None
-    options = MeshOptions(state_dir=state / "mesh", model=MODEL, model_store=model_dir.parent, mtls=args.mtls)
-    if collector is not None:
-        options.otlp_endpoint, options.trace_sample_ratio = f"127.0.0.1:{collector.port}", 1.0
-    mesh = LocalMesh(options)
+    vllm, port, mesh = side_by_side(args.mtls, f"127.0.0.1:{collector.port}" if collector is not None else "")
+    mesh.options.env["MESHSERVE_ROUTER_RESERVE_ON_GUESS"] = str(args.guess).lower()
     rng = random.Random(7)
     samples: dict[str, list[tuple[float, float]]] = {}
     try:
@@ -232,7 +207,8 @@ def report(samples: dict[str, list[tuple[float, float]]], args: argparse.Namespa
         "",
         f"{args.requests} streamed chat requests per target, one at a time and interleaved, {args.prompt_words}"
         f" random words each (never a prefix-cache hit), max_tokens {args.max_tokens}, greedy, {args.settle} s"
-        f" of quiet before each; mesh {'with' if args.mtls else 'without'} mutual TLS. The engine's time is"
+        f" of quiet before each; mesh {'with' if args.mtls else 'without'} mutual TLS, the router reserving"
+        f" {'on a guess while the prompt renders' if args.guess else 'after rendering only'}. The engine's time is"
         " vLLM's own vllm:time_to_first_token_seconds for that request (from its arrival in AsyncLLM to its"
         " first output); the frontend's is the rest of what the client waited. Medians in ms."
         f" Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, {time.time() - started:.0f} s.",

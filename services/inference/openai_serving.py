@@ -63,9 +63,25 @@ class Exchange:
     max_tokens: int = 0
     completion_tokens: int = 0
     measured: bool = False
+    # A go-ahead on condition (the most prompt tokens and generated tokens it covers), until measured.
+    covered: tuple[int, int] | None = None
 
     def reply(self, **fields: Any) -> Reply:
         return Reply(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, **fields)
+
+    def go_ahead(self, prompt_tokens: int = 0, max_tokens: int = 0) -> None:
+        """The caller's go-ahead: whatever is measured (prompt_tokens 0), or only within those counts."""
+        if prompt_tokens == 0:
+            self.proceed.set()
+            return
+        self.covered = (prompt_tokens, max_tokens)
+        self.release_if_covered()
+
+    def release_if_covered(self) -> None:
+        if self.covered is not None and self.measured:
+            prompt_tokens, max_tokens = self.covered
+            if self.prompt_tokens <= prompt_tokens and self.max_tokens <= max_tokens:
+                self.proceed.set()
 
 
 _EXCHANGE: contextvars.ContextVar[Exchange] = contextvars.ContextVar("meshserve_exchange")
@@ -104,6 +120,7 @@ class MeteredEngine:
         if not exchange.measured:
             exchange.measured = True
             exchange.replies.put_nowait(exchange.reply(measured=True, max_tokens=exchange.max_tokens))
+            exchange.release_if_covered()  # a go-ahead on condition may have come before the measurement
         await exchange.proceed.wait()
         kind = getattr(params, "output_kind", None)
         # A whole reply is asked of the engine step by step, as a stream is, and merged here with vLLM's own

@@ -114,7 +114,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         async def follow() -> None:
             async for message in requests:
                 if message.HasField("proceed"):
-                    exchange.proceed.set()
+                    exchange.go_ahead(message.proceed.prompt_tokens, message.proceed.max_tokens)
 
         served = asyncio.create_task(
             self.serving.serve(ENDPOINTS[start.endpoint], start.body, start.request_id, start.model, exchange)

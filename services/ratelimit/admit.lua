@@ -1,4 +1,5 @@
--- Admits `amount` into every sliding window named in KEYS, or into none.
+-- Admits `amount` into every sliding window named in KEYS, or into none. Admitting a reservation id
+-- that holds one already replaces it (a request that reserved an estimate, then its exact count).
 --
 -- A window is a sorted set of entries "<id>:<amount>" scored by admission time (ms)
 -- and a running sum of their amounts. Entries older than the window are dropped and
@@ -43,6 +44,15 @@ local function amount_of(member)
   return tonumber(string.match(member, ":(%d+)$"))
 end
 
+-- A reservation admitted again under the same id replaces the one it holds: the check counts the windows
+-- without it, and whatever the outcome the old entry goes (refused, nothing is held for this id).
+local prior, prior_amount, held = nil, 0, {}
+local rec_key = KEYS[2 * n + 1]
+if rec_key and not dry then
+  local f = redis.call("HMGET", rec_key, "ts", "amount")
+  if f[1] then prior, prior_amount = id .. ":" .. f[2], tonumber(f[2]) end
+end
+
 local used, limits, windows = {}, {}, {}
 local admitted, retry = 1, 0
 for i = 1, n do
@@ -58,6 +68,10 @@ for i = 1, n do
     redis.call("ZREMRANGEBYSCORE", z, "-inf", cutoff)
     if sum < 0 then sum = 0 end
     redis.call("SET", s, sum, "KEEPTTL")
+  end
+  if prior and redis.call("ZSCORE", z, prior) then
+    held[i] = true
+    sum = math.max(0, sum - prior_amount)
   end
   used[i] = sum
   if sum + amount > limit then
@@ -79,6 +93,14 @@ for i = 1, n do
     end
   end
 end
+
+for i = 1, n do
+  if held[i] then
+    redis.call("ZREM", KEYS[2 * i - 1], prior)
+    redis.call("SET", KEYS[2 * i], used[i], "KEEPTTL")
+  end
+end
+if prior and admitted == 0 then redis.call("DEL", rec_key) end
 
 if admitted == 1 and not dry then
   local member = id .. ":" .. amount

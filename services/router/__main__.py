@@ -71,7 +71,7 @@ def main() -> None:
             usage=usage,
         )
         llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(completions, settings.require_caller), rt.server)
-        openai = OpenAIServicer(OpenAIApi(completions.pipeline), settings.require_caller)
+        openai = OpenAIServicer(OpenAIApi(completions.pipeline, settings.reserve_on_guess), settings.require_caller)
         llm_v2_pb2_grpc.add_LlmServiceServicer_to_server(openai, rt.server)
 
         watcher = asyncio.create_task(catalogue.follow(settings.catalogue_poll_seconds))

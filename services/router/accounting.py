@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from meshserve.billing.v1 import billing_pb2
 from meshserve.inference.v1 import inference_pb2
@@ -72,7 +73,11 @@ class Metered:
     # Whether the caller has a token budget to reserve from (internal callers have none).
     budgeted: bool
     prompt_tokens: int = 0
+    # Tokens are held for it (settled at the end), and the hold was checked against the measured prompt.
     reserved: bool = False
+    covered: bool = False
+    # The reservation made on a guess while the prompt rendered (estimates.Hold, or None if refused).
+    early: asyncio.Task[Any] | None = None
     last: inference_pb2.GenerateResponse | inference_pb2.ServeResponse | None = None
     outcome: str = "cancelled"
     admitted: float = 0.0
@@ -94,8 +99,16 @@ class Accounting:
         last = metered.last
         prompt_tokens = last.prompt_tokens if last is not None else metered.prompt_tokens
         completion_tokens = last.completion_tokens if last is not None else 0
-        if metered.reserved and self._budget is not None:
-            self._budget.settle(request_id, caller, model, prompt_tokens, completion_tokens, metered.outcome)
+        budget = self._budget
+
+        def settle() -> None:
+            if metered.reserved and budget is not None:
+                budget.settle(request_id, caller, model, prompt_tokens, completion_tokens, metered.outcome)
+
+        if metered.early is not None and not metered.early.done():
+            metered.early.add_done_callback(lambda _: settle())  # ended while its early reservation was on its way
+        else:
+            settle()
         tenant = caller.tenant or "internal"
         metrics.finished(model, version.name, tenant, metered.outcome, prompt_tokens, completion_tokens)
         entry = access.CURRENT.get()

@@ -25,6 +25,8 @@ class RouterSettings(ServiceSettings):
     # The rate-limit service unreachable: generate without a reservation (True) or refuse with 503 (False).
     # Match the rules' `failure_mode.tokens` (the local mesh and the Kubernetes render do).
     ratelimit_fail_open: bool = True
+    # Reserve tokens on a guess while the replica renders the prompt (estimates.py), instead of after.
+    reserve_on_guess: bool = True
     # host:port of the billing service; empty turns usage recording off for this router.
     billing: str = ""
     # Folder where usage batches wait while billing is unreachable; replayed when it answers again.

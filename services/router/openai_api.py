@@ -22,6 +22,7 @@ from services.router import access
 from services.router.accounting import Metered, TokenWindow
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Version
+from services.router.estimates import PromptEstimator, most_generated
 from services.router.failover import Attempt, Replica, opening, prefix_key
 from services.router.pipeline import Pipeline, Reserve
 from services.router.validation import MAX_STOP, in_range
@@ -66,6 +67,8 @@ class Body:
     data: bytes
     model: str
     opening: str
+    # The most tokens it may generate over every choice, where the body says (estimates.most_generated).
+    most_generated: int | None = None
 
 
 def _finite(value: Any, where: str) -> None:
@@ -157,7 +160,7 @@ def parse(endpoint: int, data: bytes, stream: bool, prefix_chars: int) -> Body:
     if bool(fields.get("stream")) != stream:
         fields["stream"] = stream
         data = json.dumps(fields).encode()
-    return Body(data, model, _opening(endpoint, fields, prefix_chars))
+    return Body(data, model, _opening(endpoint, fields, prefix_chars), most_generated(endpoint == CHAT, fields))
 
 
 def error_event(exc: BaseException) -> bytes:
@@ -167,12 +170,16 @@ def error_event(exc: BaseException) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode() + DONE
 
 
-def _noting(reserve: Reserve | None, meta: ResponseMeta) -> Callable[[int, int], Awaitable[None]] | None:
-    """reserve, noting in meta the token window it leaves (for the response's headers)."""
+def _noting(
+    reserve: Reserve | None, meta: ResponseMeta, learn: Callable[[int], None]
+) -> Callable[[int, int], Awaitable[None]] | None:
+    """reserve, noting in meta the token window it leaves (for the response's headers), and teaching the
+    measured prompt to the estimator."""
     if reserve is None:
         return None
 
     async def noted(prompt_tokens: int, max_tokens: int) -> None:
+        learn(prompt_tokens)
         meta.token_window = await reserve(prompt_tokens, max_tokens)
 
     return noted
@@ -181,8 +188,10 @@ def _noting(reserve: Reserve | None, meta: ResponseMeta) -> Callable[[int, int],
 class OpenAIApi:
     """Chat and completions as OpenAI's API, over the pipeline."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, reserve_on_guess: bool = True) -> None:
         self._pipeline = pipeline
+        self._estimator = PromptEstimator()
+        self._reserve_on_guess = reserve_on_guess
 
     def _replies(
         self, endpoint: int, data: bytes, stream: bool, caller: Caller, hints: RouteHints, meta: ResponseMeta
@@ -197,16 +206,23 @@ class OpenAIApi:
             entry.model = body.model
         request_id = f"{ID_PREFIX[endpoint]}{uuid.uuid4().hex}"
 
+        estimator, size = self._estimator, len(body.data)
+        guess = estimator.guess(body.model, endpoint, size, body.most_generated) if self._reserve_on_guess else None
+
+        def learn(prompt_tokens: int) -> None:
+            estimator.learn(body.model, endpoint, size, prompt_tokens)
+
         def attempt(metered: Metered, version: Version) -> Attempt[inference_pb2.ServeResponse]:
             def replies(replica: Replica) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
-                reserve = _noting(pipeline.reserver(request_id, caller, body.model, metered), meta)
+                reserve = _noting(pipeline.reserver(request_id, caller, body.model, metered, guess), meta, learn)
                 start = inference_pb2.ServeStart(
                     request_id=request_id.removeprefix(ID_PREFIX[endpoint]),
                     model=body.model,
                     endpoint=endpoint,  # type: ignore[arg-type]
                     body=body.data,
                 )
-                return replica.serve(start, reserve)
+                cover = pipeline.covered(metered) if reserve is not None and metered.early is not None else None
+                return replica.serve(start, reserve, cover)
 
             return replies
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from opentelemetry import trace
 
@@ -18,8 +19,10 @@ from services.router.admission import Admission
 from services.router.balancer import Balancer
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, Version
+from services.router.estimates import Guess, Hold
 from services.router.failover import Attempt, Failover, ReplicaDirectory, RoutingPolicy
 from services.runtime import tracing
+from services.runtime.errors import DomainError
 
 FINISHED = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
 
@@ -118,18 +121,48 @@ class Pipeline:
             if queued.is_recording():
                 queued.end()
 
-    def reserver(self, request_id: str, caller: Caller, model: str, metered: Metered) -> Reserve | None:
-        """What reserves tokens for a measured prompt, or None where nothing is to be reserved (any more)."""
+    def reserver(
+        self, request_id: str, caller: Caller, model: str, metered: Metered, guess: Guess | None = None
+    ) -> Reserve | None:
+        """What reserves tokens for a measured prompt, or None where nothing is to be reserved (any more).
+
+        With a guess, tokens are reserved for it at once, while the replica renders the prompt; the measured
+        counts then need no second call when the guess covered them (estimates.py)."""
         budget = self.budget
-        if budget is None or not metered.budgeted or metered.reserved:
+        if budget is None or not metered.budgeted or metered.covered:
             return None
+        if guess is not None and metered.early is None:
+            metered.early = asyncio.ensure_future(_hold(budget, request_id, caller, model, metered, guess))
 
         async def reserve(prompt_tokens: int, max_tokens: int) -> TokenWindow | None:
+            held = await metered.early if metered.early is not None else None
+            if held is not None and held.covers(prompt_tokens, max_tokens):
+                metered.prompt_tokens, metered.covered = prompt_tokens, True
+                return cast(TokenWindow | None, held.window)
+            # No guess, or one too small: the measured counts, in place of whatever the guess holds.
             window = await budget.reserve(request_id, caller, model, prompt_tokens, max_tokens)
-            metered.prompt_tokens, metered.reserved = prompt_tokens, True
+            metered.prompt_tokens, metered.reserved, metered.covered = prompt_tokens, True, True
             return window
 
         return reserve
+
+    @staticmethod
+    async def covered(metered: Metered) -> tuple[int, int] | None:
+        """What tokens reserved on a guess cover once they hold (prompt tokens, most generated), or None."""
+        held = await metered.early if metered.early is not None else None
+        return (held.guess.prompt_tokens, held.guess.max_tokens) if held is not None else None
+
+
+async def _hold(
+    budget: TokenBudget, request_id: str, caller: Caller, model: str, metered: Metered, guess: Guess
+) -> Hold | None:
+    """Reserves the guess; None when it does not fit or cannot be checked (the measured counts decide then)."""
+    try:
+        window = await budget.reserve(request_id, caller, model, guess.prompt_tokens, guess.max_tokens)
+    except DomainError:
+        return None
+    metered.reserved = True
+    return Hold(guess, window)
 
 
 async def _timed(

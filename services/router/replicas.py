@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import grpc
 from grpc import aio
@@ -71,6 +73,19 @@ def domain_error(exc: aio.AioRpcError, address: str) -> errors.DomainError:
     return errors.Internal(f"inference replica {address} failed on this request: {code.name}: {details}")
 
 
+def _within(reply: inference_pb2.ServeResponse, covered: tuple[int, int]) -> bool:
+    return reply.prompt_tokens <= covered[0] and reply.max_tokens <= covered[1]
+
+
+async def _go_ahead_on_condition(call: Any, cover: Awaitable[tuple[int, int] | None]) -> tuple[int, int] | None:
+    """Sends the go-ahead on condition once tokens reserved on a guess hold; what it covers, or None."""
+    covered = await cover
+    if covered is not None:
+        proceed = inference_pb2.ServeProceed(prompt_tokens=max(1, covered[0]), max_tokens=covered[1])
+        await call.write(inference_pb2.ServeRequest(proceed=proceed))
+    return covered
+
+
 class GrpcReplica:
     """One inference replica."""
 
@@ -93,10 +108,14 @@ class GrpcReplica:
                 call.cancel()
 
     async def serve(
-        self, start: inference_pb2.ServeStart, reserve: Callable[[int, int], Awaitable[object]] | None
+        self,
+        start: inference_pb2.ServeStart,
+        reserve: Callable[[int, int], Awaitable[object]] | None,
+        cover: Awaitable[tuple[int, int] | None] | None = None,
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         with tracing.client_call(SERVE) as metadata:
             call = self._channel.stub.Serve(metadata=metadata)
+            covering: asyncio.Task[tuple[int, int] | None] | None = None
             try:
                 # Nothing to reserve: the replica generates at once, without waiting for a go-ahead.
                 opening = inference_pb2.ServeStart()
@@ -105,18 +124,27 @@ class GrpcReplica:
                 await call.write(inference_pb2.ServeRequest(start=opening))
                 if reserve is None:
                     await call.done_writing()
+                elif cover is not None:
+                    covering = asyncio.ensure_future(_go_ahead_on_condition(call, cover))
                 while (read := await call.read()) is not aio.EOF:
                     reply = cast(inference_pb2.ServeResponse, read)
                     if reply.measured:
                         if reserve is not None:
                             await reserve(reply.prompt_tokens, reply.max_tokens)
-                            await call.write(inference_pb2.ServeRequest(proceed=inference_pb2.ServeProceed()))
+                            covered = await covering if covering is not None else None
+                            # The replica decides as this does: within what the guess covers, it went ahead.
+                            if covered is None or not _within(reply, covered):
+                                await call.write(inference_pb2.ServeRequest(proceed=inference_pb2.ServeProceed()))
                             await call.done_writing()
                         continue
                     yield reply
             except aio.AioRpcError as exc:
                 raise domain_error(exc, self.address) from exc
             finally:
+                if covering is not None:
+                    covering.cancel()
+                elif inspect.iscoroutine(cover):
+                    cover.close()  # never sent: the call ended before its start went out
                 # Closing early (client gone, router stopping) must abort the generation on the engine.
                 call.cancel()
 

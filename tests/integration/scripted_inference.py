@@ -102,8 +102,12 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
         prompt = _prompt_of(body, chat)
         steps = self.Generate(ipb.GenerateRequest(request_id=start.request_id, input=ipb.Input(text=prompt)), context)
         if not start.proceed:
-            yield ipb.ServeResponse(measured=True, prompt_tokens=3, max_tokens=body.get("max_tokens") or 16)
-            await anext(aiter(requests))
+            most = body.get("max_tokens") or 16
+            yield ipb.ServeResponse(measured=True, prompt_tokens=3, max_tokens=most)
+            async for message in requests:  # a go-ahead, or one on condition that covers the measurement
+                go = message.proceed
+                if go.prompt_tokens == 0 or (go.prompt_tokens >= 3 and go.max_tokens >= most):
+                    break
         rid = ("chatcmpl-" if chat else "cmpl-") + start.request_id
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "model": start.model}
         texts: list[str] = []

@@ -104,3 +104,21 @@ async def test_a_request_larger_than_the_limit_never_fits(windows: SlidingWindow
     refused = await windows.admit([per(100, 60)], "big", 50, max_extra=80)
     assert not refused.admitted
     assert refused.retry_after_seconds is None
+
+
+async def test_a_reservation_admitted_again_replaces_the_one_it_holds(windows: SlidingWindows) -> None:
+    tokens = [per(100, 60)]
+    keys = {"reservation_key": "test:{t}:res:r", "estimate_key": "test:{t}:est:r"}
+    # An estimate held while the prompt renders, then the exact count in its place: the window holds only that.
+    assert (await windows.admit(tokens, "r", 60, max_extra=0, now_ms=1_000, **keys)).admitted
+    exact = await windows.admit(tokens, "r", 70, max_extra=0, now_ms=1_001, **keys)
+    assert exact.admitted and exact.windows[0].used == 70  # 60 + 70 would not fit; 70 alone does
+    assert (await windows.admit(tokens, "r", 20, max_extra=0, now_ms=1_002, **keys)).windows[0].used == 20
+    assert await windows.settle(tokens, "r", 25, learn_completion=None, **keys) == (True, -5)
+    assert (await windows.admit(tokens, "", 0, dry=True, now_ms=1_003)).windows[0].used == 25
+    # A replacement that does not fit is refused and leaves nothing held for the id.
+    keys2 = {"reservation_key": "test:{t}:res:q", "estimate_key": "test:{t}:est:r"}
+    assert (await windows.admit(tokens, "q", 50, max_extra=0, now_ms=1_004, **keys2)).admitted
+    assert not (await windows.admit(tokens, "q", 80, max_extra=0, now_ms=1_005, **keys2)).admitted
+    assert (await windows.admit(tokens, "", 0, dry=True, now_ms=1_006)).windows[0].used == 25
+    assert await windows.settle(tokens, "q", 10, learn_completion=None, **keys2) == (False, 0)

@@ -42,8 +42,12 @@ class ServeStart(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., endpoint: _Optional[_Union[Endpoint, str]] = ..., body: _Optional[bytes] = ..., proceed: _Optional[bool] = ...) -> None: ...
 
 class ServeProceed(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("prompt_tokens", "max_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    max_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class ServeRequest(_message.Message):
     __slots__ = ("start", "proceed")

@@ -59,7 +59,8 @@ class InferenceServiceStub:
     the prompt is rendered the replica sends a message with measured set
     (the prompt's tokens and the most it may generate); unless the start
     said proceed, it waits for a ServeProceed before generating, so the
-    caller can reserve tokens for exactly that prompt. Then come the body
+    caller can reserve tokens for exactly that prompt (or go ahead on
+    condition before, having reserved a guess). Then come the body
     (one message) or the stream's SSE events (one per message), each with
     the token counts so far; the last has finish_reason. Cancelling the call
     aborts the generation.
@@ -94,7 +95,8 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     the prompt is rendered the replica sends a message with measured set
     (the prompt's tokens and the most it may generate); unless the start
     said proceed, it waits for a ServeProceed before generating, so the
-    caller can reserve tokens for exactly that prompt. Then come the body
+    caller can reserve tokens for exactly that prompt (or go ahead on
+    condition before, having reserved a guess). Then come the body
     (one message) or the stream's SSE events (one per message), each with
     the token counts so far; the last has finish_reason. Cancelling the call
     aborts the generation.
@@ -162,7 +164,8 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         the prompt is rendered the replica sends a message with measured set
         (the prompt's tokens and the most it may generate); unless the start
         said proceed, it waits for a ServeProceed before generating, so the
-        caller can reserve tokens for exactly that prompt. Then come the body
+        caller can reserve tokens for exactly that prompt (or go ahead on
+        condition before, having reserved a guess). Then come the body
         (one message) or the stream's SSE events (one per message), each with
         the token counts so far; the last has finish_reason. Cancelling the call
         aborts the generation.
