@@ -26,6 +26,7 @@ from services.mesh.local import LocalMesh, MeshOptions
 from tests.integration import scripted_inference
 
 ROOT = Path(__file__).resolve().parents[1]
+PLAIN_REDIS = "mutual TLS, Redis plaintext"
 
 
 def _start(mesh: LocalMesh) -> tuple[str, dict[str, str]]:
@@ -42,12 +43,16 @@ def _key(mesh: LocalMesh) -> dict[str, str]:
     return {"authorization": f"Bearer {mesh.user_key}"}
 
 
-def _meshes(state: Path, model: str) -> dict[str, LocalMesh]:
+def _meshes(state: Path, model: str, redis_plaintext: bool = False) -> dict[str, LocalMesh]:
     unused = Path("unused")
-    return {
+    meshes = {
         "plaintext": LocalMesh(MeshOptions(state_dir=state / "plain", model=model, model_store=unused, mtls=False)),
         "mutual TLS": LocalMesh(MeshOptions(state_dir=state / "mtls", model=model, model_store=unused)),
     }
+    if redis_plaintext:
+        options = MeshOptions(state_dir=state / "mtls-plain-redis", model=model, model_store=unused, redis_tls=False)
+        meshes[PLAIN_REDIS] = LocalMesh(options)
+    return meshes
 
 
 def _mesh_cpu(mesh: LocalMesh) -> float:
@@ -73,7 +78,7 @@ def main() -> None:
             mesh.stop()
     rules = state / "ratelimits.yaml"
     rules.write_text(yaml.safe_dump(RULES))
-    meshes = _meshes(state / "chat", MODEL)
+    meshes = _meshes(state / "chat", MODEL, redis_plaintext=True)
     try:
         for mesh in meshes.values():
             scripted_inference.full_mesh(mesh, rules, 4, 0)
@@ -102,6 +107,10 @@ def main() -> None:
         " with mutual TLS on):",
         "",
         *edge_tables(chat, "plaintext", "mutual TLS", "mutual TLS", target=""),
+        "",
+        "Of that, what Redis over TLS costs (mutual TLS everywhere but Redis, against mutual TLS everywhere):",
+        "",
+        *edge_tables(chat, PLAIN_REDIS, "mutual TLS", "Redis over TLS", target="")[-4:],
     ]
     write_report(lines, args.out)
 

@@ -151,7 +151,8 @@ class LocalMesh(Readiness):
     def start_redis(self, port: int = 0) -> Proc:
         """A private redis-server on a free (or the given) port, persisting to the state folder (append-only)."""
         port = port or free_port(self.options.host)
-        args = redis_args(self.options.host, port, self.options.state_dir / "redis", self.identity("redis"))
+        files = self.identity("redis") if self.options.redis_tls else None
+        args = redis_args(self.options.host, port, self.options.state_dir / "redis", files)
         proc = self._spawn("redis", args, {}, ready=False)
         proc.grpc_port = port
         wait_redis(self.redis_url, self.identity("admin"), lambda: self._check_alive(proc), timeout=20)
@@ -160,7 +161,7 @@ class LocalMesh(Readiness):
     @property
     def redis_url(self) -> str:
         """The mesh's Redis: TLS (rediss) with mutual TLS on, its clients presenting their mesh certificates."""
-        scheme = "rediss" if self.options.mtls else "redis"
+        scheme = "rediss" if self.options.mtls and self.options.redis_tls else "redis"
         return f"{scheme}://{self.options.host}:{self.procs['redis'].grpc_port}/0"
 
     def redis_options(self, caller: str = "admin") -> dict[str, Any]:

@@ -136,6 +136,8 @@ class MeshOptions:
     # TLS at the edge (HTTP/1.1 and HTTP/2 on one port) with the edge's certificate from the local CA;
     # off, the edge is plain HTTP on loopback, as `vllm serve` is.
     edge_tls: bool = False
+    # Redis over TLS too, with mutual TLS on (bench.mtls measures what it costs).
+    redis_tls: bool = True
 
     def tracing_env(self) -> dict[str, str]:
         """The OTEL_* variables of every service: tracing to otlp_endpoint, or none at all."""
