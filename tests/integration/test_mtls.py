@@ -18,6 +18,7 @@ import grpc
 import pytest
 import redis
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -96,6 +97,30 @@ def test_redis_takes_only_tls_clients_with_a_mesh_certificate(mesh: LocalMesh, t
         client.ping()
     with redis.Redis.from_url(mesh.redis_url, **mesh.redis_options("billing")) as ours:
         assert ours.ping()
+
+
+def _redis_certificate(mesh: LocalMesh) -> bytes:
+    files = mesh.identity("admin")
+    assert files is not None
+    context = ssl.create_default_context(cafile=str(files.ca))
+    context.load_cert_chain(str(files.cert), str(files.key))
+    with socket.create_connection(("127.0.0.1", mesh.procs["redis"].grpc_port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls_socket:
+            der = tls_socket.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_redis_serves_a_renewed_certificate_once_told_to_read_its_files_again(mesh: LocalMesh) -> None:
+    # What the Kubernetes sidecar does (deploy/k8s/base/redis.yaml): Redis reads its files at start only.
+    before = _redis_certificate(mesh)
+    renewed = tls.issue(mesh.options.state_dir / "tls", "redis", renew=True)
+    with redis.Redis.from_url(mesh.redis_url, **mesh.redis_options()) as client:
+        client.config_set("tls-cert-file", str(renewed.cert))
+        assert client.ping()
+    after = _redis_certificate(mesh)
+    assert after != before
+    assert after == x509.load_pem_x509_certificate(renewed.cert.read_bytes()).public_bytes(Encoding.DER)
 
 
 IDENTITY = (("x-meshserve-tenant", "acme"), ("x-meshserve-key-id", "key_x"))
