@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
 import urllib.request
 
 import grpc
@@ -86,3 +88,12 @@ def passed_by_failure_mode(mesh: LocalMesh) -> int:
         scrape(mesh, "ratelimit"), "meshserve_ratelimit_decisions_total", kind="requests", outcome="failed_open"
     )
     return int(limiter) + edge_counters(mesh, EDGE_FAILED_OPEN).get(EDGE_FAILED_OPEN, 0)
+
+
+def served_certificate(port: int, context: ssl.SSLContext, server_hostname: str) -> bytes:
+    """The DER certificate a TLS server on 127.0.0.1:port presents in a new handshake."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=server_hostname) as tls_socket:
+            der = tls_socket.getpeercert(binary_form=True)
+    assert der is not None
+    return der

@@ -4,7 +4,6 @@ a client that does not trust it fails; plain HTTP to the TLS port gets no answer
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from google.api import httpbody_pb2
 from meshserve.llm.v2 import llm_pb2_grpc
 from services.mesh.local import LocalMesh
 from services.runtime import tls
+from tests.e2e.helpers import served_certificate
 from tests.integration import scripted_inference
 from tests.integration.bystanders import Bystanders
 
@@ -84,12 +84,7 @@ def test_the_keys_cli_manages_keys_through_a_tls_edge(mesh: LocalMesh) -> None:
 
 
 def _served_certificate(mesh: LocalMesh) -> bytes:
-    context = ssl.create_default_context(cafile=str(mesh.edge_ca))
-    with socket.create_connection((mesh.edge.host, mesh.edge.port), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname="edge") as tls_socket:
-            der = tls_socket.getpeercert(binary_form=True)
-    assert der is not None
-    return der
+    return served_certificate(mesh.edge.port, ssl.create_default_context(cafile=str(mesh.edge_ca)), "edge")
 
 
 def test_a_renewed_edge_certificate_is_served_without_a_dropped_request(mesh: LocalMesh) -> None:

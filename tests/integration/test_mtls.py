@@ -28,6 +28,7 @@ from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.mesh.local import LocalMesh, free_port
 from services.runtime import redis_tls, tls
+from tests.e2e.helpers import served_certificate
 from tests.integration import scripted_inference
 from tests.integration.bystanders import Bystanders
 
@@ -104,11 +105,7 @@ def _redis_certificate(mesh: LocalMesh) -> bytes:
     assert files is not None
     context = ssl.create_default_context(cafile=str(files.ca))
     context.load_cert_chain(str(files.cert), str(files.key))
-    with socket.create_connection(("127.0.0.1", mesh.procs["redis"].grpc_port), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls_socket:
-            der = tls_socket.getpeercert(binary_form=True)
-    assert der is not None
-    return der
+    return served_certificate(mesh.procs["redis"].grpc_port, context, "127.0.0.1")
 
 
 def test_redis_serves_a_renewed_certificate_once_told_to_read_its_files_again(mesh: LocalMesh) -> None:
