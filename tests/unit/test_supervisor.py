@@ -7,8 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from services.mesh.local import LocalMesh, MeshOptions, Proc
+from services.mesh.procs import redis_args
 from services.mesh.supervisor import Supervisor
+from services.runtime import tls
 
 
 class Clock:
@@ -120,3 +124,15 @@ def _state(pid: int) -> Any:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_redis_reads_its_certificate_by_absolute_path_whatever_folder_it_moves_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    files = tls.Files.of(Path("var/run/tls/redis"))  # relative, as `meshserve up` names its state folder
+    args = redis_args("127.0.0.1", 6390, Path("var/run/redis"), files)
+    given = {args[i]: args[i + 1] for i in range(1, len(args) - 1, 2)}
+    for option in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file"):
+        assert Path(given[option]).is_absolute() and given[option].startswith(str(tmp_path)), option
+    assert given["--port"] == "0" and given["--tls-port"] == "6390"
