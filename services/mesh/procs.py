@@ -161,8 +161,9 @@ def redis_args(host: str, port: int, data: Path, files: tls.Files | None = None)
     options |= {"protected-mode": "no", "daemonize": "no"}
     if files is not None:
         options |= {"port": "0", "tls-port": str(port), "tls-auth-clients": "yes"}
-        # Absolute: Redis moves into its data folder (--dir) before it reads them.
-        cert, key, ca = (str(p.resolve()) for p in (files.cert, files.key, files.ca))
+        # Absolute (but through the `..data` link, which a renewal moves): Redis moves into its data folder
+        # (--dir) before it reads them.
+        cert, key, ca = (str(p.absolute()) for p in (files.cert, files.key, files.ca))
         options |= {"tls-cert-file": cert, "tls-key-file": key, "tls-ca-cert-file": ca}
     return [exe, *(a for name, value in options.items() for a in (f"--{name}", value))]
 
