@@ -188,7 +188,7 @@ def _noting(
 class OpenAIApi:
     """Chat and completions as OpenAI's API, over the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, reserve_on_guess: bool = True) -> None:
+    def __init__(self, pipeline: Pipeline, reserve_on_guess: bool = False) -> None:
         self._pipeline = pipeline
         self._estimator = PromptEstimator()
         self._reserve_on_guess = reserve_on_guess

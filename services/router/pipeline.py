@@ -135,7 +135,8 @@ class Pipeline:
             metered.early = asyncio.ensure_future(_hold(budget, request_id, caller, model, metered, guess))
 
         async def reserve(prompt_tokens: int, max_tokens: int) -> TokenWindow | None:
-            held = await metered.early if metered.early is not None else None
+            # Shielded: a request that stops waiting must not cancel the reservation, which is settled once it lands.
+            held = await asyncio.shield(metered.early) if metered.early is not None else None
             if held is not None and held.covers(prompt_tokens, max_tokens):
                 metered.prompt_tokens, metered.covered = prompt_tokens, True
                 return cast(TokenWindow | None, held.window)
@@ -149,7 +150,7 @@ class Pipeline:
     @staticmethod
     async def covered(metered: Metered) -> tuple[int, int] | None:
         """What tokens reserved on a guess cover once they hold (prompt tokens, most generated), or None."""
-        held = await metered.early if metered.early is not None else None
+        held = await asyncio.shield(metered.early) if metered.early is not None else None
         return (held.guess.prompt_tokens, held.guess.max_tokens) if held is not None else None
 
 

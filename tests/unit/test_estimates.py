@@ -88,3 +88,16 @@ def test_the_replica_goes_ahead_on_condition_only_within_what_it_covers() -> Non
     more = Exchange(prompt_tokens=40, max_tokens=64, measured=True)
     more.go_ahead(50, 32)
     assert not more.proceed.is_set()
+
+
+async def test_a_request_that_stops_waiting_does_not_cancel_its_early_reservation() -> None:
+    budget = FakeBudget()
+    metered = Metered(started=0.0, budgeted=True)
+    pipeline = _pipeline(budget)
+    assert pipeline.reserver("req", CALLER, "m", metered, Guess(10, 32)) is not None
+    waiting = asyncio.ensure_future(pipeline.covered(metered))
+    await asyncio.sleep(0)
+    waiting.cancel()  # the replica's stream closed early (a client gone, a failover)
+    assert metered.early is not None
+    held = await metered.early  # still lands, so that it is settled
+    assert held is not None and metered.reserved
