@@ -18,6 +18,7 @@ bench:
 	@.venv/bin/python -m bench.auth_overhead
 	@.venv/bin/python -m bench.mtls
 	@.venv/bin/python -m bench.ratelimit
+	@.venv/bin/python -m bench.gateways
 	@.venv/bin/python -m bench.affinity
 	@.venv/bin/python -m bench.billing
 	@.venv/bin/python -m bench.tracing

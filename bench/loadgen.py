@@ -169,14 +169,15 @@ def compare_edges(
     seconds: int,
     cpu: dict[str, Callable[[], float]] | None = None,
     script: Path | None = None,
+    concurrencies: tuple[int, ...] = (1, 8),
 ) -> EdgeResults:
-    """wrk on each target (name: url, headers) at concurrency 1 and 8, rounds alternating between targets;
+    """wrk on each target (name: url, headers) at each concurrency, rounds alternating between targets;
     with cpu (target: CPU seconds of its processes so far), each round's CPU per request too; script is
     wrk's Lua script (a POST body)."""
     for url, headers in targets.values():
         wrk(url, 4, 2, headers, script)  # warm-up
     results: EdgeResults = {}
-    for c in (1, 8):
+    for c in concurrencies:
         results[c] = {t: [] for t in targets}
         for _ in range(rounds):
             for target, (url, headers) in targets.items():

@@ -11,7 +11,16 @@ import yaml
 from deploy.envoy.filters import cors_policy, http_filters, lua_source, rate_limit_descriptors
 from deploy.envoy.mesh_tls import downstream_socket, upstream_socket
 from deploy.envoy.replies import access_log, local_reply_config
-from deploy.envoy.settings import LLM_SERVICE, OPENAI_SERVICE, USAGE_PATH, Address, EdgeConfig, Tracing
+from deploy.envoy.settings import (
+    GENERATION_METHODS,
+    LLM_SERVICE,
+    OPENAI_SERVICE,
+    USAGE_PATH,
+    Address,
+    EdgeConfig,
+    Tracing,
+    generation_rest_paths,
+)
 from services.auth.keys import ADMIN_PATH_PREFIX
 from services.runtime import keepalive
 
@@ -72,7 +81,12 @@ STREAMING_METHODS = ("StreamChatCompletion", "StreamCompletion")
 
 def _llm_routes(cfg: EdgeConfig) -> list[dict[str, Any]]:
     """The API's routes, matched on the gRPC path the transcoder made (or the native client sent):
-    streams last as long as generation does and are bounded by idleness; whole replies by a timeout."""
+    streams last as long as generation does and are bounded by idleness; whole replies by a timeout.
+
+    Request limits: checked here (the rate-limit service's RateLimitService) on every route but generation;
+    a generation's are checked by the router's first reservation, which also holds its tokens (one call to
+    the rate-limit service on the way to the first token instead of two). The rate-limit filter runs before
+    the transcoder, on the route of the REST path; the router filter on the route of the gRPC path."""
     limits = {"rate_limits": rate_limit_descriptors()} if cfg.ratelimit is not None else {}
     # A request that never reached a router (refused connection, a stream the router refused while
     # restarting) is tried again for about 2 s: a restarting router is not an error for its callers.
@@ -83,12 +97,19 @@ def _llm_routes(cfg: EdgeConfig) -> list[dict[str, Any]]:
     }
     idle = {"idle_timeout": f"{cfg.stream_idle_timeout_s}s", "retry_policy": retry}
     streams = [
-        {"match": {"path": f"/{service}/{m}"}, "route": {"cluster": "router", "timeout": "0s", **idle, **limits}}
+        {"match": {"path": f"/{service}/{m}"}, "route": {"cluster": "router", "timeout": "0s", **idle}}
         for service in (OPENAI_SERVICE, LLM_SERVICE)
         for m in STREAMING_METHODS
     ]
-    unary = {"cluster": "router", "timeout": f"{cfg.unary_timeout_s}s", **idle, **limits}
-    return [*streams, {"match": {"prefix": "/"}, "route": unary}]
+    unary = {"cluster": "router", "timeout": f"{cfg.unary_timeout_s}s", **idle}
+    generation = [
+        {"match": {"path": f"/{service}/{m}"}, "route": unary}
+        for service in (OPENAI_SERVICE, LLM_SERVICE)
+        for m in GENERATION_METHODS
+        if m not in STREAMING_METHODS
+    ]
+    generation += [{"match": {"path": path}, "route": unary} for path in generation_rest_paths()]
+    return [*streams, *generation, {"match": {"prefix": "/"}, "route": {**unary, **limits}}]
 
 
 def _overload_manager(cfg: EdgeConfig) -> dict[str, Any]:

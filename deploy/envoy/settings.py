@@ -14,6 +14,17 @@ LLM_SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
 # The OpenAI API (chat and completions, whole JSON bodies); v1 keeps the model list and its typed gRPC methods.
 OPENAI_SERVICE = llm_v2_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
 BILLING_SERVICE = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
+GENERATION_METHODS = ("CreateChatCompletion", "StreamChatCompletion", "CreateCompletion", "StreamCompletion")
+
+
+def generation_rest_paths() -> list[str]:
+    """The REST paths of the OpenAI API's generation methods (their google.api.http bindings)."""
+    from google.api import annotations_pb2
+
+    service = llm_v2_pb2.DESCRIPTOR.services_by_name["LlmService"]
+    return [service.methods_by_name[m].GetOptions().Extensions[annotations_pb2.http].post for m in GENERATION_METHODS]
+
+
 # The one billing method callers may reach through the edge (RecordUsage is the router's alone).
 USAGE_PATH = f"/{BILLING_SERVICE}/GetUsage"
 

@@ -261,6 +261,7 @@ class LocalMesh(Readiness):
         if ratelimit is not None:
             settings["MESHSERVE_ROUTER_RATELIMIT"] = f"{self.options.host}:{ratelimit.grpc_port}"
             settings["MESHSERVE_ROUTER_RATELIMIT_FAIL_OPEN"] = str(self._fail_open(Kind.TOKENS))
+            settings["MESHSERVE_ROUTER_RATELIMIT_REQUESTS_FAIL_OPEN"] = str(self._fail_open(Kind.REQUESTS))
         return self.start_service(
             name, "services.router", "MESHSERVE_ROUTER_", {**settings, **(env or {})}, nice=self.options.support_nice
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -54,6 +55,23 @@ class RequestDecision:
     # False when Redis was unreachable and the fail-open mode let the request through.
     enforced: bool = True
 
+    def refusal(self) -> str:
+        """Why the request was refused: every window it was over."""
+        over = [d.window for d in self.descriptors if d.over_limit and d.window is not None]
+        what = "; ".join(f"{w.limit.limit} requests per {w.limit.seconds} s per {w.limit.scope.value}" for w in over)
+        return f"rate limit exceeded ({what}); retry after {self.retry_after_seconds or 0:.1f} s"
+
+    def tightest(self) -> WindowState | None:
+        return tightest([d.window for d in self.descriptors if d.window is not None])
+
+
+class TokenHold(enum.Enum):
+    """What a reservation does with its tokens."""
+
+    REQUIRED = "required"  # hold them or refuse
+    IF_ROOM = "if_room"  # hold them if they fit (a guess, replaced by the measured counts when it was not held)
+    NONE = "none"  # hold nothing: only count the request
+
 
 @dataclass(frozen=True)
 class Reservation:
@@ -64,6 +82,10 @@ class Reservation:
     enforced: bool
     # The window with the least room left after the reservation (OpenAI's x-ratelimit-*-tokens headers).
     tightest: WindowState | None = None
+    # Tokens are held (to be settled): false when nothing was to be held, did not fit a guess, or no limit applied.
+    held: bool = False
+    # The tightest request window after the request was counted (OpenAI's x-ratelimit-*-requests headers).
+    requests: WindowState | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,13 @@ class TokenCaller:
     tenant: str
     key_id: str
     key_tokens_per_minute: int = 0
+    key_requests_per_minute: int = 0
+
+    def descriptors(self, model: str) -> list[dict[str, str]]:
+        """The request-limit descriptors of one request of this caller, as the edge sends them."""
+        tenant = {TENANT: self.tenant}
+        key = {**tenant, KEY_ID: self.key_id, KEY_RPM: str(self.key_requests_per_minute)}
+        return [key, tenant, {**tenant, MODEL: model}]
 
 
 def _descriptor_limits(rules: Rules, entries: Mapping[str, str]) -> list[Limit]:
@@ -152,13 +181,29 @@ class Limiter:
         return RequestDecision(admission.admitted, tuple(results), admission.retry_after_seconds)
 
     async def reserve(
-        self, request_id: str, caller: TokenCaller, model: str, prompt_tokens: int, max_tokens: int
+        self,
+        request_id: str,
+        caller: TokenCaller,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        count_request: bool = False,
+        hold: TokenHold = TokenHold.REQUIRED,
     ) -> Reservation:
-        """Holds prompt tokens plus a completion estimate, or refuses with ResourceExhausted."""
+        """Counts the request when asked (refused with ResourceExhausted, nothing held, over a request limit),
+        then holds prompt tokens plus a completion estimate as hold says (REQUIRED: refused when they do not fit)."""
+        requests = None
+        if count_request:
+            decision = await self.check_requests(caller.descriptors(model))
+            if not decision.admitted:
+                raise ResourceExhausted(decision.refusal(), retry_after_seconds=decision.retry_after_seconds)
+            requests = decision.tightest()
         rules = self._rules()
         limits = rules.tokens(caller.tenant, caller.key_id, caller.key_tokens_per_minute)
         if not limits:
-            return Reservation(prompt_tokens + max_tokens, max_tokens, enforced=False)
+            return Reservation(prompt_tokens + max_tokens, max_tokens, enforced=False, requests=requests)
+        if hold is TokenHold.NONE:
+            return Reservation(0, 0, enforced=True, requests=requests)
         admit = self._windows.admit(
             limits,
             request_id,
@@ -169,10 +214,14 @@ class Limiter:
         )
         admission = await self._redis(Kind.TOKENS, admit)
         if admission is None:
-            return Reservation(prompt_tokens + max_tokens, max_tokens, enforced=False)
+            return Reservation(prompt_tokens + max_tokens, max_tokens, enforced=False, requests=requests)
         DECISIONS.labels(Kind.TOKENS.value, "admitted" if admission.admitted else "limited").inc()
         if admission.admitted:
-            return Reservation(admission.amount, admission.estimate, True, tightest(admission.windows))
+            return Reservation(
+                admission.amount, admission.estimate, True, tightest(admission.windows), held=True, requests=requests
+            )
+        if hold is TokenHold.IF_ROOM:
+            return Reservation(0, admission.estimate, True, tightest(admission.windows), requests=requests)
         if admission.retry_after_seconds is None:
             raise ResourceExhausted(
                 f"this request needs {admission.amount} tokens ({prompt_tokens} prompt + {admission.estimate} "

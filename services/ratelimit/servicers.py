@@ -11,8 +11,8 @@ from grpc import aio
 from opentelemetry import trace
 
 from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
-from services.ratelimit.limiter import Limiter, RequestDecision, TokenCaller
-from services.ratelimit.windows import WindowState, tightest
+from services.ratelimit.limiter import Limiter, RequestDecision, TokenCaller, TokenHold
+from services.ratelimit.windows import WindowState
 from services.runtime.errors import InvalidArgument, echo
 
 Context = aio.ServicerContext[Any, Any]
@@ -44,7 +44,7 @@ def rls_response(decision: RequestDecision) -> rls_pb2.RateLimitResponse:
     """Envoy's response: per-descriptor statuses, OpenAI's x-ratelimit-* headers and, when limited, Retry-After."""
     response = _RLS(overall_code=_RLS.OK if decision.admitted else _RLS.OVER_LIMIT)
     response.statuses.extend(_status(d.over_limit, d.window) for d in decision.descriptors)
-    tight = tightest([d.window for d in decision.descriptors if d.window is not None])
+    tight = decision.tightest()
     if tight is not None:
         response.response_headers_to_add.extend(
             [
@@ -54,12 +54,10 @@ def rls_response(decision: RequestDecision) -> rls_pb2.RateLimitResponse:
             ]
         )
     if not decision.admitted:
-        over = [d.window for d in decision.descriptors if d.over_limit and d.window is not None]
-        what = "; ".join(f"{w.limit.limit} requests per {w.limit.seconds} s per {w.limit.scope.value}" for w in over)
         retry = decision.retry_after_seconds
         if retry is not None:
             response.response_headers_to_add.append(_header("retry-after", str(max(1, math.ceil(retry)))))
-        response.raw_body = (f"rate limit exceeded ({what}); retry after {retry or 0:.1f} s").encode()
+        response.raw_body = decision.refusal().encode()
     return response
 
 
@@ -87,7 +85,15 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
 def _caller(caller: ratelimit_pb2.Caller) -> TokenCaller:
     if not caller.tenant or not caller.key_id:
         raise InvalidArgument("caller.tenant and caller.key_id are required")
-    return TokenCaller(caller.tenant, caller.key_id, caller.key_tokens_per_minute)
+    return TokenCaller(caller.tenant, caller.key_id, caller.key_tokens_per_minute, caller.key_requests_per_minute)
+
+
+HOLDS = {
+    ratelimit_pb2.HOLD_UNSPECIFIED: TokenHold.REQUIRED,
+    ratelimit_pb2.HOLD_REQUIRED: TokenHold.REQUIRED,
+    ratelimit_pb2.HOLD_IF_ROOM: TokenHold.IF_ROOM,
+    ratelimit_pb2.HOLD_NONE: TokenHold.NONE,
+}
 
 
 class TokenBudgetServicer(ratelimit_pb2_grpc.TokenBudgetServiceServicer):
@@ -100,19 +106,34 @@ class TokenBudgetServicer(ratelimit_pb2_grpc.TokenBudgetServiceServicer):
         if not request.request_id:
             raise InvalidArgument("request_id is required")
         caller = _caller(request.caller)
+        if request.hold not in HOLDS:
+            raise InvalidArgument(f"hold: unknown value {request.hold}")
         reservation = await self._limiter.reserve(
-            request.request_id, caller, request.model, request.prompt_tokens, request.max_tokens
+            request.request_id,
+            caller,
+            request.model,
+            request.prompt_tokens,
+            request.max_tokens,
+            count_request=request.count_request,
+            hold=HOLDS[request.hold],
         )
-        trace.get_current_span().set_attribute("meshserve.reserved_tokens", reservation.reserved_tokens)
+        span = trace.get_current_span()
+        span.set_attribute("meshserve.reserved_tokens", reservation.reserved_tokens)
+        span.set_attribute("meshserve.request_counted", request.count_request)
         reply = ratelimit_pb2.ReserveResponse(
             reserved_tokens=reservation.reserved_tokens,
             estimated_completion_tokens=reservation.estimated_completion_tokens,
             enforced=reservation.enforced,
+            held=reservation.held,
         )
         if (window := reservation.tightest) is not None:
             reply.limit_tokens = min(window.limit.limit, _UINT32)
             reply.remaining_tokens = min(window.remaining, _UINT32)
             reply.reset_seconds = window.reset_seconds
+        if (requests := reservation.requests) is not None:
+            reply.requests.limit = min(requests.limit.limit, _UINT32)
+            reply.requests.remaining = min(requests.remaining, _UINT32)
+            reply.requests.reset_seconds = requests.reset_seconds
         return reply
 
     async def Settle(self, request: ratelimit_pb2.SettleRequest, context: Context) -> ratelimit_pb2.SettleResponse:

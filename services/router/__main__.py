@@ -36,7 +36,12 @@ def main() -> None:
     async def setup(rt: Runtime) -> None:
         catalogue = WatchedFile(Path(settings.catalogue), Catalogue.from_yaml, "catalogue")
         budget = (
-            GrpcTokenBudget(settings.ratelimit, settings.ratelimit_fail_open, files=rt.tls)
+            GrpcTokenBudget(
+                settings.ratelimit,
+                settings.ratelimit_fail_open,
+                files=rt.tls,
+                requests_fail_open=settings.ratelimit_requests_fail_open,
+            )
             if settings.ratelimit
             else None
         )

@@ -17,9 +17,11 @@ from services.runtime import tracing
 
 
 @dataclass(frozen=True)
-class TokenWindow:
-    """The caller's tightest token window after a reservation, as OpenAI's x-ratelimit-*-tokens headers say it."""
+class Window:
+    """The caller's tightest window of a kind (requests, tokens) after a request, as OpenAI's x-ratelimit-*
+    headers say it."""
 
+    kind: str
     limit: int
     remaining: int
     reset_seconds: float
@@ -27,20 +29,43 @@ class TokenWindow:
     def headers(self) -> tuple[tuple[str, str], ...]:
         reset = f"{self.reset_seconds:.3f}".rstrip("0").rstrip(".") + "s"
         return (
-            ("x-ratelimit-limit-tokens", str(self.limit)),
-            ("x-ratelimit-remaining-tokens", str(self.remaining)),
-            ("x-ratelimit-reset-tokens", reset),
+            (f"x-ratelimit-limit-{self.kind}", str(self.limit)),
+            (f"x-ratelimit-remaining-{self.kind}", str(self.remaining)),
+            (f"x-ratelimit-reset-{self.kind}", reset),
         )
 
 
+# What a reservation does with its tokens: hold them or refuse; hold them if they fit (a guess made before
+# the prompt was measured); hold nothing (the call only counts the request).
+HOLD_REQUIRED, HOLD_IF_ROOM, HOLD_NONE = "required", "if_room", "none"
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """What a reservation did: whether the counts it was given need no further reservation (held, or no
+    limit enforced), and the windows it left."""
+
+    covers: bool
+    windows: tuple[Window, ...] = ()
+    # Tokens are held: the reservation is to be settled.
+    held: bool = False
+
+
 class TokenBudget(Protocol):
-    """Token limits: reserve before generating, settle with the real counts after."""
+    """Request and token limits: count the request and reserve its tokens before generating, settle after."""
 
     async def reserve(
-        self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int
-    ) -> TokenWindow | None:
-        """Holds the tokens (the tightest window after, None where no limit applied); raises
-        ResourceExhausted when the budget cannot hold them."""
+        self,
+        request_id: str,
+        caller: Caller,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        count_request: bool = False,
+        hold: str = HOLD_REQUIRED,
+    ) -> Reserved:
+        """Counts the request when asked and holds the tokens as hold says; raises ResourceExhausted when a
+        request limit is reached, or when required tokens do not fit."""
         ...
 
     def settle(
@@ -76,7 +101,8 @@ class Metered:
     # Tokens are held for it (settled at the end), and the hold was checked against the measured prompt.
     reserved: bool = False
     covered: bool = False
-    # The reservation made on a guess while the prompt rendered (estimates.Hold, or None if refused).
+    # The first reservation, sent as the request came in: it counts the request against its request limits
+    # and holds the guessed tokens if any (estimates.Hold), while the replica renders the prompt.
     early: asyncio.Task[Any] | None = None
     last: inference_pb2.GenerateResponse | inference_pb2.ServeResponse | None = None
     outcome: str = "cancelled"

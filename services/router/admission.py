@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -61,14 +61,16 @@ class Admission:
         return max(1.0, min(60.0, (len(line.waiters) + 1) * line.hold_seconds / max(1, capacity)))
 
     @asynccontextmanager
-    async def slot(self, key: Key, capacity: Callable[[], int]) -> AsyncIterator[None]:
-        """Holds one slot of key while the body runs; capacity() is read on every admission decision."""
+    async def slot(
+        self, key: Key, capacity: Callable[[], int], vetted: Callable[[], Awaitable[None]] | None = None
+    ) -> AsyncIterator[None]:
+        """Holds one slot of key while the body runs; capacity() is read on every admission decision.
+        vetted (the request's own limits) is awaited before the request would wait: it raises to refuse."""
         line = self._lines.setdefault(key, _Line())
-        cap = capacity()
-        if cap <= 0:
-            raise Unavailable(
-                f"no replica of {key[0]} version {key[1]} is in rotation", retry_after_seconds=NO_REPLICA_RETRY_SECONDS
-            )
+        cap = self._capacity(key, capacity)
+        if vetted is not None and (line.in_flight + line.granted >= cap or line.waiters):
+            await vetted()
+            cap = self._capacity(key, capacity)
         if line.in_flight + line.granted >= cap or line.waiters:
             if len(line.waiters) >= self._queue_size:
                 raise ResourceExhausted(
@@ -87,6 +89,15 @@ class Admission:
             IN_FLIGHT.labels(*key).dec()
             line.hold_seconds = 0.9 * line.hold_seconds + 0.1 * (self._clock() - started)
             self.wake(key, capacity)
+
+    @staticmethod
+    def _capacity(key: Key, capacity: Callable[[], int]) -> int:
+        cap = capacity()
+        if cap <= 0:
+            raise Unavailable(
+                f"no replica of {key[0]} version {key[1]} is in rotation", retry_after_seconds=NO_REPLICA_RETRY_SECONDS
+            )
+        return cap
 
     async def _wait(self, key: Key, line: _Line, capacity: Callable[[], int]) -> None:
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -1,4 +1,5 @@
-"""Token budgets over gRPC: reserve before generating, settle after, off the request's path."""
+"""Request and token limits over gRPC: count the request and reserve tokens before generating, settle after,
+off the request's path."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from grpc import aio
 from prometheus_client import Counter
 
 from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
-from services.router.accounting import TokenWindow
+from services.router.accounting import HOLD_IF_ROOM, HOLD_NONE, HOLD_REQUIRED, Reserved, Window
 from services.router.caller import Caller
 from services.runtime import errors, keepalive, tls, tracing
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 UNCHECKED = Counter(
     "meshserve_router_token_budget_unchecked_total",
-    "Requests let through without a token reservation because the rate-limit service was unreachable (fail-open).",
+    "Requests let through unchecked because the rate-limit service was unreachable (fail-open).",
 )
 SETTLE_FAILURES = Counter(
     "meshserve_router_token_settle_failures_total",
@@ -32,10 +33,30 @@ OUTCOMES = {
 }
 
 
+HOLDS = {
+    HOLD_REQUIRED: ratelimit_pb2.HOLD_REQUIRED,
+    HOLD_IF_ROOM: ratelimit_pb2.HOLD_IF_ROOM,
+    HOLD_NONE: ratelimit_pb2.HOLD_NONE,
+}
+
+
 def _caller(caller: Caller) -> ratelimit_pb2.Caller:
     return ratelimit_pb2.Caller(
-        tenant=caller.tenant, key_id=caller.key_id, key_tokens_per_minute=caller.tokens_per_minute
+        tenant=caller.tenant,
+        key_id=caller.key_id,
+        key_tokens_per_minute=caller.tokens_per_minute,
+        key_requests_per_minute=caller.requests_per_minute,
     )
+
+
+def _reserved(reply: ratelimit_pb2.ReserveResponse) -> Reserved:
+    windows = []
+    if reply.HasField("requests"):
+        r = reply.requests
+        windows.append(Window("requests", r.limit, r.remaining, r.reset_seconds))
+    if reply.enforced and reply.limit_tokens:
+        windows.append(Window("tokens", reply.limit_tokens, reply.remaining_tokens, reply.reset_seconds))
+    return Reserved(reply.held or not reply.enforced, tuple(windows), reply.held)
 
 
 def _retry_after(exc: aio.AioRpcError) -> float | None:
@@ -52,24 +73,43 @@ RESERVE, SETTLE = f"/{_SERVICE}/Reserve", f"/{_SERVICE}/Settle"
 class GrpcTokenBudget:
     """The rate-limit service's TokenBudgetService, as the router uses it."""
 
-    def __init__(self, address: str, fail_open: bool, settle_attempts: int = 5, files: tls.Files | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        fail_open: bool,
+        settle_attempts: int = 5,
+        files: tls.Files | None = None,
+        requests_fail_open: bool = True,
+    ) -> None:
         self._channel = tls.MeshChannel(
             address, files, "ratelimit", ratelimit_pb2_grpc.TokenBudgetServiceStub, keepalive.channel_options()
         )
+        # Each kind's failure mode, as the rules say: tokens for a reservation, requests for a count.
         self._fail_open = fail_open
+        self._requests_fail_open = requests_fail_open
         self._attempts = settle_attempts
         self._pending: set[asyncio.Task[None]] = set()
 
     async def reserve(
-        self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int
-    ) -> TokenWindow | None:
-        """Holds the tokens, or raises ResourceExhausted (with a retry delay) before any GPU work."""
+        self,
+        request_id: str,
+        caller: Caller,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        count_request: bool = False,
+        hold: str = HOLD_REQUIRED,
+    ) -> Reserved:
+        """Counts the request when asked and holds the tokens as hold says, or raises ResourceExhausted (with
+        a retry delay) before any GPU work."""
         request = ratelimit_pb2.ReserveRequest(
             request_id=request_id,
             caller=_caller(caller),
             model=model,
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
+            count_request=count_request,
+            hold=HOLDS[hold],
         )
         try:
             with tracing.client_call(RESERVE) as metadata:
@@ -77,20 +117,20 @@ class GrpcTokenBudget:
         except aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise errors.ResourceExhausted(exc.details() or "token limit reached", _retry_after(exc)) from None
+                raise errors.ResourceExhausted(exc.details() or "rate limit reached", _retry_after(exc)) from None
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise errors.InvalidArgument(exc.details() or "") from None
-            if not self._fail_open:
-                raise errors.Unavailable("token budgets cannot be checked right now") from None
+            if not (self._requests_fail_open if count_request else self._fail_open):
+                kind = "request" if count_request else "token"
+                raise errors.Unavailable(f"{kind} limits cannot be checked right now") from None
             UNCHECKED.inc()
             log.warning(
-                "rate-limit service unreachable; generating without a token reservation (fail-open)",
-                extra={"request_id": request_id, "error": code.name},
+                "rate-limit service unreachable; generating without checking its limits (fail-open)",
+                extra={"request_id": request_id, "error": code.name, "counting": count_request},
             )
-            return None
-        if not reply.enforced or not reply.limit_tokens:
-            return None
-        return TokenWindow(reply.limit_tokens, reply.remaining_tokens, reply.reset_seconds)
+            # An unchecked count leaves the tokens to the measured reservation, under the tokens' failure mode.
+            return Reserved(covers=not count_request)
+        return _reserved(reply)
 
     def settle(
         self, request_id: str, caller: Caller, model: str, prompt_tokens: int, completion_tokens: int, outcome: str

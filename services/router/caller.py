@@ -6,7 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.runtime.errors import PermissionDenied, Unauthenticated, echo
-from services.runtime.identity import KEY_ID_HEADER, KEY_TPM_HEADER, MODEL_HEADER, MODELS_HEADER, TENANT_HEADER
+from services.runtime.identity import (
+    KEY_ID_HEADER,
+    KEY_RPM_HEADER,
+    KEY_TPM_HEADER,
+    MODEL_HEADER,
+    MODELS_HEADER,
+    TENANT_HEADER,
+)
 
 # Routing hints a client may send (headers on REST, metadata on gRPC).
 VERSION_HEADER = "x-meshserve-version"
@@ -20,8 +27,9 @@ class Caller:
     tenant: str
     key_id: str
     allowed_models: frozenset[str] | None
-    # The key's own tokens-per-minute limit; 0 keeps its plan's.
+    # The key's own tokens-per-minute and requests-per-minute limits; 0 keeps its plan's.
     tokens_per_minute: int = 0
+    requests_per_minute: int = 0
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -44,12 +52,13 @@ def from_metadata(metadata: Mapping[str, str], required: bool) -> Caller:
         return INTERNAL
     models = metadata.get(MODELS_HEADER, "*")
     allowed = None if models == "*" else frozenset(m for m in models.split(",") if m)
-    tpm = metadata.get(KEY_TPM_HEADER, "0")
+    tpm, rpm = metadata.get(KEY_TPM_HEADER, "0"), metadata.get(KEY_RPM_HEADER, "0")
     return Caller(
         tenant=metadata.get(TENANT_HEADER, ""),
         key_id=key_id,
         allowed_models=allowed,
         tokens_per_minute=int(tpm) if tpm.isdigit() else 0,
+        requests_per_minute=int(rpm) if rpm.isdigit() else 0,
     )
 
 

@@ -20,14 +20,17 @@ class RouterSettings(ServiceSettings):
     # Refuse calls without the identity headers the edge's auth check adds. Turn off only for a
     # router that trusted internal callers reach directly (never one behind a public edge).
     require_caller: bool = True
-    # host:port of the rate-limit service's token budgets; empty turns token limits off for this router.
+    # host:port of the rate-limit service; empty turns token limits, and generation's request limits (the
+    # router counts those; the edge checks the other routes'), off for this router.
     ratelimit: str = ""
     # The rate-limit service unreachable: generate without a reservation (True) or refuse with 503 (False).
     # Match the rules' `failure_mode.tokens` (the local mesh and the Kubernetes render do).
     ratelimit_fail_open: bool = True
-    # Reserve tokens on a guess while the replica renders the prompt (estimates.py), instead of after.
-    # Off by default until it has run longer under the fault tests (see bench/ttft_breakdown.py).
-    reserve_on_guess: bool = False
+    # The same for counting a generation against its request limits: match the rules' `failure_mode.requests`.
+    ratelimit_requests_fail_open: bool = True
+    # Hold tokens for a guess in the first reservation, while the replica renders the prompt (estimates.py),
+    # instead of reserving them after: no call to the rate-limit service waits on the rendering.
+    reserve_on_guess: bool = True
     # host:port of the billing service; empty turns usage recording off for this router.
     billing: str = ""
     # Folder where usage batches wait while billing is unreachable; replayed when it answers again.

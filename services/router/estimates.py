@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from services.router.accounting import TokenWindow
+from services.router.accounting import Reserved
 
 # Rendered prompt tokens per byte of body, the highest of the last SAMPLES requests of a model and
 # endpoint; guesses start once MIN_SAMPLES are known (until then the router reserves after rendering).
@@ -35,13 +35,17 @@ class Guess:
 
 @dataclass(frozen=True)
 class Hold:
-    """What the early reservation holds, and the token window it left."""
+    """What the first reservation (the request counted, a guess held if there was one) did."""
 
-    guess: Guess
-    window: TokenWindow | None
+    guess: Guess | None
+    reserved: Reserved
 
     def covers(self, prompt_tokens: int, max_tokens: int) -> bool:
-        return prompt_tokens <= self.guess.prompt_tokens and max_tokens <= self.guess.max_tokens
+        """Whether nothing more is to be reserved for the measured counts."""
+        within = self.guess is None or (
+            prompt_tokens <= self.guess.prompt_tokens and max_tokens <= self.guess.max_tokens
+        )
+        return self.reserved.covers and within
 
 
 def most_generated(endpoint_is_chat: bool, fields: dict[str, Any]) -> int | None:

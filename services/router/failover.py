@@ -45,10 +45,10 @@ class Replica(Protocol):
         self,
         start: inference_pb2.ServeStart,
         reserve: Callable[[int, int], Awaitable[object]] | None,
-        cover: Awaitable[tuple[int, int] | None] | None = None,
+        cover: Callable[[], Awaitable[tuple[int, int] | None]] | None = None,
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         """Streams an OpenAI request's replies; reserve (prompt tokens, most tokens) runs once the replica
-        has measured the rendered prompt, before it generates (None: it generates at once). cover, once
+        has measured the rendered prompt, before it generates (None: it generates at once). cover(), once
         done, is what tokens reserved on a guess cover (the most prompt and generated tokens): the replica
         then goes ahead on its own when its measurement falls within. Closing it aborts the generation."""
         ...

@@ -8,6 +8,7 @@ numbers, values out of OpenAI's ranges), so that a bad request costs the mesh on
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from typing import Any
 
 from meshserve.inference.v1 import inference_pb2
 from services.router import access
-from services.router.accounting import Metered, TokenWindow
+from services.router.accounting import Metered, Window
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Version
 from services.router.estimates import PromptEstimator, most_generated
@@ -52,12 +53,13 @@ DONE = b"data: [DONE]\n\n"
 
 @dataclass
 class ResponseMeta:
-    """What a response's headers say, known once tokens are reserved: before its first byte."""
+    """What a response's headers say, known once the request is counted and its tokens reserved: before its
+    first byte."""
 
-    token_window: TokenWindow | None = None
+    windows: tuple[Window, ...] = ()
 
     def headers(self) -> tuple[tuple[str, str], ...]:
-        return self.token_window.headers() if self.token_window is not None else ()
+        return tuple(header for window in self.windows for header in window.headers())
 
 
 @dataclass(frozen=True)
@@ -173,14 +175,14 @@ def error_event(exc: BaseException) -> bytes:
 def _noting(
     reserve: Reserve | None, meta: ResponseMeta, learn: Callable[[int], None]
 ) -> Callable[[int, int], Awaitable[None]] | None:
-    """reserve, noting in meta the token window it leaves (for the response's headers), and teaching the
+    """reserve, noting in meta the windows it leaves (for the response's headers), and teaching the
     measured prompt to the estimator."""
     if reserve is None:
         return None
 
     async def noted(prompt_tokens: int, max_tokens: int) -> None:
         learn(prompt_tokens)
-        meta.token_window = await reserve(prompt_tokens, max_tokens)
+        meta.windows = await reserve(prompt_tokens, max_tokens)
 
     return noted
 
@@ -214,20 +216,23 @@ class OpenAIApi:
 
         def attempt(metered: Metered, version: Version) -> Attempt[inference_pb2.ServeResponse]:
             def replies(replica: Replica) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
-                reserve = _noting(pipeline.reserver(request_id, caller, body.model, metered, guess), meta, learn)
+                reserve = _noting(pipeline.reserver(request_id, caller, body.model, metered), meta, learn)
                 start = inference_pb2.ServeStart(
                     request_id=request_id.removeprefix(ID_PREFIX[endpoint]),
                     model=body.model,
                     endpoint=endpoint,  # type: ignore[arg-type]
                     body=body.data,
                 )
-                cover = pipeline.covered(metered) if reserve is not None and metered.early is not None else None
+                cover = (
+                    functools.partial(pipeline.covered, metered) if reserve is not None and guess is not None else None
+                )
                 return replica.serve(start, reserve, cover)
 
             return replies
 
         key = prefix_key(body.opening, hints, pipeline.policy.prefix_chars)
-        return request_id, pipeline.generate(request_id, body.model, key, caller, hints, attempt, unary=not stream)
+        replies = pipeline.generate(request_id, body.model, key, caller, hints, attempt, not stream, guess)
+        return request_id, replies
 
     async def whole(self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints, meta: ResponseMeta) -> bytes:
         """A whole response body."""

@@ -14,7 +14,7 @@ from opentelemetry import trace
 
 from meshserve.inference.v1 import inference_pb2
 from services.router import metrics
-from services.router.accounting import Accounting, Metered, TokenBudget, TokenWindow, UsageSink
+from services.router.accounting import HOLD_IF_ROOM, HOLD_NONE, Accounting, Metered, TokenBudget, UsageSink, Window
 from services.router.admission import Admission
 from services.router.balancer import Balancer
 from services.router.caller import Caller, RouteHints
@@ -22,7 +22,7 @@ from services.router.catalogue import Catalogue, Version
 from services.router.estimates import Guess, Hold
 from services.router.failover import Attempt, Failover, ReplicaDirectory, RoutingPolicy
 from services.runtime import tracing
-from services.runtime.errors import DomainError
+from services.runtime.errors import DomainError, ResourceExhausted
 
 FINISHED = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
 
@@ -30,8 +30,10 @@ FINISHED = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH
 S = TypeVar("S", inference_pb2.GenerateResponse, inference_pb2.ServeResponse)
 # Builds one request's attempt on a replica from what it is metered by and the version chosen.
 AttemptFactory = Callable[[Metered, Version], Attempt[S]]
-# Reserves tokens for a measured prompt (prompt tokens, the most it may generate): the tightest window after.
-Reserve = Callable[[int, int], Awaitable[TokenWindow | None]]
+# Reserves tokens for a measured prompt (prompt tokens, the most it may generate): the tightest windows after.
+Reserve = Callable[[int, int], Awaitable[tuple[Window, ...]]]
+# The most (key, model) pairs whose last refusal by a request limit the router remembers.
+REFUSALS_KEPT = 10_000
 
 
 class Pipeline:
@@ -57,6 +59,8 @@ class Pipeline:
         self._admission = admission
         self._failover = Failover(replicas, balancer, policy)
         self._accounting = Accounting(budget, usage, clock)
+        # (key id, model) -> (monotonic time until which its request limit is reached, the refusal's reason)
+        self._refused: dict[tuple[str, str], tuple[float, str]] = {}
 
     def capacity(self, version: Version) -> int:
         """Requests the version's replicas in rotation can generate for at once."""
@@ -86,21 +90,30 @@ class Pipeline:
         hints: RouteHints,
         attempt: AttemptFactory[S],
         unary: bool = False,
+        guess: Guess | None = None,
     ) -> AsyncGenerator[S, None]:
         """The steps of one generation, from admission to accounting (which runs however it ends)."""
-        # Permission before existence: a key learns nothing about models it may not use.
-        caller.require(model)
-        entry = self.catalogue().get(model)
-        version = entry.version(hints.version) if hints.version else entry.pick(self._rng)
-        # Internal callers (no tenant) have no token budget.
+        # Internal callers (no tenant) have no limits.
         metered = Metered(
             started=time.monotonic(), budgeted=self.budget is not None and bool(caller.tenant), unary=unary
         )
+        self.count(request_id, caller, model, metered, guess)
+        try:
+            # Permission before existence: a key learns nothing about models it may not use.
+            caller.require(model)
+            entry = self.catalogue().get(model)
+            version = entry.version(hints.version) if hints.version else entry.pick(self._rng)
+        except DomainError:
+            await self._counted(metered)  # a request over its limit hears that first, as from the edge before
+            raise
         timer = metrics.GenerationTimer(model, metered.started)
         attributes = {"meshserve.model": model, "meshserve.version": version.name, "meshserve.tenant": caller.tenant}
         queued = tracing.start_span("router.queue_wait", attributes)
+        first = True
         try:
-            async with self._admission.slot((model, version.name), lambda: self.capacity(version)):
+            lane = (model, version.name)
+            # A request over its limit never waits in the queue: it is counted before it joins it.
+            async with self._admission.slot(lane, lambda: self.capacity(version), lambda: self._counted(metered)):
                 queued.end()
                 metered.admitted = time.monotonic()
                 timer.admitted(metered.admitted)
@@ -112,38 +125,72 @@ class Pipeline:
                         steps = _timed(replica_steps, metered, timer, span)
                         async with aclosing(steps):
                             async for step in steps:
+                                first = False
                                 yield step
                     finally:
                         # Runs however the stream ends: finished, failed, or closed early by a client gone away.
                         span.set_attribute("meshserve.outcome", metered.outcome)
                         self._accounting.account(request_id, model, caller, version, metered)
+        except DomainError:
+            if first:
+                await self._counted(metered)
+            raise
         finally:
             if queued.is_recording():
                 queued.end()
 
-    def reserver(
-        self, request_id: str, caller: Caller, model: str, metered: Metered, guess: Guess | None = None
-    ) -> Reserve | None:
+    def count(self, request_id: str, caller: Caller, model: str, metered: Metered, guess: Guess | None) -> None:
+        """Sends the first reservation, which counts the request against its request limits and holds the
+        guessed tokens if any, without waiting for it: it is awaited before the queue, an error, or the
+        engine's go-ahead. A key and model refused by a request limit are refused here until it frees."""
+        budget = self.budget
+        if budget is None or not metered.budgeted:
+            return
+        now = time.monotonic()
+        refused = self._refused.get((caller.key_id, model))
+        if refused is not None:
+            until, reason = refused
+            if now < until:
+                raise ResourceExhausted(f"{reason}; retry after {until - now:.1f} s", retry_after_seconds=until - now)
+            del self._refused[(caller.key_id, model)]
+        metered.early = asyncio.ensure_future(_first(budget, request_id, caller, model, metered, guess))
+
+        def noted(early: asyncio.Future[Hold]) -> None:
+            exc = None if early.cancelled() else early.exception()  # retrieved, whoever awaits it
+            if isinstance(exc, ResourceExhausted) and exc.retry_after_seconds is not None:
+                if len(self._refused) >= REFUSALS_KEPT:
+                    self._refused = {k: v for k, v in self._refused.items() if v[0] > now}
+                reason = str(exc).rsplit("; retry after", 1)[0]
+                self._refused[(caller.key_id, model)] = (time.monotonic() + exc.retry_after_seconds, reason)
+
+        metered.early.add_done_callback(noted)
+
+    @staticmethod
+    async def _counted(metered: Metered) -> None:
+        """Waits for the request to be counted; raises its refusal (a request limit reached) if it was refused."""
+        if metered.early is not None:
+            # Shielded: a request that stops waiting must not cancel the reservation, which is settled once it lands.
+            await asyncio.shield(metered.early)
+
+    def reserver(self, request_id: str, caller: Caller, model: str, metered: Metered) -> Reserve | None:
         """What reserves tokens for a measured prompt, or None where nothing is to be reserved (any more).
 
-        With a guess, tokens are reserved for it at once, while the replica renders the prompt; the measured
-        counts then need no second call when the guess covered them (estimates.py)."""
+        The first reservation counted the request and held a guess, if there was one, while the replica
+        rendered the prompt; the measured counts need no second call when it covers them (estimates.py)."""
         budget = self.budget
         if budget is None or not metered.budgeted or metered.covered:
             return None
-        if guess is not None and metered.early is None:
-            metered.early = asyncio.ensure_future(_hold(budget, request_id, caller, model, metered, guess))
 
-        async def reserve(prompt_tokens: int, max_tokens: int) -> TokenWindow | None:
-            # Shielded: a request that stops waiting must not cancel the reservation, which is settled once it lands.
+        async def reserve(prompt_tokens: int, max_tokens: int) -> tuple[Window, ...]:
             held = await asyncio.shield(metered.early) if metered.early is not None else None
             if held is not None and held.covers(prompt_tokens, max_tokens):
                 metered.prompt_tokens, metered.covered = prompt_tokens, True
-                return cast(TokenWindow | None, held.window)
+                return cast(tuple[Window, ...], held.reserved.windows)
             # No guess, or one too small: the measured counts, in place of whatever the guess holds.
-            window = await budget.reserve(request_id, caller, model, prompt_tokens, max_tokens)
+            reserved = await budget.reserve(request_id, caller, model, prompt_tokens, max_tokens)
             metered.prompt_tokens, metered.reserved, metered.covered = prompt_tokens, True, True
-            return window
+            counted = tuple(w for w in held.reserved.windows if w.kind == "requests") if held is not None else ()
+            return counted + reserved.windows
 
         return reserve
 
@@ -151,19 +198,20 @@ class Pipeline:
     async def covered(metered: Metered) -> tuple[int, int] | None:
         """What tokens reserved on a guess cover once they hold (prompt tokens, most generated), or None."""
         held = await asyncio.shield(metered.early) if metered.early is not None else None
-        return (held.guess.prompt_tokens, held.guess.max_tokens) if held is not None else None
+        if held is None or held.guess is None or not held.reserved.covers:
+            return None
+        return held.guess.prompt_tokens, held.guess.max_tokens
 
 
-async def _hold(
-    budget: TokenBudget, request_id: str, caller: Caller, model: str, metered: Metered, guess: Guess
-) -> Hold | None:
-    """Reserves the guess; None when it does not fit or cannot be checked (the measured counts decide then)."""
-    try:
-        window = await budget.reserve(request_id, caller, model, guess.prompt_tokens, guess.max_tokens)
-    except DomainError:
-        return None
-    metered.reserved = True
-    return Hold(guess, window)
+async def _first(
+    budget: TokenBudget, request_id: str, caller: Caller, model: str, metered: Metered, guess: Guess | None
+) -> Hold:
+    """Counts the request and holds the guess if it fits (the measured counts decide when it does not)."""
+    counts = (guess.prompt_tokens, guess.max_tokens) if guess is not None else (0, 0)
+    hold = HOLD_IF_ROOM if guess is not None else HOLD_NONE
+    reserved = await budget.reserve(request_id, caller, model, *counts, count_request=True, hold=hold)
+    metered.reserved = metered.reserved or reserved.held
+    return Hold(guess, reserved)
 
 
 async def _timed(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, cast
@@ -77,9 +76,11 @@ def _within(reply: inference_pb2.ServeResponse, covered: tuple[int, int]) -> boo
     return reply.prompt_tokens <= covered[0] and reply.max_tokens <= covered[1]
 
 
-async def _go_ahead_on_condition(call: Any, cover: Awaitable[tuple[int, int] | None]) -> tuple[int, int] | None:
+async def _go_ahead_on_condition(
+    call: Any, cover: Callable[[], Awaitable[tuple[int, int] | None]]
+) -> tuple[int, int] | None:
     """Sends the go-ahead on condition once tokens reserved on a guess hold; what it covers, or None."""
-    covered = await cover
+    covered = await cover()
     if covered is not None:
         proceed = inference_pb2.ServeProceed(prompt_tokens=max(1, covered[0]), max_tokens=covered[1])
         await call.write(inference_pb2.ServeRequest(proceed=proceed))
@@ -111,7 +112,7 @@ class GrpcReplica:
         self,
         start: inference_pb2.ServeStart,
         reserve: Callable[[int, int], Awaitable[object]] | None,
-        cover: Awaitable[tuple[int, int] | None] | None = None,
+        cover: Callable[[], Awaitable[tuple[int, int] | None]] | None = None,
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         with tracing.client_call(SERVE) as metadata:
             call = self._channel.stub.Serve(metadata=metadata)
@@ -143,8 +144,6 @@ class GrpcReplica:
             finally:
                 if covering is not None:
                     covering.cancel()
-                elif inspect.iscoroutine(cover):
-                    cover.close()  # never sent: the call ended before its start went out
                 # Closing early (client gone, router stopping) must abort the generation on the engine.
                 call.cancel()
 

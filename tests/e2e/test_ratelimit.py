@@ -79,6 +79,33 @@ def test_64_clients_on_one_key_never_get_more_requests_than_its_limit(mesh: Loca
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
 
 
+def test_64_clients_chatting_on_one_key_never_get_more_generations_than_its_request_limit(mesh: LocalMesh) -> None:
+    # Generation's request limits are counted by the router's first reservation, not by the edge.
+    _, secret = create_key(mesh, "hammer-requests")  # 40 requests per minute per key
+    before = passed_by_failure_mode(mesh)
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 1}
+
+    def call(_: int) -> httpx.Response:
+        headers = {"authorization": f"Bearer {secret}"}
+        return httpx.post(f"{mesh.edge_url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+    with ThreadPoolExecutor(64) as pool:
+        replies = list(pool.map(call, range(128)))
+    statuses = [r.status_code for r in replies]
+    opened = passed_by_failure_mode(mesh) - before
+    assert statuses.count(200) + statuses.count(429) == 128, statuses
+    assert statuses.count(200) <= 40 + opened, (statuses.count(200), opened)
+    if not opened:
+        assert statuses.count(200) == 40
+    refused = next(r for r in replies if r.status_code == 429)
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert "40 requests per 60 s per key" in refused.json()["error"]["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    served = [r for r in replies if r.status_code == 200]
+    assert {r.headers["x-ratelimit-limit-requests"] for r in served} == {"40"}
+    assert sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in served)[0] == 0
+
+
 def test_the_sdk_gets_rate_limit_error_with_retry_after_and_may_go_on_after_it(mesh: LocalMesh) -> None:
     _, secret = create_key(mesh, "per-second")  # 2 requests per second per key
     client = openai_client(mesh, secret)
@@ -216,10 +243,12 @@ def test_replies_carry_openais_token_limit_headers_whole_and_streamed(mesh: Loca
     used = 5000 - int(whole.headers["x-ratelimit-remaining-tokens"])
     assert whole.json()["usage"]["prompt_tokens"] + 8 <= used
     assert whole.headers["x-ratelimit-reset-tokens"].endswith("s")
+    assert int(whole.headers["x-ratelimit-remaining-requests"]) < int(whole.headers["x-ratelimit-limit-requests"])
     with httpx.stream(
         "POST", f"{mesh.edge_url}/v1/chat/completions", json={**body, "stream": True}, headers=headers, timeout=60
     ) as streamed:
         streamed.read()
     assert streamed.headers["x-ratelimit-limit-tokens"] == "5000"
     assert int(streamed.headers["x-ratelimit-remaining-tokens"]) < 5000 - used + 8
+    assert streamed.headers["x-ratelimit-reset-requests"].endswith("s")
     assert "grpc-status" not in streamed.headers and "grpc-status" not in whole.headers

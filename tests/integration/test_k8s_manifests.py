@@ -317,6 +317,9 @@ def test_the_rate_limit_failure_modes_agree_across_edge_router_and_rules() -> No
     env = {e["name"]: e.get("value") for e in router["env"]}
     fail_open = rules.failure_mode(Kind.TOKENS) is FailureMode.OPEN
     assert env["MESHSERVE_ROUTER_RATELIMIT_FAIL_OPEN"] == str(fail_open).lower()
+    # The router counts generation against its request limits: the same mode as the edge's other routes.
+    requests_open = rules.failure_mode(Kind.REQUESTS) is FailureMode.OPEN
+    assert env["MESHSERVE_ROUTER_RATELIMIT_REQUESTS_FAIL_OPEN"] == str(requests_open).lower()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -154,3 +154,32 @@ def test_redis_going_away_follows_each_failure_mode_and_limiting_returns_with_it
     assert rls(mesh, "rl-a", key).overall_code == rls_pb2.RateLimitResponse.OVER_LIMIT
     assert rls(mesh, "rl-closed", key).overall_code == rls_pb2.RateLimitResponse.OVER_LIMIT
     assert metric(mesh, "rl-a", 'meshserve_ratelimit_redis_up{kind="requests"} 1.0')
+
+
+def test_a_generations_first_reservation_counts_it_in_the_same_windows_as_the_edges_check(mesh: LocalMesh) -> None:
+    who = caller("key_" + secrets.token_hex(4))  # 10 requests and 1000 tokens per minute per key
+    a, b = budget(mesh, "rl-a"), budget(mesh, "rl-b")
+
+    def first(stub: ratelimit_pb2_grpc.TokenBudgetServiceStub, rid: str, hold: int, tokens: int = 0) -> object:
+        request = ratelimit_pb2.ReserveRequest(
+            request_id=rid, caller=who, model="m", prompt_tokens=tokens, max_tokens=0, count_request=True, hold=hold
+        )
+        return stub.Reserve(request, timeout=5)
+
+    # A guess that does not fit is counted, not held and not refused: the measured counts decide after.
+    guessed = first(a, "g", ratelimit_pb2.HOLD_IF_ROOM, tokens=5000)
+    assert not guessed.held and guessed.requests.limit == 10 and guessed.requests.remaining == 9
+    fits = first(b, "f", ratelimit_pb2.HOLD_IF_ROOM, tokens=100)
+    assert fits.held and fits.reserved_tokens == 100 and fits.requests.remaining == 8
+    for i in range(8):
+        counted = first((a, b)[i % 2], f"r{i}", ratelimit_pb2.HOLD_NONE)
+        assert not counted.held and counted.requests.remaining == 7 - i
+    # The edge's check and the router's count are one count.
+    assert rls(mesh, "rl-a", who.key_id).overall_code == rls_pb2.RateLimitResponse.OVER_LIMIT
+    with pytest.raises(grpc.RpcError) as refused:
+        first(b, "over", ratelimit_pb2.HOLD_IF_ROOM, tokens=10)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "10 requests per 60 s per key" in (refused.value.details() or "")
+    assert any(k == "retry-after" for k, _ in refused.value.trailing_metadata() or ())
+    windows = a.GetBudget(ratelimit_pb2.GetBudgetRequest(caller=who), timeout=5).windows
+    assert [w.used for w in windows] == [100]  # the refused request held nothing

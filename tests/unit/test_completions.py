@@ -10,6 +10,7 @@ import pytest
 
 from meshserve.inference.v1 import inference_pb2 as ipb
 from meshserve.llm.v1 import llm_pb2
+from services.router.accounting import HOLD_IF_ROOM, HOLD_NONE, HOLD_REQUIRED, Reserved
 from services.router.balancer import Balancer, LoadReport, ReplicaState, Strategy
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, ModelEntry, Version
@@ -54,17 +55,38 @@ def steps(*texts: str, finish: int = ipb.FINISH_REASON_STOP) -> list[ipb.Generat
 
 
 class FakeBudget:
-    """Records reservations and settlements; refuses when told to."""
+    """Records counted requests, reservations and settlements; refuses tokens, or requests, when told to
+    (as the rate-limit service does: a guess that does not fit is not held, and not refused)."""
 
-    def __init__(self, refuse: Exception | None = None) -> None:
+    def __init__(self, refuse: Exception | None = None, refuse_requests: Exception | None = None) -> None:
         self.refuse = refuse
+        self.refuse_requests = refuse_requests
+        self.counted: list[str] = []
         self.reserved: list[tuple[str, int, int]] = []
         self.settled: list[tuple[str, int, int, str]] = []
 
-    async def reserve(self, request_id: str, caller: Caller, model: str, prompt_tokens: int, max_tokens: int) -> None:
+    async def reserve(
+        self,
+        request_id: str,
+        caller: Caller,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        count_request: bool = False,
+        hold: str = HOLD_REQUIRED,
+    ) -> Reserved:
+        if count_request:
+            if self.refuse_requests is not None:
+                raise self.refuse_requests
+            self.counted.append(request_id)
+        if hold == HOLD_NONE:
+            return Reserved(covers=False)
         if self.refuse is not None:
+            if hold == HOLD_IF_ROOM:
+                return Reserved(covers=False)
             raise self.refuse
         self.reserved.append((request_id, prompt_tokens, max_tokens))
+        return Reserved(covers=True, held=True)
 
     def settle(
         self, request_id: str, caller: Caller, model: str, prompt_tokens: int, completion_tokens: int, outcome: str

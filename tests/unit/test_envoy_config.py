@@ -153,8 +153,24 @@ def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_c
     assert rl["failure_mode_deny"] and rl["rate_limited_as_resource_exhausted"]
     admin_route, *api_routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     assert "rate_limits" not in admin_route["route"]
-    assert len({str(r["route"]["rate_limits"]) for r in api_routes}) == 1
-    limits = api_routes[0]["route"]["rate_limits"]
+    # Generation's request limits are the router's (its first reservation counts the request); every other
+    # route's are checked here.
+    generation = [r for r in api_routes if "path" in r["match"]]
+    # Matched by the gRPC path (the router filter, after the transcoder) and by the REST path (the rate-limit
+    # filter, before it).
+    assert sorted(r["match"]["path"] for r in generation if r["match"]["path"].startswith("/v1/")) == [
+        "/v1/chat/completions",
+        "/v1/chat/completions:stream",
+        "/v1/completions",
+        "/v1/completions:stream",
+    ]
+    grpc_paths = [r["match"]["path"].rsplit("/", 1)[1] for r in generation if not r["match"]["path"].startswith("/v1/")]
+    assert sorted(grpc_paths) == sorted(
+        ["CreateChatCompletion", "StreamChatCompletion", "CreateCompletion", "StreamCompletion"] * 2
+    )
+    assert not any("rate_limits" in r["route"] for r in generation)
+    (rest,) = [r for r in api_routes if "path" not in r["match"]]
+    limits = rest["route"]["rate_limits"]
     descriptors = [[a["request_headers"]["descriptor_key"] for a in d["actions"]] for d in limits]
     assert descriptors == [["tenant", "key_id", "key_rpm"], ["tenant"], ["tenant", "model"]]
     assert {c["name"] for c in full["static_resources"]["clusters"]} == {"router", "auth", "ratelimit"}

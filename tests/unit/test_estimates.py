@@ -46,7 +46,9 @@ async def test_a_covering_guess_is_the_only_reservation() -> None:
     guess = PromptEstimator()
     for _ in range(MIN_SAMPLES):
         guess.learn("m", 1, 100, 50)
-    reserve = _pipeline(budget).reserver("req", CALLER, "m", metered, guess.guess("m", 1, 100, 32))
+    pipeline = _pipeline(budget)
+    pipeline.count("req", CALLER, "m", metered, guess.guess("m", 1, 100, 32))
+    reserve = pipeline.reserver("req", CALLER, "m", metered)
     assert reserve is not None
     await asyncio.sleep(0)  # the guess goes out before the replica has measured anything
     assert budget.reserved == [("req", 50 + MARGIN_TOKENS, 32)]
@@ -58,13 +60,17 @@ async def test_a_covering_guess_is_the_only_reservation() -> None:
 async def test_a_guess_too_small_or_refused_gives_way_to_the_measured_counts() -> None:
     budget = FakeBudget()
     metered = Metered(started=0.0, budgeted=True)
-    reserve = _pipeline(budget).reserver("req", CALLER, "m", metered, Guess(10, 32))
+    pipeline = _pipeline(budget)
+    pipeline.count("req", CALLER, "m", metered, Guess(10, 32))
+    reserve = pipeline.reserver("req", CALLER, "m", metered)
     assert reserve is not None
     await reserve(40, 32)  # more prompt than guessed: reserved again, measured, under the same id
     assert budget.reserved == [("req", 10, 32), ("req", 40, 32)]
     refusing = FakeBudget(refuse=ResourceExhausted("token limit reached"))
     metered = Metered(started=0.0, budgeted=True)
-    reserve = _pipeline(refusing).reserver("req", CALLER, "m", metered, Guess(500, 32))
+    pipeline = _pipeline(refusing)
+    pipeline.count("req", CALLER, "m", metered, Guess(500, 32))
+    reserve = pipeline.reserver("req", CALLER, "m", metered)
     assert reserve is not None
     await asyncio.sleep(0)
     assert not metered.reserved  # the guess did not fit: nothing held, and the measured counts decide
@@ -94,7 +100,8 @@ async def test_a_request_that_stops_waiting_does_not_cancel_its_early_reservatio
     budget = FakeBudget()
     metered = Metered(started=0.0, budgeted=True)
     pipeline = _pipeline(budget)
-    assert pipeline.reserver("req", CALLER, "m", metered, Guess(10, 32)) is not None
+    pipeline.count("req", CALLER, "m", metered, Guess(10, 32))
+    assert pipeline.reserver("req", CALLER, "m", metered) is not None
     waiting = asyncio.ensure_future(pipeline.covered(metered))
     await asyncio.sleep(0)
     waiting.cancel()  # the replica's stream closed early (a client gone, a failover)

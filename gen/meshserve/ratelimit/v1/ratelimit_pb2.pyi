@@ -7,56 +7,87 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Hold(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HOLD_UNSPECIFIED: _ClassVar[Hold]
+    HOLD_REQUIRED: _ClassVar[Hold]
+    HOLD_IF_ROOM: _ClassVar[Hold]
+    HOLD_NONE: _ClassVar[Hold]
+
 class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OUTCOME_UNSPECIFIED: _ClassVar[Outcome]
     OUTCOME_COMPLETED: _ClassVar[Outcome]
     OUTCOME_CANCELLED: _ClassVar[Outcome]
     OUTCOME_FAILED: _ClassVar[Outcome]
+HOLD_UNSPECIFIED: Hold
+HOLD_REQUIRED: Hold
+HOLD_IF_ROOM: Hold
+HOLD_NONE: Hold
 OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_COMPLETED: Outcome
 OUTCOME_CANCELLED: Outcome
 OUTCOME_FAILED: Outcome
 
 class Caller(_message.Message):
-    __slots__ = ("tenant", "key_id", "key_tokens_per_minute")
+    __slots__ = ("tenant", "key_id", "key_tokens_per_minute", "key_requests_per_minute")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    KEY_REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     key_id: str
     key_tokens_per_minute: int
-    def __init__(self, tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., key_tokens_per_minute: _Optional[int] = ...) -> None: ...
+    key_requests_per_minute: int
+    def __init__(self, tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., key_tokens_per_minute: _Optional[int] = ..., key_requests_per_minute: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "caller", "model", "prompt_tokens", "max_tokens")
+    __slots__ = ("request_id", "caller", "model", "prompt_tokens", "max_tokens", "count_request", "hold")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     caller: Caller
     model: str
     prompt_tokens: int
     max_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    count_request: bool
+    hold: Hold
+    def __init__(self, request_id: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., count_request: _Optional[bool] = ..., hold: _Optional[_Union[Hold, str]] = ...) -> None: ...
+
+class RequestWindow(_message.Message):
+    __slots__ = ("limit", "remaining", "reset_seconds")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    RESET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    remaining: int
+    reset_seconds: float
+    def __init__(self, limit: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_seconds: _Optional[float] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("reserved_tokens", "estimated_completion_tokens", "enforced", "limit_tokens", "remaining_tokens", "reset_seconds")
+    __slots__ = ("reserved_tokens", "estimated_completion_tokens", "enforced", "limit_tokens", "remaining_tokens", "reset_seconds", "held", "requests")
     RESERVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ENFORCED_FIELD_NUMBER: _ClassVar[int]
     LIMIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REMAINING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     reserved_tokens: int
     estimated_completion_tokens: int
     enforced: bool
     limit_tokens: int
     remaining_tokens: int
     reset_seconds: float
-    def __init__(self, reserved_tokens: _Optional[int] = ..., estimated_completion_tokens: _Optional[int] = ..., enforced: _Optional[bool] = ..., limit_tokens: _Optional[int] = ..., remaining_tokens: _Optional[int] = ..., reset_seconds: _Optional[float] = ...) -> None: ...
+    held: bool
+    requests: RequestWindow
+    def __init__(self, reserved_tokens: _Optional[int] = ..., estimated_completion_tokens: _Optional[int] = ..., enforced: _Optional[bool] = ..., limit_tokens: _Optional[int] = ..., remaining_tokens: _Optional[int] = ..., reset_seconds: _Optional[float] = ..., held: _Optional[bool] = ..., requests: _Optional[_Union[RequestWindow, _Mapping]] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
     __slots__ = ("request_id", "caller", "model", "prompt_tokens", "completion_tokens", "outcome")

@@ -60,7 +60,8 @@ class TokenBudgetServiceServicer:
 
     def Reserve(self, request, context):
         """Reserve holds prompt tokens plus an estimate of the completion before any GPU
-        work. RESOURCE_EXHAUSTED (with a retry-after trailer) when the budget is spent.
+        work, and counts the request against its request limits when asked.
+        RESOURCE_EXHAUSTED (with a retry-after trailer) when a limit is reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -3,7 +3,9 @@
 isort:skip_file
 meshserve.ratelimit.v1 holds token budgets: the router reserves tokens before
 generating and settles the real count after. Request limits are Envoy's contract
-(envoy.service.ratelimit.v3.RateLimitService), served by the same service.
+(envoy.service.ratelimit.v3.RateLimitService), served by the same service, except
+on generation routes: there the router's first Reserve counts the request too (one
+call on the way to the first token instead of two).
 """
 
 from collections import abc as _abc
@@ -40,7 +42,8 @@ class TokenBudgetServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TokenBudgetServiceAsyncStub: ...
     Reserve: _grpc.UnaryUnaryMultiCallable[_ratelimit_pb2.ReserveRequest, _ratelimit_pb2.ReserveResponse]
     """Reserve holds prompt tokens plus an estimate of the completion before any GPU
-    work. RESOURCE_EXHAUSTED (with a retry-after trailer) when the budget is spent.
+    work, and counts the request against its request limits when asked.
+    RESOURCE_EXHAUSTED (with a retry-after trailer) when a limit is reached.
     """
     Settle: _grpc.UnaryUnaryMultiCallable[_ratelimit_pb2.SettleRequest, _ratelimit_pb2.SettleResponse]
     """Settle replaces a reservation with the real count: unused tokens come back,
@@ -58,7 +61,8 @@ class TokenBudgetServiceAsyncStub(TokenBudgetServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Reserve: _aio.UnaryUnaryMultiCallable[_ratelimit_pb2.ReserveRequest, _ratelimit_pb2.ReserveResponse]  # type: ignore[assignment]
     """Reserve holds prompt tokens plus an estimate of the completion before any GPU
-    work. RESOURCE_EXHAUSTED (with a retry-after trailer) when the budget is spent.
+    work, and counts the request against its request limits when asked.
+    RESOURCE_EXHAUSTED (with a retry-after trailer) when a limit is reached.
     """
     Settle: _aio.UnaryUnaryMultiCallable[_ratelimit_pb2.SettleRequest, _ratelimit_pb2.SettleResponse]  # type: ignore[assignment]
     """Settle replaces a reservation with the real count: unused tokens come back,
@@ -79,7 +83,8 @@ class TokenBudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ratelimit_pb2.ReserveResponse, _abc.Awaitable[_ratelimit_pb2.ReserveResponse]]:
         """Reserve holds prompt tokens plus an estimate of the completion before any GPU
-        work. RESOURCE_EXHAUSTED (with a retry-after trailer) when the budget is spent.
+        work, and counts the request against its request limits when asked.
+        RESOURCE_EXHAUSTED (with a retry-after trailer) when a limit is reached.
         """
 
     @_abc_1.abstractmethod
