@@ -37,8 +37,9 @@ from tests.integration import scripted_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 LITELLM_VENV = ROOT / "var" / "litellm-venv"
-# The peer, pinned so that runs compare; `--litellm SPEC` measures another.
-LITELLM = "litellm[proxy]==1.110.2"
+# The peer, pinned so that runs compare (1.108.7: the newest whose proxy extras the registry holds);
+# `--litellm SPEC` measures another.
+LITELLM = "litellm[proxy]==1.108.7"
 MASTER_KEY = "sk-bench-master"
 TOKENS = 4
 DIRECT, LITE, FULL, BARE = "engine alone", "LiteLLM proxy", "meshserve, full path", "meshserve, Envoy + router"

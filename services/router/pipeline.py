@@ -98,6 +98,8 @@ class Pipeline:
             started=time.monotonic(), budgeted=self.budget is not None and bool(caller.tenant), unary=unary
         )
         self.count(request_id, caller, model, metered, guess)
+        if metered.early is not None:
+            await asyncio.sleep(0)  # the count goes out first: it is what the engine's go-ahead waits for
         try:
             # Permission before existence: a key learns nothing about models it may not use.
             caller.require(model)
@@ -153,17 +155,29 @@ class Pipeline:
             if now < until:
                 raise ResourceExhausted(f"{reason}; retry after {until - now:.1f} s", retry_after_seconds=until - now)
             del self._refused[(caller.key_id, model)]
-        metered.early = asyncio.ensure_future(_first(budget, request_id, caller, model, metered, guess))
+        metered.early = asyncio.ensure_future(self._first(budget, request_id, caller, model, metered, guess))
+        # Retrieved here, whoever awaits it (a request that ended first leaves nobody to).
+        metered.early.add_done_callback(lambda early: early.cancelled() or early.exception())
 
-        def noted(early: asyncio.Future[Hold]) -> None:
-            exc = None if early.cancelled() else early.exception()  # retrieved, whoever awaits it
-            if isinstance(exc, ResourceExhausted) and exc.retry_after_seconds is not None:
+    async def _first(
+        self, budget: TokenBudget, request_id: str, caller: Caller, model: str, metered: Metered, guess: Guess | None
+    ) -> Hold:
+        """Counts the request and holds the guess if it fits (the measured counts decide when it does not);
+        a refusal is remembered for the key and model until its retry time."""
+        counts = (guess.prompt_tokens, guess.max_tokens) if guess is not None else (0, 0)
+        hold = HOLD_IF_ROOM if guess is not None else HOLD_NONE
+        try:
+            reserved = await budget.reserve(request_id, caller, model, *counts, count_request=True, hold=hold)
+        except ResourceExhausted as exc:
+            if exc.retry_after_seconds is not None:
+                now = time.monotonic()
                 if len(self._refused) >= REFUSALS_KEPT:
                     self._refused = {k: v for k, v in self._refused.items() if v[0] > now}
                 reason = str(exc).rsplit("; retry after", 1)[0]
-                self._refused[(caller.key_id, model)] = (time.monotonic() + exc.retry_after_seconds, reason)
-
-        metered.early.add_done_callback(noted)
+                self._refused[(caller.key_id, model)] = (now + exc.retry_after_seconds, reason)
+            raise
+        metered.reserved = metered.reserved or reserved.held
+        return Hold(guess, reserved)
 
     @staticmethod
     async def _counted(metered: Metered) -> None:
@@ -201,17 +215,6 @@ class Pipeline:
         if held is None or held.guess is None or not held.reserved.covers:
             return None
         return held.guess.prompt_tokens, held.guess.max_tokens
-
-
-async def _first(
-    budget: TokenBudget, request_id: str, caller: Caller, model: str, metered: Metered, guess: Guess | None
-) -> Hold:
-    """Counts the request and holds the guess if it fits (the measured counts decide when it does not)."""
-    counts = (guess.prompt_tokens, guess.max_tokens) if guess is not None else (0, 0)
-    hold = HOLD_IF_ROOM if guess is not None else HOLD_NONE
-    reserved = await budget.reserve(request_id, caller, model, *counts, count_request=True, hold=hold)
-    metered.reserved = metered.reserved or reserved.held
-    return Hold(guess, reserved)
 
 
 async def _timed(
