@@ -13,10 +13,14 @@ from grpc import aio
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.engine import Engine
 from services.inference.openai_serving import Endpoint, Exchange, Reply, ServingLayer
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, echo
+from services.runtime.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, echo
+from services.runtime.interceptors import status_of
 from services.runtime.sampling import OPTIONAL_SAMPLING, Sampling
 
 Context = aio.ServicerContext[Any, Any]
+
+# After an in-band error, how long a Serve call waits for its caller to end it.
+CALLER_ENDS_SECONDS = 10.0
 
 FINISH = {
     "stop": inference_pb2.FINISH_REASON_STOP,
@@ -41,6 +45,13 @@ def _serve_response(reply: Reply) -> inference_pb2.ServeResponse:
         max_tokens=reply.max_tokens,
         failed=reply.failed,
     )
+
+
+async def _follow(requests: AsyncIterator[inference_pb2.ServeRequest], exchange: Exchange) -> None:
+    """The caller's go-aheads, until it half-closes or ends the call."""
+    async for message in requests:
+        if message.HasField("proceed"):
+            exchange.go_ahead(message.proceed.prompt_tokens, message.proceed.max_tokens)
 
 
 def _load_reply(engine: Engine) -> inference_pb2.GetLoadResponse:
@@ -99,37 +110,46 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         first = await anext(aiter(requests), None)
         if first is None or not first.HasField("start"):
             raise InvalidArgument("start: the first message must be a ServeStart")
-        start = first.start
-        self._engine(start.model)
-        if self.serving is None:
-            raise FailedPrecondition("the model is still loading")
-        if start.endpoint not in ENDPOINTS:
-            raise InvalidArgument("endpoint: is required")
-        if not start.request_id:
-            raise InvalidArgument("request_id: is required")
         exchange = Exchange()
-        if start.proceed:
-            exchange.proceed.set()
-
-        async def follow() -> None:
-            async for message in requests:
-                if message.HasField("proceed"):
-                    exchange.go_ahead(message.proceed.prompt_tokens, message.proceed.max_tokens)
-
-        served = asyncio.create_task(
-            self.serving.serve(ENDPOINTS[start.endpoint], start.body, start.request_id, start.model, exchange)
-        )
-        followed = asyncio.create_task(follow())
+        followed = asyncio.create_task(_follow(requests, exchange))
+        served: asyncio.Task[None] | None = None
         try:
-            while (reply := await exchange.replies.get()) is not None:
-                if isinstance(reply, BaseException):
-                    raise reply
-                yield _serve_response(reply)
+            try:
+                served = asyncio.create_task(self._serve(first.start, exchange))
+                while (reply := await exchange.replies.get()) is not None:
+                    if isinstance(reply, BaseException):
+                        raise reply
+                    yield _serve_response(reply)
+            except DomainError as exc:
+                # In-band, then the caller ends the call: see ServeResponse.error in the contract.
+                code = status_of(exc)
+                context.set_code(code)
+                context.set_details(str(exc))
+                yield inference_pb2.ServeResponse(error=inference_pb2.ServeError(code=code.value[0], message=str(exc)))
+                await asyncio.wait({followed}, timeout=CALLER_ENDS_SECONDS)
         finally:
             # A caller gone (or done) cancels the generation: vLLM's generator closes and aborts it in the engine.
-            for task in (served, followed):
+            tasks = [t for t in (served, followed) if t is not None]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(served, followed, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, start: inference_pb2.ServeStart, exchange: Exchange) -> None:
+        """Serves the request into exchange.replies, a refusal included."""
+        try:
+            self._engine(start.model)
+            if self.serving is None:
+                raise FailedPrecondition("the model is still loading")
+            if start.endpoint not in ENDPOINTS:
+                raise InvalidArgument("endpoint: is required")
+            if not start.request_id:
+                raise InvalidArgument("request_id: is required")
+        except DomainError as exc:
+            exchange.replies.put_nowait(exc)
+            return
+        if start.proceed:
+            exchange.proceed.set()
+        await self.serving.serve(ENDPOINTS[start.endpoint], start.body, start.request_id, start.model, exchange)
 
     async def CountTokens(
         self, request: inference_pb2.CountTokensRequest, context: Context

@@ -58,9 +58,20 @@ GENERATE, COUNT_TOKENS, SERVE = f"/{_SERVICE}/Generate", f"/{_SERVICE}/CountToke
 _REPLICA_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}
 
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
 def domain_error(exc: aio.AioRpcError, address: str) -> errors.DomainError:
     """The domain error a caller should see for a failed engine call."""
-    code, details = exc.code(), errors.bounded(exc.details() or "")
+    return _domain_error(exc.code(), exc.details() or "", address)
+
+
+def _in_band(error: inference_pb2.ServeError, address: str) -> errors.DomainError:
+    return _domain_error(_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message, address)
+
+
+def _domain_error(code: grpc.StatusCode, details: str, address: str) -> errors.DomainError:
+    details = errors.bounded(details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return errors.InvalidArgument(details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -129,6 +140,8 @@ class GrpcReplica:
                     covering = asyncio.ensure_future(_go_ahead_on_condition(call, cover))
                 while (read := await call.read()) is not aio.EOF:
                     reply = cast(inference_pb2.ServeResponse, read)
+                    if reply.HasField("error"):
+                        raise _in_band(reply.error, self.address)
                     if reply.measured:
                         if reserve is not None:
                             await reserve(reply.prompt_tokens, reply.max_tokens)

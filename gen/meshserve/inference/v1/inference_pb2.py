@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&meshserve/inference/v1/inference.proto\x12\x16meshserve.inference.v1\"\x82\x01\n\nServeStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x32\n\x08\x65ndpoint\x18\x03 \x01(\x0e\x32 .meshserve.inference.v1.Endpoint\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12\x0f\n\x07proceed\x18\x05 \x01(\x08\"9\n\x0cServeProceed\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\"\x84\x01\n\x0cServeRequest\x12\x33\n\x05start\x18\x01 \x01(\x0b\x32\".meshserve.inference.v1.ServeStartH\x00\x12\x37\n\x07proceed\x18\x02 \x01(\x0b\x32$.meshserve.inference.v1.ServeProceedH\x00\x42\x06\n\x04step\"\xc2\x01\n\rServeResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12;\n\rfinish_reason\x18\x04 \x01(\x0e\x32$.meshserve.inference.v1.FinishReason\x12\x10\n\x08measured\x18\x05 \x01(\x08\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x08\")\n\x08\x43hatTurn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"?\n\x0c\x43onversation\x12/\n\x05turns\x18\x01 \x03(\x0b\x32 .meshserve.inference.v1.ChatTurn\"]\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12<\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32$.meshserve.inference.v1.ConversationH\x00\x42\x06\n\x04kind\"\xf2\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\rH\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\n\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\x9c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x05input\x18\x03 \x01(\x0b\x32\x1d.meshserve.inference.v1.Input\x12\x38\n\x08sampling\x18\x04 \x01(\x0b\x32&.meshserve.inference.v1.SamplingParams\"\xa2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12;\n\rfinish_reason\x18\x05 \x01(\x0e\x32$.meshserve.inference.v1.FinishReason\"Q\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x05input\x18\x02 \x01(\x0b\x32\x1d.meshserve.inference.v1.Input\"C\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\x10\n\x0eGetLoadRequest\"\xc8\x01\n\x0fGetLoadResponse\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\x12\x19\n\x11generation_tokens\x18\x08 \x01(\x04\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"J\n\x11WatchLoadResponse\x12\x35\n\x04load\x18\x01 \x01(\x0b\x32\'.meshserve.inference.v1.GetLoadResponse\"\x11\n\x0fGetModelRequest\"8\n\x10GetModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r*]\n\x08\x45ndpoint\x12\x18\n\x14\x45NDPOINT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NDPOINT_CHAT_COMPLETIONS\x10\x01\x12\x18\n\x14\x45NDPOINT_COMPLETIONS\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xd4\x04\n\x10InferenceService\x12_\n\x08Generate\x12\'.meshserve.inference.v1.GenerateRequest\x1a(.meshserve.inference.v1.GenerateResponse0\x01\x12\x66\n\x0b\x43ountTokens\x12*.meshserve.inference.v1.CountTokensRequest\x1a+.meshserve.inference.v1.CountTokensResponse\x12Z\n\x07GetLoad\x12&.meshserve.inference.v1.GetLoadRequest\x1a\'.meshserve.inference.v1.GetLoadResponse\x12\x62\n\tWatchLoad\x12(.meshserve.inference.v1.WatchLoadRequest\x1a).meshserve.inference.v1.WatchLoadResponse0\x01\x12]\n\x08GetModel\x12\'.meshserve.inference.v1.GetModelRequest\x1a(.meshserve.inference.v1.GetModelResponse\x12X\n\x05Serve\x12$.meshserve.inference.v1.ServeRequest\x1a%.meshserve.inference.v1.ServeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&meshserve/inference/v1/inference.proto\x12\x16meshserve.inference.v1\"\x82\x01\n\nServeStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x32\n\x08\x65ndpoint\x18\x03 \x01(\x0e\x32 .meshserve.inference.v1.Endpoint\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12\x0f\n\x07proceed\x18\x05 \x01(\x08\"9\n\x0cServeProceed\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\"\x84\x01\n\x0cServeRequest\x12\x33\n\x05start\x18\x01 \x01(\x0b\x32\".meshserve.inference.v1.ServeStartH\x00\x12\x37\n\x07proceed\x18\x02 \x01(\x0b\x32$.meshserve.inference.v1.ServeProceedH\x00\x42\x06\n\x04step\"\xf5\x01\n\rServeResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12;\n\rfinish_reason\x18\x04 \x01(\x0e\x32$.meshserve.inference.v1.FinishReason\x12\x10\n\x08measured\x18\x05 \x01(\x08\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x08\x12\x31\n\x05\x65rror\x18\x08 \x01(\x0b\x32\".meshserve.inference.v1.ServeError\"+\n\nServeError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\")\n\x08\x43hatTurn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"?\n\x0c\x43onversation\x12/\n\x05turns\x18\x01 \x03(\x0b\x32 .meshserve.inference.v1.ChatTurn\"]\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12<\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32$.meshserve.inference.v1.ConversationH\x00\x42\x06\n\x04kind\"\xf2\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\rH\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\n\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\x9c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x05input\x18\x03 \x01(\x0b\x32\x1d.meshserve.inference.v1.Input\x12\x38\n\x08sampling\x18\x04 \x01(\x0b\x32&.meshserve.inference.v1.SamplingParams\"\xa2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12;\n\rfinish_reason\x18\x05 \x01(\x0e\x32$.meshserve.inference.v1.FinishReason\"Q\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x05input\x18\x02 \x01(\x0b\x32\x1d.meshserve.inference.v1.Input\"C\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\x10\n\x0eGetLoadRequest\"\xc8\x01\n\x0fGetLoadResponse\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\x12\x19\n\x11generation_tokens\x18\x08 \x01(\x04\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"J\n\x11WatchLoadResponse\x12\x35\n\x04load\x18\x01 \x01(\x0b\x32\'.meshserve.inference.v1.GetLoadResponse\"\x11\n\x0fGetModelRequest\"8\n\x10GetModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r*]\n\x08\x45ndpoint\x12\x18\n\x14\x45NDPOINT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NDPOINT_CHAT_COMPLETIONS\x10\x01\x12\x18\n\x14\x45NDPOINT_COMPLETIONS\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xd4\x04\n\x10InferenceService\x12_\n\x08Generate\x12\'.meshserve.inference.v1.GenerateRequest\x1a(.meshserve.inference.v1.GenerateResponse0\x01\x12\x66\n\x0b\x43ountTokens\x12*.meshserve.inference.v1.CountTokensRequest\x1a+.meshserve.inference.v1.CountTokensResponse\x12Z\n\x07GetLoad\x12&.meshserve.inference.v1.GetLoadRequest\x1a\'.meshserve.inference.v1.GetLoadResponse\x12\x62\n\tWatchLoad\x12(.meshserve.inference.v1.WatchLoadRequest\x1a).meshserve.inference.v1.WatchLoadResponse0\x01\x12]\n\x08GetModel\x12\'.meshserve.inference.v1.GetModelRequest\x1a(.meshserve.inference.v1.GetModelResponse\x12X\n\x05Serve\x12$.meshserve.inference.v1.ServeRequest\x1a%.meshserve.inference.v1.ServeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENDPOINT']._serialized_start=2313
-  _globals['_ENDPOINT']._serialized_end=2406
-  _globals['_FINISHREASON']._serialized_start=2408
-  _globals['_FINISHREASON']._serialized_end=2528
+  _globals['_ENDPOINT']._serialized_start=2409
+  _globals['_ENDPOINT']._serialized_end=2502
+  _globals['_FINISHREASON']._serialized_start=2504
+  _globals['_FINISHREASON']._serialized_end=2624
   _globals['_SERVESTART']._serialized_start=67
   _globals['_SERVESTART']._serialized_end=197
   _globals['_SERVEPROCEED']._serialized_start=199
@@ -42,35 +42,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVEREQUEST']._serialized_start=259
   _globals['_SERVEREQUEST']._serialized_end=391
   _globals['_SERVERESPONSE']._serialized_start=394
-  _globals['_SERVERESPONSE']._serialized_end=588
-  _globals['_CHATTURN']._serialized_start=590
-  _globals['_CHATTURN']._serialized_end=631
-  _globals['_CONVERSATION']._serialized_start=633
-  _globals['_CONVERSATION']._serialized_end=696
-  _globals['_INPUT']._serialized_start=698
-  _globals['_INPUT']._serialized_end=791
-  _globals['_SAMPLINGPARAMS']._serialized_start=794
-  _globals['_SAMPLINGPARAMS']._serialized_end=1420
-  _globals['_GENERATEREQUEST']._serialized_start=1423
-  _globals['_GENERATEREQUEST']._serialized_end=1579
-  _globals['_GENERATERESPONSE']._serialized_start=1582
-  _globals['_GENERATERESPONSE']._serialized_end=1744
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=1746
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=1827
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1829
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1896
-  _globals['_GETLOADREQUEST']._serialized_start=1898
-  _globals['_GETLOADREQUEST']._serialized_end=1914
-  _globals['_GETLOADRESPONSE']._serialized_start=1917
-  _globals['_GETLOADRESPONSE']._serialized_end=2117
-  _globals['_WATCHLOADREQUEST']._serialized_start=2119
-  _globals['_WATCHLOADREQUEST']._serialized_end=2158
-  _globals['_WATCHLOADRESPONSE']._serialized_start=2160
-  _globals['_WATCHLOADRESPONSE']._serialized_end=2234
-  _globals['_GETMODELREQUEST']._serialized_start=2236
-  _globals['_GETMODELREQUEST']._serialized_end=2253
-  _globals['_GETMODELRESPONSE']._serialized_start=2255
-  _globals['_GETMODELRESPONSE']._serialized_end=2311
-  _globals['_INFERENCESERVICE']._serialized_start=2531
-  _globals['_INFERENCESERVICE']._serialized_end=3127
+  _globals['_SERVERESPONSE']._serialized_end=639
+  _globals['_SERVEERROR']._serialized_start=641
+  _globals['_SERVEERROR']._serialized_end=684
+  _globals['_CHATTURN']._serialized_start=686
+  _globals['_CHATTURN']._serialized_end=727
+  _globals['_CONVERSATION']._serialized_start=729
+  _globals['_CONVERSATION']._serialized_end=792
+  _globals['_INPUT']._serialized_start=794
+  _globals['_INPUT']._serialized_end=887
+  _globals['_SAMPLINGPARAMS']._serialized_start=890
+  _globals['_SAMPLINGPARAMS']._serialized_end=1516
+  _globals['_GENERATEREQUEST']._serialized_start=1519
+  _globals['_GENERATEREQUEST']._serialized_end=1675
+  _globals['_GENERATERESPONSE']._serialized_start=1678
+  _globals['_GENERATERESPONSE']._serialized_end=1840
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1842
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=1923
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1925
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1992
+  _globals['_GETLOADREQUEST']._serialized_start=1994
+  _globals['_GETLOADREQUEST']._serialized_end=2010
+  _globals['_GETLOADRESPONSE']._serialized_start=2013
+  _globals['_GETLOADRESPONSE']._serialized_end=2213
+  _globals['_WATCHLOADREQUEST']._serialized_start=2215
+  _globals['_WATCHLOADREQUEST']._serialized_end=2254
+  _globals['_WATCHLOADRESPONSE']._serialized_start=2256
+  _globals['_WATCHLOADRESPONSE']._serialized_end=2330
+  _globals['_GETMODELREQUEST']._serialized_start=2332
+  _globals['_GETMODELREQUEST']._serialized_end=2349
+  _globals['_GETMODELRESPONSE']._serialized_start=2351
+  _globals['_GETMODELRESPONSE']._serialized_end=2407
+  _globals['_INFERENCESERVICE']._serialized_start=2627
+  _globals['_INFERENCESERVICE']._serialized_end=3223
 # @@protoc_insertion_point(module_scope)

@@ -58,7 +58,7 @@ class ServeRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[ServeStart, _Mapping]] = ..., proceed: _Optional[_Union[ServeProceed, _Mapping]] = ...) -> None: ...
 
 class ServeResponse(_message.Message):
-    __slots__ = ("data", "prompt_tokens", "completion_tokens", "finish_reason", "measured", "max_tokens", "failed")
+    __slots__ = ("data", "prompt_tokens", "completion_tokens", "finish_reason", "measured", "max_tokens", "failed", "error")
     DATA_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class ServeResponse(_message.Message):
     MEASURED_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     prompt_tokens: int
     completion_tokens: int
@@ -73,7 +74,16 @@ class ServeResponse(_message.Message):
     measured: bool
     max_tokens: int
     failed: bool
-    def __init__(self, data: _Optional[bytes] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., measured: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., failed: _Optional[bool] = ...) -> None: ...
+    error: ServeError
+    def __init__(self, data: _Optional[bytes] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., measured: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., failed: _Optional[bool] = ..., error: _Optional[_Union[ServeError, _Mapping]] = ...) -> None: ...
+
+class ServeError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ChatTurn(_message.Message):
     __slots__ = ("role", "content")
