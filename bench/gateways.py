@@ -113,9 +113,22 @@ def _bare(mesh: LocalMesh) -> None:
     mesh.wait_edge(30)
 
 
+def _per_process(mesh: LocalMesh) -> dict[str, float]:
+    """CPU seconds so far of each of the mesh's processes, its scripted engines excluded."""
+    return {name: cpu_seconds(p.popen.pid) for name, p in mesh.procs.items() if not name.startswith("inference")}
+
+
 def _mesh_cpu(mesh: LocalMesh) -> float:
-    """CPU seconds so far of the mesh's processes, its scripted engines excluded."""
-    return sum(cpu_seconds(p.popen.pid) for name, p in mesh.procs.items() if not name.startswith("inference"))
+    return sum(_per_process(mesh).values())
+
+
+def breakdown(before: dict[str, float], after: dict[str, float], results: EdgeResults, seconds: int) -> list[str]:
+    """Where meshserve's CPU per unary request goes, process by process (every round of every concurrency)."""
+    served = sum(r["rps"] * seconds for by_target in results.values() for r in by_target[FULL])
+    used = {name: (after[name] - before[name]) / max(1.0, served) * 1e6 for name in after}
+    lines = ["| process | CPU µs per unary request |", "|---|---|"]
+    lines += [f"| {name} | {us:.0f} |" for name, us in sorted(used.items(), key=lambda kv: -kv[1])]
+    return [*lines, f"| all | {sum(used.values()):.0f} |"]
 
 
 def _script(state: Path, stream: bool) -> Path:
@@ -217,11 +230,13 @@ def main() -> None:
                 FULL: partial(_mesh_cpu, full),
                 BARE: partial(_mesh_cpu, bare),
             }
-            runs = {}
+            runs, used = {}, []
             for stream in (False, True):
+                used.append(_per_process(full))
                 runs[stream] = compare_edges(
                     targets, args.rounds, args.seconds, cpu, _script(state, stream), tuple(args.concurrency)
                 )
+            used.append(_per_process(full))
         finally:
             full.stop()
             bare.stop()
@@ -240,6 +255,11 @@ def main() -> None:
         *tables(runs[False], "Unary"),
         "",
         *tables(runs[True], "Streamed (SSE; latency to the end of the stream)"),
+        "",
+        "Where meshserve's CPU goes (its full path, unary, every round at every concurrency; the warm-up's "
+        "requests are not counted, so this slightly overstates):",
+        "",
+        *breakdown(used[0], used[1], runs[False], args.seconds),
     ]
     write_report(lines, args.out)
 
