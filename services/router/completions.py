@@ -19,7 +19,7 @@ from services.router.balancer import Balancer
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.failover import DEFAULT_POLICY, Attempt, Replica, ReplicaDirectory, RoutingPolicy, affinity_key
-from services.router.pipeline import Pipeline
+from services.router.pipeline import CHAT, TEXT_COMPLETION, Pipeline
 from services.router.validation import GenerationSpec
 from services.runtime.errors import DomainError, Internal, Unavailable
 from services.runtime.openai_errors import error_body
@@ -154,7 +154,9 @@ class Completions:
             return steps
 
         key = affinity_key(spec, hints, self.pipeline.policy.prefix_chars)
-        return pipeline.generate(request_id, spec.model, key, caller, hints, attempt, unary)
+        chat = request.input.WhichOneof("kind") == "conversation"
+        operation = CHAT if chat else TEXT_COMPLETION
+        return pipeline.generate(request_id, spec.model, key, caller, hints, attempt, unary, operation=operation)
 
     async def _collect(
         self, request_id: str, spec: GenerationSpec, caller: Caller, hints: RouteHints

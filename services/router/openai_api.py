@@ -25,7 +25,8 @@ from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Version
 from services.router.estimates import PromptEstimator, most_generated
 from services.router.failover import Attempt, Replica, opening, prefix_key
-from services.router.pipeline import Pipeline, Reserve
+from services.router.pipeline import CHAT as CHAT_OPERATION
+from services.router.pipeline import TEXT_COMPLETION, Pipeline, Reserve
 from services.router.validation import MAX_STOP, in_range
 from services.runtime.errors import DomainError, Internal, InvalidArgument, Unavailable, bounded, echo
 from services.runtime.openai_errors import error_body
@@ -231,7 +232,8 @@ class OpenAIApi:
             return replies
 
         key = prefix_key(body.opening, hints, pipeline.policy.prefix_chars)
-        replies = pipeline.generate(request_id, body.model, key, caller, hints, attempt, not stream, guess)
+        operation = CHAT_OPERATION if endpoint == CHAT else TEXT_COMPLETION
+        replies = pipeline.generate(request_id, body.model, key, caller, hints, attempt, not stream, guess, operation)
         return request_id, replies
 
     async def whole(self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints, meta: ResponseMeta) -> bytes:

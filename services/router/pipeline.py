@@ -25,6 +25,8 @@ from services.runtime import tracing
 from services.runtime.errors import DomainError, ResourceExhausted
 
 FINISHED = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
+# The GenAI semantic conventions' operation names of what the router generates.
+CHAT, TEXT_COMPLETION = "chat", "text_completion"
 
 
 S = TypeVar("S", inference_pb2.GenerateResponse, inference_pb2.ServeResponse)
@@ -91,8 +93,12 @@ class Pipeline:
         attempt: AttemptFactory[S],
         unary: bool = False,
         guess: Guess | None = None,
+        operation: str = CHAT,
     ) -> AsyncGenerator[S, None]:
-        """The steps of one generation, from admission to accounting (which runs however it ends)."""
+        """The steps of one generation, from admission to accounting (which runs however it ends).
+
+        operation is the OpenTelemetry GenAI operation (CHAT or TEXT_COMPLETION): the generation's span is
+        named and described by those conventions, as tracing backends group LLM calls, beside meshserve's own."""
         # Internal callers (no tenant) have no limits.
         metered = Metered(
             started=time.monotonic(), budgeted=self.budget is not None and bool(caller.tenant), unary=unary
@@ -120,7 +126,8 @@ class Pipeline:
                 metered.admitted = time.monotonic()
                 timer.admitted(metered.admitted)
                 # Current while the replica is called: the engine's spans and billing's record join it.
-                with tracing.span("router.generate", {**attributes, "meshserve.request_id": request_id}) as span:
+                described = {**attributes, "meshserve.request_id": request_id, **_gen_ai(operation, model)}
+                with tracing.span(f"{operation} {model}", described) as span:
                     try:
                         # aclosing: a consumer that stops early closes the replica's stream (aborts the engine) now.
                         replica_steps = self._failover.steps(attempt(metered, version), request_id, model, version, key)
@@ -132,6 +139,7 @@ class Pipeline:
                     finally:
                         # Runs however the stream ends: finished, failed, or closed early by a client gone away.
                         span.set_attribute("meshserve.outcome", metered.outcome)
+                        _gen_ai_usage(span, metered)
                         self._accounting.account(request_id, model, caller, version, metered)
         except DomainError:
             if first:
@@ -215,6 +223,19 @@ class Pipeline:
         if held is None or held.guess is None or not held.reserved.covers:
             return None
         return held.guess.prompt_tokens, held.guess.max_tokens
+
+
+def _gen_ai(operation: str, model: str) -> dict[str, str]:
+    """The GenAI semantic conventions' request attributes (gen_ai.*, OpenTelemetry semconv 1.3x)."""
+    return {"gen_ai.operation.name": operation, "gen_ai.request.model": model, "gen_ai.response.model": model}
+
+
+def _gen_ai_usage(span: trace.Span, metered: Metered) -> None:
+    """The token counts the replica reported last, as the conventions name them."""
+    last = metered.last
+    if last is not None:
+        span.set_attribute("gen_ai.usage.input_tokens", last.prompt_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", last.completion_tokens)
 
 
 async def _timed(

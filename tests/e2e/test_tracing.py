@@ -18,6 +18,9 @@ from tests.otlp_receiver import Receiver, Span
 
 pytestmark = pytest.mark.mesh
 
+# The router's span of one generation: "{gen_ai.operation.name} {gen_ai.request.model}".
+GENERATION = f"chat {MODEL}"
+
 SERVER, CLIENT = 2, 3  # OTLP SpanKind values
 
 
@@ -39,7 +42,7 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 
 def generation(spans: Sequence[Span], request_id: str) -> Span | None:
     return next(
-        (s for s in spans if s.name == "router.generate" and s.attributes.get("meshserve.request_id") == request_id),
+        (s for s in spans if s.name == GENERATION and s.attributes.get("meshserve.request_id") == request_id),
         None,
     )
 
@@ -61,7 +64,7 @@ def whole_trace(otlp: Receiver, request_id: str) -> list[Span]:
         return True
 
     spans = otlp.wait_for(complete, timeout=30)
-    assert generation(spans, request_id) is not None, f"no router.generate span for {request_id}"
+    assert generation(spans, request_id) is not None, f"no {GENERATION!r} span for {request_id}"
     return of_request(spans)
 
 
@@ -108,7 +111,10 @@ def check_path(spans: Sequence[Span]) -> Span:
     router = one(spans, "meshserve-router", "/meshserve.llm.v2.LlmService/CreateChatCompletion")
     assert by_id[router.parent_span_id].service == "meshserve-edge", describe(spans)
     one(spans, "meshserve-router", "router.queue_wait", router)
-    gen = one(spans, "meshserve-router", "router.generate", router)
+    gen = one(spans, "meshserve-router", GENERATION, router)
+    # Named and described by the OpenTelemetry GenAI conventions, as tracing backends group LLM calls.
+    assert gen.attributes["gen_ai.operation.name"] == "chat" and gen.attributes["gen_ai.request.model"] == MODEL
+    assert gen.attributes["gen_ai.usage.output_tokens"] == 4 and gen.attributes["gen_ai.usage.input_tokens"] > 0
     one(spans, "meshserve-router", "router.choose_replica", gen)
 
     serve_call = one(spans, "meshserve-router", "/meshserve.inference.v1.InferenceService/Serve", gen)

@@ -420,3 +420,11 @@ def test_the_edge_serves_tls_only_and_every_upstream_of_it_is_mutual_tls(overlay
         folder = body["watched_directory"]["path"]
         assert folder in mounted and mounted[folder] in certificates, sds_file
     assert certificates[mounted["/var/run/secrets/meshserve/tls"]]["spec"]["uris"] == [tls.spiffe_id("edge")]
+
+
+def test_the_image_and_bootstrap_repair_the_opentelemetry_protos_alike() -> None:
+    # xds-protos overwrites opentelemetry-proto's modules with older ones; tracing needs the repair in both.
+    repair = "scripts/repair-otel-protos.sh"
+    assert (ROOT / repair).stat().st_mode & 0o111
+    assert f"COPY {repair} {repair}" in (ROOT / "deploy/docker/Dockerfile").read_text()
+    assert f'{repair} "$VENV/bin/python"' in (ROOT / "scripts/bootstrap.sh").read_text()
