@@ -59,6 +59,8 @@ def start_vllm_server(model_dir: Path, port: int, state: Path, settings: Inferen
         "--max-num-seqs",
         str(settings.max_num_seqs),
         "--enforce-eager",
+        "--compilation-config",
+        json.dumps({"custom_ops": settings.custom_ops_list()}),
         "--no-enable-log-requests",
         # The serving flags the replicas use (the model's tool parser): the same answers, side by side.
         *shlex.split(settings.serve_flags),

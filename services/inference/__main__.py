@@ -42,6 +42,7 @@ def main() -> None:
             max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs,
             gpu_memory_utilization=settings.gpu_memory_utilization,
+            custom_ops=tuple(settings.custom_ops_list()),
         )
 
         async def load_and_warm_up() -> None:

@@ -33,6 +33,12 @@ class InferenceSettings(ServiceSettings):
     cpu_kv_cache_gib: int = 1
     # Run vLLM's engine core inside this process (faster start, shares the event loop).
     in_process_engine: bool = False
+    # vLLM's custom ops the engine runs (it runs eagerly, so all by default), comma-separated as vLLM's
+    # compilation_config.custom_ops: "-name" runs that op's PyTorch implementation instead. vLLM 0.32's CPU
+    # kernel for rotary embeddings gives wrong answers on CPUs with AVX-512 FP16 and AMX (SmolLM2 answered
+    # "L'Étoile, la Marseillaise..." for the capital of France; vLLM's server too with --enforce-eager;
+    # the same family as vllm-project/vllm#31626): native RoPE here. On GPUs set "all".
+    custom_ops: str = "all,-rotary_embedding"
     # Fraction of GPU memory vLLM may take (ignored on CPU).
     gpu_memory_utilization: float = 0.9
     # vLLM server flags for its OpenAI serving layer, as `vllm serve` takes them: the model's tool parser
@@ -49,6 +55,9 @@ class InferenceSettings(ServiceSettings):
         which a cache folder deep in a checkout need not."""
         digest = hashlib.sha256(str(Path(self.cache_dir).resolve()).encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / f"meshserve-ipc-{digest}"
+
+    def custom_ops_list(self) -> list[str]:
+        return [op.strip() for op in self.custom_ops.split(",") if op.strip()]
 
     def vllm_env(self) -> dict[str, str]:
         """The environment vLLM reads at import time, derived from these settings."""

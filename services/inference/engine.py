@@ -29,6 +29,8 @@ class EngineConfig:
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.9
     seed: int = 0
+    # vLLM's custom ops in eager mode (its compilation_config.custom_ops); see InferenceSettings.custom_ops.
+    custom_ops: tuple[str, ...] = ("all",)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Engine:
     @classmethod
     def start(cls, config: EngineConfig) -> Engine:
         """Builds the engine and loads the model; takes seconds to minutes."""
+        from vllm.config import CompilationConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -98,6 +101,7 @@ class Engine:
             enforce_eager=config.enforce_eager,
             gpu_memory_utilization=config.gpu_memory_utilization,
             seed=config.seed,
+            compilation_config=CompilationConfig(custom_ops=list(config.custom_ops)),
             disable_log_stats=False,
         )
         started = time.monotonic()
