@@ -258,10 +258,9 @@ class LocalMesh(Readiness):
             settings["MESHSERVE_ROUTER_BILLING"] = f"{self.options.host}:{billing.grpc_port}"
             settings["MESHSERVE_ROUTER_USAGE_SPOOL"] = str((self.options.state_dir / "spool" / name).resolve())
         ratelimit = self.procs.get("ratelimit")
-        if ratelimit is not None:
-            settings["MESHSERVE_ROUTER_RATELIMIT"] = f"{self.options.host}:{ratelimit.grpc_port}"
-            settings["MESHSERVE_ROUTER_RATELIMIT_FAIL_OPEN"] = str(self._fail_open(Kind.TOKENS))
-            settings["MESHSERVE_ROUTER_RATELIMIT_REQUESTS_FAIL_OPEN"] = str(self._fail_open(Kind.REQUESTS))
+        if ratelimit is not None:  # generation's limits decided in the router, on the service's Redis and rules
+            settings["MESHSERVE_ROUTER_LIMITS_REDIS_URL"] = self.redis_url
+            settings["MESHSERVE_ROUTER_LIMITS_RULES"] = ratelimit.env["MESHSERVE_RATELIMIT_RULES"]
         return self.start_service(
             name, "services.router", "MESHSERVE_ROUTER_", {**settings, **(env or {})}, nice=self.options.support_nice
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
 from meshserve.llm.v2 import llm_pb2 as llm_v2_pb2
 from meshserve.llm.v2 import llm_pb2_grpc as llm_v2_pb2_grpc
+from services.ratelimit.build import open_limits
 from services.router.admission import Admission
 from services.router.balancer import Balancer
 from services.router.budget import GrpcTokenBudget
@@ -17,6 +18,7 @@ from services.router.completions import Completions
 from services.router.config import RouterSettings
 from services.router.failover import RoutingPolicy
 from services.router.fleet import Fleet
+from services.router.limits import LocalTokenBudget
 from services.router.openai_api import OpenAIApi
 from services.router.openai_servicer import OpenAIServicer
 from services.router.servicer import LlmServicer
@@ -35,18 +37,27 @@ def main() -> None:
 
     async def setup(rt: Runtime) -> None:
         catalogue = WatchedFile(Path(settings.catalogue), Catalogue.from_yaml, "catalogue")
-        budget = (
-            GrpcTokenBudget(
+        budget: LocalTokenBudget | GrpcTokenBudget | None = None
+        if settings.limits_redis_url:
+            limits = open_limits(
+                settings.limits_redis_url, Path(settings.limits_rules), rt.tls, settings.limits_redis_timeout_seconds
+            )
+            limits.follow(settings.limits_rules_poll_seconds)
+            rt.warm_up_with(limits.ready)
+            rt.on_shutdown(limits.close)
+            budget = LocalTokenBudget(limits.limiter)
+        elif settings.ratelimit:
+            budget = GrpcTokenBudget(
                 settings.ratelimit,
                 settings.ratelimit_fail_open,
                 files=rt.tls,
                 requests_fail_open=settings.ratelimit_requests_fail_open,
             )
-            if settings.ratelimit
-            else None
-        )
         if budget is None:
-            log.warning("no rate-limit service configured (MESHSERVE_ROUTER_RATELIMIT): token limits are off")
+            log.warning(
+                "no limits configured (MESHSERVE_ROUTER_LIMITS_REDIS_URL or MESHSERVE_ROUTER_RATELIMIT): "
+                "generation's request and token limits are off"
+            )
         usage = (
             GrpcUsageSink(
                 settings.billing,

@@ -28,6 +28,18 @@ class RouterSettings(ServiceSettings):
     ratelimit_fail_open: bool = True
     # The same for counting a generation against its request limits: match the rules' `failure_mode.requests`.
     ratelimit_requests_fail_open: bool = True
+    # The Redis of the rate-limit service (its MESHSERVE_RATELIMIT_REDIS_URL): set, the router decides
+    # generation's request and token limits itself, with the service's limiter on the same Redis and rules
+    # (no call to the service on the path; failure modes are the rules'), and MESHSERVE_ROUTER_RATELIMIT
+    # is not used.
+    limits_redis_url: str = ""
+    # The rate-limit rules file (the service's MESHSERVE_RATELIMIT_RULES), followed as it changes.
+    limits_rules: str = "deploy/local/ratelimits.yaml"
+    limits_rules_poll_seconds: float = 2.0
+    # Seconds a Redis call may take before the decision follows the failure mode. Longer than the service's
+    # 0.25: the router's event loop also relays every stream, and a reply that came in time but waited for a
+    # busy loop reads as a timeout (measured: 64 clients chatting at once on 2 cores failed a decision open).
+    limits_redis_timeout_seconds: float = 1.0
     # Hold tokens for a guess in the first reservation, while the replica renders the prompt (estimates.py),
     # instead of reserving them after: no call to the rate-limit service waits on the rendering.
     reserve_on_guess: bool = True

@@ -84,11 +84,13 @@ EDGE_FAILED_OPEN = "cluster.router.ratelimit.failure_mode_allowed"
 def passed_by_failure_mode(mesh: LocalMesh) -> int:
     """Request checks the failure mode (open here) let through so far, not a decision of the window: the
     limiter's Redis call, or Envoy's or the router's call to the limiter, ran out of time."""
-    limiter = value(
-        scrape(mesh, "ratelimit"), "meshserve_ratelimit_decisions_total", kind="requests", outcome="failed_open"
+    # The limiter runs in the rate-limit service (the edge's checks) and in the router (generation's).
+    limiters = sum(
+        value(scrape(mesh, name), "meshserve_ratelimit_decisions_total", kind="requests", outcome="failed_open")
+        for name in ("ratelimit", "router")
     )
     router = value(scrape(mesh, "router"), "meshserve_router_token_budget_unchecked_total")
-    return int(limiter) + int(router) + edge_counters(mesh, EDGE_FAILED_OPEN).get(EDGE_FAILED_OPEN, 0)
+    return int(limiters) + int(router) + edge_counters(mesh, EDGE_FAILED_OPEN).get(EDGE_FAILED_OPEN, 0)
 
 
 def served_certificate(port: int, context: ssl.SSLContext, server_hostname: str) -> bytes:

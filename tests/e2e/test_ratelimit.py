@@ -101,7 +101,9 @@ def test_64_clients_chatting_on_one_key_never_get_more_generations_than_its_requ
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert "40 requests per 60 s per key" in refused.json()["error"]["message"]
     assert 1 <= int(refused.headers["retry-after"]) <= 60
-    served = [r for r in replies if r.status_code == 200]
+    # A request let through by the failure mode was not counted: it has no window to report.
+    served = [r for r in replies if r.status_code == 200 and "x-ratelimit-limit-requests" in r.headers]
+    assert len(served) >= statuses.count(200) - opened
     assert {r.headers["x-ratelimit-limit-requests"] for r in served} == {"40"}
     assert sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in served)[0] == 0
 

@@ -121,12 +121,13 @@ def check_path(spans: Sequence[Span]) -> Span:
     assert serve_call.kind == CLIENT
     # The first reservation counts the request as it comes in (and holds a guess, with history); the
     # measured prompt's tokens are reserved during the Serve call unless the guess covered them.
-    name = "/meshserve.ratelimit.v1.TokenBudgetService/Reserve"
-    reserves = [s for s in spans if s.service == "meshserve-ratelimit" and s.name == name]
+    # Both are decided in the router, on the rate-limit service's Redis: no call to the service on the path.
+    assert not [s for s in spans if s.service == "meshserve-ratelimit"], describe(spans)
+    reserves = [s for s in spans if s.service == "meshserve-router" and s.name == "router.reserve"]
     (counted,) = [s for s in reserves if s.attributes["meshserve.request_counted"]]
-    assert by_id[counted.parent_span_id].parent_span_id == router.span_id, describe(spans)
+    assert counted.parent_span_id == router.span_id, describe(spans)
     for reserve in reserves:
-        assert by_id[reserve.parent_span_id].parent_span_id in (router.span_id, gen.span_id, serve_call.span_id)
+        assert reserve.parent_span_id in (router.span_id, gen.span_id, serve_call.span_id)
     assert sum(s.attributes["meshserve.reserved_tokens"] for s in reserves) > 0
 
     engine_call = one(spans, "meshserve-inference", "/meshserve.inference.v1.InferenceService/Serve", serve_call)

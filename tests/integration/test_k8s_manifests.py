@@ -313,13 +313,20 @@ def test_the_rate_limit_failure_modes_agree_across_edge_router_and_rules() -> No
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     [ratelimit] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ratelimit"]
     assert ratelimit["typed_config"]["failure_mode_deny"] == (rules.failure_mode(Kind.REQUESTS) is FailureMode.CLOSED)
-    [router] = named("gpu", "Deployment", "router")["spec"]["template"]["spec"]["containers"]
+    # The router decides generation's limits under the very rules file the service reads (its failure modes
+    # with it), on the service's Redis.
+    deployment = named("gpu", "Deployment", "router")["spec"]["template"]["spec"]
+    [router] = deployment["containers"]
     env = {e["name"]: e.get("value") for e in router["env"]}
-    fail_open = rules.failure_mode(Kind.TOKENS) is FailureMode.OPEN
-    assert env["MESHSERVE_ROUTER_RATELIMIT_FAIL_OPEN"] == str(fail_open).lower()
-    # The router counts generation against its request limits: the same mode as the edge's other routes.
-    requests_open = rules.failure_mode(Kind.REQUESTS) is FailureMode.OPEN
-    assert env["MESHSERVE_ROUTER_RATELIMIT_REQUESTS_FAIL_OPEN"] == str(requests_open).lower()
+    [service] = named("gpu", "Deployment", "ratelimit")["spec"]["template"]["spec"]["containers"]
+    service_env = {e["name"]: e.get("value") for e in service["env"]}
+    assert env["MESHSERVE_ROUTER_LIMITS_REDIS_URL"] == service_env["MESHSERVE_RATELIMIT_REDIS_URL"]
+    rules_path = Path(env["MESHSERVE_ROUTER_LIMITS_RULES"])
+    [mount] = [m for m in router["volumeMounts"] if m["mountPath"] == str(rules_path.parent)]
+    [volume] = [v for v in deployment["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"].startswith("ratelimit-rules")
+    assert rules_path.name == Path(service_env["MESHSERVE_RATELIMIT_RULES"]).name
+    assert "MESHSERVE_ROUTER_RATELIMIT" not in env
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -386,7 +393,7 @@ def test_every_service_serves_and_calls_with_a_certificate_of_its_identity_from_
     urls = [
         v for _, spec in pod_specs(overlay) for k, v in env(spec["containers"][0]).items() if k.endswith("REDIS_URL")
     ]
-    assert len(urls) == 3 and set(urls) == {"rediss://redis:6379/0"}
+    assert len(urls) == 4 and set(urls) == {"rediss://redis:6379/0"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -428,3 +435,16 @@ def test_the_image_and_bootstrap_repair_the_opentelemetry_protos_alike() -> None
     assert (ROOT / repair).stat().st_mode & 0o111
     assert f"COPY {repair} {repair}" in (ROOT / "deploy/docker/Dockerfile").read_text()
     assert f'{repair} "$VENV/bin/python"' in (ROOT / "scripts/bootstrap.sh").read_text()
+
+
+def test_only_cpu_engines_run_native_rotary_embeddings() -> None:
+    # vLLM 0.32's CPU rotary kernel is wrong on some CPUs (the default leaves it out); its CUDA kernel is not.
+    from services.inference.config import InferenceSettings
+
+    assert "-rotary_embedding" in InferenceSettings().custom_ops_list()
+    for overlay, custom_ops in (("gpu", "all"), ("cpu-dev", None)):
+        engines = [d for d in of_kind(overlay, "Deployment") if d["metadata"]["name"].startswith("inference")]
+        assert engines, overlay
+        for deployment in engines:
+            container = deployment["spec"]["template"]["spec"]["containers"][0]
+            assert env(container).get("MESHSERVE_INFERENCE_CUSTOM_OPS") == custom_ops, overlay
