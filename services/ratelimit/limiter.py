@@ -13,7 +13,7 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
 from services.ratelimit.rules import FailureMode, Kind, Limit, Rules, Scope
-from services.ratelimit.windows import SlidingWindows, WindowState, tightest
+from services.ratelimit.windows import Admission, Ask, SlidingWindows, WindowState, tightest
 from services.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable, echo
 
 log = logging.getLogger(__name__)
@@ -135,42 +135,50 @@ class Limiter:
         for kind in Kind:
             REDIS_UP.labels(kind.value).set(1)
 
+    def _failed(self, kind: Kind, exc: Exception, closed: bool = False) -> None:
+        """Redis failed a decision of this kind: raises Unavailable where the kind fails closed."""
+        mode = FailureMode.CLOSED if closed else self._rules().failure_mode(kind)
+        DECISIONS.labels(kind.value, f"failed_{mode.value}").inc()
+        if not self._redis_down[kind]:
+            self._redis_down[kind] = True
+            REDIS_UP.labels(kind.value).set(0)
+            log.error(
+                "redis unreachable; %s limits fail %s",
+                kind.value,
+                mode.value,
+                extra={"kind": kind.value, "mode": mode.value, "error": str(exc)},
+            )
+        if mode is FailureMode.CLOSED:
+            raise Unavailable(f"{kind.value} limits cannot be checked right now (Redis unreachable)") from exc
+
+    def _answered(self, kind: Kind) -> None:
+        if self._redis_down[kind]:
+            self._redis_down[kind] = False
+            REDIS_UP.labels(kind.value).set(1)
+            log.warning("redis reachable again; %s limits enforced", kind.value, extra={"kind": kind.value})
+
     async def _redis(self, kind: Kind, call: Awaitable[T], closed: bool = False) -> T | None:
         """The call's result; None when Redis failed and the kind fails open. Fails closed with Unavailable."""
         try:
             result = await call
         except (RedisError, OSError) as exc:
-            mode = FailureMode.CLOSED if closed else self._rules().failure_mode(kind)
-            DECISIONS.labels(kind.value, f"failed_{mode.value}").inc()
-            if not self._redis_down[kind]:
-                self._redis_down[kind] = True
-                REDIS_UP.labels(kind.value).set(0)
-                log.error(
-                    "redis unreachable; %s limits fail %s",
-                    kind.value,
-                    mode.value,
-                    extra={"kind": kind.value, "mode": mode.value, "error": str(exc)},
-                )
-            if mode is FailureMode.CLOSED:
-                raise Unavailable(f"{kind.value} limits cannot be checked right now (Redis unreachable)") from exc
+            self._failed(kind, exc, closed)
             return None
-        if self._redis_down[kind]:
-            self._redis_down[kind] = False
-            REDIS_UP.labels(kind.value).set(1)
-            log.warning("redis reachable again; %s limits enforced", kind.value, extra={"kind": kind.value})
+        self._answered(kind)
         return result
 
-    async def check_requests(self, descriptors: Sequence[Mapping[str, str]], hits: int = 1) -> RequestDecision:
-        """Admits one request (hits units) against every descriptor's windows, or against none."""
-        rules = self._rules()
-        groups = [_descriptor_limits(rules, d) for d in descriptors]
-        limits = [lim for group in groups for lim in group]
-        if not limits:
-            DECISIONS.labels(Kind.REQUESTS.value, "admitted").inc()
-            return RequestDecision(True, tuple(DescriptorResult(False, None) for _ in groups), None)
-        admission = await self._redis(Kind.REQUESTS, self._windows.admit(limits, secrets.token_hex(8), max(1, hits)))
+    def _request_ask(self, descriptors: Sequence[Mapping[str, str]], hits: int) -> tuple[list[list[Limit]], Ask]:
+        groups = [_descriptor_limits(self._rules(), d) for d in descriptors]
+        return groups, Ask([lim for group in groups for lim in group], secrets.token_hex(8), max(1, hits))
+
+    @staticmethod
+    def _decision(groups: list[list[Limit]], admission: Admission | None, hits: int) -> RequestDecision:
+        """The decision over every descriptor's windows; admitted unenforced without an admission (failed open)."""
         if admission is None:
-            return RequestDecision(True, tuple(DescriptorResult(False, None) for _ in groups), None, enforced=False)
+            enforced = not any(groups)
+            if enforced:  # no limit applies: nothing was asked
+                DECISIONS.labels(Kind.REQUESTS.value, "admitted").inc()
+            return RequestDecision(True, tuple(DescriptorResult(False, None) for _ in groups), None, enforced)
         DECISIONS.labels(Kind.REQUESTS.value, "admitted" if admission.admitted else "limited").inc()
         results, at = [], 0
         for group in groups:
@@ -179,6 +187,13 @@ class Limiter:
             over = not admission.admitted and any(s.used + max(1, hits) > s.limit.limit for s in states)
             results.append(DescriptorResult(over, tightest(states)))
         return RequestDecision(admission.admitted, tuple(results), admission.retry_after_seconds)
+
+    async def check_requests(self, descriptors: Sequence[Mapping[str, str]], hits: int = 1) -> RequestDecision:
+        """Admits one request (hits units) against every descriptor's windows, or against none."""
+        groups, ask = self._request_ask(descriptors, hits)
+        if not ask.limits:
+            return self._decision(groups, None, hits)
+        return self._decision(groups, await self._redis(Kind.REQUESTS, self._windows.admit_ask(ask)), hits)
 
     async def reserve(
         self,
@@ -191,30 +206,59 @@ class Limiter:
         hold: TokenHold = TokenHold.REQUIRED,
     ) -> Reservation:
         """Counts the request when asked (refused with ResourceExhausted, nothing held, over a request limit),
-        then holds prompt tokens plus a completion estimate as hold says (REQUIRED: refused when they do not fit)."""
-        requests = None
+        then holds prompt tokens plus a completion estimate as hold says (REQUIRED: refused when they do not fit).
+        Counting and holding are one script in Redis."""
+        rules = self._rules()
+        limits = rules.tokens(caller.tenant, caller.key_id, caller.key_tokens_per_minute)
+        tokens = None
+        if limits and hold is not TokenHold.NONE:
+            tokens = Ask(
+                limits,
+                request_id,
+                prompt_tokens,
+                max_extra=max_tokens,
+                reservation_key=rules.reservation_key(caller.tenant, request_id),
+                estimate_key=rules.estimate_key(caller.tenant, caller.key_id, model),
+            )
+        requests, admission, asked = None, None, False
         if count_request:
-            decision = await self.check_requests(caller.descriptors(model))
+            groups, ask = self._request_ask(caller.descriptors(model), 1)
+            if ask.limits and tokens is not None:
+                asked = True
+                # Failed open (None): the request is not counted and no token is held.
+                counted, admission = await self._count_and_hold(ask, tokens) or (None, None)
+                decision = self._decision(groups, counted, 1)
+            else:
+                decision = await self.check_requests(caller.descriptors(model))
             if not decision.admitted:
                 raise ResourceExhausted(decision.refusal(), retry_after_seconds=decision.retry_after_seconds)
             requests = decision.tightest()
-        rules = self._rules()
-        limits = rules.tokens(caller.tenant, caller.key_id, caller.key_tokens_per_minute)
         if not limits:
             return Reservation(prompt_tokens + max_tokens, max_tokens, enforced=False, requests=requests)
-        if hold is TokenHold.NONE:
+        if tokens is None:
             return Reservation(0, 0, enforced=True, requests=requests)
-        admit = self._windows.admit(
-            limits,
-            request_id,
-            prompt_tokens,
-            max_extra=max_tokens,
-            reservation_key=rules.reservation_key(caller.tenant, request_id),
-            estimate_key=rules.estimate_key(caller.tenant, caller.key_id, model),
-        )
-        admission = await self._redis(Kind.TOKENS, admit)
+        if not asked:
+            admission = await self._redis(Kind.TOKENS, self._windows.admit_ask(tokens))
         if admission is None:
             return Reservation(prompt_tokens + max_tokens, max_tokens, enforced=False, requests=requests)
+        return self._held(admission, hold, limits, prompt_tokens, requests)
+
+    async def _count_and_hold(self, count: Ask, hold: Ask) -> tuple[Admission, Admission | None] | None:
+        """Both in one script; None when Redis failed and both kinds fail open (else Unavailable)."""
+        try:
+            result = await self._windows.admit_then(count, hold)
+        except (RedisError, OSError) as exc:
+            self._failed(Kind.REQUESTS, exc)
+            self._failed(Kind.TOKENS, exc)
+            return None
+        self._answered(Kind.REQUESTS)
+        self._answered(Kind.TOKENS)
+        return result
+
+    @staticmethod
+    def _held(
+        admission: Admission, hold: TokenHold, limits: Sequence[Limit], prompt_tokens: int, requests: WindowState | None
+    ) -> Reservation:
         DECISIONS.labels(Kind.TOKENS.value, "admitted" if admission.admitted else "limited").inc()
         if admission.admitted:
             return Reservation(

@@ -12,6 +12,10 @@ from services.ratelimit.rules import Limit
 
 _ADMIT = (Path(__file__).parent / "admit.lua").read_text()
 _SETTLE = (Path(__file__).parent / "settle.lua").read_text()
+# admit.lua as a function, called once or twice by admit_then.lua.
+_ADMIT_THEN = (
+    f"local function admit(KEYS, ARGV)\n{_ADMIT}\nend\n" + (Path(__file__).parent / "admit_then.lua").read_text()
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,58 @@ def _keys(limits: Sequence[Limit]) -> list[str]:
     return [k for limit in limits for k in (limit.redis_key + ":z", limit.redis_key + ":s")]
 
 
+@dataclass(frozen=True)
+class Ask:
+    """One admission: amount (+ an estimate up to max_extra) into every window of limits, or into none."""
+
+    limits: Sequence[Limit]
+    member: str
+    amount: int
+    max_extra: int | None = None
+    reservation_key: str | None = None
+    estimate_key: str | None = None
+    dry: bool = False
+    now_ms: int | None = None
+
+    def keys(self) -> list[str]:
+        keys = _keys(self.limits)
+        if self.reservation_key is not None:
+            keys.append(self.reservation_key)
+            if self.estimate_key is not None:
+                keys.append(self.estimate_key)
+        return keys
+
+    def args(self, estimate: Estimate) -> list[str | int | float]:
+        args: list[str | int | float] = [
+            "" if self.now_ms is None else self.now_ms,
+            self.member,
+            self.amount,
+            -1 if self.max_extra is None else self.max_extra,
+            estimate.percentile,
+            estimate.min_samples,
+            1 if self.dry else 0,
+            len(self.limits),
+        ]
+        for limit in self.limits:
+            args += [limit.limit, limit.seconds * 1000]
+        return args
+
+    def admission(self, reply: Sequence[int | bytes]) -> Admission:
+        out = [int(x) for x in reply]
+        admitted, total, retry_ms, now, estimate = out[:5]
+        states = tuple(
+            WindowState(limit, used, 0.0 if oldest < 0 else max(0.0, (oldest + limit.seconds * 1000 - now) / 1000))
+            for limit, used, oldest in zip(self.limits, out[5::2], out[6::2], strict=True)
+        )
+        return Admission(
+            admitted=bool(admitted),
+            amount=total,
+            estimate=estimate,
+            retry_after_seconds=None if retry_ms < 0 else retry_ms / 1000,
+            windows=states,
+        )
+
+
 class SlidingWindows:
     """Admit, settle and read sliding windows kept in Redis."""
 
@@ -64,6 +120,7 @@ class SlidingWindows:
         self._redis = redis
         self._estimate = estimate
         self._admit = redis.register_script(_ADMIT)
+        self._admit_then = redis.register_script(_ADMIT_THEN)
         self._settle = redis.register_script(_SETTLE)
 
     async def admit(
@@ -79,36 +136,20 @@ class SlidingWindows:
         now_ms: int | None = None,
     ) -> Admission:
         """Admits amount (+ an estimate up to max_extra) into every window, or into none."""
-        keys = _keys(limits)
-        if reservation_key is not None:
-            keys.append(reservation_key)
-            if estimate_key is not None:
-                keys.append(estimate_key)
-        args: list[str | int | float] = [
-            "" if now_ms is None else now_ms,
-            member,
-            amount,
-            -1 if max_extra is None else max_extra,
-            self._estimate.percentile,
-            self._estimate.min_samples,
-            1 if dry else 0,
-            len(limits),
-        ]
-        for limit in limits:
-            args += [limit.limit, limit.seconds * 1000]
-        out = [int(x) for x in await self._admit(keys=keys, args=args)]
-        admitted, total, retry_ms, now, estimate = out[:5]
-        states = tuple(
-            WindowState(limit, used, 0.0 if oldest < 0 else max(0.0, (oldest + limit.seconds * 1000 - now) / 1000))
-            for limit, used, oldest in zip(limits, out[5::2], out[6::2], strict=True)
+        return await self.admit_ask(Ask(limits, member, amount, max_extra, reservation_key, estimate_key, dry, now_ms))
+
+    async def admit_ask(self, ask: Ask) -> Admission:
+        return ask.admission(await self._admit(keys=ask.keys(), args=ask.args(self._estimate)))
+
+    async def admit_then(self, first: Ask, then: Ask) -> tuple[Admission, Admission | None]:
+        """Admits first and, only if it was admitted, then: one atomic script, one round trip to Redis
+        (a request counted against its request limits, then its tokens held)."""
+        keys, args = first.keys(), first.args(self._estimate)
+        replies = await self._admit_then(
+            keys=[*keys, *then.keys()], args=[len(keys), len(args), *args, *then.args(self._estimate)]
         )
-        return Admission(
-            admitted=bool(admitted),
-            amount=total,
-            estimate=estimate,
-            retry_after_seconds=None if retry_ms < 0 else retry_ms / 1000,
-            windows=states,
-        )
+        admitted = first.admission(replies[0])
+        return admitted, then.admission(replies[1]) if len(replies) > 1 else None
 
     async def settle(
         self,

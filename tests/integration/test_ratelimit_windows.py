@@ -11,7 +11,7 @@ import redis.asyncio as redis
 
 from services.mesh.local import LocalMesh, MeshOptions
 from services.ratelimit.rules import Limit, Scope
-from services.ratelimit.windows import Estimate, SlidingWindows
+from services.ratelimit.windows import Ask, Estimate, SlidingWindows
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +122,55 @@ async def test_a_reservation_admitted_again_replaces_the_one_it_holds(windows: S
     assert not (await windows.admit(tokens, "q", 80, max_extra=0, now_ms=1_005, **keys2)).admitted
     assert (await windows.admit(tokens, "", 0, dry=True, now_ms=1_006)).windows[0].used == 25
     assert await windows.settle(tokens, "q", 10, learn_completion=None, **keys2) == (False, 0)
+
+
+async def test_a_count_then_a_hold_is_one_script_and_a_refused_count_holds_nothing(windows: SlidingWindows) -> None:
+    requests, tokens = [per(2, 60, "req")], [per(100, 60, "tok")]
+    keys = {"reservation_key": "test:{t}:res:a", "estimate_key": "test:{t}:est:a"}
+
+    def hold(member: str) -> Ask:
+        return Ask(tokens, member, 30, max_extra=0, reservation_key=f"test:{{t}}:res:{member}", now_ms=1_000)
+
+    for member in ("a", "b"):
+        counted, held = await windows.admit_then(Ask(requests, member, 1, now_ms=1_000), hold(member))
+        assert counted.admitted and held is not None and held.admitted
+    assert held.windows[0].used == 60 and counted.windows[0].used == 2
+    # The third is over the request limit: refused, and its tokens are not held.
+    refused, untouched = await windows.admit_then(Ask(requests, "c", 1, now_ms=1_001), hold("c"))
+    assert not refused.admitted and untouched is None
+    assert (await windows.admit(tokens, "", 0, dry=True, now_ms=1_002)).windows[0].used == 60
+    # A hold that does not fit is refused alone: the request stays counted, as two calls would have left it.
+    big = Ask(tokens, "d", 50, max_extra=0, now_ms=2_000, **keys)
+    counted, held = await windows.admit_then(Ask([per(5, 60, "req2")], "d", 1, now_ms=2_000), big)
+    assert counted.admitted and held is not None and not held.admitted
+    assert (await windows.admit([per(5, 60, "req2")], "", 0, dry=True, now_ms=2_001)).windows[0].used == 1
+
+
+async def test_the_limiter_counts_a_request_and_holds_its_tokens_in_one_round_trip(windows: SlidingWindows) -> None:
+    from services.ratelimit.limiter import Limiter, TokenCaller, TokenHold
+    from services.ratelimit.rules import Rules
+
+    rules = Rules.parse(
+        {
+            "default_plan": "p",
+            "plans": {"p": {"requests": {"key": {"per_minute": 1}}, "tokens": {"key": {"per_minute": 500}}}},
+        }
+    )
+    scripts: list[str] = []
+    for name in ("_admit", "_admit_then"):
+        script = getattr(windows, name)
+
+        async def counted(*args: object, _script: object = script, _name: str = name, **kwargs: object) -> object:
+            scripts.append(_name)
+            return await _script(*args, **kwargs)  # type: ignore[operator]
+
+        setattr(windows, name, counted)
+    limiter = Limiter(lambda: rules, windows)
+    caller = TokenCaller("acme", "key_1")
+    held = await limiter.reserve("r1", caller, "m", 40, 60, count_request=True, hold=TokenHold.IF_ROOM)
+    assert held.held and held.reserved_tokens == 100 and held.requests is not None and held.requests.remaining == 0
+    assert scripts == ["_admit_then"]
+    with pytest.raises(Exception, match="rate limit exceeded"):
+        await limiter.reserve("r2", caller, "m", 40, 60, count_request=True, hold=TokenHold.IF_ROOM)
+    assert scripts == ["_admit_then", "_admit_then"]
+    assert (await limiter.budget(caller))[0].used == 100  # the refused request held nothing
