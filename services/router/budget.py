@@ -4,7 +4,10 @@ off the request's path."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -70,6 +73,46 @@ _SERVICE = ratelimit_pb2.DESCRIPTOR.services_by_name["TokenBudgetService"].full_
 RESERVE, SETTLE = f"/{_SERVICE}/Reserve", f"/{_SERVICE}/Settle"
 
 
+class Settler:
+    """Settlements off the request's path: each retried with backoff until it lands, is refused, or runs out of
+    attempts (the reservation then counts until its window ends); close() waits for those under way."""
+
+    def __init__(
+        self, attempts: int, errors: tuple[type[Exception], ...], refused: Callable[[Any], bool] = lambda exc: False
+    ) -> None:
+        self._attempts = attempts
+        self._errors = errors
+        self._refused = refused
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def settle(self, request_id: str, call: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(request_id, call))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _run(self, request_id: str, call: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.1
+        for attempt in range(1, self._attempts + 1):
+            try:
+                await call()
+                return
+            except self._errors as exc:
+                if attempt == self._attempts or self._refused(exc):
+                    SETTLE_FAILURES.inc()
+                    error = exc.code().name if isinstance(exc, aio.AioRpcError) else str(exc)
+                    log.error(
+                        "token settlement failed; the reservation counts until its window ends",
+                        extra={"request_id": request_id, "error": error},
+                    )
+                    return
+            await asyncio.sleep(delay)
+            delay *= 2
+
+    async def close(self) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=10)
+
+
 class GrpcTokenBudget:
     """The rate-limit service's TokenBudgetService, as the router uses it."""
 
@@ -87,8 +130,9 @@ class GrpcTokenBudget:
         # Each kind's failure mode, as the rules say: tokens for a reservation, requests for a count.
         self._fail_open = fail_open
         self._requests_fail_open = requests_fail_open
-        self._attempts = settle_attempts
-        self._pending: set[asyncio.Task[None]] = set()
+        self._settler = Settler(
+            settle_attempts, (aio.AioRpcError,), lambda exc: exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        )
 
     async def reserve(
         self,
@@ -144,30 +188,13 @@ class GrpcTokenBudget:
             completion_tokens=completion_tokens,
             outcome=OUTCOMES[outcome],
         )
-        task = asyncio.get_running_loop().create_task(self._settle(request))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._settler.settle(request_id, functools.partial(self._settle, request))
 
     async def _settle(self, request: ratelimit_pb2.SettleRequest) -> None:
-        delay = 0.1
-        for attempt in range(1, self._attempts + 1):
-            try:
-                with tracing.client_call(SETTLE) as metadata:
-                    await self._channel.stub.Settle(request, timeout=2, metadata=metadata)
-                return
-            except aio.AioRpcError as exc:
-                if attempt == self._attempts or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    SETTLE_FAILURES.inc()
-                    log.error(
-                        "token settlement failed; the reservation counts until its window ends",
-                        extra={"request_id": request.request_id, "error": exc.code().name},
-                    )
-                    return
-            await asyncio.sleep(delay)
-            delay *= 2
+        with tracing.client_call(SETTLE) as metadata:
+            await self._channel.stub.Settle(request, timeout=2, metadata=metadata)
 
     async def close(self) -> None:
         """Waits for pending settlements, then closes the channel."""
-        if self._pending:
-            await asyncio.wait(set(self._pending), timeout=10)
+        await self._settler.close()
         await self._channel.close()

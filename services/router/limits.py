@@ -8,18 +8,13 @@ modes are the rules' own, as in the service; settlement runs off the request's p
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from services.ratelimit.limiter import Limiter, Reservation, TokenCaller, TokenHold
 from services.ratelimit.windows import WindowState
 from services.router.accounting import HOLD_IF_ROOM, HOLD_NONE, HOLD_REQUIRED, Reserved, Window
-from services.router.budget import SETTLE_FAILURES
+from services.router.budget import Settler
 from services.router.caller import Caller
 from services.runtime import tracing
 from services.runtime.errors import InvalidArgument, Unavailable
-
-log = logging.getLogger(__name__)
 
 HOLDS = {HOLD_REQUIRED: TokenHold.REQUIRED, HOLD_IF_ROOM: TokenHold.IF_ROOM, HOLD_NONE: TokenHold.NONE}
 
@@ -47,8 +42,10 @@ class LocalTokenBudget:
 
     def __init__(self, limiter: Limiter, settle_attempts: int = 5) -> None:
         self._limiter = limiter
-        self._attempts = settle_attempts
-        self._pending: set[asyncio.Task[None]] = set()
+        # Retried while Redis is away and the rules fail closed; a refusal (InvalidArgument) is not retried.
+        self._settler = Settler(
+            settle_attempts, (Unavailable, InvalidArgument), lambda exc: isinstance(exc, InvalidArgument)
+        )
 
     async def reserve(
         self,
@@ -80,32 +77,14 @@ class LocalTokenBudget:
         self, request_id: str, caller: Caller, model: str, prompt_tokens: int, completion_tokens: int, outcome: str
     ) -> None:
         """Settles in the background with retries; never raises, never delays the response."""
-        settle = self._settle(request_id, _caller(caller), model, prompt_tokens, completion_tokens, outcome)
-        task = asyncio.get_running_loop().create_task(settle)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        who = _caller(caller)
+        learn = outcome == "completed"
 
-    async def _settle(
-        self, request_id: str, caller: TokenCaller, model: str, prompt_tokens: int, completion_tokens: int, outcome: str
-    ) -> None:
-        delay = 0.1
-        for attempt in range(1, self._attempts + 1):
-            try:
-                learn = outcome == "completed"
-                await self._limiter.settle(request_id, caller, model, prompt_tokens, completion_tokens, learn)
-                return
-            except (Unavailable, InvalidArgument) as exc:
-                if attempt == self._attempts or isinstance(exc, InvalidArgument):
-                    SETTLE_FAILURES.inc()
-                    log.error(
-                        "token settlement failed; the reservation counts until its window ends",
-                        extra={"request_id": request_id, "error": str(exc)},
-                    )
-                    return
-            await asyncio.sleep(delay)
-            delay *= 2
+        async def settle() -> None:
+            await self._limiter.settle(request_id, who, model, prompt_tokens, completion_tokens, learn)
+
+        self._settler.settle(request_id, settle)
 
     async def close(self) -> None:
         """Waits for pending settlements."""
-        if self._pending:
-            await asyncio.wait(set(self._pending), timeout=10)
+        await self._settler.close()
