@@ -191,6 +191,9 @@ class Limiter:
     async def check_requests(self, descriptors: Sequence[Mapping[str, str]], hits: int = 1) -> RequestDecision:
         """Admits one request (hits units) against every descriptor's windows, or against none."""
         groups, ask = self._request_ask(descriptors, hits)
+        return await self._count(groups, ask, hits)
+
+    async def _count(self, groups: list[list[Limit]], ask: Ask, hits: int) -> RequestDecision:
         if not ask.limits:
             return self._decision(groups, None, hits)
         return self._decision(groups, await self._redis(Kind.REQUESTS, self._windows.admit_ask(ask)), hits)
@@ -229,7 +232,7 @@ class Limiter:
                 counted, admission = await self._count_and_hold(ask, tokens) or (None, None)
                 decision = self._decision(groups, counted, 1)
             else:
-                decision = await self.check_requests(caller.descriptors(model))
+                decision = await self._count(groups, ask, 1)
             if not decision.admitted:
                 raise ResourceExhausted(decision.refusal(), retry_after_seconds=decision.retry_after_seconds)
             requests = decision.tightest()
