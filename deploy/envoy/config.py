@@ -20,6 +20,7 @@ from deploy.envoy.settings import (
     EdgeConfig,
     Tracing,
     generation_rest_paths,
+    service_methods,
 )
 from services.auth.keys import ADMIN_PATH_PREFIX
 from services.runtime import keepalive
@@ -76,7 +77,7 @@ def _tracing(tracing: Tracing) -> dict[str, Any]:
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 
-STREAMING_METHODS = ("StreamChatCompletion", "StreamCompletion")
+STREAMING_METHODS = ("StreamChatCompletion", "StreamCompletion", "StreamMessage")
 
 
 def _llm_routes(cfg: EdgeConfig) -> list[dict[str, Any]]:
@@ -96,17 +97,17 @@ def _llm_routes(cfg: EdgeConfig) -> list[dict[str, Any]]:
         "retry_back_off": {"base_interval": "0.25s", "max_interval": "1s"},
     }
     idle = {"idle_timeout": f"{cfg.stream_idle_timeout_s}s", "retry_policy": retry}
+    served = [(service, m) for service in (OPENAI_SERVICE, LLM_SERVICE) for m in service_methods(service)]
     streams = [
         {"match": {"path": f"/{service}/{m}"}, "route": {"cluster": "router", "timeout": "0s", **idle}}
-        for service in (OPENAI_SERVICE, LLM_SERVICE)
-        for m in STREAMING_METHODS
+        for service, m in served
+        if m in STREAMING_METHODS
     ]
     unary = {"cluster": "router", "timeout": f"{cfg.unary_timeout_s}s", **idle}
     generation = [
         {"match": {"path": f"/{service}/{m}"}, "route": unary}
-        for service in (OPENAI_SERVICE, LLM_SERVICE)
-        for m in GENERATION_METHODS
-        if m not in STREAMING_METHODS
+        for service, m in served
+        if m in GENERATION_METHODS and m not in STREAMING_METHODS
     ]
     generation += [{"match": {"path": path}, "route": unary} for path in generation_rest_paths()]
     return [*streams, *generation, {"match": {"prefix": "/"}, "route": {**unary, **limits}}]

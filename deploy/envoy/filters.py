@@ -13,7 +13,7 @@ from meshserve.billing.v1 import billing_pb2
 from meshserve.llm.v1 import llm_pb2
 from meshserve.llm.v2 import llm_pb2 as llm_v2_pb2
 from services.runtime.identity import KEY_ID_HEADER, KEY_RPM_HEADER, MODEL_HEADER, TENANT_HEADER
-from services.runtime.openai_errors import ERROR_TYPES
+from services.runtime.openai_errors import ANTHROPIC_TYPES, ERROR_TYPES
 
 
 def transcoded_services(cfg: EdgeConfig) -> list[str]:
@@ -47,7 +47,9 @@ BODY_METADATA = "meshserve.body"
 def lua_source() -> str:
     """The Lua filter with the error table filled in."""
     rows = ",\n".join(f'  [{status}] = {{"{kind}", "{code}"}}' for status, (kind, code) in ERROR_TYPES.items())
-    source = LUA.read_text().replace("%%ERROR_TYPES%%", rows).replace("%%MODEL_HEADER%%", MODEL_HEADER)
+    anthropic = ",\n".join(f'  [{status}] = "{kind}"' for status, kind in ANTHROPIC_TYPES.items())
+    source = LUA.read_text().replace("%%ERROR_TYPES%%", rows).replace("%%ANTHROPIC_TYPES%%", anthropic)
+    source = source.replace("%%MODEL_HEADER%%", MODEL_HEADER)
     source = source.replace("%%LLM_SERVICE%%", LLM_SERVICE).replace("%%OPENAI_SERVICE%%", OPENAI_SERVICE)
     return source.replace("%%BODY_METADATA%%", BODY_METADATA)
 

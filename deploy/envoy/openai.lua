@@ -5,12 +5,18 @@
 -- Responses: every error the transcoder or the router returns becomes an
 -- OpenAI-shaped body {"error": {"message", "type", "param", "code"}}.
 
-local STREAMABLE = {["/v1/chat/completions"] = true, ["/v1/completions"] = true}
+local STREAMABLE = {["/v1/chat/completions"] = true, ["/v1/completions"] = true, ["/v1/messages"] = true}
 
--- TYPES[status] = {type, code}; the generator fills it from deploy/envoy/config.py.
+-- TYPES[status] = {type, code}; the generator fills it from services/runtime/openai_errors.py.
 local TYPES = {
 %%ERROR_TYPES%%
 }
+-- Anthropic's Messages route answers errors in Anthropic's shape: ANTHROPIC_TYPES[status] = type.
+local MESSAGES_PATH = "/v1/messages"
+local ANTHROPIC_TYPES = {
+%%ANTHROPIC_TYPES%%
+}
+local EDGE_METADATA = "meshserve.edge"
 
 local function is_grpc(headers)
   local ct = headers:get("content-type") or ""
@@ -210,6 +216,9 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   headers:remove(MODEL_HEADER)
   local path = headers:get(":path") or ""
+  if path:sub(1, #MESSAGES_PATH) == MESSAGES_PATH then
+    handle:streamInfo():dynamicMetadata():set(EDGE_METADATA, "anthropic", true)
+  end
   local grpc = is_grpc(headers)
   if not grpc then
     -- gRPC's own headers mean nothing on REST; a client's grpc-timeout would cut its request short.
@@ -369,7 +378,9 @@ function envoy_on_response(handle)
   if body ~= nil then
     raw = body:getBytes(0, body:length())
   end
-  if raw:find('^%s*{%s*"error"%s*:') then
+  local edge = handle:streamInfo():dynamicMetadata():get(EDGE_METADATA) or {}
+  local anthropic = edge["anthropic"] == true
+  if raw:find('^%s*{%s*"error"%s*:') or (anthropic and raw:find('^%s*{%s*"type"%s*:%s*"error"')) then
     return
   end
   local message = nil
@@ -383,9 +394,15 @@ function envoy_on_response(handle)
   if message == "" then
     message = "HTTP " .. status
   end
-  local kind = TYPES[status] or {status >= 500 and "server_error" or "invalid_request_error", nil}
-  local code = kind[2] and ('"' .. kind[2] .. '"') or "null"
-  local out = '{"error":{"message":"' .. message .. '","type":"' .. kind[1] .. '","param":null,"code":' .. code .. '}}'
+  local out
+  if anthropic then
+    local kind = ANTHROPIC_TYPES[status] or (status >= 500 and "api_error" or "invalid_request_error")
+    out = '{"type":"error","error":{"type":"' .. kind .. '","message":"' .. message .. '"}}'
+  else
+    local kind = TYPES[status] or {status >= 500 and "server_error" or "invalid_request_error", nil}
+    local code = kind[2] and ('"' .. kind[2] .. '"') or "null"
+    out = '{"error":{"message":"' .. message .. '","type":"' .. kind[1] .. '","param":null,"code":' .. code .. '}}'
+  end
   if body ~= nil then
     body:setBytes(out)
   end

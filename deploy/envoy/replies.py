@@ -6,11 +6,29 @@ from typing import Any
 
 from deploy.envoy.settings import EdgeConfig
 from services.runtime.identity import MODEL_HEADER, TENANT_HEADER
-from services.runtime.openai_errors import ERROR_TYPES, error_body
+from services.runtime.openai_errors import ANTHROPIC_TYPES, ERROR_TYPES, anthropic_error_body, error_body
 
 
 def _error_body(status: int) -> dict[str, Any]:
     return {"json_format": error_body(status, "%LOCAL_REPLY_BODY%")}
+
+
+# Anthropic's Messages route (and its :stream binding) answers errors in Anthropic's shape.
+MESSAGES_PATH = "/v1/messages"
+
+
+def _anthropic_mappers() -> list[dict[str, Any]]:
+    on_messages = {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": MESSAGES_PATH}}}}
+
+    def body(status: int) -> dict[str, Any]:
+        return {"json_format": anthropic_error_body(status, "%LOCAL_REPLY_BODY%")}
+
+    statuses = sorted(set(ERROR_TYPES) | set(ANTHROPIC_TYPES))
+    by_status = [
+        {"filter": {"and_filter": {"filters": [on_messages, _status_is(status)]}}, "body_format_override": body(status)}
+        for status in statuses
+    ]
+    return [*by_status, {"filter": on_messages, "body_format_override": body(500)}]
 
 
 def _grpc_local_status(cfg: EdgeConfig) -> dict[int, tuple[int, str]]:
@@ -53,9 +71,11 @@ def _grpc_mappers(cfg: EdgeConfig) -> list[dict[str, Any]]:
 
 
 def local_reply_config(cfg: EdgeConfig) -> dict[str, Any]:
-    mappers = _grpc_mappers(cfg) + [
-        {"filter": _status_is(status), "body_format_override": _error_body(status)} for status in ERROR_TYPES
-    ]
+    mappers = (
+        _grpc_mappers(cfg)
+        + _anthropic_mappers()
+        + [{"filter": _status_is(status), "body_format_override": _error_body(status)} for status in ERROR_TYPES]
+    )
     return {"mappers": mappers, "body_format": _error_body(500)}
 
 

@@ -14,7 +14,21 @@ LLM_SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
 # The OpenAI API (chat and completions, whole JSON bodies); v1 keeps the model list and its typed gRPC methods.
 OPENAI_SERVICE = llm_v2_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
 BILLING_SERVICE = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
-GENERATION_METHODS = ("CreateChatCompletion", "StreamChatCompletion", "CreateCompletion", "StreamCompletion")
+GENERATION_METHODS = (
+    "CreateChatCompletion",
+    "StreamChatCompletion",
+    "CreateCompletion",
+    "StreamCompletion",
+    "CreateMessage",
+    "StreamMessage",
+)
+
+
+def service_methods(full_name: str) -> list[str]:
+    """The methods of one of the public API's gRPC services (meshserve.llm.v1 or v2), by its full name."""
+    from google.protobuf import descriptor_pool
+
+    return list(descriptor_pool.Default().FindServiceByName(full_name).methods_by_name)
 
 
 def generation_rest_paths() -> list[str]:

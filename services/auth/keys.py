@@ -35,7 +35,7 @@ def hash_secret(secret: str) -> str:
 def parse_bearer(header: str | None) -> str:
     """The secret of an `Authorization: Bearer msk-...` header, or Unauthenticated saying what is wrong."""
     if not header:
-        raise Unauthenticated("missing Authorization header: send 'Authorization: Bearer <API key>'")
+        raise Unauthenticated("missing Authorization header: send 'Authorization: Bearer <API key>' (or x-api-key)")
     scheme, _, token = header.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

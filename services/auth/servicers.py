@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -72,9 +73,20 @@ def _allowed(record: KeyRecord, admin_call: bool) -> external_auth_pb2.CheckResp
                 _header(KEY_TPM_HEADER, str(record.tokens_per_minute)),
             ],
             # The admin API checks the credential itself; nothing else ever sees it.
-            headers_to_remove=[] if admin_call else ["authorization"],
+            headers_to_remove=[] if admin_call else ["authorization", API_KEY_HEADER],
         ),
     )
+
+
+# Anthropic's SDK sends the key alone in this header; the Authorization header wins where both are sent.
+API_KEY_HEADER = "x-api-key"
+
+
+def _authorization(headers: Mapping[str, str]) -> str | None:
+    if headers.get("authorization"):
+        return headers["authorization"]
+    key = headers.get(API_KEY_HEADER, "").strip()
+    return f"Bearer {key}" if key else None
 
 
 class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -89,7 +101,7 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
         # The call's own span (the runtime's) is the auth check's: it gets the outcome.
         span = trace.get_current_span()
         try:
-            record = await self._auth.check(http.headers.get("authorization"), admin_call)
+            record = await self._auth.check(_authorization(http.headers), admin_call)
         except (Unauthenticated, PermissionDenied, Unavailable) as exc:
             span.set_attribute("meshserve.denied", type(exc).__name__)
             return _denied(exc)

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 class Endpoint(Enum):
     CHAT = "chat.completions"
     COMPLETIONS = "completions"
+    MESSAGES = "messages"  # Anthropic's Messages API, served by vLLM's own Anthropic layer
 
 
 # OpenAI fields that have no effect on a self-hosted model: accepted and documented as no-ops.
@@ -198,8 +199,6 @@ class ServingLayer:
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 
         config = engine.config
@@ -217,13 +216,11 @@ class ServingLayer:
             fields = model.model_fields
             return frozenset(fields) | {f.alias for f in fields.values() if f.alias} | NO_OP_FIELDS
 
-        allowed = {Endpoint.CHAT: names(ChatCompletionRequest), Endpoint.COMPLETIONS: names(CompletionRequest)}
+        allowed = {endpoint: names(kind) for endpoint, kind in _request_kinds().items()}
         return cls(state, allowed, engine)
 
     def _request(self, endpoint: Endpoint, body: bytes, request_id: str, model: str) -> Any:
         from pydantic import ValidationError
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
         try:
             fields = json.loads(body)
@@ -236,16 +233,18 @@ class ServingLayer:
             raise InvalidArgument(f"Unrecognized request argument supplied: {echo(unknown[0])}")
         if "request_id" in fields:
             raise InvalidArgument("request_id: is set by meshserve (it names the request in billing and the logs)")
-        source = "messages" if endpoint is Endpoint.CHAT else "prompt"
+        source = "prompt" if endpoint is Endpoint.COMPLETIONS else "messages"
         value = fields.get(source)
         # Before tokenizing: megabytes of text take seconds in which this replica serves nobody else.
-        self._engine.refuse_oversized(source, _strings(value), len(value) if isinstance(value, list) else 1)
+        chars = _strings(value) + _strings(fields.get("system"))
+        self._engine.refuse_oversized(source, chars, len(value) if isinstance(value, list) else 1)
         for name in NO_OP_FIELDS:
             fields.pop(name, None)
-        fields["request_id"], fields["model"] = request_id, model
-        kind = ChatCompletionRequest if endpoint is Endpoint.CHAT else CompletionRequest
+        fields["model"] = model
+        if endpoint is not Endpoint.MESSAGES:  # vLLM's Anthropic layer names its chat request itself
+            fields["request_id"] = request_id
         try:
-            request = kind.model_validate(fields)
+            request = _request_kinds()[endpoint].model_validate(fields)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "body"
@@ -256,7 +255,7 @@ class ServingLayer:
         """Answers one request into exchange.replies (ending with None); errors go there as exceptions."""
         token = _EXCHANGE.set(exchange)
         try:
-            await self._serve(endpoint, self._request(endpoint, body, request_id, model), exchange)
+            await self._serve(endpoint, self._request(endpoint, body, request_id, model), request_id, exchange)
         except BaseException as exc:
             exchange.replies.put_nowait(_domain(exc))
             if isinstance(exc, asyncio.CancelledError):
@@ -266,25 +265,61 @@ class ServingLayer:
         finally:
             _EXCHANGE.reset(token)
 
-    async def _serve(self, endpoint: Endpoint, request: Any, exchange: Exchange) -> None:
+    async def _serve(self, endpoint: Endpoint, request: Any, request_id: str, exchange: Exchange) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         if endpoint is Endpoint.CHAT:
             result = await self._state.openai_serving_chat.create_chat_completion(request, None)
-        else:
+        elif endpoint is Endpoint.COMPLETIONS:
             result = await self._state.openai_serving_completion.create_completion(request, None)
+        else:
+            result = await self._state.anthropic_serving_messages.create_messages(request, None)
         if isinstance(result, ErrorResponse):
             raise _error(result.error.code, result.error.message)
+        anthropic = endpoint is Endpoint.MESSAGES
         if hasattr(result, "model_dump_json"):
-            exchange.replies.put_nowait(exchange.reply(data=result.model_dump_json().encode(), finished=True))
+            if anthropic:  # Anthropic's message ids, and vLLM's server leaves out what is null
+                result.id = f"{MESSAGE_ID_PREFIX}{request_id}"
+            data = result.model_dump_json(exclude_none=anthropic).encode()
+            exchange.replies.put_nowait(exchange.reply(data=data, finished=True))
             return
-        failed = False
+        failed, first = False, True
+        error, done = ("event: error", "event: message_stop") if anthropic else ('data: {"error"', "data: [DONE]")
         async for event in result:
-            failed = failed or event.startswith('data: {"error"')
-            done = event.startswith("data: [DONE]")
+            if anthropic and first:
+                event = _named_message(event, f"{MESSAGE_ID_PREFIX}{request_id}")
+            first = False
+            failed = failed or event.startswith(error)
             exchange.replies.put_nowait(
-                exchange.reply(data=event.encode(), finished=done and not failed, failed=failed)
+                exchange.reply(data=event.encode(), finished=event.startswith(done) and not failed, failed=failed)
             )
+
+
+# Anthropic's message ids: msg_ and the request's id (vLLM's Anthropic layer says chatcmpl-<its own id>).
+MESSAGE_ID_PREFIX = "msg_"
+
+
+def _named_message(event: str, message_id: str) -> str:
+    """A message_start event with the message's id set (the one event of a stream that carries it)."""
+    head, sep, data = event.partition("data: ")
+    if head != "event: message_start\n" or not sep:
+        return event
+    fields = json.loads(data)
+    fields["message"]["id"] = message_id
+    return f"{head}{sep}{json.dumps(fields, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def _request_kinds() -> dict[Endpoint, Any]:
+    """vLLM's request model of each endpoint."""
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return {
+        Endpoint.CHAT: ChatCompletionRequest,
+        Endpoint.COMPLETIONS: CompletionRequest,
+        Endpoint.MESSAGES: AnthropicMessagesRequest,
+    }
 
 
 def _error(status: int, message: str) -> Exception:

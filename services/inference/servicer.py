@@ -32,6 +32,7 @@ FINISH = {
 ENDPOINTS = {
     inference_pb2.ENDPOINT_CHAT_COMPLETIONS: Endpoint.CHAT,
     inference_pb2.ENDPOINT_COMPLETIONS: Endpoint.COMPLETIONS,
+    inference_pb2.ENDPOINT_MESSAGES: Endpoint.MESSAGES,
 }
 
 

@@ -23,6 +23,12 @@ DECISIONS = Counter(
     "Rate-limit decisions by kind and outcome (admitted, limited, failed_open, failed_closed).",
     ["kind", "outcome"],
 )
+REDIS_ERRORS = Counter(
+    "meshserve_ratelimit_redis_errors_total",
+    "Limiter calls to Redis that failed, by error (TimeoutError: Redis or this process too slow; "
+    "ConnectionError: no connection, even after one retry on a fresh one).",
+    ["error"],
+)
 REDIS_UP = Gauge("meshserve_ratelimit_redis_up", "1 while the last Redis call of this kind succeeded.", ["kind"])
 TOKENS_RETURNED = Counter(
     "meshserve_ratelimit_tokens_returned_total", "Reserved tokens returned to budgets at settlement."
@@ -135,8 +141,13 @@ class Limiter:
         for kind in Kind:
             REDIS_UP.labels(kind.value).set(1)
 
-    def _failed(self, kind: Kind, exc: Exception, closed: bool = False) -> None:
-        """Redis failed a decision of this kind: raises Unavailable where the kind fails closed."""
+    def _failed(self, exc: Exception, *kinds: Kind, closed: bool = False) -> None:
+        """Redis failed one call deciding these kinds: raises Unavailable where a kind fails closed."""
+        REDIS_ERRORS.labels(type(exc).__name__).inc()
+        for kind in kinds:
+            self._fail(kind, exc, closed)
+
+    def _fail(self, kind: Kind, exc: Exception, closed: bool) -> None:
         mode = FailureMode.CLOSED if closed else self._rules().failure_mode(kind)
         DECISIONS.labels(kind.value, f"failed_{mode.value}").inc()
         if not self._redis_down[kind]:
@@ -162,7 +173,7 @@ class Limiter:
         try:
             result = await call
         except (RedisError, OSError) as exc:
-            self._failed(kind, exc, closed)
+            self._failed(exc, kind, closed=closed)
             return None
         self._answered(kind)
         return result
@@ -251,8 +262,7 @@ class Limiter:
         try:
             result = await self._windows.admit_then(count, hold)
         except (RedisError, OSError) as exc:
-            self._failed(Kind.REQUESTS, exc)
-            self._failed(Kind.TOKENS, exc)
+            self._failed(exc, Kind.REQUESTS, Kind.TOKENS)
             return None
         self._answered(Kind.REQUESTS)
         self._answered(Kind.TOKENS)

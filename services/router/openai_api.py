@@ -1,5 +1,6 @@
-"""The OpenAI chat and completions API (meshserve.llm.v2): the client's JSON checked against OpenAI's contract,
-routed and metered by the pipeline, answered by vLLM's serving layer on a replica. Imports no gRPC.
+"""The OpenAI chat and completions API and Anthropic's Messages (meshserve.llm.v2): the client's JSON checked
+against its contract, routed and metered by the pipeline, answered by vLLM's serving layer on a replica.
+Imports no gRPC.
 
 The replica validates everything vLLM knows (its request models) and refuses unknown fields; the router
 refuses, before any token is reserved, what OpenAI's contract forbids and vLLM would accept (non-finite
@@ -11,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -20,6 +20,7 @@ from typing import Any
 
 from meshserve.inference.v1 import inference_pb2
 from services.router import access
+from services.router import messages as anthropic
 from services.router.accounting import Metered, Window
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Version
@@ -27,7 +28,7 @@ from services.router.estimates import PromptEstimator, most_generated
 from services.router.failover import Attempt, Replica, opening, prefix_key
 from services.router.pipeline import CHAT as CHAT_OPERATION
 from services.router.pipeline import TEXT_COMPLETION, Pipeline, Reserve
-from services.router.validation import MAX_STOP, in_range
+from services.router.validation import MAX_STOP, finite, in_range, number
 from services.runtime.errors import DomainError, Internal, InvalidArgument, Unavailable, bounded, echo
 from services.runtime.openai_errors import error_body
 
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 CHAT = inference_pb2.ENDPOINT_CHAT_COMPLETIONS
 COMPLETIONS = inference_pb2.ENDPOINT_COMPLETIONS
-ID_PREFIX: dict[int, str] = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-"}
+MESSAGES = inference_pb2.ENDPOINT_MESSAGES  # Anthropic's Messages API (services/router/messages.py)
+ID_PREFIX: dict[int, str] = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-", MESSAGES: "msg_"}
 
 # OpenAI's ranges, where vLLM accepts more: (low, high, low excluded).
 RANGES = {
@@ -74,33 +76,13 @@ class Body:
     most_generated: int | None = None
 
 
-def _finite(value: Any, where: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidArgument(f"{where}: must be a finite number, got {value}")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _finite(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _finite(item, f"{where}[{i}]")
-
-
-def _number(fields: dict[str, Any], name: str) -> float | None:
-    value = fields.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgument(f"{name}: must be a number, got {echo(value)}")
-    return float(value)
-
-
 def _contract(fields: dict[str, Any]) -> None:
     """OpenAI's rules that vLLM does not enforce."""
-    _finite(fields, "")
+    finite(fields)
     for name, (low, high, low_open) in RANGES.items():
-        in_range(name, _number(fields, name), low, high, low_open)
+        in_range(name, number(fields, name), low, high, low_open)
     for name in AT_LEAST_ONE:
-        value = _number(fields, name)
+        value = number(fields, name)
         if value is not None and value < 1:
             raise InvalidArgument(f"{name}: must be at least 1, got {value:g}")
     messages = fields.get("messages", [])
@@ -121,19 +103,9 @@ def _contract(fields: dict[str, Any]) -> None:
         raise InvalidArgument(f"stop: at most {MAX_STOP} stop strings, got {len(stop)}")
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
 def _opening(endpoint: int, fields: dict[str, Any], prefix_chars: int) -> str:
-    if endpoint == CHAT:
-        messages = fields.get("messages")
-        turns = ((str(m.get("role", "")), _text(m.get("content"))) for m in messages or [] if isinstance(m, dict))
-        return opening(turns, prefix_chars) if isinstance(messages, list) else ""
+    if endpoint != COMPLETIONS:  # chat's messages and Anthropic's read alike (and Anthropic's system first)
+        return opening(anthropic.turns(fields), prefix_chars)
     prompt = fields.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -157,17 +129,23 @@ def parse(endpoint: int, data: bytes, stream: bool, prefix_chars: int) -> Body:
         raise InvalidArgument("model: is required (a string)")
     if "stream" in fields and not isinstance(fields["stream"], bool | None):
         raise InvalidArgument("stream: must be a boolean")
-    _contract(fields)
+    if endpoint == MESSAGES:
+        anthropic.contract(fields)
+    else:
+        _contract(fields)
     if endpoint == CHAT and not fields.get("messages"):
         raise InvalidArgument("messages: must contain at least one message")
     if bool(fields.get("stream")) != stream:
         fields["stream"] = stream
         data = json.dumps(fields).encode()
-    return Body(data, model, _opening(endpoint, fields, prefix_chars), most_generated(endpoint == CHAT, fields))
+    generated = most_generated(endpoint != COMPLETIONS, fields)
+    return Body(data, model, _opening(endpoint, fields, prefix_chars), generated)
 
 
-def error_event(exc: BaseException) -> bytes:
+def error_event(endpoint: int, exc: BaseException) -> bytes:
     """An error after a stream began, in-band as vLLM and OpenAI send it; the OpenAI SDK raises on it."""
+    if endpoint == MESSAGES:
+        return anthropic.error_event(exc)
     detail = exc if isinstance(exc, DomainError) else Internal("internal error while generating")
     body = error_body(detail.http_status, bounded(str(detail)))
     return f"data: {json.dumps(body)}\n\n".encode() + DONE
@@ -232,7 +210,7 @@ class OpenAIApi:
             return replies
 
         key = prefix_key(body.opening, hints, pipeline.policy.prefix_chars)
-        operation = CHAT_OPERATION if endpoint == CHAT else TEXT_COMPLETION
+        operation = TEXT_COMPLETION if endpoint == COMPLETIONS else CHAT_OPERATION
         replies = pipeline.generate(request_id, body.model, key, caller, hints, attempt, not stream, guess, operation)
         return request_id, replies
 
@@ -250,23 +228,29 @@ class OpenAIApi:
     async def stream(
         self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints, meta: ResponseMeta
     ) -> AsyncIterator[bytes]:
-        """SSE events as vLLM's server sends them, ending with `data: [DONE]`; meta is filled before the first."""
+        """SSE events as vLLM's server sends them, ending with `data: [DONE]` (Anthropic's message_stop); meta is
+        filled before the first."""
         request_id, replies = self._replies(endpoint, data, True, caller, hints, meta)
         # Until the first event an error is still a status code (a 4xx/5xx on REST); after it, in-band.
         first = await anext(replies, None)
         if first is None:
             raise Unavailable("the engine ended the stream before its first event")
         yield first.data
-        done = first.data.endswith(DONE)
+        done = _ends(endpoint, first.data)
         try:
             async for reply in replies:
                 yield reply.data
-                done = reply.data.endswith(DONE)
+                done = _ends(endpoint, reply.data)
         except Exception as exc:
             log.warning("stream failed after it began", extra={"request_id": request_id, "error": str(exc)})
-            yield error_event(exc)
+            yield error_event(endpoint, exc)
             return
         finally:
             await replies.aclose()
         if not done:
-            yield error_event(Unavailable("the engine ended the stream without finishing"))
+            yield error_event(endpoint, Unavailable("the engine ended the stream without finishing"))
+
+
+def _ends(endpoint: int, event: bytes) -> bool:
+    """Whether event is a whole stream's last."""
+    return event.startswith(anthropic.STOP_EVENT) if endpoint == MESSAGES else event.endswith(DONE)

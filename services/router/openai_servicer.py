@@ -1,4 +1,4 @@
-"""The router's meshserve.llm.v2 servicer: OpenAI's JSON in HttpBody, the OpenAI API's answers out."""
+"""The router's meshserve.llm.v2 servicer: OpenAI's (or Anthropic's) JSON in HttpBody, that API's answers out."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from grpc import aio
 from meshserve.llm.v2 import llm_pb2_grpc
 from services.router import access
 from services.router.caller import Caller, RouteHints
-from services.router.openai_api import CHAT, COMPLETIONS, OpenAIApi, ResponseMeta
+from services.router.openai_api import CHAT, COMPLETIONS, MESSAGES, OpenAIApi, ResponseMeta
 from services.router.servicer import identify, status_name
 
 Context = aio.ServicerContext[Any, Any]
@@ -66,4 +66,13 @@ class OpenAIServicer(llm_pb2_grpc.LlmServiceServicer):
         self, request: httpbody_pb2.HttpBody, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         async for event in self._stream("StreamCompletion", COMPLETIONS, request, context):
+            yield event
+
+    async def CreateMessage(self, request: httpbody_pb2.HttpBody, context: Context) -> httpbody_pb2.HttpBody:
+        return await self._whole("CreateMessage", MESSAGES, request, context)
+
+    async def StreamMessage(
+        self, request: httpbody_pb2.HttpBody, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async for event in self._stream("StreamMessage", MESSAGES, request, context):
             yield event

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from google.protobuf import struct_pb2
 
@@ -61,6 +61,28 @@ class _Common(Protocol):
 def _optional(params: _Common, name: str) -> float | None:
     value: float | None = getattr(params, name) if params.HasField(name) else None
     return value
+
+
+def finite(value: Any, where: str = "") -> None:
+    """Refuses NaN and the infinities anywhere in a JSON value (Python's json module reads them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"{where}: must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            finite(item, f"{where}[{i}]")
+
+
+def number(fields: dict[str, Any], name: str) -> float | None:
+    """A JSON body's numeric field, None where absent or null."""
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{name}: must be a number, got {echo(value)}")
+    return float(value)
 
 
 def in_range(name: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:

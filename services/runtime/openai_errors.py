@@ -1,4 +1,4 @@
-"""OpenAI's error shape: one table of `type` and `code` per HTTP status, for every error body meshserve sends."""
+"""Error shapes: OpenAI's `type` and `code` (and Anthropic's `type`) per HTTP status, for every error body sent."""
 
 from __future__ import annotations
 
@@ -28,3 +28,26 @@ def error_body(status: int, message: str) -> dict[str, dict[str, object]]:
     """OpenAI's error object for an HTTP status, as the edge writes it for every error reply."""
     kind, code = ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+# Anthropic's error types by HTTP status, for the Messages route (its SDK reads error.type).
+ANTHROPIC_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, object]:
+    """Anthropic's error object for an HTTP status, as the edge writes it on the Messages route."""
+    kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}

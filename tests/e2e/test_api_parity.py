@@ -7,13 +7,10 @@ arguments do not match the tool's parameters; unknown fields ignored), the test 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,11 +20,8 @@ import pydantic
 import pytest
 from google.api import httpbody_pb2
 
-from bench.edge_vs_vllm import start_vllm_server, wait_http
 from meshserve.llm.v2 import llm_pb2_grpc as llm_v2_pb2_grpc
-from services.inference.config import InferenceSettings
 from services.mesh.local import LocalMesh
-from services.mesh.procs import free_port
 from tests.e2e.helpers import MODEL, create_key, openai_client
 from tests.e2e.test_billing import ledger_line
 
@@ -45,21 +39,8 @@ ASK = [{"role": "user", "content": [{"type": "text", "text": "What is the capita
 
 
 @pytest.fixture(scope="module")
-def vllm(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    """vLLM's own OpenAI server on the model the mesh serves, with the replicas' settings."""
-    port = free_port()
-    proc = start_vllm_server(model_dir, port, tmp_path_factory.mktemp("vllm"), InferenceSettings())
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 300)
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    finally:
-        # vLLM's engine core runs in the server's process group: stop them all.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+def vllm(vllm_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{vllm_url}/v1", api_key="unused", max_retries=0)
 
 
 def both(mesh: LocalMesh, vllm: openai.OpenAI) -> list[openai.OpenAI]:

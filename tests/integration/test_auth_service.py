@@ -88,6 +88,17 @@ def test_backends_get_the_identity_and_never_the_authorization_header(mesh: Loca
     assert created.secret not in reply.text
 
 
+def test_anthropics_x_api_key_header_authenticates_and_never_reaches_a_backend(mesh: LocalMesh) -> None:
+    created = create(mesh)
+    reply = httpx.get(f"{mesh.edge_url}/v1/models", headers={"x-api-key": created.secret})
+    assert reply.status_code == 200, reply.text
+    seen = dict(m["id"].split("=", 1) for m in reply.json()["data"])
+    assert "x-api-key" not in seen and seen["x-meshserve-key-id"] == created.key.key_id
+    assert created.secret not in reply.text
+    wrong = httpx.get(f"{mesh.edge_url}/v1/models", headers={"x-api-key": "msk-" + "x" * 40})
+    assert wrong.status_code == 401
+
+
 def test_the_bootstrap_admin_key_file_is_private(mesh: LocalMesh) -> None:
     assert mesh.admin_key_file.stat().st_mode & 0o077 == 0
     assert mesh.admin_key.startswith("msk-")

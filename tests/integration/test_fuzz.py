@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from meshserve.llm.v1 import llm_pb2
 from services.mesh.local import LocalMesh
-from services.runtime.openai_errors import ERROR_TYPES
+from services.runtime.openai_errors import ANTHROPIC_TYPES, ERROR_TYPES
 from tests.integration import scripted_inference
 from tests.integration.bystanders import Bystanders
 
@@ -183,12 +183,18 @@ def mutated_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
 
 
 def _check_rest(prop: str, r: httpx.Response) -> None:
+    """A clear answer: never a 5xx but a 503 to retry, and an error in the route's own shape (OpenAI's, or
+    Anthropic's on /v1/messages)."""
     _seen(prop, r.status_code)
     assert r.status_code < 500 or (r.status_code == 503 and "retry-after" in r.headers), (
         f"{r.status_code}: {r.text[:300]}"
     )
     assert not [h for h in r.headers if h.startswith("grpc-")], dict(r.headers)
-    if r.status_code >= 400:
+    if r.status_code >= 400 and r.url.path.startswith("/v1/messages"):
+        body = r.json()
+        assert body["type"] == "error" and isinstance(body["error"]["message"], str), body
+        assert body["error"]["type"] == ANTHROPIC_TYPES.get(r.status_code, body["error"]["type"]), body
+    elif r.status_code >= 400:
         error = r.json()["error"]
         assert isinstance(error["message"], str) and error["message"]
         assert len(error["message"]) <= 4096
@@ -237,6 +243,8 @@ RAW_BODIES = st.one_of(
             "/v1/models",
             "/v1/usage",
             "/v1/chat/completions:stream",
+            "/v1/messages",
+            "/v1/messages:stream",
             "/v1/nothing",
             "/",
             "/meshserve.llm.v1.LlmService/CreateChatCompletion",

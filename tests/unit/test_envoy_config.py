@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2
 from deploy.envoy import mesh_tls
 from deploy.envoy.config import Address, EdgeConfig, Tracing, lua_source, render
 from services.runtime import tls
-from services.runtime.openai_errors import ERROR_TYPES
+from services.runtime.openai_errors import ANTHROPIC_TYPES, ERROR_TYPES
 
 CFG = EdgeConfig(listen=Address("127.0.0.1", 8080), admin=Address("127.0.0.1", 9901), router=Address("10.0.0.2", 50051))
 
@@ -86,6 +86,9 @@ def test_streams_have_no_overall_timeout_and_whole_replies_do() -> None:
     }
     for method in ("StreamChatCompletion", "StreamCompletion"):
         assert routes[f"/meshserve.llm.v1.LlmService/{method}"]["timeout"] == "0s"
+    for method in ("StreamChatCompletion", "StreamCompletion", "StreamMessage"):
+        assert routes[f"/meshserve.llm.v2.LlmService/{method}"]["timeout"] == "0s"
+    assert "rate_limits" not in routes["/v1/messages"]  # the router counts a generation's requests
     assert routes["/"]["timeout"] == f"{CFG.unary_timeout_s}s"
 
 
@@ -132,6 +135,26 @@ def test_local_replies_are_openai_shaped() -> None:
     assert by_status[400]["json_format"]["error"]["message"] == "%LOCAL_REPLY_BODY%"
 
 
+def test_local_replies_on_the_messages_route_are_anthropic_shaped() -> None:
+    hcm = render(CFG)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    on_messages = {}
+    for mapper in hcm["local_reply_config"]["mappers"]:
+        filters = mapper["filter"].get("and_filter", {}).get("filters", [])
+        paths = [f["header_filter"]["header"]["string_match"]["prefix"] for f in filters if "header_filter" in f]
+        if paths == ["/v1/messages"]:
+            status = next(f for f in filters if "status_code_filter" in f)["status_code_filter"]
+            on_messages[status["comparison"]["value"]["default_value"]] = mapper["body_format_override"]["json_format"]
+    assert on_messages[401] == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "%LOCAL_REPLY_BODY%"},
+    }
+    assert on_messages[429]["error"]["type"] == "rate_limit_error"
+    assert on_messages[503]["error"]["type"] == "overloaded_error"
+    lua = lua_source()
+    for status, kind in ANTHROPIC_TYPES.items():
+        assert f'[{status}] = "{kind}"' in lua
+
+
 def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_checked() -> None:
     from dataclasses import replace
 
@@ -163,11 +186,12 @@ def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_c
         "/v1/chat/completions:stream",
         "/v1/completions",
         "/v1/completions:stream",
+        "/v1/messages",
+        "/v1/messages:stream",
     ]
     grpc_paths = [r["match"]["path"].rsplit("/", 1)[1] for r in generation if not r["match"]["path"].startswith("/v1/")]
-    assert sorted(grpc_paths) == sorted(
-        ["CreateChatCompletion", "StreamChatCompletion", "CreateCompletion", "StreamCompletion"] * 2
-    )
+    openai = ["CreateChatCompletion", "StreamChatCompletion", "CreateCompletion", "StreamCompletion"]
+    assert sorted(grpc_paths) == sorted([*openai, *openai, "CreateMessage", "StreamMessage"])
     assert not any("rate_limits" in r["route"] for r in generation)
     (rest,) = [r for r in api_routes if "path" not in r["match"]]
     limits = rest["route"]["rate_limits"]

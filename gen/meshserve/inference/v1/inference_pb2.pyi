@@ -12,6 +12,7 @@ class Endpoint(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENDPOINT_UNSPECIFIED: _ClassVar[Endpoint]
     ENDPOINT_CHAT_COMPLETIONS: _ClassVar[Endpoint]
     ENDPOINT_COMPLETIONS: _ClassVar[Endpoint]
+    ENDPOINT_MESSAGES: _ClassVar[Endpoint]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -22,6 +23,7 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 ENDPOINT_UNSPECIFIED: Endpoint
 ENDPOINT_CHAT_COMPLETIONS: Endpoint
 ENDPOINT_COMPLETIONS: Endpoint
+ENDPOINT_MESSAGES: Endpoint
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
