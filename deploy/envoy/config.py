@@ -77,7 +77,7 @@ def _tracing(tracing: Tracing) -> dict[str, Any]:
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 
-STREAMING_METHODS = ("StreamChatCompletion", "StreamCompletion", "StreamMessage")
+STREAMING_METHODS = ("StreamChatCompletion", "StreamCompletion", "StreamMessage", "StreamResponse")
 
 
 def _llm_routes(cfg: EdgeConfig) -> list[dict[str, Any]]:

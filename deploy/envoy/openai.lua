@@ -5,7 +5,9 @@
 -- Responses: every error the transcoder or the router returns becomes an
 -- OpenAI-shaped body {"error": {"message", "type", "param", "code"}}.
 
-local STREAMABLE = {["/v1/chat/completions"] = true, ["/v1/completions"] = true, ["/v1/messages"] = true}
+local STREAMABLE = {
+  ["/v1/chat/completions"] = true, ["/v1/completions"] = true, ["/v1/messages"] = true, ["/v1/responses"] = true,
+}
 
 -- TYPES[status] = {type, code}; the generator fills it from services/runtime/openai_errors.py.
 local TYPES = {

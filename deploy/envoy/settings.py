@@ -21,6 +21,8 @@ GENERATION_METHODS = (
     "StreamCompletion",
     "CreateMessage",
     "StreamMessage",
+    "CreateResponse",
+    "StreamResponse",
 )
 
 

@@ -35,6 +35,7 @@ class Endpoint(Enum):
     CHAT = "chat.completions"
     COMPLETIONS = "completions"
     MESSAGES = "messages"  # Anthropic's Messages API, served by vLLM's own Anthropic layer
+    RESPONSES = "responses"  # OpenAI's Responses API, stateless (the router keeps stored responses)
 
 
 # OpenAI fields that have no effect on a self-hosted model: accepted and documented as no-ops.
@@ -192,6 +193,8 @@ class ServingLayer:
         self._state = state
         self._allowed = allowed
         self._engine = engine
+        # The no-op fields an endpoint's own request model knows (the Responses API's store and metadata).
+        self._known = {e: frozenset(kind.model_fields) & NO_OP_FIELDS for e, kind in _request_kinds().items()}
 
     @classmethod
     async def start(cls, engine: Engine, flags: str) -> ServingLayer:
@@ -233,15 +236,18 @@ class ServingLayer:
             raise InvalidArgument(f"Unrecognized request argument supplied: {echo(unknown[0])}")
         if "request_id" in fields:
             raise InvalidArgument("request_id: is set by meshserve (it names the request in billing and the logs)")
-        source = "prompt" if endpoint is Endpoint.COMPLETIONS else "messages"
+        source = SOURCES.get(endpoint, "messages")
         value = fields.get(source)
         # Before tokenizing: megabytes of text take seconds in which this replica serves nobody else.
-        chars = _strings(value) + _strings(fields.get("system"))
+        chars = _strings(value) + _strings(fields.get("system")) + _strings(fields.get("instructions"))
         self._engine.refuse_oversized(source, chars, len(value) if isinstance(value, list) else 1)
-        for name in NO_OP_FIELDS:
+        for name in NO_OP_FIELDS - self._known[endpoint]:
             fields.pop(name, None)
         fields["model"] = model
-        if endpoint is not Endpoint.MESSAGES:  # vLLM's Anthropic layer names its chat request itself
+        if endpoint is Endpoint.RESPONSES:  # the response's id is the request's, as vLLM names it
+            fields["request_id"] = f"{RESPONSE_ID_PREFIX}{request_id}"
+            fields["store"] = False  # stored by the router (services/router/responses.py), never here
+        elif endpoint is not Endpoint.MESSAGES:  # vLLM's Anthropic layer names its chat request itself
             fields["request_id"] = request_id
         try:
             request = _request_kinds()[endpoint].model_validate(fields)
@@ -268,28 +274,32 @@ class ServingLayer:
     async def _serve(self, endpoint: Endpoint, request: Any, request_id: str, exchange: Exchange) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
+        state = self._state
         if endpoint is Endpoint.CHAT:
-            result = await self._state.openai_serving_chat.create_chat_completion(request, None)
+            result = await state.openai_serving_chat.create_chat_completion(request, None)
         elif endpoint is Endpoint.COMPLETIONS:
-            result = await self._state.openai_serving_completion.create_completion(request, None)
+            result = await state.openai_serving_completion.create_completion(request, None)
+        elif endpoint is Endpoint.MESSAGES:
+            result = await state.anthropic_serving_messages.create_messages(request, None)
         else:
-            result = await self._state.anthropic_serving_messages.create_messages(request, None)
+            result = await state.openai_serving_responses.create_responses(request, None)
         if isinstance(result, ErrorResponse):
             raise _error(result.error.code, result.error.message)
         anthropic = endpoint is Endpoint.MESSAGES
         if hasattr(result, "model_dump_json"):
             if anthropic:  # Anthropic's message ids, and vLLM's server leaves out what is null
                 result.id = f"{MESSAGE_ID_PREFIX}{request_id}"
-            data = result.model_dump_json(exclude_none=anthropic).encode()
+            data = result.model_dump_json(exclude_none=anthropic, by_alias=endpoint is Endpoint.RESPONSES).encode()
             exchange.replies.put_nowait(exchange.reply(data=data, finished=True))
             return
         failed, first = False, True
-        error, done = ("event: error", "event: message_stop") if anthropic else ('data: {"error"', "data: [DONE]")
-        async for event in result:
+        errors, done = STREAM_ENDS.get(endpoint, (('data: {"error"',), "data: [DONE]"))
+        async for item in result:
+            event = item if isinstance(item, str) else _sse(item)
             if anthropic and first:
                 event = _named_message(event, f"{MESSAGE_ID_PREFIX}{request_id}")
             first = False
-            failed = failed or event.startswith(error)
+            failed = failed or event.startswith(errors)
             exchange.replies.put_nowait(
                 exchange.reply(data=event.encode(), finished=event.startswith(done) and not failed, failed=failed)
             )
@@ -297,6 +307,19 @@ class ServingLayer:
 
 # Anthropic's message ids: msg_ and the request's id (vLLM's Anthropic layer says chatcmpl-<its own id>).
 MESSAGE_ID_PREFIX = "msg_"
+RESPONSE_ID_PREFIX = "resp_"
+# Where an endpoint's prompt is (chat's and Anthropic's: messages).
+SOURCES = {Endpoint.COMPLETIONS: "prompt", Endpoint.RESPONSES: "input"}
+# The events that fail a stream, and the one that ends it whole, where they are not OpenAI chat's.
+STREAM_ENDS = {
+    Endpoint.MESSAGES: (("event: error",), "event: message_stop"),
+    Endpoint.RESPONSES: (("event: error", "event: response.failed"), "event: response.completed"),
+}
+
+
+def _sse(event: Any) -> str:
+    """A Responses API event as vLLM's server sends it: named by its type."""
+    return f"event: {event.type}\ndata: {event.model_dump_json(by_alias=True)}\n\n"
 
 
 def _named_message(event: str, message_id: str) -> str:
@@ -314,11 +337,13 @@ def _request_kinds() -> dict[Endpoint, Any]:
     from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
     return {
         Endpoint.CHAT: ChatCompletionRequest,
         Endpoint.COMPLETIONS: CompletionRequest,
         Endpoint.MESSAGES: AnthropicMessagesRequest,
+        Endpoint.RESPONSES: ResponsesRequest,
     }
 
 

@@ -33,6 +33,7 @@ ENDPOINTS = {
     inference_pb2.ENDPOINT_CHAT_COMPLETIONS: Endpoint.CHAT,
     inference_pb2.ENDPOINT_COMPLETIONS: Endpoint.COMPLETIONS,
     inference_pb2.ENDPOINT_MESSAGES: Endpoint.MESSAGES,
+    inference_pb2.ENDPOINT_RESPONSES: Endpoint.RESPONSES,
 }
 
 

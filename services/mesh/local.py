@@ -253,6 +253,8 @@ class LocalMesh(Readiness):
             "MESHSERVE_ROUTER_CATALOGUE": str(catalogue),
             "MESHSERVE_ROUTER_REQUIRE_CALLER": str(require_caller),
         }
+        if "redis" in self.procs:  # the Responses API's stored responses
+            settings["MESHSERVE_ROUTER_RESPONSES_REDIS_URL"] = self.redis_url
         billing = self.procs.get("billing")
         if billing is not None:
             settings["MESHSERVE_ROUTER_BILLING"] = f"{self.options.host}:{billing.grpc_port}"

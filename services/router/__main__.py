@@ -21,8 +21,10 @@ from services.router.fleet import Fleet
 from services.router.limits import LocalTokenBudget
 from services.router.openai_api import OpenAIApi
 from services.router.openai_servicer import OpenAIServicer
+from services.router.responses import ResponseStore
 from services.router.servicer import LlmServicer
 from services.router.usage import GrpcUsageSink
+from services.runtime import redis_tls
 from services.runtime.server import Runtime, serve
 from services.runtime.watched import WatchedFile
 
@@ -87,7 +89,16 @@ def main() -> None:
             usage=usage,
         )
         llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(completions, settings.require_caller), rt.server)
-        openai = OpenAIServicer(OpenAIApi(completions.pipeline, settings.reserve_on_guess), settings.require_caller)
+        store = ResponseStore(None, settings.responses_ttl_seconds)
+        if settings.responses_redis_url:
+            import redis.asyncio
+
+            url = settings.responses_redis_url
+            client = redis.asyncio.Redis.from_url(url, **redis_tls.options(url, rt.tls), socket_timeout=2.0)
+            rt.on_shutdown(client.aclose)
+            store = ResponseStore(client, settings.responses_ttl_seconds)
+        api = OpenAIApi(completions.pipeline, settings.reserve_on_guess, store)
+        openai = OpenAIServicer(api, settings.require_caller)
         llm_v2_pb2_grpc.add_LlmServiceServicer_to_server(openai, rt.server)
 
         watcher = asyncio.create_task(catalogue.follow(settings.catalogue_poll_seconds))

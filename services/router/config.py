@@ -40,6 +40,11 @@ class RouterSettings(ServiceSettings):
     # 0.25: the router's event loop also relays every stream, and a reply that came in time but waited for a
     # busy loop reads as a timeout (measured: 64 clients chatting at once on 2 cores failed a decision open).
     limits_redis_timeout_seconds: float = 1.0
+    # The Redis where the Responses API keeps stored responses (store: true, previous_response_id, GET
+    # /v1/responses/{id}), per tenant; empty keeps none (previous_response_id is then refused with a 400).
+    responses_redis_url: str = ""
+    # How long a stored response stays readable (OpenAI keeps them 30 days; a day bounds Redis memory).
+    responses_ttl_seconds: int = 86_400
     # Hold tokens for a guess in the first reservation, while the replica renders the prompt (estimates.py),
     # instead of reserving them after: no call to the rate-limit service waits on the rendering.
     reserve_on_guess: bool = True

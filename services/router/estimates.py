@@ -51,7 +51,8 @@ class Hold:
 def most_generated(endpoint_is_chat: bool, fields: dict[str, Any]) -> int | None:
     """The most tokens the request may generate, from its body; None where the engine decides it (no
     max_tokens: the context left after the prompt) or the body holds several prompts."""
-    limit = fields.get("max_completion_tokens") if endpoint_is_chat else None
+    # Chat's max_completion_tokens, or the Responses API's max_output_tokens (read as chat's).
+    limit = fields.get("max_completion_tokens", fields.get("max_output_tokens")) if endpoint_is_chat else None
     limit = limit if limit is not None else fields.get("max_tokens")
     if not endpoint_is_chat:
         limit = 16 if limit is None else limit  # OpenAI's and vLLM's default for completions

@@ -1,4 +1,4 @@
-"""The OpenAI chat and completions API and Anthropic's Messages (meshserve.llm.v2): the client's JSON checked
+"""The OpenAI chat, completions and Responses API and Anthropic's Messages (meshserve.llm.v2): the client's JSON checked
 against its contract, routed and metered by the pipeline, answered by vLLM's serving layer on a replica.
 Imports no gRPC.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshserve.inference.v1 import inference_pb2
-from services.router import access
+from services.router import access, responses
 from services.router import messages as anthropic
 from services.router.accounting import Metered, Window
 from services.router.caller import Caller, RouteHints
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 CHAT = inference_pb2.ENDPOINT_CHAT_COMPLETIONS
 COMPLETIONS = inference_pb2.ENDPOINT_COMPLETIONS
 MESSAGES = inference_pb2.ENDPOINT_MESSAGES  # Anthropic's Messages API (services/router/messages.py)
-ID_PREFIX: dict[int, str] = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-", MESSAGES: "msg_"}
+RESPONSES = inference_pb2.ENDPOINT_RESPONSES  # OpenAI's Responses API (services/router/responses.py)
+ID_PREFIX: dict[int, str] = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-", MESSAGES: "msg_", RESPONSES: responses.ID_PREFIX}
 
 # OpenAI's ranges, where vLLM accepts more: (low, high, low excluded).
 RANGES = {
@@ -104,6 +105,8 @@ def _contract(fields: dict[str, Any]) -> None:
 
 
 def _opening(endpoint: int, fields: dict[str, Any], prefix_chars: int) -> str:
+    if endpoint == RESPONSES:
+        return opening(responses.turns(fields), prefix_chars)
     if endpoint != COMPLETIONS:  # chat's messages and Anthropic's read alike (and Anthropic's system first)
         return opening(anthropic.turns(fields), prefix_chars)
     prompt = fields.get("prompt")
@@ -131,6 +134,8 @@ def parse(endpoint: int, data: bytes, stream: bool, prefix_chars: int) -> Body:
         raise InvalidArgument("stream: must be a boolean")
     if endpoint == MESSAGES:
         anthropic.contract(fields)
+    elif endpoint == RESPONSES:
+        responses.contract(fields)
     else:
         _contract(fields)
     if endpoint == CHAT and not fields.get("messages"):
@@ -147,6 +152,8 @@ def error_event(endpoint: int, exc: BaseException) -> bytes:
     if endpoint == MESSAGES:
         return anthropic.error_event(exc)
     detail = exc if isinstance(exc, DomainError) else Internal("internal error while generating")
+    if endpoint == RESPONSES:
+        return responses.error_event(detail.http_status, bounded(str(detail)))
     body = error_body(detail.http_status, bounded(str(detail)))
     return f"data: {json.dumps(body)}\n\n".encode() + DONE
 
@@ -169,10 +176,17 @@ def _noting(
 class OpenAIApi:
     """Chat and completions as OpenAI's API, over the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, reserve_on_guess: bool = False) -> None:
+    def __init__(
+        self, pipeline: Pipeline, reserve_on_guess: bool = False, store: responses.ResponseStore | None = None
+    ) -> None:
         self._pipeline = pipeline
         self._estimator = PromptEstimator()
         self._reserve_on_guess = reserve_on_guess
+        self._store = store or responses.ResponseStore(None, 0)
+
+    async def get_response(self, response_id: str, caller: Caller) -> bytes:
+        """A stored response of the caller's tenant (GET /v1/responses/{id})."""
+        return await self._store.get(caller.tenant, response_id)
 
     def _replies(
         self, endpoint: int, data: bytes, stream: bool, caller: Caller, hints: RouteHints, meta: ResponseMeta
@@ -216,30 +230,37 @@ class OpenAIApi:
 
     async def whole(self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints, meta: ResponseMeta) -> bytes:
         """A whole response body."""
-        _, replies = self._replies(endpoint, data, False, caller, hints, meta)
+        turn = await self._store.turn(caller.tenant, data) if endpoint == RESPONSES else None
+        _, replies = self._replies(endpoint, data if turn is None else turn.data, False, caller, hints, meta)
         out = b""
         async with aclosing(replies):
             async for reply in replies:
                 out += reply.data
         if not out:
             raise Unavailable("the engine ended the request without answering")
-        return out
+        return out if turn is None else await responses.finish_whole(self._store, turn, out)
 
     async def stream(
         self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints, meta: ResponseMeta
     ) -> AsyncIterator[bytes]:
         """SSE events as vLLM's server sends them, ending with `data: [DONE]` (Anthropic's message_stop); meta is
         filled before the first."""
-        request_id, replies = self._replies(endpoint, data, True, caller, hints, meta)
+        turn = await self._store.turn(caller.tenant, data) if endpoint == RESPONSES else None
+        request_id, replies = self._replies(endpoint, data if turn is None else turn.data, True, caller, hints, meta)
+        store = self._store
+
+        async def finished(event: bytes) -> bytes:
+            return event if turn is None else await responses.finish_event(store, turn, event)
+
         # Until the first event an error is still a status code (a 4xx/5xx on REST); after it, in-band.
         first = await anext(replies, None)
         if first is None:
             raise Unavailable("the engine ended the stream before its first event")
-        yield first.data
+        yield await finished(first.data)
         done = _ends(endpoint, first.data)
         try:
             async for reply in replies:
-                yield reply.data
+                yield await finished(reply.data)
                 done = _ends(endpoint, reply.data)
         except Exception as exc:
             log.warning("stream failed after it began", extra={"request_id": request_id, "error": str(exc)})
@@ -253,4 +274,6 @@ class OpenAIApi:
 
 def _ends(endpoint: int, event: bytes) -> bool:
     """Whether event is a whole stream's last."""
+    if endpoint == RESPONSES:
+        return event.startswith(responses.COMPLETED_EVENT)
     return event.startswith(anthropic.STOP_EVENT) if endpoint == MESSAGES else event.endswith(DONE)

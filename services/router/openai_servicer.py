@@ -8,10 +8,10 @@ from typing import Any
 from google.api import httpbody_pb2
 from grpc import aio
 
-from meshserve.llm.v2 import llm_pb2_grpc
+from meshserve.llm.v2 import llm_pb2, llm_pb2_grpc
 from services.router import access
 from services.router.caller import Caller, RouteHints
-from services.router.openai_api import CHAT, COMPLETIONS, MESSAGES, OpenAIApi, ResponseMeta
+from services.router.openai_api import CHAT, COMPLETIONS, MESSAGES, RESPONSES, OpenAIApi, ResponseMeta
 from services.router.servicer import identify, status_name
 
 Context = aio.ServicerContext[Any, Any]
@@ -76,3 +76,19 @@ class OpenAIServicer(llm_pb2_grpc.LlmServiceServicer):
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         async for event in self._stream("StreamMessage", MESSAGES, request, context):
             yield event
+
+    async def CreateResponse(self, request: httpbody_pb2.HttpBody, context: Context) -> httpbody_pb2.HttpBody:
+        return await self._whole("CreateResponse", RESPONSES, request, context)
+
+    async def StreamResponse(
+        self, request: httpbody_pb2.HttpBody, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async for event in self._stream("StreamResponse", RESPONSES, request, context):
+            yield event
+
+    async def GetResponse(self, request: llm_pb2.GetResponseRequest, context: Context) -> httpbody_pb2.HttpBody:
+        with access.opened("GetResponse", status_name) as entry:
+            caller, _ = self._caller(context, entry)
+            return httpbody_pb2.HttpBody(
+                content_type=JSON, data=await self._api.get_response(request.response_id, caller)
+            )

@@ -135,6 +135,12 @@ FIELDS = [
     "echo",
     "suffix",
     "best_of",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "previous_response_id",
+    "text",
+    "store",
 ]
 
 
@@ -145,11 +151,12 @@ DEEP = "__deep__"
 def mutated_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
     """A valid chat or completion body with some fields replaced, removed or added, as the bytes sent
     (deep nesting is spliced into the text: no Python structure, and no printout of one, goes that deep)."""
-    chat = draw(st.booleans())
-    path = "/v1/chat/completions" if chat else "/v1/completions"
+    path = draw(st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/responses"]))
     body: dict[str, Any] = {"model": MODEL, "max_tokens": 4}
-    if chat:
+    if path == "/v1/chat/completions":
         body["messages"] = [{"role": "user", "content": "hi"}]
+    elif path == "/v1/responses":  # the Responses API's own fields, mutated as the others' are
+        body = {"model": MODEL, "max_output_tokens": 4, "input": "hi"}
     else:
         body["prompt"] = "hi"
     for _ in range(draw(st.integers(1, 4))):
@@ -245,6 +252,8 @@ RAW_BODIES = st.one_of(
             "/v1/chat/completions:stream",
             "/v1/messages",
             "/v1/messages:stream",
+            "/v1/responses",
+            "/v1/responses/resp_unknown",
             "/v1/nothing",
             "/",
             "/meshserve.llm.v1.LlmService/CreateChatCompletion",

@@ -86,9 +86,10 @@ def test_streams_have_no_overall_timeout_and_whole_replies_do() -> None:
     }
     for method in ("StreamChatCompletion", "StreamCompletion"):
         assert routes[f"/meshserve.llm.v1.LlmService/{method}"]["timeout"] == "0s"
-    for method in ("StreamChatCompletion", "StreamCompletion", "StreamMessage"):
+    for method in ("StreamChatCompletion", "StreamCompletion", "StreamMessage", "StreamResponse"):
         assert routes[f"/meshserve.llm.v2.LlmService/{method}"]["timeout"] == "0s"
     assert "rate_limits" not in routes["/v1/messages"]  # the router counts a generation's requests
+    assert "rate_limits" not in routes["/v1/responses"]
     assert routes["/"]["timeout"] == f"{CFG.unary_timeout_s}s"
 
 
@@ -188,10 +189,13 @@ def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_c
         "/v1/completions:stream",
         "/v1/messages",
         "/v1/messages:stream",
+        "/v1/responses",
+        "/v1/responses:stream",
     ]
     grpc_paths = [r["match"]["path"].rsplit("/", 1)[1] for r in generation if not r["match"]["path"].startswith("/v1/")]
     openai = ["CreateChatCompletion", "StreamChatCompletion", "CreateCompletion", "StreamCompletion"]
-    assert sorted(grpc_paths) == sorted([*openai, *openai, "CreateMessage", "StreamMessage"])
+    v2_only = ["CreateMessage", "StreamMessage", "CreateResponse", "StreamResponse"]
+    assert sorted(grpc_paths) == sorted([*openai, *openai, *v2_only])
     assert not any("rate_limits" in r["route"] for r in generation)
     (rest,) = [r for r in api_routes if "path" not in r["match"]]
     limits = rest["route"]["rate_limits"]

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshserve/llm/v2/llm.proto\x12\x10meshserve.llm.v2\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto2\xd5\x04\n\nLlmService\x12\x63\n\x14\x43reateChatCompletion\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*\x12l\n\x14StreamChatCompletion\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/chat/completions:stream:\x01*0\x01\x12Z\n\x10\x43reateCompletion\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/completions:\x01*\x12\x63\n\x10StreamCompletion\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/completions:stream:\x01*0\x01\x12T\n\rCreateMessage\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/messages:\x01*\x12]\n\rStreamMessage\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/messages:stream:\x01*0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshserve/llm/v2/llm.proto\x12\x10meshserve.llm.v2\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\")\n\x12GetResponseRequest\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t2\xfe\x06\n\nLlmService\x12\x63\n\x14\x43reateChatCompletion\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*\x12l\n\x14StreamChatCompletion\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/chat/completions:stream:\x01*0\x01\x12Z\n\x10\x43reateCompletion\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/completions:\x01*\x12\x63\n\x10StreamCompletion\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/completions:stream:\x01*0\x01\x12T\n\rCreateMessage\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/messages:\x01*\x12]\n\rStreamMessage\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/messages:stream:\x01*0\x01\x12V\n\x0e\x43reateResponse\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/responses:\x01*\x12_\n\x0eStreamResponse\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/responses:stream:\x01*0\x01\x12n\n\x0bGetResponse\x12$.meshserve.llm.v2.GetResponseRequest\x1a\x14.google.api.HttpBody\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/responses/{response_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,6 +45,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LLMSERVICE'].methods_by_name['CreateMessage']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/messages:\001*'
   _globals['_LLMSERVICE'].methods_by_name['StreamMessage']._loaded_options = None
   _globals['_LLMSERVICE'].methods_by_name['StreamMessage']._serialized_options = b'\202\323\344\223\002\030\"\023/v1/messages:stream:\001*'
-  _globals['_LLMSERVICE']._serialized_start=106
-  _globals['_LLMSERVICE']._serialized_end=703
+  _globals['_LLMSERVICE'].methods_by_name['CreateResponse']._loaded_options = None
+  _globals['_LLMSERVICE'].methods_by_name['CreateResponse']._serialized_options = b'\202\323\344\223\002\022\"\r/v1/responses:\001*'
+  _globals['_LLMSERVICE'].methods_by_name['StreamResponse']._loaded_options = None
+  _globals['_LLMSERVICE'].methods_by_name['StreamResponse']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/responses:stream:\001*'
+  _globals['_LLMSERVICE'].methods_by_name['GetResponse']._loaded_options = None
+  _globals['_LLMSERVICE'].methods_by_name['GetResponse']._serialized_options = b'\202\323\344\223\002\035\022\033/v1/responses/{response_id}'
+  _globals['_GETRESPONSEREQUEST']._serialized_start=105
+  _globals['_GETRESPONSEREQUEST']._serialized_end=146
+  _globals['_LLMSERVICE']._serialized_start=149
+  _globals['_LLMSERVICE']._serialized_end=1043
 # @@protoc_insertion_point(module_scope)

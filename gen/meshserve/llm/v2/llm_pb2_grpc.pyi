@@ -23,6 +23,7 @@ chat and completion methods no longer have REST bindings.
 from collections import abc as _abc
 from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
+from meshserve.llm.v2 import llm_pb2 as _llm_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -97,6 +98,26 @@ class LlmServiceStub:
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    CreateResponse: _grpc.UnaryUnaryMultiCallable[_httpbody_pb2.HttpBody, _httpbody_pb2.HttpBody]
+    """CreateResponse answers an OpenAI Responses API request (OpenAI's JSON) with a whole response object.
+    With `store` (OpenAI's default) the mesh keeps the response, scoped to the caller's tenant, for
+    `previous_response_id` and GetResponse; `store: false` keeps nothing.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    StreamResponse: _grpc.UnaryStreamMultiCallable[_httpbody_pb2.HttpBody, _httpbody_pb2.HttpBody]
+    """StreamResponse streams a response as the Responses API's SSE events (`event: response.created` ...
+    `event: response.completed`).
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    GetResponse: _grpc.UnaryUnaryMultiCallable[_llm_pb2.GetResponseRequest, _httpbody_pb2.HttpBody]
+    """GetResponse reads back a stored response of the caller's tenant (NOT_FOUND for any other).
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 @_typing.type_check_only
 class LlmServiceAsyncStub(LlmServiceStub):
@@ -148,6 +169,26 @@ class LlmServiceAsyncStub(LlmServiceStub):
     """StreamMessage streams an Anthropic message as SSE events (`event: message_start` ... `event: message_stop`).
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    CreateResponse: _aio.UnaryUnaryMultiCallable[_httpbody_pb2.HttpBody, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """CreateResponse answers an OpenAI Responses API request (OpenAI's JSON) with a whole response object.
+    With `store` (OpenAI's default) the mesh keeps the response, scoped to the caller's tenant, for
+    `previous_response_id` and GetResponse; `store: false` keeps nothing.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    StreamResponse: _aio.UnaryStreamMultiCallable[_httpbody_pb2.HttpBody, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """StreamResponse streams a response as the Responses API's SSE events (`event: response.created` ...
+    `event: response.completed`).
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    GetResponse: _aio.UnaryUnaryMultiCallable[_llm_pb2.GetResponseRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """GetResponse reads back a stored response of the caller's tenant (NOT_FOUND for any other).
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
 
@@ -234,6 +275,44 @@ class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
         """StreamMessage streams an Anthropic message as SSE events (`event: message_start` ... `event: message_stop`).
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def CreateResponse(
+        self,
+        request: _httpbody_pb2.HttpBody,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """CreateResponse answers an OpenAI Responses API request (OpenAI's JSON) with a whole response object.
+        With `store` (OpenAI's default) the mesh keeps the response, scoped to the caller's tenant, for
+        `previous_response_id` and GetResponse; `store: false` keeps nothing.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def StreamResponse(
+        self,
+        request: _httpbody_pb2.HttpBody,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """StreamResponse streams a response as the Responses API's SSE events (`event: response.created` ...
+        `event: response.completed`).
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def GetResponse(
+        self,
+        request: _llm_pb2.GetResponseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """GetResponse reads back a stored response of the caller's tenant (NOT_FOUND for any other).
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 
