@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from bench.loadgen import RoundResult, percentile, run_round
+import yaml
+
+from bench.loadgen import RoundResult, percentile, run_round, write_report
+from bench.tracing import RULES
 from services.inference import model_store
 from services.inference.config import InferenceSettings
 from services.mesh.local import LocalMesh, MeshOptions, free_port, wait_http_ok
@@ -34,9 +40,13 @@ PROMPTS = [
     "Why is the sky blue?",
 ]
 
+Target = tuple[str, dict[str, str]]  # base URL, headers
 
-def start_vllm_server(model_dir: Path, port: int, state: Path, settings: InferenceSettings) -> subprocess.Popen[bytes]:
-    """vLLM's own OpenAI server with the engine settings the inference service uses."""
+
+def start_vllm_server(
+    model_dir: Path, port: int, state: Path, settings: InferenceSettings, served: str = MODEL
+) -> subprocess.Popen[bytes]:
+    """vLLM's own OpenAI server with the engine settings the inference service uses, serving model_dir as served."""
     env = {**os.environ, **settings.vllm_env()}
     settings.ipc_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
     Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
@@ -47,15 +57,14 @@ def start_vllm_server(model_dir: Path, port: int, state: Path, settings: Inferen
         "--model",
         str(model_dir),
         "--served-model-name",
-        MODEL,
+        served,
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
         "--dtype",
         settings.dtype,
-        "--max-model-len",
-        str(settings.max_model_len),
+        *(("--max-model-len", str(settings.max_model_len)) if settings.max_model_len else ()),
         "--max-num-seqs",
         str(settings.max_num_seqs),
         "--enforce-eager",
@@ -69,20 +78,71 @@ def start_vllm_server(model_dir: Path, port: int, state: Path, settings: Inferen
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def side_by_side(mtls: bool, otlp_endpoint: str = "") -> tuple[subprocess.Popen[bytes], int, LocalMesh]:
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stops vLLM's server with its engine core and workers (they run in the server's process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: Path, state: Path, settings: InferenceSettings, served: str = MODEL) -> Iterator[str]:
+    """vLLM's own server on a free port, healthy: its base URL; stopped, process group and all, after."""
+    port = free_port()
+    proc = start_vllm_server(model_dir, port, state, settings, served)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 300)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(proc)
+
+
+def side_by_side(
+    mtls: bool, otlp_endpoint: str = "", embeddings: bool = False
+) -> tuple[subprocess.Popen[bytes], int, LocalMesh]:
     """vLLM's own server started on a free port (wait for it with wait_http) and a mesh not yet started, on
-    the same model and engine settings; the mesh with otlp_endpoint traces every request."""
-    model_dir = model_store.ensure(model_store.ModelStore(ROOT / "var" / "models"), MODEL)
-    state = ROOT / "var" / "bench"
+    the same model and engine settings; the mesh with otlp_endpoint traces every request. With embeddings,
+    vLLM's server serves the embedding model (at its own context length) and the mesh serves it beside chat."""
+    store = model_store.ModelStore(ROOT / "var" / "models")
+    chat_dir = model_store.ensure(store, MODEL)
+    served = model_store.MINILM if embeddings else MODEL
+    model_dir = model_store.ensure(store, served)
+    state = ROOT / "var" / ("bench-embeddings" if embeddings else "bench")
     state.mkdir(parents=True, exist_ok=True)
     settings = InferenceSettings(cache_dir=str(state / "vllm-cache"))
+    if embeddings:
+        settings.max_model_len = 0
     settings.ipc_dir().mkdir(mode=0o700, exist_ok=True)
     port = free_port()
-    vllm = start_vllm_server(model_dir, port, state, settings)
-    options = MeshOptions(state_dir=state / "mesh", model=MODEL, model_store=model_dir.parent, mtls=mtls)
+    vllm = start_vllm_server(model_dir, port, state, settings, served)
+    options = MeshOptions(state_dir=state / "mesh", model=MODEL, model_store=chat_dir.parent, mtls=mtls)
+    # Limits checked on every request as in production, set where a benchmark's load never reaches them.
+    options.ratelimit_rules = state / "ratelimits.yaml"
+    options.ratelimit_rules.write_text(yaml.safe_dump(RULES))
+    options.embedding_model = model_store.MINILM if embeddings else ""
     if otlp_endpoint:
         options.otlp_endpoint, options.trace_sample_ratio = otlp_endpoint, 1.0
     return vllm, port, LocalMesh(options)
+
+
+@contextlib.contextmanager
+def serving(vllm: subprocess.Popen[bytes], port: int, mesh: LocalMesh) -> Iterator[dict[str, Target]]:
+    """Both sides of side_by_side up, as load targets (the mesh's with a real API key); both stopped after."""
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", vllm, 600)
+        mesh.start(timeout=600)
+        yield {
+            "vllm-serve": (f"http://127.0.0.1:{port}", {}),
+            # The whole mesh path: ext_authz with a real API key, router, inference.
+            "meshserve": (mesh.edge_url, {"authorization": f"Bearer {mesh.user_key}"}),
+        }
+    finally:
+        mesh.stop()
+        stop_group(vllm)
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -155,9 +215,6 @@ def report(results: dict[int, dict[str, dict[str, float]]], args: argparse.Names
             f"| {m['ttft_p50_ms'] / v['ttft_p50_ms']:.3f} | {m['ttft_p99_ms'] / v['ttft_p99_ms']:.3f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-Target = tuple[str, dict[str, str]]  # base URL, headers
 
 
 def vllm_bench_round(
@@ -251,25 +308,10 @@ def main() -> None:
     started = time.time()
     vllm, port, mesh = side_by_side(args.mtls)
     args.tokenizer = mesh.options.model_store / MODEL
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", vllm, 600)
-        mesh.start(timeout=600)
-        targets: dict[str, Target] = {
-            "vllm-serve": (f"http://127.0.0.1:{port}", {}),
-            # The whole mesh path: ext_authz with a real API key, router, inference.
-            "meshserve": (mesh.edge_url, {"authorization": f"Bearer {mesh.user_key}"}),
-        }
+    with serving(vllm, port, mesh) as targets:
         results = asyncio.run(measure(args, targets))
-    finally:
-        mesh.stop()
-        vllm.terminate()
-        vllm.wait(30)
-    text = report(results, args, started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_report(report(results, args, started).splitlines(), args.out)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    print(text)
-    print(f"report written to {args.out}")
 
 
 if __name__ == "__main__":

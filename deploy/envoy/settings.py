@@ -23,6 +23,7 @@ GENERATION_METHODS = (
     "StreamMessage",
     "CreateResponse",
     "StreamResponse",
+    "CreateEmbedding",
 )
 
 

@@ -1,10 +1,11 @@
-"""Renders the Kubernetes manifests of an overlay: generated inputs first, then `kubectl kustomize`."""
+"""The Kubernetes manifests: the generated inputs the overlays build from (committed), and `kubectl kustomize`."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -12,7 +13,6 @@ import yaml
 from deploy.envoy import mesh_tls
 from deploy.envoy.config import Address, EdgeConfig, Tracing
 from deploy.envoy.config import write as write_envoy_config
-from services.auth.keys import new_secret
 from services.ratelimit.rules import FailureMode, Kind, Rules
 from services.runtime import tls, tracing
 
@@ -23,6 +23,7 @@ PRICES = K8S.parents[1] / "deploy" / "local" / "prices.yaml"
 PROMETHEUS_RULES = K8S.parents[1] / "deploy" / "prometheus" / "rules.yaml"
 DASHBOARD = K8S.parents[1] / "deploy" / "grafana" / "meshserve.json"
 TRACING = K8S / "components" / "tracing" / "generated"
+MONITORING = K8S / "components" / "monitoring" / "generated"
 # Where components/tracing sends spans: the cluster's OpenTelemetry collector (OTLP/gRPC), and the share
 # of requests the edge starts traces for (the services follow the edge's decision).
 COLLECTOR = Address("otel-collector.observability", 4317)
@@ -63,24 +64,48 @@ def _tracing_env_patch() -> list[dict[str, object]]:
     ]
 
 
-def generate() -> None:
-    """Writes base/generated/ (Envoy config, rate-limit rules, prices, Prometheus rules, the Grafana dashboard,
-    and once a random bootstrap admin secret) and components/tracing/generated/ (the traced Envoy config and
-    the services' OTEL_* variables)."""
-    GENERATED.mkdir(parents=True, exist_ok=True)
-    write_envoy_config(edge(), GENERATED / "envoy.yaml")
-    mesh_tls.write_sds(tls.Files.of(MESH_TLS), GENERATED, server=tls.Files.of(EDGE_TLS))
-    TRACING.mkdir(parents=True, exist_ok=True)
-    write_envoy_config(edge(traced=True), TRACING / "envoy.yaml")
-    (TRACING / "services-env.yaml").write_text(yaml.safe_dump(_tracing_env_patch(), sort_keys=False))
-    shutil.copyfile(RULES, GENERATED / "ratelimits.yaml")
-    shutil.copyfile(PRICES, GENERATED / "prices.yaml")
-    shutil.copyfile(PROMETHEUS_RULES, GENERATED / "prometheus-rules.yaml")
-    shutil.copyfile(DASHBOARD, GENERATED / "grafana-meshserve.json")
-    admin = GENERATED / "admin.env"
-    if not admin.exists():
-        admin.write_text(f"MESHSERVE_AUTH_BOOTSTRAP_ADMIN_SECRET={new_secret()}\n")
-        admin.chmod(0o600)
+def prometheus_rule() -> dict[str, object]:
+    """The shipped Prometheus rules as prometheus-operator's PrometheusRule (components/monitoring)."""
+    groups = yaml.safe_load(PROMETHEUS_RULES.read_text())["groups"]
+    labels = {"app.kubernetes.io/name": "meshserve", "app.kubernetes.io/part-of": "meshserve"}
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "meshserve", "labels": labels},
+        "spec": {"groups": groups},
+    }
+
+
+def generate(root: Path = K8S) -> list[Path]:
+    """Writes what the overlays build from into root (deploy/k8s by default) and returns the paths: base/generated/
+    (Envoy config, rate-limit rules, prices, Prometheus rules, the Grafana dashboard), components/tracing/generated/
+    (the traced Envoy config and the services' OTEL_* variables) and components/monitoring/generated/ (the rules
+    as a PrometheusRule). Committed, so kustomize builds from git; `make gen` rewrites them. No secret is written:
+    the operator creates the meshserve-admin Secret (deploy/README.md)."""
+    base, traced, monitoring = (root / d.relative_to(K8S) for d in (GENERATED, TRACING, MONITORING))
+    for folder in (base, traced, monitoring):
+        folder.mkdir(parents=True, exist_ok=True)
+    write_envoy_config(edge(), base / "envoy.yaml")
+    mesh_tls.write_sds(tls.Files.of(MESH_TLS), base, server=tls.Files.of(EDGE_TLS))
+    write_envoy_config(edge(traced=True), traced / "envoy.yaml")
+    (traced / "services-env.yaml").write_text(yaml.safe_dump(_tracing_env_patch(), sort_keys=False))
+    (monitoring / "prometheusrule.yaml").write_text(yaml.safe_dump(prometheus_rule(), sort_keys=False))
+    for source, name in ((RULES, "ratelimits.yaml"), (PRICES, "prices.yaml")):
+        shutil.copyfile(source, base / name)
+    shutil.copyfile(PROMETHEUS_RULES, base / "prometheus-rules.yaml")
+    shutil.copyfile(DASHBOARD, base / "grafana-meshserve.json")
+    return sorted(p for folder in (base, traced, monitoring) for p in folder.iterdir())
+
+
+def stale_files() -> list[str]:
+    """The generated files that differ from what generate() writes now, are missing, or are left over."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = {p.relative_to(tmp): p.read_bytes() for p in generate(Path(tmp))}
+    committed = {p.relative_to(K8S): p for d in (GENERATED, TRACING, MONITORING) if d.exists() for p in d.iterdir()}
+    names = set(fresh) | set(committed)
+    return sorted(
+        str(n) for n in names if n not in fresh or n not in committed or committed[n].read_bytes() != fresh[n]
+    )
 
 
 def kubectl() -> str:
@@ -91,10 +116,9 @@ def kubectl() -> str:
 
 
 def render(overlay: str) -> str:
-    """The overlay's manifests as one multi-document YAML string."""
+    """The overlay's manifests as one multi-document YAML string, built from the tree as git has it."""
     if overlay not in OVERLAYS:
         raise ValueError(f"unknown overlay {overlay!r}; overlays: {', '.join(OVERLAYS)}")
-    generate()
     result = subprocess.run(
         [kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=False
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import typer
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, message, timestamp_pb2
 from rich.console import Console
 from rich.table import Table
 
@@ -30,6 +30,7 @@ ADMIN_KEY = typer.Option(
 CA = typer.Option(
     "", envvar="MESHSERVE_EDGE_CA", help="The CA of a TLS edge (`meshserve up --tls` prints it); empty: plain."
 )
+JSON = typer.Option(False, "--json", help="Print the reply as JSON (proto field names) instead of a table.")
 ADMIN_FILE = Path("var/run/admin-key.json")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 
@@ -42,10 +43,12 @@ def parse_duration(text: str) -> float:
     return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
+Metadata = tuple[tuple[str, str], ...]
+
+
 @contextmanager
-def _admin(
-    edge: str, admin_key: str, ca: str = ""
-) -> Iterator[tuple[auth_pb2_grpc.AuthAdminServiceStub, tuple[tuple[str, str], ...]]]:
+def admin_channel(edge: str, admin_key: str, ca: str = "") -> Iterator[tuple[grpc.Channel, Metadata]]:
+    """A channel to the edge (local or a cluster's) and the admin key's metadata; an RPC error exits with 1."""
     if not admin_key:
         if not ADMIN_FILE.exists():
             raise typer.BadParameter(
@@ -54,16 +57,37 @@ def _admin(
         admin_key = json.loads(ADMIN_FILE.read_text())["secret"]
     with tls.edge_channel(edge, Path(ca) if ca else None) as channel:
         try:
-            yield auth_pb2_grpc.AuthAdminServiceStub(channel), (("authorization", f"Bearer {admin_key}"),)
+            yield channel, (("authorization", f"Bearer {admin_key}"),)
         except grpc.RpcError as exc:
             err.print(f"[red]{exc.code().name}[/]: {exc.details()}")
             raise typer.Exit(1) from exc
+
+
+@contextmanager
+def _admin(edge: str, admin_key: str, ca: str = "") -> Iterator[tuple[auth_pb2_grpc.AuthAdminServiceStub, Metadata]]:
+    with admin_channel(edge, admin_key, ca) as (channel, auth):
+        yield auth_pb2_grpc.AuthAdminServiceStub(channel), auth
 
 
 def _when(ts: timestamp_pb2.Timestamp, present: bool) -> str:
     if not present:
         return "-"
     return datetime.fromtimestamp(ts.seconds, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def show_json(reply: message.Message) -> None:
+    """The reply as JSON on standard output: proto field names, every field, timestamps in RFC 3339."""
+    print(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+
+
+def show(reply: message.Message, as_json: bool, keys: list[auth_pb2.Key], *notes: str) -> None:
+    """The reply as JSON (show_json), or keys as a table and the notes."""
+    if as_json:
+        show_json(reply)
+        return
+    out.print(_table(keys))
+    for note in notes:
+        out.print(note)
 
 
 def _table(keys: list[auth_pb2.Key]) -> Table:
@@ -95,6 +119,7 @@ def create(
     edge: str = EDGE,
     admin_key: str = ADMIN_KEY,
     ca: str = CA,
+    as_json: bool = JSON,
 ) -> None:
     """Creates a key and prints its secret, the only time it is shown."""
     request = auth_pb2.CreateKeyRequest(
@@ -108,8 +133,7 @@ def create(
         request.expires_at.FromSeconds(int(time.time() + parse_duration(expires_in)))
     with _admin(edge, admin_key, ca) as (stub, auth):
         reply = stub.CreateKey(request, metadata=auth, timeout=10)
-    out.print(_table([reply.key]))
-    out.print(f"secret (shown once): [bold]{reply.secret}[/]")
+    show(reply, as_json, [reply.key], f"secret (shown once): [bold]{reply.secret}[/]")
 
 
 @app.command("list")
@@ -119,21 +143,22 @@ def list_keys(
     edge: str = EDGE,
     admin_key: str = ADMIN_KEY,
     ca: str = CA,
+    as_json: bool = JSON,
 ) -> None:
     """Lists keys (never their secrets)."""
     with _admin(edge, admin_key, ca) as (stub, auth):
         reply = stub.ListKeys(
             auth_pb2.ListKeysRequest(tenant=tenant, include_revoked=all_keys), metadata=auth, timeout=10
         )
-    out.print(_table(list(reply.keys)))
+    show(reply, as_json, list(reply.keys))
 
 
 @app.command()
-def get(key_id: str, edge: str = EDGE, admin_key: str = ADMIN_KEY, ca: str = CA) -> None:
+def get(key_id: str, edge: str = EDGE, admin_key: str = ADMIN_KEY, ca: str = CA, as_json: bool = JSON) -> None:
     """Shows one key."""
     with _admin(edge, admin_key, ca) as (stub, auth):
         reply = stub.GetKey(auth_pb2.GetKeyRequest(key_id=key_id), metadata=auth, timeout=10)
-    out.print(_table([reply.key]))
+    show(reply, as_json, [reply.key])
 
 
 @app.command()
@@ -143,6 +168,7 @@ def rotate(
     edge: str = EDGE,
     admin_key: str = ADMIN_KEY,
     ca: str = CA,
+    as_json: bool = JSON,
 ) -> None:
     """Issues a new secret; the old one works for the grace period."""
     with _admin(edge, admin_key, ca) as (stub, auth):
@@ -151,14 +177,18 @@ def rotate(
             metadata=auth,
             timeout=10,
         )
-    out.print(_table([reply.key]))
-    out.print(f"new secret (shown once): [bold]{reply.secret}[/]")
-    out.print(f"the old secret stops at {_when(reply.old_secret_expires_at, True)} UTC")
+    show(
+        reply,
+        as_json,
+        [reply.key],
+        f"new secret (shown once): [bold]{reply.secret}[/]",
+        f"the old secret stops at {_when(reply.old_secret_expires_at, True)} UTC",
+    )
 
 
 @app.command()
-def revoke(key_id: str, edge: str = EDGE, admin_key: str = ADMIN_KEY, ca: str = CA) -> None:
+def revoke(key_id: str, edge: str = EDGE, admin_key: str = ADMIN_KEY, ca: str = CA, as_json: bool = JSON) -> None:
     """Revokes a key on every auth replica within a second."""
     with _admin(edge, admin_key, ca) as (stub, auth):
         reply = stub.RevokeKey(auth_pb2.RevokeKeyRequest(key_id=key_id), metadata=auth, timeout=10)
-    out.print(_table([reply.key]))
+    show(reply, as_json, [reply.key])

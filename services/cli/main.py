@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
-from services.cli import keys
+from services.cli import keys, usage
 from services.mesh.local import LocalMesh, MeshError, MeshOptions
 from services.mesh.supervisor import Supervisor
-from services.runtime import tls
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -24,6 +23,7 @@ app = typer.Typer(help="meshserve: self-hosted LLM serving behind an OpenAI-comp
 model_app = typer.Typer(help="The model store.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(keys.app, name="keys")
+app.command()(usage.usage)
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
@@ -93,10 +93,13 @@ def k8s_render(
 
 @app.command()
 def gen() -> None:
-    """Regenerates the Python stubs in gen/ from protos/."""
+    """Regenerates what is generated and committed: the Python stubs in gen/ from protos/, and the inputs the
+    Kubernetes overlays build from (deploy/k8s/*/generated/)."""
+    from deploy.k8s.render import generate
     from services.cli import protogen
 
     protogen.main()
+    generate()
 
 
 def _examples(url: str, model: str, key: str, admin_file: Path, key_file: Path, rules: Path, ca: Path | None) -> str:
@@ -144,6 +147,9 @@ def up(
     dtype: str = typer.Option("auto", help="Weights dtype (auto, bfloat16, float32)."),
     rules: Path | None = typer.Option(None, help="Rate-limit rules YAML (default: deploy/local/ratelimits.yaml)."),
     replicas: int = typer.Option(1, min=1, max=8, help="Inference replicas; each is a vLLM engine (about 1.5 GiB)."),
+    embedding_model: str = typer.Option(
+        "all-minilm-l6-v2", help="Embedding model served beside (/v1/embeddings; one replica); '' serves none."
+    ),
     otlp_endpoint: str = typer.Option(
         "", envvar="MESHSERVE_OTLP_ENDPOINT", help="OTLP/gRPC collector host:port for traces; empty: tracing off."
     ),
@@ -159,7 +165,8 @@ def up(
     from services.inference import model_store
 
     with console.status(f"model store: {model}"):
-        model_store.ensure(model_store.ModelStore(store), model)
+        for name in filter(None, (model, embedding_model)):
+            model_store.ensure(model_store.ModelStore(store), name)
     options = MeshOptions(
         state_dir=state,
         model=model,
@@ -168,6 +175,7 @@ def up(
         edge_port=port,
         dtype=dtype,
         replicas=replicas,
+        embedding_model=embedding_model,
         otlp_endpoint=otlp_endpoint,
         trace_sample_ratio=trace_sample,
         mtls=mtls,
@@ -231,58 +239,6 @@ def up(
         console.print("stopped")
 
 
-@app.command()
-def usage(
-    hours: float = typer.Option(24, help="How far back, in hours."),
-    tenant: str = typer.Option("", help="Only this tenant."),
-    key: str = typer.Option("", help="Only this key id."),
-    model: str = typer.Option("", help="Only this model."),
-    state: Path = typer.Option(Path("var/run"), help="The running mesh's state folder."),
-) -> None:
-    """Token usage and cost per tenant, key and model, from the billing ledger of the running mesh."""
-    import json
-
-    import grpc
-    from google.protobuf.timestamp_pb2 import Timestamp
-    from rich.table import Table
-
-    from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
-
-    ready = state / "billing.ready.json"
-    if not ready.exists():
-        console.print(f"[red]no running billing service[/] (no {ready}); start the mesh with `make up`")
-        raise typer.Exit(1)
-    announced = json.loads(ready.read_text())
-    port = announced["grpc_port"]
-    start = Timestamp()
-    start.FromSeconds(int(time.time() - hours * 3600))
-    request = billing_pb2.GetUsageRequest(start=start, tenant=tenant, key_id=key, model=model)
-    # As the operator: the mesh's `admin` certificate, when the mesh runs mutual TLS (the default).
-    files = tls.issue(state / "tls", "admin") if announced.get("mtls") else None
-    with tls.channel(f"127.0.0.1:{port}", files, "billing") as channel:
-        try:
-            reply = billing_pb2_grpc.BillingServiceStub(channel).GetUsage(request, timeout=10)
-        except grpc.RpcError as exc:
-            console.print(f"[red]billing: {exc.code().name}[/]: {exc.details()}")
-            raise typer.Exit(1) from exc
-    table = Table(title=f"usage over the last {hours:g} h ({reply.currency})")
-    columns = ("tenant", "key", "model", "requests", "prompt tokens", "completion tokens", "written off", "cost")
-    for column in columns:
-        table.add_column(column, justify="right" if column not in ("tenant", "key", "model") else "left")
-    for line in reply.lines:
-        table.add_row(
-            line.tenant,
-            line.key_id,
-            line.model,
-            f"{line.requests:,}",
-            f"{line.prompt_tokens:,}",
-            f"{line.completion_tokens:,}",
-            f"{line.written_off_tokens:,}",
-            line.cost,
-        )
-    out.print(table)
-
-
 def _top_tables(summary: Summary) -> Group:
     from rich.console import Group
     from rich.table import Table
@@ -333,6 +289,7 @@ def top(
     state: Path = typer.Option(Path("var/run"), help="The running mesh's state folder."),
     interval: float = typer.Option(2.0, help="Seconds between scrapes."),
     once: bool = typer.Option(False, help="Print one summary (two scrapes, one interval apart) and exit."),
+    as_json: bool = typer.Option(False, "--json", help="With --once: print the summary as JSON."),
 ) -> None:
     """A live summary of the running mesh (traffic, TTFT, tokens/s, queues, replicas) from its /metrics."""
     from rich.live import Live
@@ -350,8 +307,14 @@ def top(
     before, at = scrape_all(), time.monotonic()
     if once:
         time.sleep(interval)
-        out.print(_top_tables(metrics.summarize(before, scrape_all(), time.monotonic() - at)))
+        summary = metrics.summarize(before, scrape_all(), time.monotonic() - at)
+        if as_json:
+            print(metrics.as_json(summary))
+        else:
+            out.print(_top_tables(summary))
         return
+    if as_json:
+        raise typer.BadParameter("--json needs --once", param_hint="json")
     with Live(console=out, refresh_per_second=4) as live:
         try:
             while True:

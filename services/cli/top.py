@@ -12,7 +12,7 @@ import math
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -103,6 +103,21 @@ class Summary:
     replicas: list[ReplicaRow] = field(default_factory=list)
     # Service name -> whether its /metrics answered.
     services: dict[str, bool] = field(default_factory=dict)
+
+
+def as_json(summary: Summary) -> str:
+    """The summary for scripts: rates per second, latencies in seconds, null where nothing was measured."""
+
+    def clean(value: object) -> object:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(asdict(summary)), indent=2)
 
 
 def _add_bucket_deltas(before: Samples, after: Samples, name: str, per_model: dict[str, dict[float, float]]) -> None:

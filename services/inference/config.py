@@ -25,7 +25,7 @@ class InferenceSettings(ServiceSettings):
     model_store: str = "var/models"
     # Weights dtype: auto, bfloat16, float16 or float32.
     dtype: str = "auto"
-    # Context length in tokens (prompt plus completion).
+    # Context length in tokens (prompt plus completion); 0 takes the model's own (an embedding model's 512).
     max_model_len: int = 2048
     # Most requests the engine batches at once.
     max_num_seqs: int = 64

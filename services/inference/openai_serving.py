@@ -6,24 +6,21 @@ module builds that layer exactly as vLLM's server does (its own argument parser 
 the server flags the replica is configured with) over the replica's AsyncLLM, so a request gets the same
 answer here as from vLLM's server. Around it: the checks where OpenAI's contract is stricter than vLLM
 (unknown fields; tool arguments held to their tool's parameters is a serving flag, see the settings), and
-a meter between the serving layer and the engine that counts every prompt and generated token and holds
+the meter (metering.py) between the serving layer and the engine that counts every prompt and generated token and holds
 generation until the caller has reserved tokens for the rendered prompt.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import logging
 import shlex
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from services.runtime import tracing
-from services.runtime.errors import DomainError, Internal, InvalidArgument, Unavailable, echo
+from services.inference.metering import EXCHANGE, Exchange, MeteredEngine
+from services.runtime.errors import DomainError, Internal, InvalidArgument, echo
 
 if TYPE_CHECKING:
     from services.inference.engine import Engine
@@ -36,143 +33,21 @@ class Endpoint(Enum):
     COMPLETIONS = "completions"
     MESSAGES = "messages"  # Anthropic's Messages API, served by vLLM's own Anthropic layer
     RESPONSES = "responses"  # OpenAI's Responses API, stateless (the router keeps stored responses)
+    EMBEDDINGS = "embeddings"  # served by a pooling model's replica
+
+
+# Where vLLM's app state keeps each endpoint's serving object, and the method that answers (None: a call).
+HANDLERS = {
+    Endpoint.CHAT: ("openai_serving_chat", "create_chat_completion"),
+    Endpoint.COMPLETIONS: ("openai_serving_completion", "create_completion"),
+    Endpoint.MESSAGES: ("anthropic_serving_messages", "create_messages"),
+    Endpoint.RESPONSES: ("openai_serving_responses", "create_responses"),
+    Endpoint.EMBEDDINGS: ("serving_embedding", None),
+}
 
 
 # OpenAI fields that have no effect on a self-hosted model: accepted and documented as no-ops.
 NO_OP_FIELDS = frozenset({"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"})
-
-
-@dataclass
-class Reply:
-    """One message for the caller: the body or an SSE event, and the token counts so far."""
-
-    data: bytes = b""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finished: bool = False
-    measured: bool = False
-    max_tokens: int = 0
-    failed: bool = False
-
-
-@dataclass
-class Exchange:
-    """One request between the caller and the engine: its counts, and the gate generation waits at."""
-
-    proceed: asyncio.Event = field(default_factory=asyncio.Event)
-    replies: asyncio.Queue[Reply | BaseException | None] = field(default_factory=asyncio.Queue)
-    prompt_tokens: int = 0
-    max_tokens: int = 0
-    completion_tokens: int = 0
-    measured: bool = False
-    # A go-ahead on condition (the most prompt tokens and generated tokens it covers), until measured.
-    covered: tuple[int, int] | None = None
-
-    def reply(self, **fields: Any) -> Reply:
-        return Reply(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, **fields)
-
-    def go_ahead(self, prompt_tokens: int = 0, max_tokens: int = 0) -> None:
-        """The caller's go-ahead: whatever is measured (prompt_tokens 0), or only within those counts."""
-        if prompt_tokens == 0:
-            self.proceed.set()
-            return
-        self.covered = (prompt_tokens, max_tokens)
-        self.release_if_covered()
-
-    def release_if_covered(self) -> None:
-        if self.covered is not None and self.measured:
-            prompt_tokens, max_tokens = self.covered
-            if self.prompt_tokens <= prompt_tokens and self.max_tokens <= max_tokens:
-                self.proceed.set()
-
-
-_EXCHANGE: contextvars.ContextVar[Exchange] = contextvars.ContextVar("meshserve_exchange")
-
-
-def _prompt_len(prompt: Any) -> int:
-    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else getattr(prompt, "prompt_token_ids", None)
-    return len(ids) if ids is not None else 0
-
-
-class MeteredEngine:
-    """The engine as vLLM's serving layer sees it: generation metered, and gated on the caller's go-ahead."""
-
-    def __init__(self, llm: Any, on_generate: Callable[[int], None] | None = None) -> None:
-        self._llm = llm
-        self._on_generate = on_generate
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._llm, name)
-
-    def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args: Any, **kwargs: Any) -> Any:
-        exchange = _EXCHANGE.get(None)
-        if exchange is None:  # a call of vLLM's own (none today): unmetered
-            return self._llm.generate(prompt, sampling_params, request_id, *args, **kwargs)
-        exchange.prompt_tokens += _prompt_len(prompt)
-        exchange.max_tokens += (sampling_params.max_tokens or 0) * max(1, getattr(sampling_params, "n", 1) or 1)
-        return self._metered(exchange, prompt, sampling_params, request_id, args, kwargs)
-
-    async def _metered(
-        self, exchange: Exchange, prompt: Any, params: Any, request_id: str, args: Any, kwargs: Any
-    ) -> AsyncGenerator[Any, None]:
-        from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        # Every generate call of a request is made before the first is iterated: the counts are whole here.
-        if not exchange.measured:
-            exchange.measured = True
-            exchange.replies.put_nowait(exchange.reply(measured=True, max_tokens=exchange.max_tokens))
-            exchange.release_if_covered()  # a go-ahead on condition may have come before the measurement
-        await exchange.proceed.wait()
-        kind = getattr(params, "output_kind", None)
-        # A whole reply is asked of the engine step by step, as a stream is, and merged here with vLLM's own
-        # RequestOutput.add: the caller then sees every token as it comes (time to first token, gaps
-        # between tokens) and vLLM's layer still gets the one final output it asked for.
-        whole = kind == RequestOutputKind.FINAL_ONLY
-        if whole:
-            params = params.clone()
-            params.output_kind = RequestOutputKind.DELTA
-        delta = whole or kind == RequestOutputKind.DELTA
-        seen: dict[int, int] = {}
-        merged: Any = None
-        finished = False
-        if self._on_generate is not None:
-            self._on_generate(1)
-        span = tracing.start_span("engine.generate", {"meshserve.prompt_tokens": _prompt_len(prompt)})
-        try:
-            async for output in self._llm.generate(prompt, params, request_id, *args, **kwargs):
-                if not seen:
-                    span.add_event("first_token")
-                for choice in output.outputs:
-                    count = len(choice.token_ids)
-                    before = seen.get(choice.index, 0)
-                    now = before + count if delta else count
-                    seen[choice.index] = now
-                    exchange.completion_tokens += now - before
-                finished = bool(output.finished)
-                if not whole:
-                    yield output
-                    continue
-                exchange.replies.put_nowait(exchange.reply())  # progress: the counts, no data
-                if merged is None:
-                    merged = output
-                else:
-                    merged.add(output, aggregate=True)
-            if merged is not None:
-                merged.outputs.sort(key=lambda o: o.index)
-                yield merged
-        except EngineDeadError as exc:  # the replica is down, not this request at fault
-            raise Unavailable(f"the engine died: {exc}") from exc
-        finally:
-            completion_tokens = sum(seen.values())
-            span.set_attribute("meshserve.completion_tokens", completion_tokens)
-            span.set_attribute("meshserve.finished", finished)
-            span.end()
-            if self._on_generate is not None:
-                self._on_generate(-1)
-            if not finished:
-                # AsyncLLM aborts a generation whose iterator closes early; said here, as Engine.generate says it.
-                log.info("aborted", extra={"request_id": request_id, "completion_tokens": completion_tokens})
 
 
 def _strings(value: Any) -> int:
@@ -194,7 +69,8 @@ class ServingLayer:
         self._allowed = allowed
         self._engine = engine
         # The no-op fields an endpoint's own request model knows (the Responses API's store and metadata).
-        self._known = {e: frozenset(kind.model_fields) & NO_OP_FIELDS for e, kind in _request_kinds().items()}
+        self._known = {e: _field_names(kind) & NO_OP_FIELDS for e, kind in _request_kinds().items()}
+        self._adapters: dict[Endpoint, Any] = {}
 
     @classmethod
     async def start(cls, engine: Engine, flags: str) -> ServingLayer:
@@ -207,23 +83,19 @@ class ServingLayer:
         config = engine.config
         argv = [
             *("--model", str(config.model_dir), "--served-model-name", config.model_name),
-            *("--max-model-len", str(config.max_model_len)),
+            *("--max-model-len", str(engine.max_model_len)),
         ]
         parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
         args = parser.parse_args([*argv, *shlex.split(flags)])
         state = State()
         metered: Any = MeteredEngine(engine.llm, engine.count_in_flight)  # the EngineClient it wraps, metered
-        await init_app_state(metered, state, args, ("generate",))
-
-        def names(model: Any) -> frozenset[str]:
-            fields = model.model_fields
-            return frozenset(fields) | {f.alias for f in fields.values() if f.alias} | NO_OP_FIELDS
-
-        allowed = {endpoint: names(kind) for endpoint, kind in _request_kinds().items()}
+        # The model's own tasks: generation, or a pooling model's (embed), as vLLM's server asks them.
+        await init_app_state(metered, state, args, await engine.llm.get_supported_tasks())
+        allowed = {endpoint: _field_names(kind) | NO_OP_FIELDS for endpoint, kind in _request_kinds().items()}
         return cls(state, allowed, engine)
 
     def _request(self, endpoint: Endpoint, body: bytes, request_id: str, model: str) -> Any:
-        from pydantic import ValidationError
+        from pydantic import TypeAdapter, ValidationError
 
         try:
             fields = json.loads(body)
@@ -239,7 +111,7 @@ class ServingLayer:
         source = SOURCES.get(endpoint, "messages")
         value = fields.get(source)
         # Before tokenizing: megabytes of text take seconds in which this replica serves nobody else.
-        chars = _strings(value) + _strings(fields.get("system")) + _strings(fields.get("instructions"))
+        chars = sum(_strings(fields.get(name)) for name in PROMPT_FIELDS)
         self._engine.refuse_oversized(source, chars, len(value) if isinstance(value, list) else 1)
         for name in NO_OP_FIELDS - self._known[endpoint]:
             fields.pop(name, None)
@@ -250,7 +122,9 @@ class ServingLayer:
         elif endpoint is not Endpoint.MESSAGES:  # vLLM's Anthropic layer names its chat request itself
             fields["request_id"] = request_id
         try:
-            request = _request_kinds()[endpoint].model_validate(fields)
+            if endpoint not in self._adapters:
+                self._adapters[endpoint] = TypeAdapter(_request_kinds()[endpoint])
+            request = self._adapters[endpoint].validate_python(fields)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "body"
@@ -259,7 +133,7 @@ class ServingLayer:
 
     async def serve(self, endpoint: Endpoint, body: bytes, request_id: str, model: str, exchange: Exchange) -> None:
         """Answers one request into exchange.replies (ending with None); errors go there as exceptions."""
-        token = _EXCHANGE.set(exchange)
+        token = EXCHANGE.set(exchange)
         try:
             await self._serve(endpoint, self._request(endpoint, body, request_id, model), request_id, exchange)
         except BaseException as exc:
@@ -269,22 +143,25 @@ class ServingLayer:
         else:
             exchange.replies.put_nowait(None)
         finally:
-            _EXCHANGE.reset(token)
+            EXCHANGE.reset(token)
 
     async def _serve(self, endpoint: Endpoint, request: Any, request_id: str, exchange: Exchange) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-        state = self._state
-        if endpoint is Endpoint.CHAT:
-            result = await state.openai_serving_chat.create_chat_completion(request, None)
-        elif endpoint is Endpoint.COMPLETIONS:
-            result = await state.openai_serving_completion.create_completion(request, None)
-        elif endpoint is Endpoint.MESSAGES:
-            result = await state.anthropic_serving_messages.create_messages(request, None)
-        else:
-            result = await state.openai_serving_responses.create_responses(request, None)
+        holder, method = HANDLERS[endpoint]
+        handler = getattr(self._state, holder, None)
+        if handler is None:  # vLLM builds only what the model's tasks serve (a chat model embeds nothing)
+            name = self._engine.config.model_name
+            raise InvalidArgument(f"model {echo(name)} does not serve the {endpoint.value} endpoint")
+        result = await (getattr(handler, method) if method else handler)(request, None)
         if isinstance(result, ErrorResponse):
             raise _error(result.error.code, result.error.message)
+        if isinstance(getattr(result, "body", None), bytes):  # a whole HTTP response (vLLM's pooling layer)
+            if result.status_code >= 400:
+                message = json.loads(result.body).get("error", {}).get("message", "the request failed")
+                raise _error(result.status_code, message)
+            exchange.replies.put_nowait(exchange.reply(data=bytes(result.body), finished=True))
+            return
         anthropic = endpoint is Endpoint.MESSAGES
         if hasattr(result, "model_dump_json"):
             if anthropic:  # Anthropic's message ids, and vLLM's server leaves out what is null
@@ -308,8 +185,10 @@ class ServingLayer:
 # Anthropic's message ids: msg_ and the request's id (vLLM's Anthropic layer says chatcmpl-<its own id>).
 MESSAGE_ID_PREFIX = "msg_"
 RESPONSE_ID_PREFIX = "resp_"
+# Every field a prompt is read from, of any endpoint (what the size check counts before tokenizing).
+PROMPT_FIELDS = ("prompt", "messages", "input", "system", "instructions")
 # Where an endpoint's prompt is (chat's and Anthropic's: messages).
-SOURCES = {Endpoint.COMPLETIONS: "prompt", Endpoint.RESPONSES: "input"}
+SOURCES = {Endpoint.COMPLETIONS: "prompt", Endpoint.RESPONSES: "input", Endpoint.EMBEDDINGS: "input"}
 # The events that fail a stream, and the one that ends it whole, where they are not OpenAI chat's.
 STREAM_ENDS = {
     Endpoint.MESSAGES: (("event: error",), "event: message_stop"),
@@ -338,13 +217,29 @@ def _request_kinds() -> dict[Endpoint, Any]:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
 
     return {
         Endpoint.CHAT: ChatCompletionRequest,
         Endpoint.COMPLETIONS: CompletionRequest,
         Endpoint.MESSAGES: AnthropicMessagesRequest,
         Endpoint.RESPONSES: ResponsesRequest,
+        Endpoint.EMBEDDINGS: EmbeddingRequest,  # OpenAI's form (input) and vLLM's chat forms (messages)
     }
+
+
+def _field_names(kind: Any) -> frozenset[str]:
+    """The JSON names a request model (or each model of a union of them) reads."""
+    members = [kind] if hasattr(kind, "model_fields") else _union_members(kind)
+    fields = [f for m in members for f in m.model_fields.items()]
+    return frozenset(name for name, _ in fields) | {f.alias for _, f in fields if f.alias}
+
+
+def _union_members(kind: Any) -> list[Any]:
+    from typing import get_args
+
+    union = get_args(kind)[0]  # Annotated[A | B | ..., validator]
+    return [m for m in get_args(union) if hasattr(m, "model_fields")]
 
 
 def _error(status: int, message: str) -> Exception:

@@ -12,7 +12,8 @@ from grpc import aio
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.engine import Engine
-from services.inference.openai_serving import Endpoint, Exchange, Reply, ServingLayer
+from services.inference.metering import Exchange, Reply
+from services.inference.openai_serving import Endpoint, ServingLayer
 from services.runtime.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, echo
 from services.runtime.interceptors import status_of
 from services.runtime.sampling import OPTIONAL_SAMPLING, Sampling
@@ -34,6 +35,7 @@ ENDPOINTS = {
     inference_pb2.ENDPOINT_COMPLETIONS: Endpoint.COMPLETIONS,
     inference_pb2.ENDPOINT_MESSAGES: Endpoint.MESSAGES,
     inference_pb2.ENDPOINT_RESPONSES: Endpoint.RESPONSES,
+    inference_pb2.ENDPOINT_EMBEDDINGS: Endpoint.EMBEDDINGS,
 }
 
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from services.mesh.procs import (
     MeshError,
     MeshOptions,
     Proc,
+    catalogue_entry,
     core_sets,
     envoy_binary,
     free_port,
@@ -201,17 +201,17 @@ class LocalMesh(Readiness):
     def _fail_open(self, kind: Kind) -> bool:
         return Rules.from_yaml(self.options.ratelimit_rules).failure_mode(kind) is FailureMode.OPEN
 
-    def start_inference(self, name: str = "inference", cpu_bind: str = "auto") -> Proc:
-        """Starts an inference replica; it serves once the model is loaded and warmed up.
-
-        cpu_bind is vLLM's VLLM_CPU_OMP_THREADS_BIND for a CPU engine (see core_sets)."""
+    def start_inference(self, name: str = "inference", cpu_bind: str = "auto", model: str = "") -> Proc:
+        """Starts an inference replica of model (the mesh's chat model unless given); it serves once the
+        model is loaded and warmed up. cpu_bind is vLLM's VLLM_CPU_OMP_THREADS_BIND (see core_sets)."""
         prefix = "MESHSERVE_INFERENCE_"
         env = {
             "VLLM_CPU_OMP_THREADS_BIND": cpu_bind,
-            prefix + "MODEL": self.options.model,
+            prefix + "MODEL": model or self.options.model,
             prefix + "MODEL_STORE": str(self.options.model_store.resolve()),
             prefix + "DTYPE": self.options.dtype,
-            prefix + "MAX_MODEL_LEN": str(self.options.max_model_len),
+            # An embedding model runs with its own context (it is shorter than a chat model's).
+            prefix + "MAX_MODEL_LEN": str(0 if model else self.options.max_model_len),
             prefix + "CACHE_DIR": str((self.options.state_dir / "vllm-cache").resolve()),
         }
         return self.start_service(name, "services.inference", prefix, env)
@@ -233,22 +233,13 @@ class LocalMesh(Readiness):
         It reports SERVING once the model has a replica in rotation, unless required_for_ready is off."""
         if replicas is None:
             replicas = [f"{self.options.host}:{p.grpc_port}" for p in self.inference_replicas()]
+        models = [catalogue_entry(self.options.model, replicas, required_for_ready)]
+        embed = self.procs.get("embed")
+        if embed is not None and self.options.embedding_model:
+            embedders = [f"{self.options.host}:{embed.grpc_port}"]
+            models.append(catalogue_entry(self.options.embedding_model, embedders, required_for_ready))
         catalogue = self.options.state_dir / f"{name}.catalogue.yaml"
-        catalogue.write_text(
-            yaml.safe_dump(
-                {
-                    "models": [
-                        {
-                            "id": self.options.model,
-                            "replicas": replicas,
-                            "owned_by": "meshserve",
-                            "created": int(time.time()),
-                            "required_for_ready": required_for_ready,
-                        }
-                    ]
-                }
-            )
-        )
+        catalogue.write_text(yaml.safe_dump({"models": models}))
         settings = {
             "MESHSERVE_ROUTER_CATALOGUE": str(catalogue),
             "MESHSERVE_ROUTER_REQUIRE_CALLER": str(require_caller),
@@ -321,6 +312,8 @@ class LocalMesh(Readiness):
             self.start_inference("inference" if i == 0 else f"inference-{i + 1}", binds[i])
             for i in range(self.options.replicas)
         ]
+        if self.options.embedding_model:  # beside the chat replicas, on every core (it idles between calls)
+            replicas.append(self.start_inference("embed", "auto", self.options.embedding_model))
         for inference in replicas:
             self.wait_bound(inference, 120)
         self.wait_bound(ratelimit, 60)

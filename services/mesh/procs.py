@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -115,6 +116,9 @@ class MeshOptions:
     max_model_len: int = 2048
     # Inference replicas of the model; the router spreads requests over them.
     replicas: int = 1
+    # An embedding model served beside it (one replica, named embed; the model store's all-minilm-l6-v2
+    # by `meshserve up`); empty serves none.
+    embedding_model: str = ""
     # Rate-limit rules (plans, tenants, failure modes).
     ratelimit_rules: Path = Path(__file__).resolve().parents[2] / "deploy" / "local" / "ratelimits.yaml"
     # Price table of the billing service.
@@ -181,3 +185,14 @@ def wait_redis(url: str, files: tls.Files | None, check_alive: Callable[[], None
             except (OSError, redis.RedisError):
                 time.sleep(0.05)
     raise MeshError(f"redis did not answer within {timeout:.0f}s")
+
+
+def catalogue_entry(model: str, replicas: list[str], required_for_ready: bool) -> dict[str, Any]:
+    """A model of the local router's catalogue, served by replicas (host:port)."""
+    return {
+        "id": model,
+        "replicas": replicas,
+        "owned_by": "meshserve",
+        "created": int(time.time()),
+        "required_for_ready": required_for_ready,
+    }

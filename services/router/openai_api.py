@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshserve.inference.v1 import inference_pb2
-from services.router import access, responses
+from services.router import access, embeddings, responses
 from services.router import messages as anthropic
 from services.router.accounting import Metered, Window
 from services.router.caller import Caller, RouteHints
@@ -38,7 +38,17 @@ CHAT = inference_pb2.ENDPOINT_CHAT_COMPLETIONS
 COMPLETIONS = inference_pb2.ENDPOINT_COMPLETIONS
 MESSAGES = inference_pb2.ENDPOINT_MESSAGES  # Anthropic's Messages API (services/router/messages.py)
 RESPONSES = inference_pb2.ENDPOINT_RESPONSES  # OpenAI's Responses API (services/router/responses.py)
-ID_PREFIX: dict[int, str] = {CHAT: "chatcmpl-", COMPLETIONS: "cmpl-", MESSAGES: "msg_", RESPONSES: responses.ID_PREFIX}
+EMBEDDINGS = inference_pb2.ENDPOINT_EMBEDDINGS  # an embedding model's (services/router/embeddings.py)
+ID_PREFIX: dict[int, str] = {
+    CHAT: "chatcmpl-",
+    COMPLETIONS: "cmpl-",
+    MESSAGES: "msg_",
+    RESPONSES: responses.ID_PREFIX,
+    EMBEDDINGS: "embd-",
+}
+
+# The GenAI semantic conventions' operation of each endpoint (chat's for Messages and Responses).
+OPERATIONS: dict[int, str] = {COMPLETIONS: TEXT_COMPLETION, EMBEDDINGS: "embeddings"}
 
 # OpenAI's ranges, where vLLM accepts more: (low, high, low excluded).
 RANGES = {
@@ -105,6 +115,8 @@ def _contract(fields: dict[str, Any]) -> None:
 
 
 def _opening(endpoint: int, fields: dict[str, Any], prefix_chars: int) -> str:
+    if endpoint == EMBEDDINGS:  # no conversation goes on: nothing to keep near a replica's prefix cache
+        return ""
     if endpoint == RESPONSES:
         return opening(responses.turns(fields), prefix_chars)
     if endpoint != COMPLETIONS:  # chat's messages and Anthropic's read alike (and Anthropic's system first)
@@ -136,6 +148,8 @@ def parse(endpoint: int, data: bytes, stream: bool, prefix_chars: int) -> Body:
         anthropic.contract(fields)
     elif endpoint == RESPONSES:
         responses.contract(fields)
+    elif endpoint == EMBEDDINGS:
+        embeddings.contract(fields)
     else:
         _contract(fields)
     if endpoint == CHAT and not fields.get("messages"):
@@ -143,7 +157,7 @@ def parse(endpoint: int, data: bytes, stream: bool, prefix_chars: int) -> Body:
     if bool(fields.get("stream")) != stream:
         fields["stream"] = stream
         data = json.dumps(fields).encode()
-    generated = most_generated(endpoint != COMPLETIONS, fields)
+    generated = 0 if endpoint == EMBEDDINGS else most_generated(endpoint != COMPLETIONS, fields)
     return Body(data, model, _opening(endpoint, fields, prefix_chars), generated)
 
 
@@ -224,7 +238,7 @@ class OpenAIApi:
             return replies
 
         key = prefix_key(body.opening, hints, pipeline.policy.prefix_chars)
-        operation = TEXT_COMPLETION if endpoint == COMPLETIONS else CHAT_OPERATION
+        operation = OPERATIONS.get(endpoint, CHAT_OPERATION)
         replies = pipeline.generate(request_id, body.model, key, caller, hints, attempt, not stream, guess, operation)
         return request_id, replies
 

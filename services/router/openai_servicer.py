@@ -11,7 +11,7 @@ from grpc import aio
 from meshserve.llm.v2 import llm_pb2, llm_pb2_grpc
 from services.router import access
 from services.router.caller import Caller, RouteHints
-from services.router.openai_api import CHAT, COMPLETIONS, MESSAGES, RESPONSES, OpenAIApi, ResponseMeta
+from services.router.openai_api import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, OpenAIApi, ResponseMeta
 from services.router.servicer import identify, status_name
 
 Context = aio.ServicerContext[Any, Any]
@@ -85,6 +85,9 @@ class OpenAIServicer(llm_pb2_grpc.LlmServiceServicer):
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         async for event in self._stream("StreamResponse", RESPONSES, request, context):
             yield event
+
+    async def CreateEmbedding(self, request: httpbody_pb2.HttpBody, context: Context) -> httpbody_pb2.HttpBody:
+        return await self._whole("CreateEmbedding", EMBEDDINGS, request, context)
 
     async def GetResponse(self, request: llm_pb2.GetResponseRequest, context: Context) -> httpbody_pb2.HttpBody:
         with access.opened("GetResponse", status_name) as entry:

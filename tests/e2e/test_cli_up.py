@@ -76,11 +76,24 @@ def test_up_serves_restarts_a_killed_engine_then_ctrl_c_stops_everything(tmp_pat
         timeout=60,
     )
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
+    # The embedding model is served beside the chat model by default, and listed with it.
+    auth = {"authorization": f"Bearer {key.group(1)}"}
+    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=auth, timeout=10).json()
+    assert {m["id"] for m in models["data"]} == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
+    vectors = httpx.post(
+        f"http://127.0.0.1:{port}/v1/embeddings",
+        headers=auth,
+        json={"model": "all-minilm-l6-v2", "input": "Hi"},
+        timeout=60,
+    )
+    assert vectors.status_code == 200 and len(vectors.json()["data"][0]["embedding"]) == 384
     spawned = children_of(proc.pid)
-    assert len(spawned) == 7  # redis, auth, ratelimit, billing, inference, router, envoy
+    assert len(spawned) == 8  # redis, auth, ratelimit, billing, inference, embed, router, envoy
 
-    # kill -9 of the inference server: the supervisor reaps its engine processes and starts it again.
-    inference = next(p for p in spawned if "services.inference" in Path(f"/proc/{p}/cmdline").read_text())
+    # kill -9 of the chat model's inference server: the supervisor reaps its engine processes and starts it again.
+    inference = next(
+        p for p in spawned if "MESHSERVE_INFERENCE_MODEL=smollm2" in Path(f"/proc/{p}/environ").read_text()
+    )
     engine_group = group_members(inference)
     assert len(engine_group) > 1  # the server and vLLM's engine core
     os.kill(inference, signal.SIGKILL)
@@ -101,7 +114,7 @@ def test_up_serves_restarts_a_killed_engine_then_ctrl_c_stops_everything(tmp_pat
         time.sleep(1)
     assert [p for p in engine_group if alive(p)] == []  # no engine process of the killed server is left
     spawned = children_of(proc.pid)
-    assert len(spawned) == 7 and inference not in spawned
+    assert len(spawned) == 8 and inference not in spawned
     proc.send_signal(signal.SIGINT)
     # An impatient second signal (Ctrl-C again, or a supervisor's SIGTERM) must not cut the stop short.
     time.sleep(0.3)

@@ -12,8 +12,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from cloudcoil.models.cert_manager import v1 as cert_manager
+from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
 
-from deploy.k8s.render import OVERLAYS, render
+from deploy.k8s.render import OVERLAYS, render, stale_files
+from services.auth.keys import SECRET_PREFIX
 from services.billing.prices import Prices
 from services.inference.metrics import METRICS, QUEUE_DEPTH
 from services.router.admission import QUEUE_DEPTH as ROUTER_QUEUE_DEPTH
@@ -23,6 +25,8 @@ from services.runtime.callers import CALLERS
 ROOT = Path(__file__).resolve().parents[2]
 Doc = dict[str, Any]
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
+# Secrets the operator creates before applying, each with the command deploy/README.md gives for it.
+OPERATOR_SECRETS = {"meshserve-admin": "kubectl -n meshserve create secret generic meshserve-admin"}
 
 
 @cache
@@ -54,10 +58,12 @@ def test_the_overlays_are_the_documented_ones() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_manifest_validates_against_the_kubernetes_schemas(overlay: str) -> None:
     for doc in docs(overlay):
-        if doc["apiVersion"].startswith("cert-manager.io/"):
-            # cert-manager's own schema (its CRDs as pydantic models); a field it does not know would be
-            # dropped on the way through, so the round trip must give the document back.
-            model = getattr(cert_manager, doc["kind"]).model_validate(doc)
+        # cert-manager's and prometheus-operator's own schemas (their CRDs as pydantic models); a field one
+        # does not know would be dropped on the way through, so the round trip must give the document back.
+        crds = {"cert-manager.io/": cert_manager, "monitoring.coreos.com/": prometheus_operator}
+        models = [m for group, m in crds.items() if doc["apiVersion"].startswith(group)]
+        if models:
+            model = getattr(models[0], doc["kind"]).model_validate(doc)
             assert model.model_dump(by_alias=True, exclude_unset=True, mode="json") == doc
             continue
         kubernetes_validate.validate(doc, "1.37.0", strict=True)
@@ -130,6 +136,23 @@ def test_every_service_selects_pods_that_exist(overlay: str) -> None:
         assert any(selector.items() <= labels.items() for labels in templates), pdb["metadata"]["name"]
 
 
+def test_the_committed_generated_inputs_are_current() -> None:
+    # kustomize builds every overlay from git with no render step, so what the overlays read must be current.
+    stale = stale_files()
+    assert stale == [], f"deploy/k8s generated inputs are stale, run `make gen`: {stale}"
+
+
+def test_no_credential_is_in_the_tree_and_the_operator_is_told_how_to_create_it() -> None:
+    for overlay in OVERLAYS:
+        assert not [d for d in of_kind(overlay, "Secret") if d["metadata"]["name"] in OPERATOR_SECRETS]
+    guide = (ROOT / "deploy" / "README.md").read_text()
+    assert all(command in guide for command in OPERATOR_SECRETS.values())
+    # The documented secret is one the auth service accepts (meshserve's key prefix).
+    assert f'BOOTSTRAP_ADMIN_SECRET="{SECRET_PREFIX}$(openssl rand -hex 32)"' in guide
+    tracked = subprocess.run(["git", "ls-files", "deploy"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "admin.env" not in tracked.stdout
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_referenced_configmap_and_secret_exists(overlay: str) -> None:
     have = {(d["kind"], d["metadata"]["name"]) for d in docs(overlay)}
@@ -145,7 +168,7 @@ def test_every_referenced_configmap_and_secret_exists(overlay: str) -> None:
             for e in c.get("env", []):
                 ref = e.get("valueFrom", {})
                 for key, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
-                    if key in ref and not ref[key].get("optional"):
+                    if key in ref and not ref[key].get("optional") and ref[key]["name"] not in OPERATOR_SECRETS:
                         assert (kind, ref[key]["name"]) in have, f"{workload['metadata']['name']}: {ref}"
         assert ("ServiceAccount", spec["serviceAccountName"]) in have
 

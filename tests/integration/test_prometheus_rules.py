@@ -42,6 +42,31 @@ def test_the_cluster_ships_the_same_rules_and_dashboard() -> None:
     assert dashboard["data"]["meshserve.json"] == (RULES.parent / "grafana" / "meshserve.json").read_text()
 
 
+def test_prometheus_operator_scrapes_every_service_and_loads_the_same_rules() -> None:
+    from tests.integration.test_k8s_manifests import of_kind, pod_specs
+
+    [rule] = of_kind("gpu", "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load((RULES / "rules.yaml").read_text())["groups"]
+    # Every Service with a metrics port has a ServiceMonitor that selects it, on that port.
+    monitors = of_kind("gpu", "ServiceMonitor")
+    for service in of_kind("gpu", "Service"):
+        if "metrics" not in [p["name"] for p in service["spec"]["ports"]]:
+            continue
+        labels = service["metadata"]["labels"]
+        [monitor] = [m for m in monitors if m["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    # The edge's Envoy is scraped on its admin port, which no Service exposes.
+    [pod_monitor] = of_kind("gpu", "PodMonitor")
+    [edge] = [spec for w, spec in pod_specs("gpu") if w["metadata"]["name"] == "edge"]
+    ports = {p["name"]: p["containerPort"] for p in edge["containers"][0]["ports"]}
+    assert [(e["port"], e["path"]) for e in pod_monitor["spec"]["podMetricsEndpoints"]] == [
+        ("admin", "/stats/prometheus")
+    ]
+    assert ports["admin"] == 9901
+    # Overlays without prometheus-operator carry none of its kinds.
+    assert not of_kind("cpu-dev", "ServiceMonitor", "PodMonitor", "PrometheusRule")
+
+
 def test_the_dashboard_is_grafana_json_whose_recorded_series_the_rules_define() -> None:
     dashboard = json.loads((RULES.parent / "grafana" / "meshserve.json").read_text())
     assert dashboard["uid"] and dashboard["title"] and isinstance(dashboard["schemaVersion"], int)

@@ -18,7 +18,8 @@ import pytest
 from grpc import aio
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.inference.openai_serving import Endpoint, Exchange
+from services.inference.metering import Exchange
+from services.inference.openai_serving import Endpoint
 from services.inference.servicer import InferenceServicer
 from services.router.replicas import GrpcReplica
 from services.runtime import errors

@@ -187,6 +187,7 @@ def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_c
         "/v1/chat/completions:stream",
         "/v1/completions",
         "/v1/completions:stream",
+        "/v1/embeddings",
         "/v1/messages",
         "/v1/messages:stream",
         "/v1/responses",
@@ -194,7 +195,7 @@ def test_with_auth_and_rate_limits_the_model_header_is_set_before_the_limit_is_c
     ]
     grpc_paths = [r["match"]["path"].rsplit("/", 1)[1] for r in generation if not r["match"]["path"].startswith("/v1/")]
     openai = ["CreateChatCompletion", "StreamChatCompletion", "CreateCompletion", "StreamCompletion"]
-    v2_only = ["CreateMessage", "StreamMessage", "CreateResponse", "StreamResponse"]
+    v2_only = ["CreateMessage", "StreamMessage", "CreateResponse", "StreamResponse", "CreateEmbedding"]
     assert sorted(grpc_paths) == sorted([*openai, *openai, *v2_only])
     assert not any("rate_limits" in r["route"] for r in generation)
     (rest,) = [r for r in api_routes if "path" not in r["match"]]

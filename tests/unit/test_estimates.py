@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.inference.openai_serving import Exchange
+from services.inference.metering import Exchange
 from services.router.accounting import Metered
 from services.router.caller import Caller
 from services.router.estimates import MARGIN_TOKENS, MIN_SAMPLES, Guess, PromptEstimator, most_generated

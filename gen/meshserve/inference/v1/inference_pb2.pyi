@@ -14,6 +14,7 @@ class Endpoint(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENDPOINT_COMPLETIONS: _ClassVar[Endpoint]
     ENDPOINT_MESSAGES: _ClassVar[Endpoint]
     ENDPOINT_RESPONSES: _ClassVar[Endpoint]
+    ENDPOINT_EMBEDDINGS: _ClassVar[Endpoint]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,6 +27,7 @@ ENDPOINT_CHAT_COMPLETIONS: Endpoint
 ENDPOINT_COMPLETIONS: Endpoint
 ENDPOINT_MESSAGES: Endpoint
 ENDPOINT_RESPONSES: Endpoint
+ENDPOINT_EMBEDDINGS: Endpoint
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason

@@ -113,6 +113,13 @@ class LlmServiceStub:
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    CreateEmbedding: _grpc.UnaryUnaryMultiCallable[_httpbody_pb2.HttpBody, _httpbody_pb2.HttpBody]
+    """CreateEmbedding answers an embeddings request (OpenAI's JSON: input as a string, strings, token ids or
+    lists of them; encoding_format float or base64) from an embedding model's replicas.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
     GetResponse: _grpc.UnaryUnaryMultiCallable[_llm_pb2.GetResponseRequest, _httpbody_pb2.HttpBody]
     """GetResponse reads back a stored response of the caller's tenant (NOT_FOUND for any other).
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
@@ -182,6 +189,13 @@ class LlmServiceAsyncStub(LlmServiceStub):
     StreamResponse: _aio.UnaryStreamMultiCallable[_httpbody_pb2.HttpBody, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """StreamResponse streams a response as the Responses API's SSE events (`event: response.created` ...
     `event: response.completed`).
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    CreateEmbedding: _aio.UnaryUnaryMultiCallable[_httpbody_pb2.HttpBody, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """CreateEmbedding answers an embeddings request (OpenAI's JSON: input as a string, strings, token ids or
+    lists of them; encoding_format float or base64) from an embedding model's replicas.
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
@@ -300,6 +314,19 @@ class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
         """StreamResponse streams a response as the Responses API's SSE events (`event: response.created` ...
         `event: response.completed`).
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def CreateEmbedding(
+        self,
+        request: _httpbody_pb2.HttpBody,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """CreateEmbedding answers an embeddings request (OpenAI's JSON: input as a string, strings, token ids or
+        lists of them; encoding_format float or base64) from an embedding model's replicas.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME

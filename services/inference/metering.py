@@ -1,0 +1,173 @@
+"""The meter between vLLM's serving layer and the engine. Imports no gRPC.
+
+vLLM's serving layer calls the engine's generate (and encode, for pooling models) with the prompt it
+rendered; the meter counts every prompt and generated token of the request, and holds the engine until the
+caller has reserved tokens for the rendered prompt (its go-ahead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.runtime import tracing
+from services.runtime.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    """One message for the caller: the body or an SSE event, and the token counts so far."""
+
+    data: bytes = b""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finished: bool = False
+    measured: bool = False
+    max_tokens: int = 0
+    failed: bool = False
+
+
+@dataclass
+class Exchange:
+    """One request between the caller and the engine: its counts, and the gate generation waits at."""
+
+    proceed: asyncio.Event = field(default_factory=asyncio.Event)
+    replies: asyncio.Queue[Reply | BaseException | None] = field(default_factory=asyncio.Queue)
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    completion_tokens: int = 0
+    measured: bool = False
+    # A go-ahead on condition (the most prompt tokens and generated tokens it covers), until measured.
+    covered: tuple[int, int] | None = None
+
+    def reply(self, **fields: Any) -> Reply:
+        return Reply(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, **fields)
+
+    def go_ahead(self, prompt_tokens: int = 0, max_tokens: int = 0) -> None:
+        """The caller's go-ahead: whatever is measured (prompt_tokens 0), or only within those counts."""
+        if prompt_tokens == 0:
+            self.proceed.set()
+            return
+        self.covered = (prompt_tokens, max_tokens)
+        self.release_if_covered()
+
+    def release_if_covered(self) -> None:
+        if self.covered is not None and self.measured:
+            prompt_tokens, max_tokens = self.covered
+            if self.prompt_tokens <= prompt_tokens and self.max_tokens <= max_tokens:
+                self.proceed.set()
+
+
+EXCHANGE: contextvars.ContextVar[Exchange] = contextvars.ContextVar("meshserve_exchange")
+
+
+def _prompt_len(prompt: Any) -> int:
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else getattr(prompt, "prompt_token_ids", None)
+    return len(ids) if ids is not None else 0
+
+
+async def _measured(exchange: Exchange) -> None:
+    """Says the request's counts once (every engine call of a request is made before the first is iterated:
+    they are whole here), then waits for the caller's go-ahead."""
+    if not exchange.measured:
+        exchange.measured = True
+        exchange.replies.put_nowait(exchange.reply(measured=True, max_tokens=exchange.max_tokens))
+        exchange.release_if_covered()  # a go-ahead on condition may have come before the measurement
+    await exchange.proceed.wait()
+
+
+class MeteredEngine:
+    """The engine as vLLM's serving layer sees it: generation metered, and gated on the caller's go-ahead."""
+
+    def __init__(self, llm: Any, on_generate: Callable[[int], None] | None = None) -> None:
+        self._llm = llm
+        self._on_generate = on_generate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args: Any, **kwargs: Any) -> Any:
+        exchange = EXCHANGE.get(None)
+        if exchange is None:  # a call of vLLM's own (none today): unmetered
+            return self._llm.generate(prompt, sampling_params, request_id, *args, **kwargs)
+        exchange.prompt_tokens += _prompt_len(prompt)
+        exchange.max_tokens += (sampling_params.max_tokens or 0) * max(1, getattr(sampling_params, "n", 1) or 1)
+        return self._metered(exchange, prompt, sampling_params, request_id, args, kwargs)
+
+    def encode(self, prompt: Any, pooling_params: Any, request_id: str, *args: Any, **kwargs: Any) -> Any:
+        """A pooling model's prompt (an embedding): its tokens counted, held for the go-ahead; nothing generated."""
+        outputs = self._llm.encode(prompt, pooling_params, request_id, *args, **kwargs)
+        exchange = EXCHANGE.get(None)
+        if exchange is None:
+            return outputs
+        exchange.prompt_tokens += _prompt_len(prompt)
+        return self._encoded(exchange, outputs)
+
+    @staticmethod
+    async def _encoded(exchange: Exchange, outputs: Any) -> AsyncGenerator[Any, None]:
+        await _measured(exchange)
+        async for output in outputs:
+            yield output
+
+    async def _metered(
+        self, exchange: Exchange, prompt: Any, params: Any, request_id: str, args: Any, kwargs: Any
+    ) -> AsyncGenerator[Any, None]:
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        await _measured(exchange)
+        kind = getattr(params, "output_kind", None)
+        # A whole reply is asked of the engine step by step, as a stream is, and merged here with vLLM's own
+        # RequestOutput.add: the caller then sees every token as it comes (time to first token, gaps
+        # between tokens) and vLLM's layer still gets the one final output it asked for.
+        whole = kind == RequestOutputKind.FINAL_ONLY
+        if whole:
+            params = params.clone()
+            params.output_kind = RequestOutputKind.DELTA
+        delta = whole or kind == RequestOutputKind.DELTA
+        seen: dict[int, int] = {}
+        merged: Any = None
+        finished = False
+        if self._on_generate is not None:
+            self._on_generate(1)
+        span = tracing.start_span("engine.generate", {"meshserve.prompt_tokens": _prompt_len(prompt)})
+        try:
+            async for output in self._llm.generate(prompt, params, request_id, *args, **kwargs):
+                if not seen:
+                    span.add_event("first_token")
+                for choice in output.outputs:
+                    count = len(choice.token_ids)
+                    before = seen.get(choice.index, 0)
+                    now = before + count if delta else count
+                    seen[choice.index] = now
+                    exchange.completion_tokens += now - before
+                finished = bool(output.finished)
+                if not whole:
+                    yield output
+                    continue
+                exchange.replies.put_nowait(exchange.reply())  # progress: the counts, no data
+                if merged is None:
+                    merged = output
+                else:
+                    merged.add(output, aggregate=True)
+            if merged is not None:
+                merged.outputs.sort(key=lambda o: o.index)
+                yield merged
+        except EngineDeadError as exc:  # the replica is down, not this request at fault
+            raise Unavailable(f"the engine died: {exc}") from exc
+        finally:
+            completion_tokens = sum(seen.values())
+            span.set_attribute("meshserve.completion_tokens", completion_tokens)
+            span.set_attribute("meshserve.finished", finished)
+            span.end()
+            if self._on_generate is not None:
+                self._on_generate(-1)
+            if not finished:
+                # AsyncLLM aborts a generation whose iterator closes early; said here, as Engine.generate says it.
+                log.info("aborted", extra={"request_id": request_id, "completion_tokens": completion_tokens})
