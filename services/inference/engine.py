@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from services.runtime import tracing
+from services.runtime import genai, tracing
 from services.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.runtime.sampling import OPTIONAL_SAMPLING, Sampling
 
@@ -206,7 +206,10 @@ class Engine:
         completion_tokens = 0
         finished = False
         self._in_flight += 1
-        span = tracing.start_span("engine.generate", {"meshserve.prompt_tokens": len(prompt_ids)})
+        # The typed v1 API's generation from token ids: a text completion, as the GenAI conventions name it.
+        operation, model = genai.TEXT_COMPLETION, self.config.model_name
+        span = tracing.start_span(genai.span_name(operation, model), genai.request_attributes(operation, model))
+        finish_reason = ""
         try:
             async for output in self._llm.generate(prompt, params, request_id):
                 out = output.outputs[0]
@@ -214,6 +217,7 @@ class Engine:
                     span.add_event("first_token")
                 completion_tokens += len(out.token_ids)
                 finished = bool(output.finished)
+                finish_reason = str(out.finish_reason or "") if finished else ""
                 yield Step(
                     text=out.text,
                     token_ids=list(out.token_ids),
@@ -227,7 +231,7 @@ class Engine:
             raise Unavailable(f"the engine died: {exc}") from exc
         finally:
             self._in_flight -= 1
-            span.set_attribute("meshserve.completion_tokens", completion_tokens)
+            genai.record_usage(span, len(prompt_ids), completion_tokens, [finish_reason])
             span.set_attribute("meshserve.finished", finished)
             span.end()
             if not finished:

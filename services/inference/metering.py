@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.runtime import tracing
+from services.runtime import genai, tracing
 from services.runtime.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class Exchange:
     measured: bool = False
     # A go-ahead on condition (the most prompt tokens and generated tokens it covers), until measured.
     covered: tuple[int, int] | None = None
+    # What the engine's spans are named and described by (the GenAI conventions).
+    operation: str = genai.CHAT
+    model: str = ""
 
     def reply(self, **fields: Any) -> Reply:
         return Reply(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, **fields)
@@ -70,6 +73,12 @@ EXCHANGE: contextvars.ContextVar[Exchange] = contextvars.ContextVar("meshserve_e
 def _prompt_len(prompt: Any) -> int:
     ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else getattr(prompt, "prompt_token_ids", None)
     return len(ids) if ids is not None else 0
+
+
+def _span(exchange: Exchange) -> Any:
+    """The engine's span of one call, under the Serve call's: "{operation} {model}" as the conventions name it."""
+    attributes = genai.request_attributes(exchange.operation, exchange.model)
+    return tracing.start_span(genai.span_name(exchange.operation, exchange.model), attributes)
 
 
 async def _measured(exchange: Exchange) -> None:
@@ -112,8 +121,13 @@ class MeteredEngine:
     @staticmethod
     async def _encoded(exchange: Exchange, outputs: Any) -> AsyncGenerator[Any, None]:
         await _measured(exchange)
-        async for output in outputs:
-            yield output
+        span = _span(exchange)
+        try:
+            async for output in outputs:
+                yield output
+        finally:
+            genai.record_usage(span, exchange.prompt_tokens, 0)
+            span.end()
 
     async def _metered(
         self, exchange: Exchange, prompt: Any, params: Any, request_id: str, args: Any, kwargs: Any
@@ -136,12 +150,15 @@ class MeteredEngine:
         finished = False
         if self._on_generate is not None:
             self._on_generate(1)
-        span = tracing.start_span("engine.generate", {"meshserve.prompt_tokens": _prompt_len(prompt)})
+        span = _span(exchange)
+        reasons: dict[int, str] = {}
         try:
             async for output in self._llm.generate(prompt, params, request_id, *args, **kwargs):
                 if not seen:
                     span.add_event("first_token")
                 for choice in output.outputs:
+                    if choice.finish_reason:
+                        reasons[choice.index] = str(choice.finish_reason)
                     count = len(choice.token_ids)
                     before = seen.get(choice.index, 0)
                     now = before + count if delta else count
@@ -163,7 +180,7 @@ class MeteredEngine:
             raise Unavailable(f"the engine died: {exc}") from exc
         finally:
             completion_tokens = sum(seen.values())
-            span.set_attribute("meshserve.completion_tokens", completion_tokens)
+            genai.record_usage(span, _prompt_len(prompt), completion_tokens, (reasons[i] for i in sorted(reasons)))
             span.set_attribute("meshserve.finished", finished)
             span.end()
             if self._on_generate is not None:

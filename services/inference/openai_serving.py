@@ -20,6 +20,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from services.inference.metering import EXCHANGE, Exchange, MeteredEngine
+from services.runtime import genai
 from services.runtime.errors import DomainError, Internal, InvalidArgument, echo
 
 if TYPE_CHECKING:
@@ -35,6 +36,15 @@ class Endpoint(Enum):
     RESPONSES = "responses"  # OpenAI's Responses API, stateless (the router keeps stored responses)
     EMBEDDINGS = "embeddings"  # served by a pooling model's replica
 
+
+# Each endpoint's gen_ai.operation.name (Messages and Responses are chats).
+OPERATIONS = {
+    Endpoint.CHAT: genai.CHAT,
+    Endpoint.COMPLETIONS: genai.TEXT_COMPLETION,
+    Endpoint.MESSAGES: genai.CHAT,
+    Endpoint.RESPONSES: genai.CHAT,
+    Endpoint.EMBEDDINGS: genai.EMBEDDINGS,
+}
 
 # Where vLLM's app state keeps each endpoint's serving object, and the method that answers (None: a call).
 HANDLERS = {

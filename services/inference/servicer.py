@@ -13,7 +13,7 @@ from grpc import aio
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.engine import Engine
 from services.inference.metering import Exchange, Reply
-from services.inference.openai_serving import Endpoint, ServingLayer
+from services.inference.openai_serving import OPERATIONS, Endpoint, ServingLayer
 from services.runtime.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, echo
 from services.runtime.interceptors import status_of
 from services.runtime.sampling import OPTIONAL_SAMPLING, Sampling
@@ -153,6 +153,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return
         if start.proceed:
             exchange.proceed.set()
+        exchange.operation, exchange.model = OPERATIONS[ENDPOINTS[start.endpoint]], start.model
         await self.serving.serve(ENDPOINTS[start.endpoint], start.body, start.request_id, start.model, exchange)
 
     async def CountTokens(

@@ -19,9 +19,10 @@ from services.router.balancer import Balancer
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.failover import DEFAULT_POLICY, Attempt, Replica, ReplicaDirectory, RoutingPolicy, affinity_key
-from services.router.pipeline import CHAT, TEXT_COMPLETION, Pipeline
+from services.router.pipeline import Pipeline
 from services.router.validation import GenerationSpec
 from services.runtime.errors import DomainError, Internal, Unavailable
+from services.runtime.genai import CHAT, TEXT_COMPLETION
 from services.runtime.openai_errors import error_body
 from services.runtime.sampling import OPTIONAL_SAMPLING
 

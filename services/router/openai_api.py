@@ -26,10 +26,12 @@ from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Version
 from services.router.estimates import PromptEstimator, most_generated
 from services.router.failover import Attempt, Replica, opening, prefix_key
-from services.router.pipeline import CHAT as CHAT_OPERATION
-from services.router.pipeline import TEXT_COMPLETION, Pipeline, Reserve
+from services.router.pipeline import Pipeline, Reserve
 from services.router.validation import MAX_STOP, finite, in_range, number
 from services.runtime.errors import DomainError, Internal, InvalidArgument, Unavailable, bounded, echo
+from services.runtime.genai import CHAT as CHAT_OPERATION
+from services.runtime.genai import EMBEDDINGS as EMBEDDINGS_OPERATION
+from services.runtime.genai import TEXT_COMPLETION
 from services.runtime.openai_errors import error_body
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ ID_PREFIX: dict[int, str] = {
 }
 
 # The GenAI semantic conventions' operation of each endpoint (chat's for Messages and Responses).
-OPERATIONS: dict[int, str] = {COMPLETIONS: TEXT_COMPLETION, EMBEDDINGS: "embeddings"}
+OPERATIONS: dict[int, str] = {COMPLETIONS: TEXT_COMPLETION, EMBEDDINGS: EMBEDDINGS_OPERATION}
 
 # OpenAI's ranges, where vLLM accepts more: (low, high, low excluded).
 RANGES = {

@@ -21,12 +21,11 @@ from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, Version
 from services.router.estimates import Guess, Hold
 from services.router.failover import Attempt, Failover, ReplicaDirectory, RoutingPolicy
-from services.runtime import tracing
+from services.runtime import genai, tracing
 from services.runtime.errors import DomainError, ResourceExhausted
 
 FINISHED = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
 # The GenAI semantic conventions' operation names of what the router generates.
-CHAT, TEXT_COMPLETION = "chat", "text_completion"
 
 
 S = TypeVar("S", inference_pb2.GenerateResponse, inference_pb2.ServeResponse)
@@ -93,7 +92,7 @@ class Pipeline:
         attempt: AttemptFactory[S],
         unary: bool = False,
         guess: Guess | None = None,
-        operation: str = CHAT,
+        operation: str = genai.CHAT,
     ) -> AsyncGenerator[S, None]:
         """The steps of one generation, from admission to accounting (which runs however it ends).
 
@@ -126,8 +125,9 @@ class Pipeline:
                 metered.admitted = time.monotonic()
                 timer.admitted(metered.admitted)
                 # Current while the replica is called: the engine's spans and billing's record join it.
-                described = {**attributes, "meshserve.request_id": request_id, **_gen_ai(operation, model)}
-                with tracing.span(f"{operation} {model}", described) as span:
+                described = {**attributes, "meshserve.request_id": request_id}
+                described |= genai.request_attributes(operation, model, request_id)
+                with tracing.span(genai.span_name(operation, model), described) as span:
                     try:
                         # aclosing: a consumer that stops early closes the replica's stream (aborts the engine) now.
                         replica_steps = self._failover.steps(attempt(metered, version), request_id, model, version, key)
@@ -225,17 +225,11 @@ class Pipeline:
         return held.guess.prompt_tokens, held.guess.max_tokens
 
 
-def _gen_ai(operation: str, model: str) -> dict[str, str]:
-    """The GenAI semantic conventions' request attributes (gen_ai.*, OpenTelemetry semconv 1.3x)."""
-    return {"gen_ai.operation.name": operation, "gen_ai.request.model": model, "gen_ai.response.model": model}
-
-
 def _gen_ai_usage(span: trace.Span, metered: Metered) -> None:
-    """The token counts the replica reported last, as the conventions name them."""
+    """The token counts the replica reported last, as the GenAI conventions name them."""
     last = metered.last
     if last is not None:
-        span.set_attribute("gen_ai.usage.input_tokens", last.prompt_tokens)
-        span.set_attribute("gen_ai.usage.output_tokens", last.completion_tokens)
+        genai.record_usage(span, last.prompt_tokens, last.completion_tokens)
 
 
 async def _timed(

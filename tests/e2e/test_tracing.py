@@ -131,9 +131,14 @@ def check_path(spans: Sequence[Span]) -> Span:
     assert sum(s.attributes["meshserve.reserved_tokens"] for s in reserves) > 0
 
     engine_call = one(spans, "meshserve-inference", "/meshserve.inference.v1.InferenceService/Serve", serve_call)
-    engine = one(spans, "meshserve-inference", "engine.generate", engine_call)
+    # The replica's span around the engine, by the same conventions: max_tokens 4 ends at length.
+    engine = one(spans, "meshserve-inference", GENERATION, engine_call)
     assert "first_token" in engine.events
-    assert engine.attributes["meshserve.completion_tokens"] == 4
+    assert engine.attributes["gen_ai.operation.name"] == "chat" and engine.attributes["gen_ai.request.model"] == MODEL
+    assert engine.attributes["gen_ai.usage.output_tokens"] == 4
+    assert engine.attributes["gen_ai.usage.input_tokens"] == gen.attributes["gen_ai.usage.input_tokens"]
+    assert engine.attributes["gen_ai.response.finish_reasons"] == ["length"]
+    assert gen.attributes["gen_ai.response.id"] == gen.attributes["meshserve.request_id"]
 
     one(spans, "meshserve-billing", "billing.record_usage", gen)
     assert "first_token" in gen.events
