@@ -7,7 +7,7 @@ up:
 
 test:
 	@scripts/bootstrap.sh
-	@.venv/bin/ruff check services deploy tests bench
+	@.venv/bin/ruff check services deploy tests bench clients
 	@.venv/bin/mypy
 	@.venv/bin/python -m pytest $(ARGS)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # xds-protos ships an old copy of the OpenTelemetry protos into the same package folder, and whichever
 # installs last wins; the OTLP exporter needs opentelemetry-proto's own (InstrumentationScope). Puts it
-# back where it lost. Used by scripts/bootstrap.sh and the image build (deploy/docker/Dockerfile).
+# back where it lost. Used by scripts/bootstrap.sh and the image builds (deploy/docker/*.Dockerfile).
 #   scripts/repair-otel-protos.sh PYTHON
 set -euo pipefail
 py=${1:-python}

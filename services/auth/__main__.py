@@ -56,7 +56,7 @@ def main() -> None:
         follower: list[asyncio.Task[None]] = []
 
         async def ready() -> None:
-            await client.ping()
+            await redis_tls.answering(client)
             follower.append(asyncio.create_task(authenticator.follow_changes(listener)))
             await asyncio.wait_for(authenticator.subscribed.wait(), timeout=10)
             if settings.bootstrap_admin_secret:

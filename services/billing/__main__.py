@@ -52,7 +52,7 @@ def main() -> None:
         tasks: list[asyncio.Task[None]] = []
 
         async def ready() -> None:
-            await client.ping()
+            await redis_tls.answering(client)
             tasks.append(asyncio.create_task(prices.follow(settings.prices_poll_seconds)))
             tasks.append(
                 asyncio.create_task(flush_forever(meter, ledger, lambda: prices.current, settings.flush_seconds))

@@ -32,7 +32,7 @@ class Limits:
         self._watcher = asyncio.create_task(self.rules.follow(poll_seconds))
 
     async def ready(self) -> None:
-        await self.client.ping()
+        await redis_tls.answering(self.client)
 
     async def close(self) -> None:
         if self._watcher is not None:

@@ -1,4 +1,5 @@
-"""Redis over mutual TLS: the connection options a service's Redis client takes from its mesh certificate.
+"""Redis over mutual TLS: the connection options a service's Redis client takes from its mesh certificate, and
+the readiness wait every service's warm-up makes for its Redis.
 
 A `rediss://` URL is TLS. With the service's mesh files (the tls_* settings) the client presents its
 certificate and trusts only the mesh CA, and checks that the server's certificate names the host it dialled
@@ -9,8 +10,12 @@ new connection, so a renewed client certificate is taken without a restart.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
+
+import redis.asyncio as redis
 
 from services.runtime import tls
 
@@ -26,3 +31,19 @@ def options(url: str, files: tls.Files | None) -> dict[str, Any]:
     if files is None:
         return {}
     return {"ssl_certfile": str(files.cert), "ssl_keyfile": str(files.key), "ssl_ca_certs": str(files.ca)}
+
+
+async def answering(client: redis.Redis, patience_seconds: float = 60.0) -> None:
+    """Returns once Redis answers a PING. While it starts, or while a busy machine makes its TLS handshake slower
+    than the client's connect timeout, this retries (the service stays NOT_SERVING meanwhile) instead of failing
+    the warm-up; past patience_seconds the last error is raised."""
+    deadline = time.monotonic() + patience_seconds
+    while True:
+        try:
+            await client.ping()
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.info("waiting for Redis", extra={"error": repr(exc)})
+            await asyncio.sleep(0.5)

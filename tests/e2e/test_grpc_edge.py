@@ -7,6 +7,7 @@ import pytest
 
 from meshserve.llm.v1 import llm_pb2
 from services.mesh.local import LocalMesh
+from tests.conftest import EMBEDDING_MODEL
 from tests.e2e.helpers import MODEL, bearer, edge_stub, openai_client
 
 pytestmark = pytest.mark.mesh
@@ -71,4 +72,4 @@ def test_grpc_errors_keep_their_status_codes_through_the_edge(mesh: LocalMesh) -
         assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "messages" in (invalid.value.details() or "")
         models = stub.ListModels(llm_pb2.ListModelsRequest(), timeout=30, metadata=bearer(mesh.user_key))
-        assert [m.id for m in models.data] == [MODEL]
+        assert [m.id for m in models.data] == [MODEL, EMBEDDING_MODEL]

