@@ -1,5 +1,5 @@
 # The README's two commands: `make up` and `make test`. Both install what is missing first.
-.PHONY: up test lint bench gen fuzz
+.PHONY: up test lint bench gen fuzz lock
 
 up:
 	@scripts/bootstrap.sh
@@ -27,6 +27,12 @@ bench:
 
 gen:
 	@.venv/bin/meshserve gen
+
+# The services image's install set, pinned with hashes (deploy/docker/services.lock), from pyproject.toml's
+# dependencies for the image's Python and platform; a test fails when it no longer satisfies them.
+lock:
+	@.venv/bin/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --no-header --quiet -o deploy/docker/services.lock
 
 # The long fuzz run of the edge (10,000 cases per property); the report goes to bench/reports/fuzz.md.
 fuzz:

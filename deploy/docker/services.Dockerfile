@@ -20,10 +20,13 @@ COPY deploy/__init__.py deploy/__init__.py
 COPY deploy/envoy deploy/envoy
 COPY scripts/repair-otel-protos.sh scripts/repair-otel-protos.sh
 
-# Only the project's own dependencies (no extra): a test checks they hold no torch or vllm and cover what
-# each role's __main__ imports. DL3013: the one unpinned install is this project itself.
-# hadolint ignore=DL3013
-RUN pip install . && scripts/repair-otel-protos.sh python
+# Only the project's own dependencies (no extra), from the hashed lock (`make lock`), then the project
+# itself: a test installs exactly this into a fresh virtual environment, checks it holds no torch or vllm and
+# imports each role's __main__ from it.
+COPY deploy/docker/services.lock deploy/docker/services.lock
+RUN pip install --require-hashes -r deploy/docker/services.lock \
+    && pip install --no-deps . \
+    && scripts/repair-otel-protos.sh python
 
 USER 10001:10001
 EXPOSE 50051 9090

