@@ -13,7 +13,7 @@ from meshserve.billing.v1 import billing_pb2
 from meshserve.llm.v1 import llm_pb2
 from meshserve.llm.v2 import llm_pb2 as llm_v2_pb2
 from services.runtime.identity import KEY_ID_HEADER, KEY_RPM_HEADER, MODEL_HEADER, TENANT_HEADER
-from services.runtime.openai_errors import ANTHROPIC_TYPES, ERROR_TYPES
+from services.runtime.openai_errors import ANTHROPIC_TYPES, ERROR_TYPE_HEADER, ERROR_TYPES
 
 
 def transcoded_services(cfg: EdgeConfig) -> list[str]:
@@ -49,6 +49,7 @@ def lua_source() -> str:
     rows = ",\n".join(f'  [{status}] = {{"{kind}", "{code}"}}' for status, (kind, code) in ERROR_TYPES.items())
     anthropic = ",\n".join(f'  [{status}] = "{kind}"' for status, kind in ANTHROPIC_TYPES.items())
     source = LUA.read_text().replace("%%ERROR_TYPES%%", rows).replace("%%ANTHROPIC_TYPES%%", anthropic)
+    source = source.replace("%%ERROR_TYPE_HEADER%%", ERROR_TYPE_HEADER)
     source = source.replace("%%MODEL_HEADER%%", MODEL_HEADER)
     source = source.replace("%%LLM_SERVICE%%", LLM_SERVICE).replace("%%OPENAI_SERVICE%%", OPENAI_SERVICE)
     return source.replace("%%BODY_METADATA%%", BODY_METADATA)
@@ -150,6 +151,7 @@ def _health_check() -> dict[str, Any]:
 EXPOSED_HEADERS = (
     "x-request-id",
     "retry-after",
+    "x-meshserve-stopped",
     *(f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")),
 )
 

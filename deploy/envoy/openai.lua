@@ -370,6 +370,11 @@ function envoy_on_response(handle)
     return
   end
   drop_grpc_headers(headers)
+  -- An error's own OpenAI type (insufficient_quota), where it is not its status's: the backend names it.
+  local error_type = headers:get("%%ERROR_TYPE_HEADER%%")
+  if error_type ~= nil then
+    headers:remove("%%ERROR_TYPE_HEADER%%")
+  end
   local status = tonumber(headers:get(":status"))
   if status == nil or status < 400 then
     return
@@ -402,6 +407,9 @@ function envoy_on_response(handle)
     out = '{"type":"error","error":{"type":"' .. kind .. '","message":"' .. message .. '"}}'
   else
     local kind = TYPES[status] or {status >= 500 and "server_error" or "invalid_request_error", nil}
+    if error_type ~= nil and error_type:match("^[%w_]+$") then
+      kind = {error_type, error_type}
+    end
     local code = kind[2] and ('"' .. kind[2] .. '"') or "null"
     out = '{"error":{"message":"' .. message .. '","type":"' .. kind[1] .. '","param":null,"code":' .. code .. '}}'
   end

@@ -59,6 +59,8 @@ class KeyRecord:
     revoked_at: float | None = None
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
+    # The key's spend budget, "<amount>/<period>" (ratelimit.budgets.Budget); empty: none.
+    budget: str = ""
     secret_prefix: str = ""
     # Hashes of the secrets that may still work: the current one first.
     secret_hashes: tuple[str, ...] = field(default=())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -18,13 +19,16 @@ from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.authenticator import Authenticator
 from services.auth.keys import ADMIN_PATH_PREFIX, KeyRecord, validate_new_key
 from services.auth.store import KeyStore
+from services.ratelimit.budgets import Budget
 from services.runtime.errors import DomainError, PermissionDenied, Unauthenticated, Unavailable
 from services.runtime.identity import (
     ADMIN_HEADER,
+    KEY_BUDGET_HEADER,
     KEY_ID_HEADER,
     KEY_RPM_HEADER,
     KEY_TPM_HEADER,
     MODELS_HEADER,
+    NO_BUDGET,
     TENANT_HEADER,
 )
 from services.runtime.metadata import text_metadata
@@ -71,6 +75,7 @@ def _allowed(record: KeyRecord, admin_call: bool) -> external_auth_pb2.CheckResp
                 _header(MODELS_HEADER, ",".join(record.allowed_models) or "*"),
                 _header(KEY_RPM_HEADER, str(record.requests_per_minute)),
                 _header(KEY_TPM_HEADER, str(record.tokens_per_minute)),
+                _header(KEY_BUDGET_HEADER, record.budget or NO_BUDGET),
             ],
             # The admin API checks the credential itself; nothing else ever sees it.
             headers_to_remove=[] if admin_call else ["authorization", API_KEY_HEADER],
@@ -129,10 +134,22 @@ def key_pb(record: KeyRecord) -> auth_pb2.Key:
         created_at=_ts(record.created_at),
         revoked_at=_ts(record.revoked_at),
         limits=auth_pb2.KeyLimits(
-            requests_per_minute=record.requests_per_minute, tokens_per_minute=record.tokens_per_minute
+            requests_per_minute=record.requests_per_minute,
+            tokens_per_minute=record.tokens_per_minute,
+            budget=record.budget,
         ),
         secret_prefix=record.secret_prefix,
     )
+
+
+def _limits(limits: auth_pb2.KeyLimits) -> dict[str, Any]:
+    """A key's own limits as its record keeps them; a budget in its canonical form, refused when it does not
+    parse."""
+    return {
+        "requests_per_minute": limits.requests_per_minute,
+        "tokens_per_minute": limits.tokens_per_minute,
+        "budget": str(Budget.parse(limits.budget)) if limits.budget else "",
+    }
 
 
 class AdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
@@ -157,8 +174,7 @@ class AdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
             allowed_models=tuple(request.allowed_models),
             admin=request.admin,
             expires_at=expires_at,
-            requests_per_minute=request.limits.requests_per_minute,
-            tokens_per_minute=request.limits.tokens_per_minute,
+            **_limits(request.limits),
         )
         record, secret = await self._store.create(template)
         return auth_pb2.CreateKeyResponse(key=key_pb(record), secret=secret)
@@ -180,3 +196,9 @@ class AdminServicer(auth_pb2_grpc.AuthAdminServiceServicer):
     async def RevokeKey(self, request: auth_pb2.RevokeKeyRequest, context: Context) -> auth_pb2.RevokeKeyResponse:
         await self._require_admin(context)
         return auth_pb2.RevokeKeyResponse(key=key_pb(await self._store.revoke(request.key_id)))
+
+    async def UpdateKey(self, request: auth_pb2.UpdateKeyRequest, context: Context) -> auth_pb2.UpdateKeyResponse:
+        await self._require_admin(context)
+        limits = _limits(request.limits)
+        record = await self._store.update(request.key_id, lambda old: replace(old, **limits))
+        return auth_pb2.UpdateKeyResponse(key=key_pb(record))

@@ -131,6 +131,22 @@ class KeyStore:
         record: KeyRecord = await self._transaction(key_id, apply)
         return record
 
+    async def update(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
+        """Replaces the key's record with change(record); every replica's cache drops the old one."""
+
+        async def apply(pipe: redis.client.Pipeline) -> KeyRecord:
+            raw = await pipe.get(_record_key(key_id))
+            if raw is None:
+                raise NotFound(f"key {echo(key_id)} does not exist")
+            record = change(KeyRecord.from_json(raw))
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.set(_record_key(key_id), record.to_json())
+            pipe.publish(CHANGES, key_id)
+            return record
+
+        record: KeyRecord = await self._transaction(key_id, apply)
+        return record
+
     async def _transaction(self, key_id: str, apply: Callable[[redis.client.Pipeline], Awaitable[object]]) -> Any:
         for _ in range(10):
             try:

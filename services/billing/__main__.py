@@ -47,7 +47,7 @@ def main() -> None:
         if sink is None:
             log.warning("no payment-provider webhook configured (MESHSERVE_BILLING_WEBHOOK_URL): meter events wait")
         billing_pb2_grpc.add_BillingServiceServicer_to_server(
-            BillingServicer(meter, ledger, lambda: prices.current), rt.server
+            BillingServicer(meter, ledger, lambda: prices.current, client), rt.server
         )
         tasks: list[asyncio.Task[None]] = []
 

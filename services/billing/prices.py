@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
 import yaml
@@ -43,13 +43,14 @@ class Prices(BaseModel):
             where = ".".join(str(p) for p in first["loc"])
             raise InvalidArgument(f"{path}: {where}: {first['msg']}") from None
 
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        """The exact cost of the tokens, rounded to QUANTUM."""
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int, rounding: str = ROUND_HALF_EVEN) -> Decimal:
+        """The exact cost of the tokens, rounded to QUANTUM (spend budgets round up: a sum of costs rounded
+        up is never below the ledger's cost of the summed tokens)."""
         price = self.models.get(model, self.default)
         if price is None:
             return Decimal(0).quantize(QUANTUM)
         raw = (prompt_tokens * price.prompt_per_1k + completion_tokens * price.completion_per_1k) / 1000
-        return raw.quantize(QUANTUM)
+        return raw.quantize(QUANTUM, rounding=rounding)
 
 
 def _decimals(value: object) -> object:

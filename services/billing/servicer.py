@@ -9,12 +9,16 @@ from typing import Any
 
 from grpc import aio
 from opentelemetry.trace import StatusCode
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.billing.ledger import Ledger
 from services.billing.meter import HOUR, Meter, Usage
 from services.billing.prices import Prices
+from services.ratelimit.budgets import money
+from services.ratelimit.rules import Rules
+from services.ratelimit.spend import budget_states
 from services.runtime import tracing
 from services.runtime.errors import InvalidArgument, PermissionDenied, Unavailable
 from services.runtime.identity import ADMIN_HEADER, KEY_ID_HEADER, TENANT_HEADER
@@ -64,10 +68,12 @@ def usage_of(r: billing_pb2.UsageRecord) -> Usage:
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     """meshserve.billing.v1.BillingService over a Meter and a ledger."""
 
-    def __init__(self, meter: Meter, ledger: Ledger, prices: Any) -> None:
+    def __init__(self, meter: Meter, ledger: Ledger, prices: Any, redis: Redis | None = None) -> None:
         self._meter = meter
         self._ledger = ledger
         self._prices = prices
+        # The spend budgets' Redis (the rate limiter's): their state is shown beside the usage.
+        self._redis = redis
 
     async def RecordUsage(
         self, request_iterator: AsyncIterator[billing_pb2.RecordUsageRequest], context: Context
@@ -93,6 +99,27 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             accepted, duplicates = accepted + a, duplicates + d
         return billing_pb2.RecordUsageResponse(accepted=accepted, duplicates=duplicates)
 
+    async def _budgets(self, tenants: list[str]) -> list[billing_pb2.BudgetLine]:
+        if self._redis is None:
+            return []
+        out = []
+        for tenant in tenants:
+            try:
+                states = await budget_states(self._redis, Rules.budget_index_key(tenant))
+            except (RedisError, OSError) as exc:
+                raise Unavailable(f"spend budgets cannot be read right now (Redis: {exc})") from exc
+            out += [
+                billing_pb2.BudgetLine(
+                    tenant=tenant,
+                    scope=s.scope,
+                    subject=s.subject,
+                    period=s.period,
+                    **{name: str(money(getattr(s, name))) for name in ("limit", "spent", "held", "remaining")},
+                )
+                for s in states
+            ]
+        return out
+
     async def GetUsage(self, request: billing_pb2.GetUsageRequest, context: Context) -> billing_pb2.GetUsageResponse:
         start = int(request.start.seconds) // HOUR * HOUR
         end = int(request.end.seconds) if request.HasField("end") else int(time.time()) + 1
@@ -102,7 +129,9 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         tenant = tenant_in_scope(request.tenant, metadata)
         lines = await asyncio.to_thread(self._ledger.usage, start, end, tenant, request.key_id, request.model)
         prices: Prices = self._prices()
+        tenants = [tenant] if tenant is not None else sorted({line.tenant for line in lines})
         return billing_pb2.GetUsageResponse(
+            budgets=await self._budgets(tenants),
             currency=prices.currency,
             lines=[
                 billing_pb2.UsageLine(

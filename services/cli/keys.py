@@ -30,6 +30,12 @@ ADMIN_KEY = typer.Option(
 CA = typer.Option(
     "", envvar="MESHSERVE_EDGE_CA", help="The CA of a TLS edge (`meshserve up --tls` prints it); empty: plain."
 )
+RPM = typer.Option(0, help="Requests per minute for this key (0: plan default).")
+TPM = typer.Option(0, help="Tokens per minute for this key (0: plan default).")
+BUDGET = typer.Option(
+    "", help="Most the key may spend per period, in the price table's currency (empty: no budget of its own)."
+)
+BUDGET_PERIOD = typer.Option("month", help="When the budget starts again: day, month or none.")
 JSON = typer.Option(False, "--json", help="Print the reply as JSON (proto field names) instead of a table.")
 ADMIN_FILE = Path("var/run/admin-key.json")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -91,7 +97,7 @@ def show(reply: message.Message, as_json: bool, keys: list[auth_pb2.Key], *notes
 
 
 def _table(keys: list[auth_pb2.Key]) -> Table:
-    table = Table("key id", "tenant", "label", "models", "admin", "secret", "created", "expires", "revoked")
+    table = Table("key id", "tenant", "label", "models", "admin", "budget", "secret", "created", "expires", "revoked")
     for k in keys:
         table.add_row(
             k.key_id,
@@ -99,12 +105,19 @@ def _table(keys: list[auth_pb2.Key]) -> Table:
             k.label,
             ", ".join(k.allowed_models) or "all",
             "yes" if k.admin else "",
+            k.limits.budget,
             k.secret_prefix + "…",
             _when(k.created_at, k.HasField("created_at")),
             _when(k.expires_at, k.HasField("expires_at")),
             _when(k.revoked_at, k.HasField("revoked_at")),
         )
     return table
+
+
+def _key_limits(rpm: int, tpm: int, budget: str, budget_period: str) -> auth_pb2.KeyLimits:
+    return auth_pb2.KeyLimits(
+        requests_per_minute=rpm, tokens_per_minute=tpm, budget=f"{budget}/{budget_period}" if budget else ""
+    )
 
 
 @app.command()
@@ -114,8 +127,10 @@ def create(
     label: str = typer.Option("", help="A name for people."),
     admin: bool = typer.Option(False, help="Make an admin key."),
     expires_in: str = typer.Option("", help="Lifetime, e.g. 30d or 12h; empty: no expiry."),
-    rpm: int = typer.Option(0, help="Requests per minute for this key (0: plan default)."),
-    tpm: int = typer.Option(0, help="Tokens per minute for this key (0: plan default)."),
+    rpm: int = RPM,
+    tpm: int = TPM,
+    budget: str = BUDGET,
+    budget_period: str = BUDGET_PERIOD,
     edge: str = EDGE,
     admin_key: str = ADMIN_KEY,
     ca: str = CA,
@@ -127,7 +142,7 @@ def create(
         label=label,
         allowed_models=model,
         admin=admin,
-        limits=auth_pb2.KeyLimits(requests_per_minute=rpm, tokens_per_minute=tpm),
+        limits=_key_limits(rpm, tpm, budget, budget_period),
     )
     if expires_in:
         request.expires_at.FromSeconds(int(time.time() + parse_duration(expires_in)))
@@ -191,4 +206,23 @@ def revoke(key_id: str, edge: str = EDGE, admin_key: str = ADMIN_KEY, ca: str = 
     """Revokes a key on every auth replica within a second."""
     with _admin(edge, admin_key, ca) as (stub, auth):
         reply = stub.RevokeKey(auth_pb2.RevokeKeyRequest(key_id=key_id), metadata=auth, timeout=10)
+    show(reply, as_json, [reply.key])
+
+
+@app.command()
+def update(
+    key_id: str,
+    rpm: int = RPM,
+    tpm: int = TPM,
+    budget: str = BUDGET,
+    budget_period: str = BUDGET_PERIOD,
+    edge: str = EDGE,
+    admin_key: str = ADMIN_KEY,
+    ca: str = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Replaces a key's own limits (every one: what is left out goes back to the plan's, or to no budget)."""
+    request = auth_pb2.UpdateKeyRequest(key_id=key_id, limits=_key_limits(rpm, tpm, budget, budget_period))
+    with _admin(edge, admin_key, ca) as (stub, auth):
+        reply = stub.UpdateKey(request, metadata=auth, timeout=10)
     show(reply, as_json, [reply.key])

@@ -10,6 +10,7 @@ from rich.table import Table
 from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.cli.keys import ADMIN_KEY, CA, EDGE, JSON, admin_channel, out, show_json
 
+BUDGET_AMOUNTS = ("limit", "spent", "held", "remaining")
 COLUMNS = ("tenant", "key", "model", "requests", "prompt tokens", "completion tokens", "written off", "cost")
 
 
@@ -23,7 +24,8 @@ def usage(
     ca: str = CA,
     as_json: bool = JSON,
 ) -> None:
-    """Token usage and cost per tenant, key and model, from the billing ledger (an admin key sees every tenant)."""
+    """Token usage and cost per tenant, key and model, from the billing ledger, and the spend budgets drawn on
+    (an admin key sees every tenant)."""
     request = billing_pb2.GetUsageRequest(tenant=tenant, key_id=key, model=model)
     request.start.FromSeconds(int(time.time() - hours * 3600))
     with admin_channel(edge, admin_key, ca) as (channel, auth):
@@ -46,3 +48,10 @@ def usage(
             line.cost,
         )
     out.print(table)
+    if reply.budgets:
+        budgets = Table(title=f"spend budgets ({reply.currency})")
+        for column in ("tenant", "scope", "of", "period", "limit", "spent", "held", "remaining"):
+            budgets.add_column(column, justify="right" if column in BUDGET_AMOUNTS else "left")
+        for b in reply.budgets:
+            budgets.add_row(b.tenant, b.scope, b.subject, b.period, b.limit, b.spent, b.held, b.remaining)
+        out.print(budgets)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import logging
 from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,10 @@ class Reply:
     measured: bool = False
     max_tokens: int = 0
     failed: bool = False
+    # The request has sent what it may and asks for more (a ServeAllowance).
+    wants_allowance: bool = False
+    # The request was ended at its allowance (no budget had room for more).
+    stopped: bool = False
 
 
 @dataclass
@@ -48,12 +54,44 @@ class Exchange:
     # What the engine's spans are named and described by (the GenAI conventions).
     operation: str = genai.CHAT
     model: str = ""
+    # The most completion tokens (over every choice) the caller has paid for; None: no cap.
+    allowance: int | None = None
+    allowance_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    stopped: bool = False
+    # The caller sends nothing more (it half-closed): an allowance used up cannot grow.
+    caller_closed: bool = False
 
     def reply(self, **fields: Any) -> Reply:
-        return Reply(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, **fields)
+        return Reply(
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, stopped=self.stopped, **fields
+        )
 
-    def go_ahead(self, prompt_tokens: int = 0, max_tokens: int = 0) -> None:
-        """The caller's go-ahead: whatever is measured (prompt_tokens 0), or only within those counts."""
+    def allow(self, completion_tokens: int) -> None:
+        """The caller's answer to wants_allowance: the most completion tokens the request may now send."""
+        self.allowance = completion_tokens
+        self.allowance_changed.set()
+
+    def caller_done(self) -> None:
+        self.caller_closed = True
+        self.allowance_changed.set()
+
+    async def room_for(self, more: int) -> bool:
+        """Whether `more` completion tokens may be sent now, asking the caller for more room first where the
+        allowance is used up."""
+        if self.allowance is None or self.completion_tokens + more <= self.allowance:
+            return True
+        if self.caller_closed:
+            return False
+        self.allowance_changed.clear()
+        self.replies.put_nowait(self.reply(wants_allowance=True))
+        await self.allowance_changed.wait()
+        return self.completion_tokens + more <= self.allowance
+
+    def go_ahead(self, prompt_tokens: int = 0, max_tokens: int = 0, allowance: int | None = None) -> None:
+        """The caller's go-ahead: whatever is measured (prompt_tokens 0), or only within those counts; capped
+        at allowance completion tokens when it says."""
+        if allowance is not None:
+            self.allowance = allowance
         if prompt_tokens == 0:
             self.proceed.set()
             return
@@ -153,29 +191,34 @@ class MeteredEngine:
         span = _span(exchange)
         reasons: dict[int, str] = {}
         try:
-            async for output in self._llm.generate(prompt, params, request_id, *args, **kwargs):
-                if not seen:
-                    span.add_event("first_token")
-                for choice in output.outputs:
-                    if choice.finish_reason:
-                        reasons[choice.index] = str(choice.finish_reason)
-                    count = len(choice.token_ids)
-                    before = seen.get(choice.index, 0)
-                    now = before + count if delta else count
-                    seen[choice.index] = now
-                    exchange.completion_tokens += now - before
-                finished = bool(output.finished)
-                if not whole:
-                    yield output
-                    continue
-                exchange.replies.put_nowait(exchange.reply())  # progress: the counts, no data
-                if merged is None:
-                    merged = output
+            async with aclosing(self._llm.generate(prompt, params, request_id, *args, **kwargs)) as outputs:
+                async for output in outputs:
+                    if not seen:
+                        span.add_event("first_token")
+                    counts = {c.index: seen.get(c.index, 0) * delta + len(c.token_ids) for c in output.outputs}
+                    if not await exchange.room_for(sum(counts.values()) - sum(seen.get(i, 0) for i in counts)):
+                        # No budget pays for these tokens: the request ends before them, as at max_tokens.
+                        exchange.stopped = finished = True
+                        yield _at_allowance(merged if whole else None, output, reasons, getattr(params, "n", 1))
+                        break
+                    for choice in output.outputs:
+                        if choice.finish_reason:
+                            reasons[choice.index] = str(choice.finish_reason)
+                        exchange.completion_tokens += counts[choice.index] - seen.get(choice.index, 0)
+                        seen[choice.index] = counts[choice.index]
+                    finished = bool(output.finished)
+                    if not whole:
+                        yield output
+                        continue
+                    exchange.replies.put_nowait(exchange.reply())  # progress: the counts, no data
+                    if merged is None:
+                        merged = output
+                    else:
+                        merged.add(output, aggregate=True)
                 else:
-                    merged.add(output, aggregate=True)
-            if merged is not None:
-                merged.outputs.sort(key=lambda o: o.index)
-                yield merged
+                    if merged is not None:
+                        merged.outputs.sort(key=lambda o: o.index)
+                        yield merged
         except EngineDeadError as exc:  # the replica is down, not this request at fault
             raise Unavailable(f"the engine died: {exc}") from exc
         finally:
@@ -188,3 +231,27 @@ class MeteredEngine:
             if not finished:
                 # AsyncLLM aborts a generation whose iterator closes early; said here, as Engine.generate says it.
                 log.info("aborted", extra={"request_id": request_id, "completion_tokens": completion_tokens})
+
+
+def _at_allowance(merged: Any, output: Any, reasons: dict[int, str], n: int | None) -> Any:
+    """The last output of a request ended at its allowance: a whole reply's tokens so far, or a stream's
+    closing delta with no tokens; every choice not finished ends with "length"."""
+    if merged is not None:
+        merged.outputs.sort(key=lambda o: o.index)
+        for choice in merged.outputs:
+            choice.finish_reason = choice.finish_reason or "length"
+        merged.finished = True
+        return merged
+    ended = copy.copy(output)
+    template = output.outputs[0]
+    ended.outputs = []
+    for index in range(max(1, n or 1)):
+        if index in reasons:
+            continue
+        choice = copy.copy(template)
+        choice.index, choice.text, choice.token_ids = index, "", []
+        choice.logprobs = [] if template.logprobs is not None else None
+        choice.finish_reason, choice.stop_reason = "length", None
+        ended.outputs.append(choice)
+    ended.finished = True
+    return ended

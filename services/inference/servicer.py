@@ -48,6 +48,8 @@ def _serve_response(reply: Reply) -> inference_pb2.ServeResponse:
         measured=reply.measured,
         max_tokens=reply.max_tokens,
         failed=reply.failed,
+        wants_allowance=reply.wants_allowance,
+        stopped_at_allowance=reply.stopped,
     )
 
 
@@ -55,7 +57,12 @@ async def _follow(requests: AsyncIterator[inference_pb2.ServeRequest], exchange:
     """The caller's go-aheads, until it half-closes or ends the call."""
     async for message in requests:
         if message.HasField("proceed"):
-            exchange.go_ahead(message.proceed.prompt_tokens, message.proceed.max_tokens)
+            proceed = message.proceed
+            allowance = proceed.allowance_tokens if proceed.capped else None
+            exchange.go_ahead(proceed.prompt_tokens, proceed.max_tokens, allowance)
+        elif message.HasField("allowance"):
+            exchange.allow(message.allowance.completion_tokens)
+    exchange.caller_done()
 
 
 def _load_reply(engine: Engine) -> inference_pb2.GetLoadResponse:

@@ -185,6 +185,7 @@ class LocalMesh(Readiness):
         env = {
             "MESHSERVE_RATELIMIT_REDIS_URL": self.redis_url,
             "MESHSERVE_RATELIMIT_RULES": str((rules or self.options.ratelimit_rules).resolve()),
+            "MESHSERVE_RATELIMIT_PRICES": str(self.options.prices.resolve()),
         }
         return self.start_service(name, "services.ratelimit", "MESHSERVE_RATELIMIT_", env)
 
@@ -254,6 +255,7 @@ class LocalMesh(Readiness):
         if ratelimit is not None:  # generation's limits decided in the router, on the service's Redis and rules
             settings["MESHSERVE_ROUTER_LIMITS_REDIS_URL"] = self.redis_url
             settings["MESHSERVE_ROUTER_LIMITS_RULES"] = ratelimit.env["MESHSERVE_RATELIMIT_RULES"]
+            settings["MESHSERVE_ROUTER_LIMITS_PRICES"] = ratelimit.env["MESHSERVE_RATELIMIT_PRICES"]
         return self.start_service(
             name, "services.router", "MESHSERVE_ROUTER_", {**settings, **(env or {})}, nice=self.options.support_nice
         )

@@ -22,7 +22,8 @@ def main() -> None:
     settings = RateLimitSettings()
 
     async def setup(rt: Runtime) -> None:
-        limits = open_limits(settings.redis_url, Path(settings.rules), rt.tls, settings.redis_timeout_seconds)
+        prices = Path(settings.prices) if settings.prices else None
+        limits = open_limits(settings.redis_url, Path(settings.rules), rt.tls, settings.redis_timeout_seconds, prices)
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
             RateLimitServicer(limits.limiter, settings.domain), rt.server
         )

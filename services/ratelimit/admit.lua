@@ -26,17 +26,7 @@ local n = tonumber(ARGV[8])
 -- The completion estimate: a high percentile of this key's recent completions, never above max_extra.
 local estimate = 0
 if max_extra >= 0 then
-  estimate = max_extra
-  local est_key = KEYS[2 * n + 2]
-  if est_key then
-    local xs = redis.call("LRANGE", est_key, 0, -1)
-    if #xs >= tonumber(ARGV[6]) then
-      for i = 1, #xs do xs[i] = tonumber(xs[i]) end
-      table.sort(xs)
-      local p = xs[math.max(1, math.ceil(tonumber(ARGV[5]) * #xs))]
-      if p < estimate then estimate = p end
-    end
-  end
+  estimate = completion_estimate(KEYS[2 * n + 2], max_extra, tonumber(ARGV[5]), tonumber(ARGV[6]))
   amount = amount + estimate
 end
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from services.billing.prices import Prices
 from services.ratelimit.limiter import Limiter
 from services.ratelimit.rules import Rules
+from services.ratelimit.spend import Spend
 from services.ratelimit.windows import SlidingWindows
 from services.runtime import redis_tls, tls
 from services.runtime.watched import WatchedFile
@@ -25,23 +28,28 @@ class Limits:
     limiter: Limiter
     client: redis.Redis
     rules: WatchedFile[Rules]
-    _watcher: asyncio.Task[None] | None = field(default=None, init=False)
+    prices: WatchedFile[Prices] | None = None
+    _watchers: list[asyncio.Task[None]] = field(default_factory=list, init=False)
 
     def follow(self, poll_seconds: float) -> None:
-        """Reloads the rules when their file changes, until close()."""
-        self._watcher = asyncio.create_task(self.rules.follow(poll_seconds))
+        """Reloads the rules (and the price table) when their files change, until close()."""
+        files: list[WatchedFile[Any]] = [self.rules] if self.prices is None else [self.rules, self.prices]
+        self._watchers = [asyncio.create_task(f.follow(poll_seconds)) for f in files]
 
     async def ready(self) -> None:
         await redis_tls.answering(self.client)
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for watcher in self._watchers:
+            watcher.cancel()
         await self.client.aclose()
 
 
-def open_limits(redis_url: str, rules: Path, files: tls.Files | None, timeout_seconds: float) -> Limits:
-    """The limiter on redis_url (mutual TLS with files on a rediss:// URL) under the rules file."""
+def open_limits(
+    redis_url: str, rules: Path, files: tls.Files | None, timeout_seconds: float, prices: Path | None = None
+) -> Limits:
+    """The limiter on redis_url (mutual TLS with files on a rediss:// URL) under the rules file; spend budgets
+    priced by the price table, where one is given."""
     watched = WatchedFile(rules, Rules.from_yaml, "rate-limit rules")
     # A decision never waits on a sick Redis: a short timeout and no retry of one, then the failure mode.
     # A broken connection is retried once, on a fresh one: after a Redis restart every pooled
@@ -53,4 +61,8 @@ def open_limits(redis_url: str, rules: Path, files: tls.Files | None, timeout_se
         socket_connect_timeout=timeout_seconds,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
-    return Limits(Limiter(lambda: watched.current, SlidingWindows(client)), client, watched)
+    spend, table = None, None
+    if prices is not None:
+        table = WatchedFile(prices, Prices.from_yaml, "price table")
+        spend = Spend(client, lambda: table.current)
+    return Limits(Limiter(lambda: watched.current, SlidingWindows(client), spend), client, watched, table)

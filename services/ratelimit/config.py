@@ -17,6 +17,9 @@ class RateLimitSettings(ServiceSettings):
     # The rules YAML: plans, tenants on plans, failure modes. Reloaded when it changes.
     rules: str = "deploy/local/ratelimits.yaml"
     rules_poll_seconds: float = 2.0
+    # The price table YAML (billing's) that prices spend budgets; without it a request a budget applies to is
+    # refused (503), never let through unbudgeted.
+    prices: str = ""
     # The domain Envoy's rate-limit filter sends.
     domain: str = "meshserve"
     # Seconds a Redis call may take before the decision follows the failure mode.

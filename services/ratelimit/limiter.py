@@ -1,20 +1,33 @@
-"""Rate-limit decisions: request limits for Envoy's descriptors and token reservations, with failure modes."""
+"""Rate-limit decisions: request limits for Envoy's descriptors, token reservations and spend budgets, with
+failure modes."""
 
 from __future__ import annotations
 
-import enum
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import TypeVar
 
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
+from services.ratelimit.decisions import (
+    KEY_ID,
+    KEY_RPM,
+    MODEL,
+    TENANT,
+    DescriptorResult,
+    RequestDecision,
+    Reservation,
+    TokenCaller,
+    TokenHold,
+)
 from services.ratelimit.rules import FailureMode, Kind, Limit, Rules, Scope
+from services.ratelimit.spend import Held, Spend
 from services.ratelimit.windows import Admission, Ask, SlidingWindows, WindowState, tightest
-from services.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable, echo
+from services.runtime.errors import InvalidArgument, QuotaExceeded, ResourceExhausted, Unavailable, echo
 
 log = logging.getLogger(__name__)
 
@@ -38,76 +51,6 @@ TOKENS_CHARGED = Counter(
 )
 
 T = TypeVar("T")
-
-# Envoy descriptor entries this service understands.
-TENANT, KEY_ID, KEY_RPM, MODEL = "tenant", "key_id", "key_rpm", "model"
-
-
-@dataclass(frozen=True)
-class DescriptorResult:
-    """The tightest window of one descriptor, for Envoy's per-descriptor status and x-ratelimit headers."""
-
-    over_limit: bool
-    window: WindowState | None
-
-
-@dataclass(frozen=True)
-class RequestDecision:
-    """A decision over every descriptor of one request."""
-
-    admitted: bool
-    descriptors: tuple[DescriptorResult, ...]
-    retry_after_seconds: float | None
-    # False when Redis was unreachable and the fail-open mode let the request through.
-    enforced: bool = True
-
-    def refusal(self) -> str:
-        """Why the request was refused: every window it was over."""
-        over = [d.window for d in self.descriptors if d.over_limit and d.window is not None]
-        what = "; ".join(f"{w.limit.limit} requests per {w.limit.seconds} s per {w.limit.scope.value}" for w in over)
-        return f"rate limit exceeded ({what}); retry after {self.retry_after_seconds or 0:.1f} s"
-
-    def tightest(self) -> WindowState | None:
-        return tightest([d.window for d in self.descriptors if d.window is not None])
-
-
-class TokenHold(enum.Enum):
-    """What a reservation does with its tokens."""
-
-    REQUIRED = "required"  # hold them or refuse
-    IF_ROOM = "if_room"  # hold them if they fit (a guess, replaced by the measured counts when it was not held)
-    NONE = "none"  # hold nothing: only count the request
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """Tokens held for one generation."""
-
-    reserved_tokens: int
-    estimated_completion_tokens: int
-    enforced: bool
-    # The window with the least room left after the reservation (OpenAI's x-ratelimit-*-tokens headers).
-    tightest: WindowState | None = None
-    # Tokens are held (to be settled): false when nothing was to be held, did not fit a guess, or no limit applied.
-    held: bool = False
-    # The tightest request window after the request was counted (OpenAI's x-ratelimit-*-requests headers).
-    requests: WindowState | None = None
-
-
-@dataclass(frozen=True)
-class TokenCaller:
-    """Whose budgets a reservation draws on."""
-
-    tenant: str
-    key_id: str
-    key_tokens_per_minute: int = 0
-    key_requests_per_minute: int = 0
-
-    def descriptors(self, model: str) -> list[dict[str, str]]:
-        """The request-limit descriptors of one request of this caller, as the edge sends them."""
-        tenant = {TENANT: self.tenant}
-        key = {**tenant, KEY_ID: self.key_id, KEY_RPM: str(self.key_requests_per_minute)}
-        return [key, tenant, {**tenant, MODEL: model}]
 
 
 def _descriptor_limits(rules: Rules, entries: Mapping[str, str]) -> list[Limit]:
@@ -134,10 +77,18 @@ def _per_minute(limits: Sequence[Limit], scope: Scope) -> str:
 class Limiter:
     """Request limits and token budgets over shared sliding windows."""
 
-    def __init__(self, rules: Callable[[], Rules], windows: SlidingWindows) -> None:
+    def __init__(
+        self,
+        rules: Callable[[], Rules],
+        windows: SlidingWindows,
+        spend: Spend | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._rules = rules
         self._windows = windows
-        self._redis_down: dict[Kind, bool] = {Kind.REQUESTS: False, Kind.TOKENS: False}
+        self._spend = spend
+        self._clock = clock
+        self._redis_down: dict[Kind, bool] = dict.fromkeys(Kind, False)
         for kind in Kind:
             REDIS_UP.labels(kind.value).set(1)
 
@@ -220,8 +171,65 @@ class Limiter:
         hold: TokenHold = TokenHold.REQUIRED,
     ) -> Reservation:
         """Counts the request when asked (refused with ResourceExhausted, nothing held, over a request limit),
-        then holds prompt tokens plus a completion estimate as hold says (REQUIRED: refused when they do not fit).
-        Counting and holding are one script in Redis."""
+        then holds prompt tokens plus a completion estimate as hold says (REQUIRED: refused when they do not fit),
+        then their expected cost in every spend budget that applies, as hold says (REQUIRED: refused with
+        QuotaExceeded, the tokens returned, when it does not fit). Counting and holding tokens are one script
+        in Redis; holding money in every budget is another."""
+        reservation = await self._reserve_tokens(
+            request_id, caller, model, prompt_tokens, max_tokens, count_request, hold
+        )
+        rules = self._rules()
+        if hold is TokenHold.NONE or (reservation.enforced and not reservation.held):
+            return reservation
+        budgets = rules.budgets(caller.tenant, model, caller.key_id, caller.key_budget)
+        if not budgets:
+            return reservation
+        if self._spend is None:  # never spend unbudgeted
+            raise Unavailable("spend budgets apply to this request, but no price table is configured to price them")
+        applied = self._spend.applied(budgets, self._clock(), caller.tenant, model, caller.key_id)
+        spend = self._spend.hold(
+            applied,
+            rules.spend_key(caller.tenant, request_id),
+            rules.estimate_key(caller.tenant, caller.key_id, model),
+            rules.budget_index_key(caller.tenant),
+            model,
+            prompt_tokens,
+            max_tokens,
+        )
+        held = await self._redis(Kind.SPEND, spend)
+        if held is None:  # Redis failed, budgets fail open: nothing held, no cap
+            return reservation
+        DECISIONS.labels(Kind.SPEND.value, "admitted" if held.held else "limited").inc()
+        if held.held:
+            return replace(reservation, held=True, spend=held)
+        if reservation.held:  # the tokens held go back
+            await self.settle(request_id, replace(caller, key_budget=None), model, 0, 0, learn=False, spend=False)
+        if hold is TokenHold.IF_ROOM:
+            return replace(reservation, enforced=True, held=False)
+        raise QuotaExceeded(held.refusal(prompt_tokens))
+
+    async def extend(self, request_id: str, caller: TokenCaller, model: str, more_tokens: int) -> Held | None:
+        """Holds the cost of up to more_tokens further completion tokens of a request holding money, as far
+        as its budgets have room; None where nothing is held (failed open, or settled)."""
+        if self._spend is None:
+            return None
+        hold_key = self._rules().spend_key(caller.tenant, request_id)
+        extended = await self._redis(Kind.SPEND, self._spend.extend(hold_key, model, more_tokens))
+        if extended is None:
+            return None
+        allowance, left = extended
+        return Held(True, 0, allowance, None, left)
+
+    async def _reserve_tokens(
+        self,
+        request_id: str,
+        caller: TokenCaller,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        count_request: bool,
+        hold: TokenHold,
+    ) -> Reservation:
         rules = self._rules()
         limits = rules.tokens(caller.tenant, caller.key_id, caller.key_tokens_per_minute)
         tokens = None
@@ -292,11 +300,32 @@ class Limiter:
         )
 
     async def settle(
-        self, request_id: str, caller: TokenCaller, model: str, prompt_tokens: int, completion_tokens: int, learn: bool
+        self,
+        request_id: str,
+        caller: TokenCaller,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        learn: bool,
+        spend: bool = True,
     ) -> tuple[bool, int]:
-        """Puts the real count in place of the reservation; (settled, tokens returned)."""
+        """Puts the real count in place of the reservation, and the exact cost in place of the money held;
+        (settled, tokens returned)."""
         rules = self._rules()
         limits = rules.tokens(caller.tenant, caller.key_id, caller.key_tokens_per_minute)
+        budgets = rules.budgets(caller.tenant, model, caller.key_id, caller.key_budget) if spend else []
+        if budgets and self._spend is not None:
+            own = any(scope != "key" for scope, _, _ in budgets)
+            charge = self._spend.settle(
+                rules.spend_key(caller.tenant, request_id),
+                rules.estimate_key(caller.tenant, caller.key_id, model),
+                model,
+                prompt_tokens,
+                completion_tokens,
+                learn=learn and not limits,  # the token windows' settlement learns where there are some
+                tenant=caller.tenant if own else "other",
+            )
+            await self._redis(Kind.SPEND, charge, closed=True)  # retried by the caller until it lands
         if not limits:
             return False, 0
         settle = self._windows.settle(

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.ratelimit.budgets import Budget, TenantBudgets
 from services.runtime.errors import InvalidArgument
 
 # Window lengths a limit may name.
@@ -17,10 +18,11 @@ UNITS = {"per_second": 1, "per_minute": 60, "per_hour": 3600}
 
 
 class Kind(enum.StrEnum):
-    """The two kinds of limit, each with its own failure mode."""
+    """The kinds of limit, each with its own failure mode."""
 
     REQUESTS = "requests"
     TOKENS = "tokens"
+    SPEND = "spend"
 
 
 class Scope(enum.StrEnum):
@@ -89,6 +91,15 @@ class _FailureModes(BaseModel):
     tokens: FailureMode = FailureMode.OPEN
 
 
+class _Budgets(BaseModel):
+    """Spend budgets of tenants (keys carry their own), and what admission does while Redis is away."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    failure_mode: FailureMode = FailureMode.CLOSED
+    tenants: dict[str, TenantBudgets] = {}
+
+
 class _Rules(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,6 +107,7 @@ class _Rules(BaseModel):
     plans: dict[str, _Plan]
     tenants: dict[str, str] = {}
     failure_mode: _FailureModes = _FailureModes()
+    budgets: _Budgets = _Budgets()
 
     @model_validator(mode="after")
     def _plans_exist(self) -> _Rules:
@@ -142,6 +154,8 @@ class Rules:
         return cls.parse(data, str(path))
 
     def failure_mode(self, kind: Kind) -> FailureMode:
+        if kind is Kind.SPEND:
+            return self._raw.budgets.failure_mode
         mode: FailureMode = getattr(self._raw.failure_mode, kind.value)
         return mode
 
@@ -176,6 +190,28 @@ class Rules:
             for seconds, limit in sorted(self._plan_windows(tenant, Kind.TOKENS, Scope.TENANT).items())
         ]
         return limits
+
+    def budgets(self, tenant: str, model: str, key_id: str, key_budget: Budget | None) -> list[tuple[str, str, Budget]]:
+        """The spend budgets a request of this key and model draws on: (scope, Redis key prefix, budget)."""
+        found = []
+        if key_budget is not None:
+            found.append(("key", f"msp:{_tag(tenant)}:key:{key_id}", key_budget))
+        tenant_budget = self._raw.budgets.tenants.get(tenant)
+        if tenant_budget is not None:
+            if tenant_budget.amount is not None:
+                found.append(("tenant", f"msp:{_tag(tenant)}:tenant:", tenant_budget.budget()))
+            if (model_budget := tenant_budget.models.get(model)) is not None:
+                found.append(("model", f"msp:{_tag(tenant)}:model:{model}", model_budget.budget()))
+        return found
+
+    @staticmethod
+    def budget_index_key(tenant: str) -> str:
+        """Where the names of a tenant's budgets that have been drawn on are kept (for usage reports)."""
+        return f"msp:{_tag(tenant)}:budgets"
+
+    def spend_key(self, tenant: str, request_id: str) -> str:
+        """Where a request's spend hold is kept (the budgets it holds in, how much, for which prompt)."""
+        return f"msp:{_tag(tenant)}:hold:{request_id}"
 
     def estimate_key(self, tenant: str, key_id: str, model: str) -> str:
         """Where the recent completion lengths of a key and model are kept."""

@@ -11,7 +11,10 @@ from grpc import aio
 from opentelemetry import trace
 
 from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
-from services.ratelimit.limiter import Limiter, RequestDecision, TokenCaller, TokenHold
+from services.ratelimit.budgets import Budget
+from services.ratelimit.decisions import RequestDecision, TokenCaller, TokenHold
+from services.ratelimit.limiter import Limiter
+from services.ratelimit.spend import Held
 from services.ratelimit.windows import WindowState
 from services.runtime.errors import InvalidArgument, echo
 
@@ -85,7 +88,17 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
 def _caller(caller: ratelimit_pb2.Caller) -> TokenCaller:
     if not caller.tenant or not caller.key_id:
         raise InvalidArgument("caller.tenant and caller.key_id are required")
-    return TokenCaller(caller.tenant, caller.key_id, caller.key_tokens_per_minute, caller.key_requests_per_minute)
+    budget = Budget.parse(caller.key_budget) if caller.key_budget else None
+    return TokenCaller(
+        caller.tenant, caller.key_id, caller.key_tokens_per_minute, caller.key_requests_per_minute, budget
+    )
+
+
+def _allowance(held: Held | None) -> tuple[bool, int]:
+    """Whether a request is capped, and at how many completion tokens."""
+    if held is None or held.allowance is None:
+        return False, 0
+    return True, min(held.allowance, _UINT32)
 
 
 HOLDS = {
@@ -120,11 +133,14 @@ class TokenBudgetServicer(ratelimit_pb2_grpc.TokenBudgetServiceServicer):
         span = trace.get_current_span()
         span.set_attribute("meshserve.reserved_tokens", reservation.reserved_tokens)
         span.set_attribute("meshserve.request_counted", request.count_request)
+        capped, allowance = _allowance(reservation.spend)
         reply = ratelimit_pb2.ReserveResponse(
             reserved_tokens=reservation.reserved_tokens,
             estimated_completion_tokens=reservation.estimated_completion_tokens,
             enforced=reservation.enforced,
             held=reservation.held,
+            capped=capped,
+            allowance_tokens=allowance,
         )
         if (window := reservation.tightest) is not None:
             reply.limit_tokens = min(window.limit.limit, _UINT32)
@@ -150,6 +166,15 @@ class TokenBudgetServicer(ratelimit_pb2_grpc.TokenBudgetServiceServicer):
             learn=request.outcome == ratelimit_pb2.OUTCOME_COMPLETED,
         )
         return ratelimit_pb2.SettleResponse(settled=settled, returned_tokens=returned)
+
+    async def Extend(self, request: ratelimit_pb2.ExtendRequest, context: Context) -> ratelimit_pb2.ExtendResponse:
+        if not request.request_id:
+            raise InvalidArgument("request_id is required")
+        held = await self._limiter.extend(
+            request.request_id, _caller(request.caller), request.model, request.more_tokens
+        )
+        capped, allowance = _allowance(held)
+        return ratelimit_pb2.ExtendResponse(capped=capped, allowance_tokens=allowance)
 
     async def GetBudget(
         self, request: ratelimit_pb2.GetBudgetRequest, context: Context

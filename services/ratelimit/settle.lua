@@ -9,12 +9,7 @@ local id = ARGV[2]
 local real = tonumber(ARGV[3])
 local rec, est = KEYS[2 * n + 1], KEYS[2 * n + 2]
 
-local learn = tonumber(ARGV[4])
-if learn >= 0 then
-  redis.call("LPUSH", est, learn)
-  redis.call("LTRIM", est, 0, tonumber(ARGV[5]) - 1)
-  redis.call("PEXPIRE", est, 86400000)
-end
+learn_completion(est, tonumber(ARGV[4]), tonumber(ARGV[5]))
 
 local fields = redis.call("HMGET", rec, "ts", "amount")
 if not fields[1] then

@@ -10,8 +10,10 @@ from redis.asyncio import Redis
 
 from services.ratelimit.rules import Limit
 
-_ADMIT = (Path(__file__).parent / "admit.lua").read_text()
-_SETTLE = (Path(__file__).parent / "settle.lua").read_text()
+# estimate.lua's function first: admit.lua uses it.
+ESTIMATE = (Path(__file__).parent / "estimate.lua").read_text()
+_ADMIT = ESTIMATE + (Path(__file__).parent / "admit.lua").read_text()
+_SETTLE = ESTIMATE + (Path(__file__).parent / "settle.lua").read_text()
 # admit.lua as a function, called once or twice by admit_then.lua.
 _ADMIT_THEN = (
     f"local function admit(KEYS, ARGV)\n{_ADMIT}\nend\n" + (Path(__file__).parent / "admit_then.lua").read_text()

@@ -42,7 +42,11 @@ def main() -> None:
         budget: LocalTokenBudget | GrpcTokenBudget | None = None
         if settings.limits_redis_url:
             limits = open_limits(
-                settings.limits_redis_url, Path(settings.limits_rules), rt.tls, settings.limits_redis_timeout_seconds
+                settings.limits_redis_url,
+                Path(settings.limits_rules),
+                rt.tls,
+                settings.limits_redis_timeout_seconds,
+                Path(settings.limits_prices) if settings.limits_prices else None,
             )
             limits.follow(settings.limits_rules_poll_seconds)
             rt.warm_up_with(limits.ready)

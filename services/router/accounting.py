@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshserve.billing.v1 import billing_pb2
@@ -49,6 +49,8 @@ class Reserved:
     windows: tuple[Window, ...] = ()
     # Tokens are held: the reservation is to be settled.
     held: bool = False
+    # Money is held in spend budgets for this many completion tokens (over every choice); None: no cap.
+    allowance: int | None = None
 
 
 class TokenBudget(Protocol):
@@ -74,6 +76,12 @@ class TokenBudget(Protocol):
         """Settles in the background (outcome: completed, cancelled or failed); never raises."""
         ...
 
+    async def extend(self, request_id: str, caller: Caller, model: str, more_tokens: int) -> int | None:
+        """Holds money for up to more_tokens further completion tokens of a request capped by its spend
+        budgets: the completion tokens it may now generate (no more than before where no budget had room),
+        None where it is not capped."""
+        ...
+
 
 class UsageSink(Protocol):
     """Where usage records go (billing), off the request's path."""
@@ -88,6 +96,34 @@ USAGE_OUTCOMES = {
     "cancelled": billing_pb2.OUTCOME_CANCELLED,
     "failed": billing_pb2.OUTCOME_FAILED,
 }
+
+
+# Fewest completion tokens a stream asks its spend budgets for at a time (it asks for as many as it holds).
+EXTEND_AT_LEAST = 16
+# What a replica is told when a request is no longer capped (its budgets failed open).
+UNCAPPED = 2**32 - 1
+
+
+@dataclass
+class Allowance:
+    """The completion tokens (over every choice) that money held in spend budgets pays for, None where no
+    budget caps the request; raised as a stream goes, and whether the request was stopped at it."""
+
+    tokens: int | None = None
+    extend: Callable[[int], Awaitable[int | None]] | None = None
+    stopped: bool = False
+
+    async def raise_for(self, sent: int, max_tokens: int) -> int:
+        """More room for a request that has sent `sent` tokens and may generate max_tokens: the new
+        allowance, no more than before where no budget had room."""
+        current = self.tokens or 0
+        if self.extend is None:
+            return current
+        more = max(EXTEND_AT_LEAST, current)
+        if max_tokens > sent:
+            more = min(more, max_tokens - current)
+        self.tokens = await self.extend(max(1, more))
+        return UNCAPPED if self.tokens is None else self.tokens
 
 
 @dataclass
@@ -110,6 +146,7 @@ class Metered:
     first_token: float = 0.0
     # A whole reply (not a stream): the client receives its tokens only if it completes.
     unary: bool = False
+    allowance: Allowance = field(default_factory=Allowance)
 
 
 class Accounting:
@@ -136,6 +173,8 @@ class Accounting:
         else:
             settle()
         tenant = caller.tenant or "internal"
+        if metered.allowance.stopped:
+            metrics.STOPPED_AT_BUDGET.labels(model).inc()
         metrics.finished(model, version.name, tenant, metered.outcome, prompt_tokens, completion_tokens)
         entry = access.CURRENT.get()
         if entry is not None:

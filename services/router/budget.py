@@ -17,6 +17,7 @@ from meshserve.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from services.router.accounting import HOLD_IF_ROOM, HOLD_NONE, HOLD_REQUIRED, Reserved, Window
 from services.router.caller import Caller
 from services.runtime import errors, keepalive, tls, tracing
+from services.runtime.openai_errors import ERROR_TYPE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def _caller(caller: Caller) -> ratelimit_pb2.Caller:
         key_id=caller.key_id,
         key_tokens_per_minute=caller.tokens_per_minute,
         key_requests_per_minute=caller.requests_per_minute,
+        key_budget=caller.budget,
     )
 
 
@@ -59,7 +61,17 @@ def _reserved(reply: ratelimit_pb2.ReserveResponse) -> Reserved:
         windows.append(Window("requests", r.limit, r.remaining, r.reset_seconds))
     if reply.enforced and reply.limit_tokens:
         windows.append(Window("tokens", reply.limit_tokens, reply.remaining_tokens, reply.reset_seconds))
-    return Reserved(reply.held or not reply.enforced, tuple(windows), reply.held)
+    allowance = reply.allowance_tokens if reply.capped else None
+    return Reserved(reply.held or not reply.enforced, tuple(windows), reply.held, allowance)
+
+
+def _refusal(exc: aio.AioRpcError) -> errors.ResourceExhausted:
+    """The rate-limit service's RESOURCE_EXHAUSTED as the domain error it was: a spend budget's
+    insufficient_quota, or a limit's refusal with its retry delay."""
+    trailers = dict(exc.trailing_metadata() or ())
+    if trailers.get(ERROR_TYPE_HEADER) == errors.QuotaExceeded.error_type:
+        return errors.QuotaExceeded(exc.details() or "spend budget exhausted")
+    return errors.ResourceExhausted(exc.details() or "rate limit reached", _retry_after(exc))
 
 
 def _retry_after(exc: aio.AioRpcError) -> float | None:
@@ -70,7 +82,7 @@ def _retry_after(exc: aio.AioRpcError) -> float | None:
 
 
 _SERVICE = ratelimit_pb2.DESCRIPTOR.services_by_name["TokenBudgetService"].full_name
-RESERVE, SETTLE = f"/{_SERVICE}/Reserve", f"/{_SERVICE}/Settle"
+RESERVE, SETTLE, EXTEND = f"/{_SERVICE}/Reserve", f"/{_SERVICE}/Settle", f"/{_SERVICE}/Extend"
 
 
 class Settler:
@@ -161,7 +173,7 @@ class GrpcTokenBudget:
         except aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise errors.ResourceExhausted(exc.details() or "rate limit reached", _retry_after(exc)) from None
+                raise _refusal(exc) from None
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise errors.InvalidArgument(exc.details() or "") from None
             if not (self._requests_fail_open if count_request else self._fail_open):
@@ -189,6 +201,20 @@ class GrpcTokenBudget:
             outcome=OUTCOMES[outcome],
         )
         self._settler.settle(request_id, functools.partial(self._settle, request))
+
+    async def extend(self, request_id: str, caller: Caller, model: str, more_tokens: int) -> int | None:
+        """Holds money for more completion tokens; where the service cannot be reached, none is held (the
+        stream stops at what it holds: never unbudgeted spend)."""
+        request = ratelimit_pb2.ExtendRequest(
+            request_id=request_id, caller=_caller(caller), model=model, more_tokens=more_tokens
+        )
+        try:
+            with tracing.client_call(EXTEND) as metadata:
+                reply = await self._channel.stub.Extend(request, timeout=2, metadata=metadata)
+        except aio.AioRpcError as exc:
+            log.warning("spend extension failed", extra={"request_id": request_id, "error": exc.code().name})
+            return 0
+        return reply.allowance_tokens if reply.capped else None
 
     async def _settle(self, request: ratelimit_pb2.SettleRequest) -> None:
         with tracing.client_call(SETTLE) as metadata:

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 from services.runtime.errors import PermissionDenied, Unauthenticated, echo
 from services.runtime.identity import (
+    KEY_BUDGET_HEADER,
     KEY_ID_HEADER,
     KEY_RPM_HEADER,
     KEY_TPM_HEADER,
     MODEL_HEADER,
     MODELS_HEADER,
+    NO_BUDGET,
     TENANT_HEADER,
 )
 
@@ -30,6 +32,8 @@ class Caller:
     # The key's own tokens-per-minute and requests-per-minute limits; 0 keeps its plan's.
     tokens_per_minute: int = 0
     requests_per_minute: int = 0
+    # The key's spend budget, "<amount>/<period>"; empty: none.
+    budget: str = ""
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -59,6 +63,7 @@ def from_metadata(metadata: Mapping[str, str], required: bool) -> Caller:
         allowed_models=allowed,
         tokens_per_minute=int(tpm) if tpm.isdigit() else 0,
         requests_per_minute=int(rpm) if rpm.isdigit() else 0,
+        budget=budget if (budget := metadata.get(KEY_BUDGET_HEADER, NO_BUDGET)) != NO_BUDGET else "",
     )
 
 

@@ -21,7 +21,7 @@ from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.failover import DEFAULT_POLICY, Attempt, Replica, ReplicaDirectory, RoutingPolicy, affinity_key
 from services.router.pipeline import Pipeline
 from services.router.validation import GenerationSpec
-from services.runtime.errors import DomainError, Internal, Unavailable
+from services.runtime.errors import DomainError, Internal, QuotaExceeded, Unavailable
 from services.runtime.genai import CHAT, TEXT_COMPLETION
 from services.runtime.openai_errors import error_body
 from services.runtime.sampling import OPTIONAL_SAMPLING
@@ -57,7 +57,7 @@ def _finish_reason(step: inference_pb2.GenerateResponse) -> str:
 def _error_detail(exc: BaseException) -> llm_pb2.ErrorDetail:
     """An error after a stream began, with the type and code the same error has over HTTP."""
     detail = exc if isinstance(exc, DomainError) else Internal("internal error while generating")
-    error = error_body(detail.http_status, str(detail))["error"]
+    error = error_body(detail.http_status, str(detail), detail.error_type)["error"]
     return llm_pb2.ErrorDetail(message=str(error["message"]), type=str(error["type"]), code=str(error["code"] or ""))
 
 
@@ -82,6 +82,26 @@ def _engine_request(request_id: str, spec: GenerationSpec) -> inference_pb2.Gene
             )
         )
     return inference_pb2.GenerateRequest(request_id=request_id, model=spec.model, input=model_input, sampling=sampling)
+
+
+async def _within_allowance(
+    request: inference_pb2.GenerateRequest, metered: Metered, most: int
+) -> inference_pb2.GenerateRequest:
+    """The request, its max_tokens lowered to what its spend budgets can pay for: Generate has no way to ask
+    for more as it goes, so its money is held for all it may generate at once, as far as the budgets allow."""
+    allowance = metered.allowance
+    if allowance.tokens is None or allowance.tokens >= most or allowance.extend is None:
+        return request
+    allowance.tokens = await allowance.extend(most - allowance.tokens)
+    if allowance.tokens is None or allowance.tokens >= most:
+        return request
+    if allowance.tokens == 0:
+        raise QuotaExceeded("spend budget exhausted: no budget has room for a completion token")
+    capped = inference_pb2.GenerateRequest()
+    capped.CopyFrom(request)
+    capped.sampling.max_tokens = allowance.tokens
+    allowance.stopped = True
+    return capped
 
 
 class Completions:
@@ -142,13 +162,14 @@ class Completions:
         def attempt(metered: Metered, version: Version) -> Attempt[inference_pb2.GenerateResponse]:
             async def steps(replica: Replica) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
                 reserve = pipeline.reserver(request_id, caller, spec.model, metered)
+                generate = request
                 if reserve is not None:
                     prompt_tokens, context = await replica.count_tokens(request)
                     s = spec.sampling
-                    await reserve(
-                        prompt_tokens, s.max_tokens if s.max_tokens is not None else max(0, context - prompt_tokens)
-                    )
-                async with aclosing(replica.generate(request)) as stream:
+                    most = s.max_tokens if s.max_tokens is not None else max(0, context - prompt_tokens)
+                    await reserve(prompt_tokens, most)
+                    generate = await _within_allowance(request, metered, most)
+                async with aclosing(replica.generate(generate)) as stream:
                     async for step in stream:
                         yield step
 

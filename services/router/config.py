@@ -36,6 +36,8 @@ class RouterSettings(ServiceSettings):
     # The rate-limit rules file (the service's MESHSERVE_RATELIMIT_RULES), followed as it changes.
     limits_rules: str = "deploy/local/ratelimits.yaml"
     limits_rules_poll_seconds: float = 2.0
+    # The price table that prices spend budgets (billing's MESHSERVE_BILLING_PRICES); required where budgets are.
+    limits_prices: str = ""
     # Seconds a Redis call may take before the decision follows the failure mode. Longer than the service's
     # 0.25: the router's event loop also relays every stream, and a reply that came in time but waited for a
     # busy loop reads as a timeout (measured: 64 clients chatting at once on 2 cores failed a decision open).

@@ -11,6 +11,7 @@ from typing import Protocol, TypeVar
 from prometheus_client import Counter
 
 from meshserve.inference.v1 import inference_pb2
+from services.router.accounting import Allowance
 from services.router.admission import NO_REPLICA_RETRY_SECONDS
 from services.router.balancer import Balancer, ReplicaState
 from services.router.caller import RouteHints
@@ -46,11 +47,13 @@ class Replica(Protocol):
         start: inference_pb2.ServeStart,
         reserve: Callable[[int, int], Awaitable[object]] | None,
         cover: Callable[[], Awaitable[tuple[int, int] | None]] | None = None,
+        allowance: Allowance | None = None,
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         """Streams an OpenAI request's replies; reserve (prompt tokens, most tokens) runs once the replica
         has measured the rendered prompt, before it generates (None: it generates at once). cover(), once
         done, is what tokens reserved on a guess cover (the most prompt and generated tokens): the replica
-        then goes ahead on its own when its measurement falls within. Closing it aborts the generation."""
+        then goes ahead on its own when its measurement falls within. allowance caps what it generates where
+        spend budgets hold money for it, raised as it asks. Closing it aborts the generation."""
         ...
 
 

@@ -8,7 +8,9 @@ modes are the rules' own, as in the service; settlement runs off the request's p
 
 from __future__ import annotations
 
-from services.ratelimit.limiter import Limiter, Reservation, TokenCaller, TokenHold
+from services.ratelimit.budgets import Budget
+from services.ratelimit.decisions import Reservation, TokenCaller, TokenHold
+from services.ratelimit.limiter import Limiter
 from services.ratelimit.windows import WindowState
 from services.router.accounting import HOLD_IF_ROOM, HOLD_NONE, HOLD_REQUIRED, Reserved, Window
 from services.router.budget import Settler
@@ -30,11 +32,14 @@ def reserved(reservation: Reservation) -> Reserved:
         windows.append(_window("requests", reservation.requests))
     if reservation.enforced and reservation.tightest is not None:
         windows.append(_window("tokens", reservation.tightest))
-    return Reserved(reservation.held or not reservation.enforced, tuple(windows), reservation.held)
+    spend = reservation.spend
+    allowance = spend.allowance if spend is not None else None
+    return Reserved(reservation.held or not reservation.enforced, tuple(windows), reservation.held, allowance)
 
 
 def _caller(caller: Caller) -> TokenCaller:
-    return TokenCaller(caller.tenant, caller.key_id, caller.tokens_per_minute, caller.requests_per_minute)
+    budget = Budget.parse(caller.budget) if caller.budget else None
+    return TokenCaller(caller.tenant, caller.key_id, caller.tokens_per_minute, caller.requests_per_minute, budget)
 
 
 class LocalTokenBudget:
@@ -84,6 +89,14 @@ class LocalTokenBudget:
             await self._limiter.settle(request_id, who, model, prompt_tokens, completion_tokens, learn)
 
         self._settler.settle(request_id, settle)
+
+    async def extend(self, request_id: str, caller: Caller, model: str, more_tokens: int) -> int | None:
+        """Holds money for more completion tokens; where Redis fails, none (the stream stops at what it holds)."""
+        try:
+            held = await self._limiter.extend(request_id, _caller(caller), model, more_tokens)
+        except Unavailable:
+            return 0
+        return held.allowance if held is not None else None
 
     async def close(self) -> None:
         """Waits for pending settlements."""

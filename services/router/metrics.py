@@ -34,6 +34,11 @@ TOKENS = Counter(
     "Tokens of finished generations, by model, tenant and kind (prompt, completion).",
     ["model", "tenant", "kind"],
 )
+STOPPED_AT_BUDGET = Counter(
+    "meshserve_router_stopped_at_budget_total",
+    "Generations ended early because no spend budget had room for more tokens, by model.",
+    ["model"],
+)
 
 
 class GenerationTimer:

@@ -65,6 +65,10 @@ AT_LEAST_ONE = ("max_tokens", "max_completion_tokens", "n")
 # OpenAI's roles (vLLM takes any role a chat template might know).
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 DONE = b"data: [DONE]\n\n"
+# Why a generation ended early where it was not the model or max_tokens: a whole reply's response header, and
+# an SSE comment (which clients skip) before a stream's last event; finish_reason says "length" either way.
+STOPPED_HEADER, STOPPED_AT_BUDGET = "x-meshserve-stopped", "spend-budget"
+STOPPED_EVENT = b": meshserve stopped this generation: its spend budget has no room for more tokens\n\n"
 
 
 @dataclass
@@ -73,9 +77,12 @@ class ResponseMeta:
     first byte."""
 
     windows: tuple[Window, ...] = ()
+    # The generation was stopped where its spend budgets had no room for more (a whole reply's header).
+    stopped: bool = False
 
     def headers(self) -> tuple[tuple[str, str], ...]:
-        return tuple(header for window in self.windows for header in window.headers())
+        stopped = ((STOPPED_HEADER, STOPPED_AT_BUDGET),) if self.stopped else ()
+        return tuple(header for window in self.windows for header in window.headers()) + stopped
 
 
 @dataclass(frozen=True)
@@ -170,7 +177,7 @@ def error_event(endpoint: int, exc: BaseException) -> bytes:
     detail = exc if isinstance(exc, DomainError) else Internal("internal error while generating")
     if endpoint == RESPONSES:
         return responses.error_event(detail.http_status, bounded(str(detail)))
-    body = error_body(detail.http_status, bounded(str(detail)))
+    body = error_body(detail.http_status, bounded(str(detail)), detail.error_type)
     return f"data: {json.dumps(body)}\n\n".encode() + DONE
 
 
@@ -235,7 +242,7 @@ class OpenAIApi:
                 cover = (
                     functools.partial(pipeline.covered, metered) if reserve is not None and guess is not None else None
                 )
-                return replica.serve(start, reserve, cover)
+                return replica.serve(start, reserve, cover, metered.allowance)
 
             return replies
 
@@ -252,6 +259,7 @@ class OpenAIApi:
         async with aclosing(replies):
             async for reply in replies:
                 out += reply.data
+                meta.stopped = meta.stopped or reply.stopped_at_allowance
         if not out:
             raise Unavailable("the engine ended the request without answering")
         return out if turn is None else await responses.finish_whole(self._store, turn, out)
@@ -276,8 +284,10 @@ class OpenAIApi:
         done = _ends(endpoint, first.data)
         try:
             async for reply in replies:
-                yield await finished(reply.data)
                 done = _ends(endpoint, reply.data)
+                if done and reply.stopped_at_allowance:
+                    yield STOPPED_EVENT
+                yield await finished(reply.data)
         except Exception as exc:
             log.warning("stream failed after it began", extra={"request_id": request_id, "error": str(exc)})
             yield error_event(endpoint, exc)

@@ -102,6 +102,8 @@ class Pipeline:
         metered = Metered(
             started=time.monotonic(), budgeted=self.budget is not None and bool(caller.tenant), unary=unary
         )
+        if self.budget is not None and metered.budgeted:
+            metered.allowance.extend = functools.partial(self.budget.extend, request_id, caller, model)
         self.count(request_id, caller, model, metered, guess)
         if metered.early is not None:
             await asyncio.sleep(0)  # the count goes out first: it is what the engine's go-ahead waits for
@@ -207,10 +209,12 @@ class Pipeline:
             held = await asyncio.shield(metered.early) if metered.early is not None else None
             if held is not None and held.covers(prompt_tokens, max_tokens):
                 metered.prompt_tokens, metered.covered = prompt_tokens, True
+                metered.allowance.tokens = held.reserved.allowance
                 return cast(tuple[Window, ...], held.reserved.windows)
             # No guess, or one too small: the measured counts, in place of whatever the guess holds.
             reserved = await budget.reserve(request_id, caller, model, prompt_tokens, max_tokens)
             metered.prompt_tokens, metered.reserved, metered.covered = prompt_tokens, True, True
+            metered.allowance.tokens = reserved.allowance
             counted = tuple(w for w in held.reserved.windows if w.kind == "requests") if held is not None else ()
             return counted + reserved.windows
 
@@ -222,6 +226,7 @@ class Pipeline:
         held = await asyncio.shield(metered.early) if metered.early is not None else None
         if held is None or held.guess is None or not held.reserved.covers:
             return None
+        metered.allowance.tokens = held.reserved.allowance
         return held.guess.prompt_tokens, held.guess.max_tokens
 
 
@@ -245,6 +250,8 @@ async def _timed(
                     span.add_event("first_token")
                 timer.step(at, step.completion_tokens)
                 metered.last = step
+                if getattr(step, "stopped_at_allowance", False):
+                    metered.allowance.stopped = True
                 if step.finish_reason in FINISHED:
                     metered.outcome = "completed"
                 elif getattr(step, "failed", False):

@@ -11,6 +11,7 @@ import grpc
 from grpc import aio
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.router.accounting import Allowance
 from services.router.balancer import LoadReport
 from services.runtime import errors, keepalive, tls, tracing
 
@@ -87,14 +88,21 @@ def _within(reply: inference_pb2.ServeResponse, covered: tuple[int, int]) -> boo
     return reply.prompt_tokens <= covered[0] and reply.max_tokens <= covered[1]
 
 
+def _proceed(allowance: Allowance | None, prompt_tokens: int = 0, max_tokens: int = 0) -> inference_pb2.ServeRequest:
+    """A go-ahead (on condition where prompt_tokens is set), capped where spend budgets pay for the tokens."""
+    proceed = inference_pb2.ServeProceed(prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+    if allowance is not None and allowance.tokens is not None:
+        proceed.capped, proceed.allowance_tokens = True, allowance.tokens
+    return inference_pb2.ServeRequest(proceed=proceed)
+
+
 async def _go_ahead_on_condition(
-    call: Any, cover: Callable[[], Awaitable[tuple[int, int] | None]]
+    call: Any, cover: Callable[[], Awaitable[tuple[int, int] | None]], allowance: Allowance | None
 ) -> tuple[int, int] | None:
     """Sends the go-ahead on condition once tokens reserved on a guess hold; what it covers, or None."""
     covered = await cover()
     if covered is not None:
-        proceed = inference_pb2.ServeProceed(prompt_tokens=max(1, covered[0]), max_tokens=covered[1])
-        await call.write(inference_pb2.ServeRequest(proceed=proceed))
+        await call.write(_proceed(allowance, max(1, covered[0]), covered[1]))
     return covered
 
 
@@ -124,10 +132,12 @@ class GrpcReplica:
         start: inference_pb2.ServeStart,
         reserve: Callable[[int, int], Awaitable[object]] | None,
         cover: Callable[[], Awaitable[tuple[int, int] | None]] | None = None,
+        allowance: Allowance | None = None,
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         with tracing.client_call(SERVE) as metadata:
             call = self._channel.stub.Serve(metadata=metadata)
             covering: asyncio.Task[tuple[int, int] | None] | None = None
+            max_tokens = 0
             try:
                 # Nothing to reserve: the replica generates at once, without waiting for a go-ahead.
                 opening = inference_pb2.ServeStart()
@@ -137,19 +147,26 @@ class GrpcReplica:
                 if reserve is None:
                     await call.done_writing()
                 elif cover is not None:
-                    covering = asyncio.ensure_future(_go_ahead_on_condition(call, cover))
+                    covering = asyncio.ensure_future(_go_ahead_on_condition(call, cover, allowance))
                 while (read := await call.read()) is not aio.EOF:
                     reply = cast(inference_pb2.ServeResponse, read)
                     if reply.HasField("error"):
                         raise _in_band(reply.error, self.address)
                     if reply.measured:
                         if reserve is not None:
+                            max_tokens = reply.max_tokens
                             await reserve(reply.prompt_tokens, reply.max_tokens)
                             covered = await covering if covering is not None else None
                             # The replica decides as this does: within what the guess covers, it went ahead.
                             if covered is None or not _within(reply, covered):
-                                await call.write(inference_pb2.ServeRequest(proceed=inference_pb2.ServeProceed()))
-                            await call.done_writing()
+                                await call.write(_proceed(allowance))
+                            if allowance is None or allowance.tokens is None:
+                                await call.done_writing()  # a capped request may still ask for more
+                        continue
+                    if reply.wants_allowance and allowance is not None:
+                        more = await allowance.raise_for(reply.completion_tokens, max_tokens)
+                        room = inference_pb2.ServeAllowance(completion_tokens=more)
+                        await call.write(inference_pb2.ServeRequest(allowance=room))
                         continue
                     yield reply
             except aio.AioRpcError as exc:

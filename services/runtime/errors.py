@@ -29,6 +29,8 @@ class DomainError(Exception):
     # grpc-to-HTTP table), so an error reported in-band in a stream reads as it would have before it;
     # its OpenAI type and code come from the one table in openai_errors.
     http_status = 500
+    # OpenAI's error type and code where they are not the status's own (openai_errors.ERROR_TYPES).
+    error_type: str | None = None
 
     def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
         super().__init__(bounded(message))
@@ -52,6 +54,13 @@ class ResourceExhausted(DomainError):
     """A limit or a queue is full; the caller may retry later."""
 
     http_status = 429
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A spend budget has no room for the request: OpenAI's insufficient_quota (no retry helps before the
+    budget's period starts again)."""
+
+    error_type = "insufficient_quota"
 
 
 class Unavailable(DomainError):

@@ -9,6 +9,10 @@ MODELS_HEADER = "x-meshserve-models"
 # The key's own rate limits (0: its plan's), for the edge's rate-limit filter and the router's token budget.
 KEY_RPM_HEADER = "x-meshserve-key-rpm"
 KEY_TPM_HEADER = "x-meshserve-key-tpm"
+# The key's spend budget, "<amount>/<period>", or NO_BUDGET (never empty: the edge then overwrites whatever a
+# client sent, where it might skip an empty value).
+KEY_BUDGET_HEADER = "x-meshserve-key-budget"
+NO_BUDGET = "none"
 # The model a request names, read from its body by the edge, for per-model request limits. Set only by the edge.
 MODEL_HEADER = "x-meshserve-model"
 # Largest gRPC metadata (headers) a service accepts: above the edge's own header limit, so an oversized

@@ -14,6 +14,7 @@ from grpc import aio
 from opentelemetry.trace import Span, StatusCode
 
 from services.runtime import callers, errors, metrics, tls, tracing
+from services.runtime.openai_errors import ERROR_TYPE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,13 @@ def status_of(exc: errors.DomainError) -> grpc.StatusCode:
 
 
 async def _abort_for(exc: errors.DomainError, context: aio.ServicerContext[Any, Any]) -> None:
+    trailers = []
     if exc.retry_after_seconds is not None:
-        context.set_trailing_metadata((("retry-after", str(max(1, round(exc.retry_after_seconds)))),))
+        trailers.append(("retry-after", str(max(1, round(exc.retry_after_seconds)))))
+    if exc.error_type is not None:
+        trailers.append((ERROR_TYPE_HEADER, exc.error_type))
+    if trailers:
+        context.set_trailing_metadata(tuple(trailers))
     await context.abort(status_of(exc), errors.bounded(str(exc)))
 
 

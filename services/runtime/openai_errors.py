@@ -24,9 +24,16 @@ ERROR_TYPES: dict[int, tuple[str, str]] = {
 }
 
 
-def error_body(status: int, message: str) -> dict[str, dict[str, object]]:
-    """OpenAI's error object for an HTTP status, as the edge writes it for every error reply."""
+# The header (gRPC trailing metadata) that names an error's OpenAI type where it is not its status's own;
+# the edge writes it into the body as type and code.
+ERROR_TYPE_HEADER = "x-meshserve-error-type"
+
+
+def error_body(status: int, message: str, error_type: str | None = None) -> dict[str, dict[str, object]]:
+    """OpenAI's error object for an HTTP status (or a type of its own), as the edge writes it for every error."""
     kind, code = ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    if error_type is not None:
+        kind = code = error_type
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 

@@ -46,11 +46,11 @@ def engine_load(mesh: LocalMesh) -> inference_pb2.GetLoadResponse:
         return stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=5)
 
 
-def create_key(mesh: LocalMesh, tenant: str, tpm: int = 0, rpm: int = 0) -> tuple[auth_pb2.Key, str]:
-    """A new key of tenant through the admin API, with its own limits if given."""
+def create_key(mesh: LocalMesh, tenant: str, tpm: int = 0, rpm: int = 0, budget: str = "") -> tuple[auth_pb2.Key, str]:
+    """A new key of tenant through the admin API, with its own limits (and spend budget) if given."""
     channel, stub, admin = mesh.admin_stub()
     with channel:
-        limits = auth_pb2.KeyLimits(tokens_per_minute=tpm, requests_per_minute=rpm)
+        limits = auth_pb2.KeyLimits(tokens_per_minute=tpm, requests_per_minute=rpm, budget=budget)
         request = auth_pb2.CreateKeyRequest(tenant=tenant, limits=limits)
         reply = stub.CreateKey(request, metadata=admin, timeout=10)
     return reply.key, reply.secret

@@ -15,6 +15,7 @@ import pytest
 from services.mesh.local import LocalMesh
 from tests.e2e.helpers import MODEL, QUESTION, create_key, openai_client, scrape, value
 from tests.e2e.test_billing import ledger_line
+from tests.e2e.test_spend_budgets import stopped_at_budget
 
 pytestmark = pytest.mark.mesh
 
@@ -65,6 +66,7 @@ def test_every_metric_the_rules_and_the_dashboard_name_is_exported_by_the_mesh(m
     key, secret = create_key(mesh, "named")
     openai_client(mesh, secret).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
     ledger_line(mesh, key.key_id, 1)  # billing has counted it
+    stopped_at_budget(mesh)  # the spend budgets' metrics: a tenant's budget drawn on, a stream stopped
     rules = (DEPLOY / "prometheus" / "rules.yaml").read_text()
     dashboard = json.loads((DEPLOY / "grafana" / "meshserve.json").read_text())
     queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as redis
 
 from services.mesh.local import LocalMesh, MeshOptions
 
@@ -19,3 +20,12 @@ def redis_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
         yield m
     finally:
         m.stop()
+
+
+@pytest.fixture
+async def client(redis_mesh: LocalMesh) -> AsyncIterator[redis.Redis]:
+    """A client of the module's Redis, emptied for each test."""
+    c = redis.Redis.from_url(redis_mesh.redis_url, **redis_mesh.redis_options())
+    await c.flushdb()
+    yield c
+    await c.aclose()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -18,7 +18,6 @@ from services.billing.ledger import SCHEMA, Ledger, PostgresLedger, SqliteLedger
 from services.billing.meter import Meter, Usage
 from services.billing.prices import Prices
 from services.billing.webhook import WebhookSink
-from services.mesh.local import LocalMesh
 from services.runtime.errors import InvalidArgument
 from tests.postgres import fresh_database
 from tests.webhook_receiver import Receiver
@@ -27,14 +26,6 @@ MODEL = "smollm2-135m-instruct"
 PRICES = Prices.model_validate(
     {"models": {MODEL: {"prompt_per_1k": Decimal("0.0002"), "completion_per_1k": Decimal("0.0006")}}}
 )
-
-
-@pytest.fixture
-async def client(redis_mesh: LocalMesh) -> AsyncIterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_mesh.redis_url, **redis_mesh.redis_options())
-    await c.flushdb()
-    yield c
-    await c.aclose()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

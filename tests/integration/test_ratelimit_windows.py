@@ -147,7 +147,8 @@ async def test_a_count_then_a_hold_is_one_script_and_a_refused_count_holds_nothi
 
 
 async def test_the_limiter_counts_a_request_and_holds_its_tokens_in_one_round_trip(windows: SlidingWindows) -> None:
-    from services.ratelimit.limiter import Limiter, TokenCaller, TokenHold
+    from services.ratelimit.decisions import TokenCaller, TokenHold
+    from services.ratelimit.limiter import Limiter
     from services.ratelimit.rules import Rules
 
     rules = Rules.parse(

@@ -93,6 +93,9 @@ class FakeBudget:
     ) -> None:
         self.settled.append((request_id, prompt_tokens, completion_tokens, outcome))
 
+    async def extend(self, request_id: str, caller: Caller, model: str, more_tokens: int) -> int | None:
+        return None
+
 
 class FakeDirectory:
     """Replicas by address, each reporting an idle engine."""

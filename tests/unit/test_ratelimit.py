@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from envoy.service.ratelimit.v3 import rls_pb2
 
-from services.ratelimit.limiter import DescriptorResult, RequestDecision
+from services.ratelimit.decisions import DescriptorResult, RequestDecision
 from services.ratelimit.rules import FailureMode, Kind, Limit, Rules, Scope
 from services.ratelimit.servicers import rls_response
 from services.ratelimit.windows import WindowState

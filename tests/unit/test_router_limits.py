@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.ratelimit.limiter import Reservation, TokenCaller, TokenHold
+from services.ratelimit.decisions import Reservation, TokenCaller, TokenHold
 from services.ratelimit.rules import Limit, Scope
 from services.ratelimit.windows import WindowState
 from services.router.accounting import HOLD_IF_ROOM, Window

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/auth/v1/auth.proto\x12\x11meshserve.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"C\n\tKeyLimits\x12\x1b\n\x13requests_per_minute\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x02 \x01(\r\"\xb0\x02\n\x03Key\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12\r\n\x05\x61\x64min\x18\x05 \x01(\x08\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x06limits\x18\t \x01(\x0b\x32\x1c.meshserve.auth.v1.KeyLimits\x12\x15\n\rsecret_prefix\x18\n \x01(\t\"\xb6\x01\n\x10\x43reateKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12\r\n\x05\x61\x64min\x18\x04 \x01(\x08\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x06limits\x18\x06 \x01(\x0b\x32\x1c.meshserve.auth.v1.KeyLimits\"H\n\x11\x43reateKeyResponse\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.meshserve.auth.v1.Key\x12\x0e\n\x06secret\x18\x02 \x01(\t\":\n\x0fListKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x02 \x01(\x08\"8\n\x10ListKeysResponse\x12$\n\x04keys\x18\x01 \x03(\x0b\x32\x16.meshserve.auth.v1.Key\"\x1f\n\rGetKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"5\n\x0eGetKeyResponse\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.meshserve.auth.v1.Key\"9\n\x10RotateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\r\"\x83\x01\n\x11RotateKeyResponse\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.meshserve.auth.v1.Key\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x39\n\x15old_secret_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"8\n\x11RevokeKeyResponse\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.meshserve.auth.v1.Key2\xbe\x03\n\x10\x41uthAdminService\x12V\n\tCreateKey\x12#.meshserve.auth.v1.CreateKeyRequest\x1a$.meshserve.auth.v1.CreateKeyResponse\x12S\n\x08ListKeys\x12\".meshserve.auth.v1.ListKeysRequest\x1a#.meshserve.auth.v1.ListKeysResponse\x12M\n\x06GetKey\x12 .meshserve.auth.v1.GetKeyRequest\x1a!.meshserve.auth.v1.GetKeyResponse\x12V\n\tRotateKey\x12#.meshserve.auth.v1.RotateKeyRequest\x1a$.meshserve.auth.v1.RotateKeyResponse\x12V\n\tRevokeKey\x12#.meshserve.auth.v1.RevokeKeyRequest\x1a$.meshserve.auth.v1.RevokeKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/auth/v1/auth.proto\x12\x11meshserve.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"S\n\tKeyLimits\x12\x1b\n\x13requests_per_minute\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x02 \x01(\r\x12\x0e\n\x06\x62udget\x18\x03 \x01(\t\"\xb0\x02\n\x03Key\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12\r\n\x05\x61\x64min\x18\x05 \x01(\x08\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x06limits\x18\t \x01(\x0b\x32\x1c.meshserve.auth.v1.KeyLimits\x12\x15\n\rsecret_prefix\x18\n \x01(\t\"\xb6\x01\n\x10\x43reateKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12\r\n\x05\x61\x64min\x18\x04 \x01(\x08\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x06limits\x18\x06 \x01(\x0b\x32\x1c.meshserve.auth.v1.KeyLimits\"H\n\x11\x43reateKeyResponse\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.meshserve.auth.v1.Key\x12\x0e\n\x06secret\x18\x02 \x01(\t\":\n\x0fListKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x02 \x01(\x08\"8\n\x10ListKeysResponse\x12$\n\x04keys\x18\x01 \x03(\x0b\x32\x16.meshserve.auth.v1.Key\"\x1f\n\rGetKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"5\n\x0eGetKeyResponse\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.meshserve.auth.v1.Key\"9\n\x10RotateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\r\"\x83\x01\n\x11RotateKeyResponse\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.meshserve.auth.v1.Key\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x39\n\x15old_secret_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"8\n\x11RevokeKeyResponse\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.meshserve.auth.v1.Key\"P\n\x10UpdateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12,\n\x06limits\x18\x02 \x01(\x0b\x32\x1c.meshserve.auth.v1.KeyLimits\"8\n\x11UpdateKeyResponse\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.meshserve.auth.v1.Key2\x96\x04\n\x10\x41uthAdminService\x12V\n\tCreateKey\x12#.meshserve.auth.v1.CreateKeyRequest\x1a$.meshserve.auth.v1.CreateKeyResponse\x12S\n\x08ListKeys\x12\".meshserve.auth.v1.ListKeysRequest\x1a#.meshserve.auth.v1.ListKeysResponse\x12M\n\x06GetKey\x12 .meshserve.auth.v1.GetKeyRequest\x1a!.meshserve.auth.v1.GetKeyResponse\x12V\n\tRotateKey\x12#.meshserve.auth.v1.RotateKeyRequest\x1a$.meshserve.auth.v1.RotateKeyResponse\x12V\n\tRevokeKey\x12#.meshserve.auth.v1.RevokeKeyRequest\x1a$.meshserve.auth.v1.RevokeKeyResponse\x12V\n\tUpdateKey\x12#.meshserve.auth.v1.UpdateKeyRequest\x1a$.meshserve.auth.v1.UpdateKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.auth.v1.auth_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KEYLIMITS']._serialized_start=84
-  _globals['_KEYLIMITS']._serialized_end=151
-  _globals['_KEY']._serialized_start=154
-  _globals['_KEY']._serialized_end=458
-  _globals['_CREATEKEYREQUEST']._serialized_start=461
-  _globals['_CREATEKEYREQUEST']._serialized_end=643
-  _globals['_CREATEKEYRESPONSE']._serialized_start=645
-  _globals['_CREATEKEYRESPONSE']._serialized_end=717
-  _globals['_LISTKEYSREQUEST']._serialized_start=719
-  _globals['_LISTKEYSREQUEST']._serialized_end=777
-  _globals['_LISTKEYSRESPONSE']._serialized_start=779
-  _globals['_LISTKEYSRESPONSE']._serialized_end=835
-  _globals['_GETKEYREQUEST']._serialized_start=837
-  _globals['_GETKEYREQUEST']._serialized_end=868
-  _globals['_GETKEYRESPONSE']._serialized_start=870
-  _globals['_GETKEYRESPONSE']._serialized_end=923
-  _globals['_ROTATEKEYREQUEST']._serialized_start=925
-  _globals['_ROTATEKEYREQUEST']._serialized_end=982
-  _globals['_ROTATEKEYRESPONSE']._serialized_start=985
-  _globals['_ROTATEKEYRESPONSE']._serialized_end=1116
-  _globals['_REVOKEKEYREQUEST']._serialized_start=1118
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1152
-  _globals['_REVOKEKEYRESPONSE']._serialized_start=1154
-  _globals['_REVOKEKEYRESPONSE']._serialized_end=1210
-  _globals['_AUTHADMINSERVICE']._serialized_start=1213
-  _globals['_AUTHADMINSERVICE']._serialized_end=1659
+  _globals['_KEYLIMITS']._serialized_end=167
+  _globals['_KEY']._serialized_start=170
+  _globals['_KEY']._serialized_end=474
+  _globals['_CREATEKEYREQUEST']._serialized_start=477
+  _globals['_CREATEKEYREQUEST']._serialized_end=659
+  _globals['_CREATEKEYRESPONSE']._serialized_start=661
+  _globals['_CREATEKEYRESPONSE']._serialized_end=733
+  _globals['_LISTKEYSREQUEST']._serialized_start=735
+  _globals['_LISTKEYSREQUEST']._serialized_end=793
+  _globals['_LISTKEYSRESPONSE']._serialized_start=795
+  _globals['_LISTKEYSRESPONSE']._serialized_end=851
+  _globals['_GETKEYREQUEST']._serialized_start=853
+  _globals['_GETKEYREQUEST']._serialized_end=884
+  _globals['_GETKEYRESPONSE']._serialized_start=886
+  _globals['_GETKEYRESPONSE']._serialized_end=939
+  _globals['_ROTATEKEYREQUEST']._serialized_start=941
+  _globals['_ROTATEKEYREQUEST']._serialized_end=998
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=1001
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=1132
+  _globals['_REVOKEKEYREQUEST']._serialized_start=1134
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1168
+  _globals['_REVOKEKEYRESPONSE']._serialized_start=1170
+  _globals['_REVOKEKEYRESPONSE']._serialized_end=1226
+  _globals['_UPDATEKEYREQUEST']._serialized_start=1228
+  _globals['_UPDATEKEYREQUEST']._serialized_end=1308
+  _globals['_UPDATEKEYRESPONSE']._serialized_start=1310
+  _globals['_UPDATEKEYRESPONSE']._serialized_end=1366
+  _globals['_AUTHADMINSERVICE']._serialized_start=1369
+  _globals['_AUTHADMINSERVICE']._serialized_end=1903
 # @@protoc_insertion_point(module_scope)

@@ -10,12 +10,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KeyLimits(_message.Message):
-    __slots__ = ("requests_per_minute", "tokens_per_minute")
+    __slots__ = ("requests_per_minute", "tokens_per_minute", "budget")
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     requests_per_minute: int
     tokens_per_minute: int
-    def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ...) -> None: ...
+    budget: str
+    def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., budget: _Optional[str] = ...) -> None: ...
 
 class Key(_message.Message):
     __slots__ = ("key_id", "tenant", "label", "allowed_models", "admin", "expires_at", "created_at", "revoked_at", "limits", "secret_prefix")
@@ -116,6 +118,20 @@ class RevokeKeyRequest(_message.Message):
     def __init__(self, key_id: _Optional[str] = ...) -> None: ...
 
 class RevokeKeyResponse(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: Key
+    def __init__(self, key: _Optional[_Union[Key, _Mapping]] = ...) -> None: ...
+
+class UpdateKeyRequest(_message.Message):
+    __slots__ = ("key_id", "limits")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    limits: KeyLimits
+    def __init__(self, key_id: _Optional[str] = ..., limits: _Optional[_Union[KeyLimits, _Mapping]] = ...) -> None: ...
+
+class UpdateKeyResponse(_message.Message):
     __slots__ = ("key",)
     KEY_FIELD_NUMBER: _ClassVar[int]
     key: Key

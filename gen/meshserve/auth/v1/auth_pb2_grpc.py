@@ -61,6 +61,11 @@ class AuthAdminServiceStub:
                 request_serializer=meshserve_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=meshserve_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyResponse.FromString,
                 _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/meshserve.auth.v1.AuthAdminService/UpdateKey',
+                request_serializer=meshserve_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=meshserve_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyResponse.FromString,
+                _registered_method=True)
 
 
 class AuthAdminServiceServicer:
@@ -103,6 +108,14 @@ class AuthAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateKey(self, request, context):
+        """UpdateKey replaces a key's limits (rate limits and spend budget), on every
+        auth replica within a second; its secrets stay as they are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +143,11 @@ def add_AuthAdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=meshserve_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyRequest.FromString,
                     response_serializer=meshserve_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyResponse.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=meshserve_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=meshserve_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +287,33 @@ class AuthAdminService:
             '/meshserve.auth.v1.AuthAdminService/RevokeKey',
             meshserve_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyRequest.SerializeToString,
             meshserve_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.auth.v1.AuthAdminService/UpdateKey',
+            meshserve_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyRequest.SerializeToString,
+            meshserve_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

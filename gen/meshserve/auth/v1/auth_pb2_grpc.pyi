@@ -48,6 +48,10 @@ class AuthAdminServiceStub:
     """RotateKey issues a new secret; the old one keeps working for a grace period."""
     RevokeKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeKeyRequest, _auth_pb2.RevokeKeyResponse]
     """RevokeKey stops every secret of a key, on every auth replica within a second."""
+    UpdateKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.UpdateKeyRequest, _auth_pb2.UpdateKeyResponse]
+    """UpdateKey replaces a key's limits (rate limits and spend budget), on every
+    auth replica within a second; its secrets stay as they are.
+    """
 
 @_typing.type_check_only
 class AuthAdminServiceAsyncStub(AuthAdminServiceStub):
@@ -66,6 +70,10 @@ class AuthAdminServiceAsyncStub(AuthAdminServiceStub):
     """RotateKey issues a new secret; the old one keeps working for a grace period."""
     RevokeKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeKeyRequest, _auth_pb2.RevokeKeyResponse]  # type: ignore[assignment]
     """RevokeKey stops every secret of a key, on every auth replica within a second."""
+    UpdateKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.UpdateKeyRequest, _auth_pb2.UpdateKeyResponse]  # type: ignore[assignment]
+    """UpdateKey replaces a key's limits (rate limits and spend budget), on every
+    auth replica within a second; its secrets stay as they are.
+    """
 
 class AuthAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthAdminService creates, lists, rotates and revokes API keys. Every call needs
@@ -111,5 +119,15 @@ class AuthAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RevokeKeyResponse, _abc.Awaitable[_auth_pb2.RevokeKeyResponse]]:
         """RevokeKey stops every secret of a key, on every auth replica within a second."""
+
+    @_abc_1.abstractmethod
+    def UpdateKey(
+        self,
+        request: _auth_pb2.UpdateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.UpdateKeyResponse, _abc.Awaitable[_auth_pb2.UpdateKeyResponse]]:
+        """UpdateKey replaces a key's limits (rate limits and spend budget), on every
+        auth replica within a second; its secrets stay as they are.
+        """
 
 def add_AuthAdminServiceServicer_to_server(servicer: AuthAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -103,9 +103,31 @@ class UsageLine(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost: _Optional[str] = ..., written_off_tokens: _Optional[int] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
-    __slots__ = ("lines", "currency")
+    __slots__ = ("lines", "currency", "budgets")
     LINES_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
     lines: _containers.RepeatedCompositeFieldContainer[UsageLine]
     currency: str
-    def __init__(self, lines: _Optional[_Iterable[_Union[UsageLine, _Mapping]]] = ..., currency: _Optional[str] = ...) -> None: ...
+    budgets: _containers.RepeatedCompositeFieldContainer[BudgetLine]
+    def __init__(self, lines: _Optional[_Iterable[_Union[UsageLine, _Mapping]]] = ..., currency: _Optional[str] = ..., budgets: _Optional[_Iterable[_Union[BudgetLine, _Mapping]]] = ...) -> None: ...
+
+class BudgetLine(_message.Message):
+    __slots__ = ("tenant", "scope", "subject", "period", "limit", "spent", "held", "remaining")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    scope: str
+    subject: str
+    period: str
+    limit: str
+    spent: str
+    held: str
+    remaining: str
+    def __init__(self, tenant: _Optional[str] = ..., scope: _Optional[str] = ..., subject: _Optional[str] = ..., period: _Optional[str] = ..., limit: _Optional[str] = ..., spent: _Optional[str] = ..., held: _Optional[str] = ..., remaining: _Optional[str] = ...) -> None: ...

@@ -48,23 +48,35 @@ class ServeStart(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., endpoint: _Optional[_Union[Endpoint, str]] = ..., body: _Optional[bytes] = ..., proceed: _Optional[bool] = ...) -> None: ...
 
 class ServeProceed(_message.Message):
-    __slots__ = ("prompt_tokens", "max_tokens")
+    __slots__ = ("prompt_tokens", "max_tokens", "capped", "allowance_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CAPPED_FIELD_NUMBER: _ClassVar[int]
+    ALLOWANCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     max_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    capped: bool
+    allowance_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., capped: _Optional[bool] = ..., allowance_tokens: _Optional[int] = ...) -> None: ...
+
+class ServeAllowance(_message.Message):
+    __slots__ = ("completion_tokens",)
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    completion_tokens: int
+    def __init__(self, completion_tokens: _Optional[int] = ...) -> None: ...
 
 class ServeRequest(_message.Message):
-    __slots__ = ("start", "proceed")
+    __slots__ = ("start", "proceed", "allowance")
     START_FIELD_NUMBER: _ClassVar[int]
     PROCEED_FIELD_NUMBER: _ClassVar[int]
+    ALLOWANCE_FIELD_NUMBER: _ClassVar[int]
     start: ServeStart
     proceed: ServeProceed
-    def __init__(self, start: _Optional[_Union[ServeStart, _Mapping]] = ..., proceed: _Optional[_Union[ServeProceed, _Mapping]] = ...) -> None: ...
+    allowance: ServeAllowance
+    def __init__(self, start: _Optional[_Union[ServeStart, _Mapping]] = ..., proceed: _Optional[_Union[ServeProceed, _Mapping]] = ..., allowance: _Optional[_Union[ServeAllowance, _Mapping]] = ...) -> None: ...
 
 class ServeResponse(_message.Message):
-    __slots__ = ("data", "prompt_tokens", "completion_tokens", "finish_reason", "measured", "max_tokens", "failed", "error")
+    __slots__ = ("data", "prompt_tokens", "completion_tokens", "finish_reason", "measured", "max_tokens", "failed", "error", "wants_allowance", "stopped_at_allowance")
     DATA_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +85,8 @@ class ServeResponse(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    WANTS_ALLOWANCE_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_AT_ALLOWANCE_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     prompt_tokens: int
     completion_tokens: int
@@ -81,7 +95,9 @@ class ServeResponse(_message.Message):
     max_tokens: int
     failed: bool
     error: ServeError
-    def __init__(self, data: _Optional[bytes] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., measured: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., failed: _Optional[bool] = ..., error: _Optional[_Union[ServeError, _Mapping]] = ...) -> None: ...
+    wants_allowance: bool
+    stopped_at_allowance: bool
+    def __init__(self, data: _Optional[bytes] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., measured: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., failed: _Optional[bool] = ..., error: _Optional[_Union[ServeError, _Mapping]] = ..., wants_allowance: _Optional[bool] = ..., stopped_at_allowance: _Optional[bool] = ...) -> None: ...
 
 class ServeError(_message.Message):
     __slots__ = ("code", "message")

@@ -24,35 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&meshserve/ratelimit/v1/ratelimit.proto\x12\x16meshserve.ratelimit.v1\"h\n\x06\x43\x61ller\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x1d\n\x15key_tokens_per_minute\x18\x03 \x01(\r\x12\x1f\n\x17key_requests_per_minute\x18\x04 \x01(\r\"\xd1\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x1e.meshserve.ratelimit.v1.Caller\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x15\n\rcount_request\x18\x06 \x01(\x08\x12*\n\x04hold\x18\x07 \x01(\x0e\x32\x1c.meshserve.ratelimit.v1.Hold\"H\n\rRequestWindow\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x11\n\tremaining\x18\x02 \x01(\r\x12\x15\n\rreset_seconds\x18\x03 \x01(\x01\"\xef\x01\n\x0fReserveResponse\x12\x17\n\x0freserved_tokens\x18\x01 \x01(\r\x12#\n\x1b\x65stimated_completion_tokens\x18\x02 \x01(\r\x12\x10\n\x08\x65nforced\x18\x03 \x01(\x08\x12\x14\n\x0climit_tokens\x18\x04 \x01(\r\x12\x18\n\x10remaining_tokens\x18\x05 \x01(\r\x12\x15\n\rreset_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04held\x18\x07 \x01(\x08\x12\x37\n\x08requests\x18\x08 \x01(\x0b\x32%.meshserve.ratelimit.v1.RequestWindow\"\xc6\x01\n\rSettleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x1e.meshserve.ratelimit.v1.Caller\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x30\n\x07outcome\x18\x06 \x01(\x0e\x32\x1f.meshserve.ratelimit.v1.Outcome\":\n\x0eSettleResponse\x12\x0f\n\x07settled\x18\x01 \x01(\x08\x12\x17\n\x0freturned_tokens\x18\x02 \x01(\x03\"B\n\x10GetBudgetRequest\x12.\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1e.meshserve.ratelimit.v1.Caller\"L\n\x06Window\x12\r\n\x05scope\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x16\n\x0ewindow_seconds\x18\x04 \x01(\r\"D\n\x11GetBudgetResponse\x12/\n\x07windows\x18\x01 \x03(\x0b\x32\x1e.meshserve.ratelimit.v1.Window*P\n\x04Hold\x12\x14\n\x10HOLD_UNSPECIFIED\x10\x00\x12\x11\n\rHOLD_REQUIRED\x10\x01\x12\x10\n\x0cHOLD_IF_ROOM\x10\x02\x12\r\n\tHOLD_NONE\x10\x03*d\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMPLETED\x10\x01\x12\x15\n\x11OUTCOME_CANCELLED\x10\x02\x12\x12\n\x0eOUTCOME_FAILED\x10\x03\x32\xab\x02\n\x12TokenBudgetService\x12Z\n\x07Reserve\x12&.meshserve.ratelimit.v1.ReserveRequest\x1a\'.meshserve.ratelimit.v1.ReserveResponse\x12W\n\x06Settle\x12%.meshserve.ratelimit.v1.SettleRequest\x1a&.meshserve.ratelimit.v1.SettleResponse\x12`\n\tGetBudget\x12(.meshserve.ratelimit.v1.GetBudgetRequest\x1a).meshserve.ratelimit.v1.GetBudgetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&meshserve/ratelimit/v1/ratelimit.proto\x12\x16meshserve.ratelimit.v1\"|\n\x06\x43\x61ller\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x1d\n\x15key_tokens_per_minute\x18\x03 \x01(\r\x12\x1f\n\x17key_requests_per_minute\x18\x04 \x01(\r\x12\x12\n\nkey_budget\x18\x05 \x01(\t\"\xd1\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x1e.meshserve.ratelimit.v1.Caller\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x15\n\rcount_request\x18\x06 \x01(\x08\x12*\n\x04hold\x18\x07 \x01(\x0e\x32\x1c.meshserve.ratelimit.v1.Hold\"H\n\rRequestWindow\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x11\n\tremaining\x18\x02 \x01(\r\x12\x15\n\rreset_seconds\x18\x03 \x01(\x01\"\x99\x02\n\x0fReserveResponse\x12\x17\n\x0freserved_tokens\x18\x01 \x01(\r\x12#\n\x1b\x65stimated_completion_tokens\x18\x02 \x01(\r\x12\x10\n\x08\x65nforced\x18\x03 \x01(\x08\x12\x14\n\x0climit_tokens\x18\x04 \x01(\r\x12\x18\n\x10remaining_tokens\x18\x05 \x01(\r\x12\x15\n\rreset_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04held\x18\x07 \x01(\x08\x12\x37\n\x08requests\x18\x08 \x01(\x0b\x32%.meshserve.ratelimit.v1.RequestWindow\x12\x0e\n\x06\x63\x61pped\x18\t \x01(\x08\x12\x18\n\x10\x61llowance_tokens\x18\n \x01(\r\"w\n\rExtendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x1e.meshserve.ratelimit.v1.Caller\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bmore_tokens\x18\x04 \x01(\r\":\n\x0e\x45xtendResponse\x12\x0e\n\x06\x63\x61pped\x18\x01 \x01(\x08\x12\x18\n\x10\x61llowance_tokens\x18\x02 \x01(\r\"\xc6\x01\n\rSettleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x1e.meshserve.ratelimit.v1.Caller\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x30\n\x07outcome\x18\x06 \x01(\x0e\x32\x1f.meshserve.ratelimit.v1.Outcome\":\n\x0eSettleResponse\x12\x0f\n\x07settled\x18\x01 \x01(\x08\x12\x17\n\x0freturned_tokens\x18\x02 \x01(\x03\"B\n\x10GetBudgetRequest\x12.\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1e.meshserve.ratelimit.v1.Caller\"L\n\x06Window\x12\r\n\x05scope\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x16\n\x0ewindow_seconds\x18\x04 \x01(\r\"D\n\x11GetBudgetResponse\x12/\n\x07windows\x18\x01 \x03(\x0b\x32\x1e.meshserve.ratelimit.v1.Window*P\n\x04Hold\x12\x14\n\x10HOLD_UNSPECIFIED\x10\x00\x12\x11\n\rHOLD_REQUIRED\x10\x01\x12\x10\n\x0cHOLD_IF_ROOM\x10\x02\x12\r\n\tHOLD_NONE\x10\x03*d\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMPLETED\x10\x01\x12\x15\n\x11OUTCOME_CANCELLED\x10\x02\x12\x12\n\x0eOUTCOME_FAILED\x10\x03\x32\x84\x03\n\x12TokenBudgetService\x12Z\n\x07Reserve\x12&.meshserve.ratelimit.v1.ReserveRequest\x1a\'.meshserve.ratelimit.v1.ReserveResponse\x12W\n\x06Settle\x12%.meshserve.ratelimit.v1.SettleRequest\x1a&.meshserve.ratelimit.v1.SettleResponse\x12`\n\tGetBudget\x12(.meshserve.ratelimit.v1.GetBudgetRequest\x1a).meshserve.ratelimit.v1.GetBudgetResponse\x12W\n\x06\x45xtend\x12%.meshserve.ratelimit.v1.ExtendRequest\x1a&.meshserve.ratelimit.v1.ExtendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.ratelimit.v1.ratelimit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HOLD']._serialized_start=1177
-  _globals['_HOLD']._serialized_end=1257
-  _globals['_OUTCOME']._serialized_start=1259
-  _globals['_OUTCOME']._serialized_end=1359
+  _globals['_HOLD']._serialized_start=1420
+  _globals['_HOLD']._serialized_end=1500
+  _globals['_OUTCOME']._serialized_start=1502
+  _globals['_OUTCOME']._serialized_end=1602
   _globals['_CALLER']._serialized_start=66
-  _globals['_CALLER']._serialized_end=170
-  _globals['_RESERVEREQUEST']._serialized_start=173
-  _globals['_RESERVEREQUEST']._serialized_end=382
-  _globals['_REQUESTWINDOW']._serialized_start=384
-  _globals['_REQUESTWINDOW']._serialized_end=456
-  _globals['_RESERVERESPONSE']._serialized_start=459
-  _globals['_RESERVERESPONSE']._serialized_end=698
-  _globals['_SETTLEREQUEST']._serialized_start=701
-  _globals['_SETTLEREQUEST']._serialized_end=899
-  _globals['_SETTLERESPONSE']._serialized_start=901
-  _globals['_SETTLERESPONSE']._serialized_end=959
-  _globals['_GETBUDGETREQUEST']._serialized_start=961
-  _globals['_GETBUDGETREQUEST']._serialized_end=1027
-  _globals['_WINDOW']._serialized_start=1029
-  _globals['_WINDOW']._serialized_end=1105
-  _globals['_GETBUDGETRESPONSE']._serialized_start=1107
-  _globals['_GETBUDGETRESPONSE']._serialized_end=1175
-  _globals['_TOKENBUDGETSERVICE']._serialized_start=1362
-  _globals['_TOKENBUDGETSERVICE']._serialized_end=1661
+  _globals['_CALLER']._serialized_end=190
+  _globals['_RESERVEREQUEST']._serialized_start=193
+  _globals['_RESERVEREQUEST']._serialized_end=402
+  _globals['_REQUESTWINDOW']._serialized_start=404
+  _globals['_REQUESTWINDOW']._serialized_end=476
+  _globals['_RESERVERESPONSE']._serialized_start=479
+  _globals['_RESERVERESPONSE']._serialized_end=760
+  _globals['_EXTENDREQUEST']._serialized_start=762
+  _globals['_EXTENDREQUEST']._serialized_end=881
+  _globals['_EXTENDRESPONSE']._serialized_start=883
+  _globals['_EXTENDRESPONSE']._serialized_end=941
+  _globals['_SETTLEREQUEST']._serialized_start=944
+  _globals['_SETTLEREQUEST']._serialized_end=1142
+  _globals['_SETTLERESPONSE']._serialized_start=1144
+  _globals['_SETTLERESPONSE']._serialized_end=1202
+  _globals['_GETBUDGETREQUEST']._serialized_start=1204
+  _globals['_GETBUDGETREQUEST']._serialized_end=1270
+  _globals['_WINDOW']._serialized_start=1272
+  _globals['_WINDOW']._serialized_end=1348
+  _globals['_GETBUDGETRESPONSE']._serialized_start=1350
+  _globals['_GETBUDGETRESPONSE']._serialized_end=1418
+  _globals['_TOKENBUDGETSERVICE']._serialized_start=1605
+  _globals['_TOKENBUDGETSERVICE']._serialized_end=1993
 # @@protoc_insertion_point(module_scope)

@@ -30,16 +30,18 @@ OUTCOME_CANCELLED: Outcome
 OUTCOME_FAILED: Outcome
 
 class Caller(_message.Message):
-    __slots__ = ("tenant", "key_id", "key_tokens_per_minute", "key_requests_per_minute")
+    __slots__ = ("tenant", "key_id", "key_tokens_per_minute", "key_requests_per_minute", "key_budget")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     KEY_REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    KEY_BUDGET_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     key_id: str
     key_tokens_per_minute: int
     key_requests_per_minute: int
-    def __init__(self, tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., key_tokens_per_minute: _Optional[int] = ..., key_requests_per_minute: _Optional[int] = ...) -> None: ...
+    key_budget: str
+    def __init__(self, tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., key_tokens_per_minute: _Optional[int] = ..., key_requests_per_minute: _Optional[int] = ..., key_budget: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "caller", "model", "prompt_tokens", "max_tokens", "count_request", "hold")
@@ -70,7 +72,7 @@ class RequestWindow(_message.Message):
     def __init__(self, limit: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_seconds: _Optional[float] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("reserved_tokens", "estimated_completion_tokens", "enforced", "limit_tokens", "remaining_tokens", "reset_seconds", "held", "requests")
+    __slots__ = ("reserved_tokens", "estimated_completion_tokens", "enforced", "limit_tokens", "remaining_tokens", "reset_seconds", "held", "requests", "capped", "allowance_tokens")
     RESERVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ENFORCED_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,8 @@ class ReserveResponse(_message.Message):
     RESET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CAPPED_FIELD_NUMBER: _ClassVar[int]
+    ALLOWANCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     reserved_tokens: int
     estimated_completion_tokens: int
     enforced: bool
@@ -87,7 +91,29 @@ class ReserveResponse(_message.Message):
     reset_seconds: float
     held: bool
     requests: RequestWindow
-    def __init__(self, reserved_tokens: _Optional[int] = ..., estimated_completion_tokens: _Optional[int] = ..., enforced: _Optional[bool] = ..., limit_tokens: _Optional[int] = ..., remaining_tokens: _Optional[int] = ..., reset_seconds: _Optional[float] = ..., held: _Optional[bool] = ..., requests: _Optional[_Union[RequestWindow, _Mapping]] = ...) -> None: ...
+    capped: bool
+    allowance_tokens: int
+    def __init__(self, reserved_tokens: _Optional[int] = ..., estimated_completion_tokens: _Optional[int] = ..., enforced: _Optional[bool] = ..., limit_tokens: _Optional[int] = ..., remaining_tokens: _Optional[int] = ..., reset_seconds: _Optional[float] = ..., held: _Optional[bool] = ..., requests: _Optional[_Union[RequestWindow, _Mapping]] = ..., capped: _Optional[bool] = ..., allowance_tokens: _Optional[int] = ...) -> None: ...
+
+class ExtendRequest(_message.Message):
+    __slots__ = ("request_id", "caller", "model", "more_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MORE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    caller: Caller
+    model: str
+    more_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ..., model: _Optional[str] = ..., more_tokens: _Optional[int] = ...) -> None: ...
+
+class ExtendResponse(_message.Message):
+    __slots__ = ("capped", "allowance_tokens")
+    CAPPED_FIELD_NUMBER: _ClassVar[int]
+    ALLOWANCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    capped: bool
+    allowance_tokens: int
+    def __init__(self, capped: _Optional[bool] = ..., allowance_tokens: _Optional[int] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
     __slots__ = ("request_id", "caller", "model", "prompt_tokens", "completion_tokens", "outcome")

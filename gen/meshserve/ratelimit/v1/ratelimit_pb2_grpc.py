@@ -51,6 +51,11 @@ class TokenBudgetServiceStub:
                 request_serializer=meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.GetBudgetRequest.SerializeToString,
                 response_deserializer=meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.GetBudgetResponse.FromString,
                 _registered_method=True)
+        self.Extend = channel.unary_unary(
+                '/meshserve.ratelimit.v1.TokenBudgetService/Extend',
+                request_serializer=meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.ExtendRequest.SerializeToString,
+                response_deserializer=meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.ExtendResponse.FromString,
+                _registered_method=True)
 
 
 class TokenBudgetServiceServicer:
@@ -82,6 +87,16 @@ class TokenBudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Extend(self, request, context):
+        """Extend holds money for more completion tokens of a request whose Reserve
+        held money in spend budgets (capped), as far as every budget has room: a
+        stream that used what it held asks before it goes on, and stops where the
+        allowance did not grow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenBudgetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +114,11 @@ def add_TokenBudgetServiceServicer_to_server(servicer, server):
                     servicer.GetBudget,
                     request_deserializer=meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.GetBudgetRequest.FromString,
                     response_serializer=meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.GetBudgetResponse.SerializeToString,
+            ),
+            'Extend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Extend,
+                    request_deserializer=meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.ExtendRequest.FromString,
+                    response_serializer=meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.ExtendResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +204,33 @@ class TokenBudgetService:
             '/meshserve.ratelimit.v1.TokenBudgetService/GetBudget',
             meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.GetBudgetRequest.SerializeToString,
             meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.GetBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Extend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.ratelimit.v1.TokenBudgetService/Extend',
+            meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.ExtendRequest.SerializeToString,
+            meshserve_dot_ratelimit_dot_v1_dot_ratelimit__pb2.ExtendResponse.FromString,
             options,
             channel_credentials,
             insecure,

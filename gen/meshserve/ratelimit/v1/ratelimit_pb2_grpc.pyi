@@ -51,6 +51,12 @@ class TokenBudgetServiceStub:
     """
     GetBudget: _grpc.UnaryUnaryMultiCallable[_ratelimit_pb2.GetBudgetRequest, _ratelimit_pb2.GetBudgetResponse]
     """GetBudget shows the windows of a key and its tenant."""
+    Extend: _grpc.UnaryUnaryMultiCallable[_ratelimit_pb2.ExtendRequest, _ratelimit_pb2.ExtendResponse]
+    """Extend holds money for more completion tokens of a request whose Reserve
+    held money in spend budgets (capped), as far as every budget has room: a
+    stream that used what it held asks before it goes on, and stops where the
+    allowance did not grow.
+    """
 
 @_typing.type_check_only
 class TokenBudgetServiceAsyncStub(TokenBudgetServiceStub):
@@ -70,6 +76,12 @@ class TokenBudgetServiceAsyncStub(TokenBudgetServiceStub):
     """
     GetBudget: _aio.UnaryUnaryMultiCallable[_ratelimit_pb2.GetBudgetRequest, _ratelimit_pb2.GetBudgetResponse]  # type: ignore[assignment]
     """GetBudget shows the windows of a key and its tenant."""
+    Extend: _aio.UnaryUnaryMultiCallable[_ratelimit_pb2.ExtendRequest, _ratelimit_pb2.ExtendResponse]  # type: ignore[assignment]
+    """Extend holds money for more completion tokens of a request whose Reserve
+    held money in spend budgets (capped), as far as every budget has room: a
+    stream that used what it held asks before it goes on, and stops where the
+    allowance did not grow.
+    """
 
 class TokenBudgetServiceServicer(metaclass=_abc_1.ABCMeta):
     """TokenBudgetService reserves and settles tokens per key and per tenant over a
@@ -104,5 +116,17 @@ class TokenBudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ratelimit_pb2.GetBudgetResponse, _abc.Awaitable[_ratelimit_pb2.GetBudgetResponse]]:
         """GetBudget shows the windows of a key and its tenant."""
+
+    @_abc_1.abstractmethod
+    def Extend(
+        self,
+        request: _ratelimit_pb2.ExtendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ratelimit_pb2.ExtendResponse, _abc.Awaitable[_ratelimit_pb2.ExtendResponse]]:
+        """Extend holds money for more completion tokens of a request whose Reserve
+        held money in spend budgets (capped), as far as every budget has room: a
+        stream that used what it held asks before it goes on, and stops where the
+        allowance did not grow.
+        """
 
 def add_TokenBudgetServiceServicer_to_server(servicer: TokenBudgetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
