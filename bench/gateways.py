@@ -32,6 +32,7 @@ import yaml
 from bench.loadgen import EdgeResults, compare_edges, median, write_report, wrk_state
 from bench.ratelimit import cpu_seconds
 from bench.tracing import MODEL, RULES, tree_cpu_seconds
+from meshserve.auth.v1 import auth_pb2
 from services.mesh.local import LocalMesh, MeshOptions, free_port, wait_http_ok
 from tests.integration import scripted_inference
 
@@ -43,6 +44,34 @@ LITELLM = "litellm[proxy]==1.108.7"
 MASTER_KEY = "sk-bench-master"
 TOKENS = 4
 DIRECT, LITE, FULL, BARE = "engine alone", "LiteLLM proxy", "meshserve, full path", "meshserve, Envoy + router"
+# The full path for a key with a spend budget of its own in a tenant with one: what budgets add (issue 20).
+BUDGETED = "meshserve, full path + spend budgets"
+BUDGET_TENANT = "bench-budgeted"
+
+
+def _budgeted_key(mesh: LocalMesh) -> str:
+    """A key with a spend budget (far from spent) in a tenant with one: its secret."""
+    channel, stub, admin = mesh.admin_stub()
+    with channel:
+        limits = auth_pb2.KeyLimits(budget="1000000/day")
+        request = auth_pb2.CreateKeyRequest(tenant=BUDGET_TENANT, limits=limits)
+        return str(stub.CreateKey(request, metadata=admin, timeout=10).secret)
+
+
+def budget_lines(results: EdgeResults) -> list[str]:
+    """What spend budgets add to the full path: per-round differences, medians."""
+    lines = [
+        "",
+        "| concurrency | added by spend budgets: p50 ms | CPU µs/request | CPU, budgeted / full path |",
+        "|---|---|---|---|",
+    ]
+    for c, by in results.items():
+        pairs = list(zip(by[BUDGETED], by[FULL], strict=True))
+        p50 = median([b["p50_ms"] - f["p50_ms"] for b, f in pairs])
+        cpu = median([b["cpu_us"] - f["cpu_us"] for b, f in pairs])
+        ratio = median([b["cpu_us"] / f["cpu_us"] for b, f in pairs])
+        lines.append(f"| {c} | {p50:.2f} | {cpu:.0f} | {ratio:.2f} |")
+    return lines
 
 
 def litellm_venv(spec: str) -> Path:
@@ -198,7 +227,7 @@ def main() -> None:
     litellm = litellm_venv(args.litellm)
     state = wrk_state("bench-gateways")
     rules = state / "ratelimits.yaml"
-    rules.write_text(yaml.safe_dump(RULES))
+    rules.write_text(yaml.safe_dump({**RULES, "budgets": {"tenants": {BUDGET_TENANT: {"amount": "1000000"}}}}))
     started = time.time()
     engine_port, litellm_port = free_port(), free_port()
     mock = [sys.executable, "-m", "bench.mock_openai", "--port", str(engine_port), "--tokens", str(TOKENS)]
@@ -222,12 +251,14 @@ def main() -> None:
                 DIRECT: (engine_url + path, {}),
                 LITE: (lite_url + path, {"authorization": f"Bearer {MASTER_KEY}"}),
                 FULL: (full.edge_url + path, {"authorization": f"Bearer {full.user_key}"}),
+                BUDGETED: (full.edge_url + path, {"authorization": f"Bearer {_budgeted_key(full)}"}),
                 BARE: (bare.edge_url + path, {}),
             }
             cpu = {
                 DIRECT: partial(cpu_seconds, mock_pid),
                 LITE: partial(tree_cpu_seconds, litellm_pid),
                 FULL: partial(_mesh_cpu, full),
+                BUDGETED: partial(_mesh_cpu, full),
                 BARE: partial(_mesh_cpu, bare),
             }
             runs, used = {}, []
@@ -253,8 +284,10 @@ def main() -> None:
         f"Run took {time.time() - started:.0f} s on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         *tables(runs[False], "Unary"),
+        *budget_lines(runs[False]),
         "",
         *tables(runs[True], "Streamed (SSE; latency to the end of the stream)"),
+        *budget_lines(runs[True]),
         "",
         "Where meshserve's CPU goes (its full path, unary, every round at every concurrency; the warm-up's "
         "requests are not counted, so this slightly overstates):",

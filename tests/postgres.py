@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+
+from services.mesh.procs import free_port
 
 
 def _bin(name: str) -> str:
@@ -26,12 +27,6 @@ def _bin(name: str) -> str:
 def _as_postgres(cmd: list[str]) -> list[str]:
     # The server refuses to run as root; Debian's package creates the postgres user.
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -47,7 +42,7 @@ def running_postgres() -> Iterator[str]:
         check=True,
         capture_output=True,
     )
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         _as_postgres([_bin("postgres"), "-D", data, "-p", str(port), "-k", root, "-c", "listen_addresses=127.0.0.1"]),
         stdout=subprocess.DEVNULL,

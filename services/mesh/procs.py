@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,9 +21,31 @@ import redis
 
 from services.runtime import redis_tls, tls, tracing
 
+# Where listening ports are picked: below the kernel's ephemeral range, which it draws the local ports of
+# outgoing connections from. A port picked inside that range (bind to port 0) could be taken by a client
+# connection before the service that was to listen on it starts: Envoy then fails with "address in use".
+LISTEN_PORTS = (10_000, 32_768)
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return LISTEN_PORTS[1]
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now."""
+    """A port nothing listens on right now, outside the ephemeral range where the kernel leaves room below it."""
+    low, high = LISTEN_PORTS[0], min(LISTEN_PORTS[1], _ephemeral_start())
+    rng = random.SystemRandom()
+    for _ in range(100 if high - low >= 1000 else 0):
+        port = rng.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -9,11 +9,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
+import grpc
 import httpx
 import openai
 import pytest
+from google.api.httpbody_pb2 import HttpBody
 
 from meshserve.auth.v1 import auth_pb2
+from meshserve.llm.v2 import llm_pb2_grpc as llm_v2_grpc
 from services.mesh.local import LocalMesh
 from tests.e2e.helpers import MODEL, QUESTION, create_key, engine_load, openai_client
 from tests.e2e.test_billing import ledger_line
@@ -224,3 +227,49 @@ def test_a_client_cannot_change_its_key_budget_with_a_header(mesh: LocalMesh) ->
             timeout=60,
         )
         assert reply.status_code == 429 and reply.json()["error"]["type"] == "insufficient_quota", reply.text
+
+
+def test_two_routers_share_one_budget(mesh: LocalMesh) -> None:
+    budget = "0.00005/day"  # about four short replies
+    key, secret = create_key(mesh, "budgeted", budget=budget)
+    second = mesh.start_router(name="router-budget")
+    served = {"edge": 0, "router-budget": 0}
+    refused = dict.fromkeys(served, 0)
+    try:
+        mesh.wait_serving(second, 60)
+        body = json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 8, "temperature": 0}).encode()
+        # Straight to the second router, with the identity headers the edge's auth check would add.
+        identity = (
+            ("x-meshserve-tenant", "budgeted"),
+            ("x-meshserve-key-id", key.key_id),
+            ("x-meshserve-models", "*"),
+            ("x-meshserve-key-budget", budget),
+        )
+        with mesh.channel(second, "edge") as channel:
+            stub = llm_v2_grpc.LlmServiceStub(channel)
+            for i in range(16):
+                if i % 2:
+                    try:
+                        stub.CreateChatCompletion(
+                            HttpBody(content_type="application/json", data=body), metadata=identity, timeout=60
+                        )
+                        served["router-budget"] += 1
+                    except grpc.RpcError as exc:
+                        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                        assert ("x-meshserve-error-type", "insufficient_quota") in (exc.trailing_metadata() or ())
+                        refused["router-budget"] += 1
+                else:
+                    reply = httpx.post(
+                        f"{mesh.edge_url}/v1/chat/completions",
+                        content=body,
+                        headers={"authorization": f"Bearer {secret}", "content-type": "application/json"},
+                        timeout=60,
+                    )
+                    assert reply.status_code in (200, 429), reply.text
+                    served["edge"] += reply.status_code == 200
+                    refused["edge"] += reply.status_code == 429
+    finally:
+        mesh.stop_proc(second)
+    assert all(served.values()) and all(refused.values()), (served, refused)
+    line = ledger_line(mesh, key.key_id, sum(served.values()))
+    assert line.requests == sum(served.values()) and Decimal(line.cost) <= Decimal("0.00005")

@@ -115,3 +115,18 @@ def test_the_routers_default_catalogue_exists_and_parses() -> None:
     root = Path(__file__).resolve().parents[2]
     entry = Catalogue.from_yaml(root / RouterSettings().catalogue).get("smollm2-135m-instruct")
     assert entry.versions[0].replicas == ("127.0.0.1:50051",)
+
+
+def test_listening_ports_are_picked_below_the_ephemeral_range() -> None:
+    # Outgoing connections take their local ports from the ephemeral range: a port picked there could be
+    # taken before its service binds it (an edge failing with "address in use" in CI).
+    import socket
+
+    from services.mesh.procs import LISTEN_PORTS, _ephemeral_start, free_port
+
+    high = min(LISTEN_PORTS[1], _ephemeral_start())
+    ports = {free_port() for _ in range(20)}
+    assert all(LISTEN_PORTS[0] <= p < high for p in ports) and len(ports) > 1
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # nothing held it
