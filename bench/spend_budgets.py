@@ -3,10 +3,11 @@ rate-limit service's limiter, in process, on real Redis, as the router runs it) 
 and for a key with a budget of its own and its tenant's budget, side by side in alternating rounds.
 
 Per request: the first reservation (counting the request and holding its guessed tokens: one Lua script)
-plus the spend hold (a second script, only where a budget applies), then the settlement (one script for the
-token windows, one for the budgets). It reports the p50 of the reservation's wall time (what a request waits
-before its engine's go-ahead), this process's CPU per request (the router's share) and Redis's CPU per
-request (from /proc), and the ratios of budgeted to unbudgeted, measured in the same run.
+with the spend hold beside it (a second script in flight at the same time, only where a budget applies),
+then the settlement (one script for the token windows, one for the budgets). It reports the p50 of the
+reservation's wall time (what a request waits before its engine's go-ahead), this process's CPU per request
+(the router's share) and Redis's CPU per request (from /proc), and the ratios of budgeted to unbudgeted,
+measured in the same run.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ from services.ratelimit.windows import SlidingWindows
 from services.runtime import redis_tls, tls
 from services.runtime.watched import WatchedFile
 
+# Connections one limiter keeps to Redis at most (a request's token and spend decisions run at once).
+MAX_CONNECTIONS = 256
+
 
 @dataclass
 class Limits:
@@ -54,13 +57,18 @@ def open_limits(
     # A decision never waits on a sick Redis: a short timeout and no retry of one, then the failure mode.
     # A broken connection is retried once, on a fresh one: after a Redis restart every pooled
     # connection is stale, and each would otherwise fail one decision open.
-    client = redis.Redis.from_url(
+    # A burst of decisions waits (within the decision's timeout) for a pooled connection: redis-py's default pool
+    # refuses past 100 connections, and a refused call reads as Redis unreachable (the failure mode).
+    pool = redis.BlockingConnectionPool.from_url(
         redis_url,
         **redis_tls.options(redis_url, files),
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout_seconds,
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
+    client = redis.Redis(connection_pool=pool)
     spend, table = None, None
     if prices is not None:
         table = WatchedFile(prices, Prices.from_yaml, "price table")

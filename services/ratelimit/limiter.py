@@ -3,6 +3,7 @@ failure modes."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -174,36 +175,44 @@ class Limiter:
         then holds prompt tokens plus a completion estimate as hold says (REQUIRED: refused when they do not fit),
         then their expected cost in every spend budget that applies, as hold says (REQUIRED: refused with
         QuotaExceeded, the tokens returned, when it does not fit). Counting and holding tokens are one script
-        in Redis; holding money in every budget is another."""
-        reservation = await self._reserve_tokens(
-            request_id, caller, model, prompt_tokens, max_tokens, count_request, hold
-        )
+        in Redis; holding money in every budget is another, run at the same time."""
         rules = self._rules()
-        if hold is TokenHold.NONE or (reservation.enforced and not reservation.held):
-            return reservation
-        budgets = rules.budgets(caller.tenant, model, caller.key_id, caller.key_budget)
+        budgets = (
+            [] if hold is TokenHold.NONE else rules.budgets(caller.tenant, model, caller.key_id, caller.key_budget)
+        )
         if not budgets:
-            return reservation
+            return await self._reserve_tokens(request_id, caller, model, prompt_tokens, max_tokens, count_request, hold)
         if self._spend is None:  # never spend unbudgeted
             raise Unavailable("spend budgets apply to this request, but no price table is configured to price them")
         applied = self._spend.applied(budgets, self._clock(), caller.tenant, model, caller.key_id)
-        spend = self._spend.hold(
-            applied,
-            rules.spend_key(caller.tenant, request_id),
-            rules.estimate_key(caller.tenant, caller.key_id, model),
-            rules.budget_index_key(caller.tenant),
-            model,
-            prompt_tokens,
-            max_tokens,
+        hold_key = rules.spend_key(caller.tenant, request_id)
+        estimate_key = rules.estimate_key(caller.tenant, caller.key_id, model)
+        index_key = rules.budget_index_key(caller.tenant)
+        # Both decisions at once (two scripts in flight, one wait): the money goes back where the tokens were not
+        # held, the tokens where the money was not.
+        reservation, held = await asyncio.gather(
+            self._reserve_tokens(request_id, caller, model, prompt_tokens, max_tokens, count_request, hold),
+            self._redis(
+                Kind.SPEND,
+                self._spend.hold(applied, hold_key, estimate_key, index_key, model, prompt_tokens, max_tokens),
+            ),
+            return_exceptions=True,
         )
-        held = await self._redis(Kind.SPEND, spend)
-        if held is None:  # Redis failed, budgets fail open: nothing held, no cap
+        tokens_fit = isinstance(reservation, Reservation) and (reservation.held or not reservation.enforced)
+        if isinstance(held, Held) and held.held and not tokens_fit:
+            await self._redis(Kind.SPEND, self._spend.settle(hold_key, estimate_key, model, 0, 0, learn=False))
+        if isinstance(reservation, BaseException):
+            raise reservation
+        if isinstance(held, BaseException) or (held is not None and not held.held):
+            if reservation.held:  # the tokens held go back
+                await self.settle(request_id, replace(caller, key_budget=None), model, 0, 0, learn=False, spend=False)
+            if isinstance(held, BaseException):
+                raise held
+        if not tokens_fit or held is None:  # a guess that did not fit; or Redis failed and budgets fail open
             return reservation
         DECISIONS.labels(Kind.SPEND.value, "admitted" if held.held else "limited").inc()
         if held.held:
             return replace(reservation, held=True, spend=held)
-        if reservation.held:  # the tokens held go back
-            await self.settle(request_id, replace(caller, key_budget=None), model, 0, 0, learn=False, spend=False)
         if hold is TokenHold.IF_ROOM:
             return replace(reservation, enforced=True, held=False)
         raise QuotaExceeded(held.refusal(prompt_tokens))

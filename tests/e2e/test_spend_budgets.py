@@ -20,6 +20,7 @@ from meshserve.llm.v2 import llm_pb2_grpc as llm_v2_grpc
 from services.mesh.local import LocalMesh
 from tests.e2e.helpers import MODEL, QUESTION, create_key, engine_load, openai_client
 from tests.e2e.test_billing import ledger_line
+from tests.e2e.test_cli_json import meshserve
 
 pytestmark = pytest.mark.mesh
 
@@ -108,6 +109,9 @@ def test_a_stream_stops_at_the_budget_and_the_ledger_agrees(mesh: LocalMesh) -> 
     assert (budget["scope"], budget["period"][0], Decimal(budget["limit"])) == ("key", "d", BUDGET)
     assert Decimal(budget["held"]) == 0 and Decimal(line.cost) <= Decimal(budget["spent"]) <= BUDGET
     assert Decimal(budget["remaining"]) == BUDGET - Decimal(budget["spent"])
+    # And the admin CLI shows the same.
+    shown = meshserve(mesh, "usage", "--tenant", "budgeted", "--hours", "1")["budgets"]
+    assert {**budget, "tenant": "budgeted"} in shown
 
 
 def test_a_whole_reply_is_cut_at_the_budget_with_a_header(mesh: LocalMesh) -> None:

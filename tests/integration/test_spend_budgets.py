@@ -54,11 +54,13 @@ async def spent_and_held(client: redis.Redis, key: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("tokens", [False, True], ids=["spend-only", "with-token-limits"])
 async def test_64_concurrent_requests_on_two_routers_never_spend_past_the_budget(
-    client: redis.Redis, tokens: bool
+    client: redis.Redis, redis_mesh: LocalMesh, tokens: bool
 ) -> None:
     clock = Clock()
     r = rules(tokens=tokens)
-    routers = [limiter(client, r, clock), limiter(client, r, clock)]
+    # Two routers, each with its own pool of connections (as open_limits makes them) to the one Redis.
+    pools = [redis.BlockingConnectionPool.from_url(redis_mesh.redis_url, **redis_mesh.redis_options()) for _ in "ab"]
+    routers = [limiter(redis.Redis(connection_pool=pool), r, clock) for pool in pools]
     caller = TokenCaller("acme", "key_1", key_budget=Budget.parse("2/day"))
     rng = random.Random(7)
     costs: list[Decimal] = []
@@ -89,6 +91,8 @@ async def test_64_concurrent_requests_on_two_routers_never_spend_past_the_budget
         costs.append(PRICES.cost("m", 100, sent, "ROUND_CEILING"))
 
     await asyncio.gather(*(one(i) for i in range(64)))
+    for pool in pools:
+        await pool.disconnect()
     spent, held = await spent_and_held(client, "key:key_1")
     assert held == 0
     assert spent == micros(sum(costs, Decimal(0)))  # charged exactly what was delivered
