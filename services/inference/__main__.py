@@ -33,7 +33,7 @@ def main() -> None:
     vllm_environment(settings)
 
     async def setup(rt: Runtime) -> None:
-        servicer = InferenceServicer(rt.draining)
+        servicer = InferenceServicer(rt.draining, settings.pool)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, rt.server)
         config = EngineConfig(
             model_name=settings.served_name or settings.model,

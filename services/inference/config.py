@@ -16,6 +16,9 @@ class InferenceSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="MESHSERVE_INFERENCE_", extra="ignore")
 
+    # The capacity pool this replica runs in (for example spot or on-demand): the router weighs its load by the
+    # catalogue's weight for the pool (pool_weights). Empty: none.
+    pool: str = ""
     # Name of the model to serve: a folder in the model store.
     model: str = "smollm2-135m-instruct"
     # Model id clients and the router use; empty means the store name (a canary may serve a newer

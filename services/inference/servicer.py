@@ -65,15 +65,16 @@ async def _follow(requests: AsyncIterator[inference_pb2.ServeRequest], exchange:
     exchange.caller_done()
 
 
-def _load_reply(engine: Engine) -> inference_pb2.GetLoadResponse:
-    return inference_pb2.GetLoadResponse(**asdict(engine.load()))
+def _load_reply(engine: Engine, pool: str) -> inference_pb2.GetLoadResponse:
+    return inference_pb2.GetLoadResponse(**asdict(engine.load()), pool=pool)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """meshserve.inference.v1.InferenceService over one Engine."""
 
-    def __init__(self, draining: asyncio.Event | None = None) -> None:
+    def __init__(self, draining: asyncio.Event | None = None, pool: str = "") -> None:
         self.engine: Engine | None = None
+        self._pool = pool
         self.serving: ServingLayer | None = None
         # Load streams end when the replica starts draining: routers take it out of rotation at once.
         self._draining = draining or asyncio.Event()
@@ -171,7 +172,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.CountTokensResponse(prompt_tokens=len(ids), max_model_len=engine.max_model_len)
 
     async def GetLoad(self, request: inference_pb2.GetLoadRequest, context: Context) -> inference_pb2.GetLoadResponse:
-        return _load_reply(self._engine())
+        return _load_reply(self._engine(), self._pool)
 
     async def WatchLoad(
         self, request: inference_pb2.WatchLoadRequest, context: Context
@@ -179,7 +180,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine = self._engine()
         interval = (request.interval_ms or 250) / 1000
         while not self._draining.is_set():
-            yield inference_pb2.WatchLoadResponse(load=_load_reply(engine))
+            yield inference_pb2.WatchLoadResponse(load=_load_reply(engine, self._pool))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._draining.wait(), interval)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -38,6 +38,8 @@ class LoadReport:
     kv_cache_usage: float = 0.0
     # Requests the engine generates for at once (vLLM's max_num_seqs).
     capacity: int = 1
+    # The capacity pool it runs in (spot, on-demand); empty: none.
+    pool: str = ""
 
 
 class ReplicaState:
@@ -68,6 +70,11 @@ class ReplicaState:
         """Requests on the replica: the engine's count, or this router's own if that is fresher and higher."""
         reported = self.report.running + self.report.waiting if self.report is not None else 0
         return max(reported, self.in_flight)
+
+    def weighted_capacity(self, pool_weights: Mapping[str, float]) -> float:
+        """Capacity as the balancer counts it: scaled by its pool's weight (1 for a pool without one)."""
+        pool = self.report.pool if self.report is not None else ""
+        return self.capacity * pool_weights.get(pool, 1.0)
 
     def reported(self, report: LoadReport | None) -> None:
         self.report = report
@@ -104,38 +111,47 @@ class Balancer:
         self._turn = 0
 
     def choose(
-        self, replicas: Sequence[ReplicaState], affinity_key: str | None = None, exclude: Collection[str] = ()
+        self,
+        replicas: Sequence[ReplicaState],
+        affinity_key: str | None = None,
+        exclude: Collection[str] = (),
+        pool_weights: Mapping[str, float] | None = None,
     ) -> ReplicaState | None:
-        """The replica for the request, or None when no replica is in rotation."""
+        """The replica for the request, or None when no replica is in rotation. pool_weights (the catalogue's)
+        scale each replica's capacity by its pool: with spot at 2 and on-demand at 1, a spot replica is counted
+        half as loaded as an on-demand one with the same requests, so spot fills first."""
         candidates = [r for r in replicas if r.available and r.address not in exclude]
         if not candidates:
             return None
         self._turn += 1
+        weights = pool_weights or {}
         if self.strategy is Strategy.ROUND_ROBIN:
             chosen, reason = sorted(candidates, key=lambda r: r.address)[self._turn % len(candidates)], "round_robin"
         elif affinity_key is not None and self.strategy is Strategy.AFFINITY:
-            chosen, reason = self._affine(candidates, affinity_key)
+            chosen, reason = self._affine(candidates, affinity_key, weights)
         else:
-            chosen, reason = self._least_loaded(candidates), "least_load"
+            chosen, reason = self._least_loaded(candidates, weights), "least_load"
         chosen._last_chosen = self._turn
         ROUTED.labels(chosen.address, reason).inc()
         return chosen
 
-    def _least_loaded(self, candidates: Sequence[ReplicaState]) -> ReplicaState:
+    def _least_loaded(self, candidates: Sequence[ReplicaState], weights: Mapping[str, float]) -> ReplicaState:
         # Ties go to the replica chosen longest ago, so equal replicas take turns.
-        return min(candidates, key=lambda r: (r.busy / r.capacity, r._last_chosen))
+        return min(candidates, key=lambda r: (r.busy / r.weighted_capacity(weights), r._last_chosen))
 
-    def _affine(self, candidates: Sequence[ReplicaState], key: str) -> tuple[ReplicaState, str]:
+    def _affine(
+        self, candidates: Sequence[ReplicaState], key: str, weights: Mapping[str, float]
+    ) -> tuple[ReplicaState, str]:
         # Replicas in the key's own rendezvous order; the first that can take the request without
         # overloading goes. A replica under half its capacity always can: batching one more request
         # costs an engine little, and the cached prefix saves its prefill. Above that, its utilization
         # may reach bound x the mean (consistent hashing with bounded loads). A hot prefix thus spills
         # to the key's second replica (which then caches it too), never piling onto one replica alone.
         total_busy = sum(r.busy for r in candidates) + 1
-        total_capacity = sum(r.capacity for r in candidates)
+        total_capacity = sum(r.weighted_capacity(weights) for r in candidates)
         ceiling = max(self._floor, self._bound * total_busy / total_capacity)
         ordered = sorted(candidates, key=lambda r: _rendezvous(key, r.address), reverse=True)
         for rank, replica in enumerate(ordered):
-            if (replica.busy + 1) / replica.capacity <= ceiling:
+            if (replica.busy + 1) / replica.weighted_capacity(weights) <= ceiling:
                 return replica, "affinity" if rank == 0 else "spill"
-        return self._least_loaded(candidates), "least_load"
+        return self._least_loaded(candidates, weights), "least_load"

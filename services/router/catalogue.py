@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ class Version:
     weight: float
     # host:port, or dns:///name:port for a Kubernetes headless Service.
     replicas: tuple[str, ...]
+    # How much of a replica's capacity counts, by the pool it reports (spot, on-demand): a pool weighted 2
+    # fills before one weighted 1. A pool without a weight counts 1.
+    pool_weights: Mapping[str, float] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,20 @@ def _replicas(raw: Any, where: str) -> tuple[str, ...]:
     return tuple(raw)
 
 
+def _pool_weights(raw: Any, where: str) -> dict[str, float]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for k, v in raw.items()
+    ):
+        raise InvalidArgument(f"{where}.pool_weights: must map pool names to positive numbers")
+    return {k: float(v) for k, v in raw.items()}
+
+
 def _versions(raw: dict[str, Any], where: str) -> tuple[Version, ...]:
+    weights = _pool_weights(raw.get("pool_weights"), where)
     if "versions" not in raw:
-        return (Version("default", 1.0, _replicas(raw.get("replicas"), where)),)
+        return (Version("default", 1.0, _replicas(raw.get("replicas"), where), weights),)
     versions = []
     for j, v in enumerate(raw["versions"] or []):
         at = f"{where}.versions[{j}]"
@@ -70,7 +85,7 @@ def _versions(raw: dict[str, Any], where: str) -> tuple[Version, ...]:
         weight = float(v.get("weight", 1))
         if weight < 0:
             raise InvalidArgument(f"{at}: weight must not be negative")
-        versions.append(Version(str(v["name"]), weight, _replicas(v.get("replicas"), at)))
+        versions.append(Version(str(v["name"]), weight, _replicas(v.get("replicas"), at), weights))
     if not versions or sum(v.weight for v in versions) <= 0:
         raise InvalidArgument(f"{where}: needs at least one version with a positive weight")
     return tuple(versions)
@@ -84,7 +99,8 @@ class Catalogue:
 
     @classmethod
     def from_yaml(cls, path: Path) -> Catalogue:
-        """Reads `models: [{id, replicas: [...]} | {id, versions: [{name, weight, replicas}]}]`."""
+        """Reads `models: [{id, replicas: [...]} | {id, versions: [{name, weight, replicas}]}]`, each model with
+        optional `pool_weights: {pool: weight}`."""
         data = yaml.safe_load(path.read_text()) or {}
         entries = []
         for i, raw in enumerate(data.get("models") or []):

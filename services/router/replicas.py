@@ -195,7 +195,7 @@ class GrpcReplica:
         try:
             async for reply in call:
                 load = reply.load
-                yield LoadReport(load.running, load.waiting, load.kv_cache_usage, max(1, load.max_num_seqs))
+                yield LoadReport(load.running, load.waiting, load.kv_cache_usage, max(1, load.max_num_seqs), load.pool)
         except aio.AioRpcError as exc:
             raise domain_error(exc, self.address) from exc
         finally:

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ import pytest
 
 from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.mesh.local import LocalMesh
+from services.mesh.procs import Proc
 from services.mesh.supervisor import Supervisor
 from tests.e2e.helpers import create_key
 from tests.integration import scripted_inference
@@ -40,11 +42,14 @@ class Supervised:
     mesh: LocalMesh
     said: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    # Set while a test replaces a process itself (the supervisor must not start a second one meanwhile).
+    paused: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
         supervisor = Supervisor(self.mesh, self.said.append, base_seconds=0.5)
         while not self.stop.is_set():
-            supervisor.check()
+            if not self.paused.is_set():
+                supervisor.check()
             time.sleep(0.05)
 
 
@@ -240,3 +245,49 @@ def test_the_mesh_recovers_by_itself_and_bills_what_the_clients_were_told(superv
     line = billed(mesh, key.key_id)
     print(f"  billed {line.completion_tokens} completion tokens; {cut} requests cut")
     assert low <= line.completion_tokens <= high, (line.completion_tokens, outcomes.told, cut)
+
+
+def ejections(mesh: LocalMesh, replica: Proc) -> float:
+    """The router's ejections of one replica so far."""
+    url = f"http://127.0.0.1:{mesh.procs['router'].metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        body = r.read().decode()
+    label = f'replica="127.0.0.1:{replica.grpc_port}"'
+    lines = [ln for ln in body.splitlines() if ln.startswith("meshserve_router_ejections_total{") and label in ln]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def test_a_preempted_engine_says_goodbye_and_its_requests_neither_fail_nor_go_unbilled(supervised: Supervised) -> None:
+    # The local form of a spot preemption: SIGTERM with a notice far shorter than the defaults (drain 0.2 s,
+    # grace 1 s) while 8 clients stream and ask for whole replies over both engines.
+    mesh = supervised.mesh
+    key, secret = create_key(mesh, "preempted")
+    short = {"MESHSERVE_DRAIN_SECONDS": "0.2", "MESHSERVE_GRACE_SECONDS": "1"}
+    supervised.paused.set()
+    try:
+        mesh.procs["inference"].env.update(short)
+        engine = mesh.restart("inference")
+        mesh.wait_routable(mesh.procs["router"], [engine, mesh.procs["inference-2"]], 30)
+        ejected = ejections(mesh, engine)
+        load = Load(mesh, secret)
+        time.sleep(1.0)
+        engine.popen.send_signal(signal.SIGTERM)
+        assert engine.popen.wait(10) == 0  # it drained and left within its notice
+        time.sleep(1.0)
+        outcomes = load.finish()
+        # A replica that said goodbye is drained, not failed: no ejection (and no backoff when it returns).
+        assert ejections(mesh, engine) == ejected
+    finally:
+        for name in short:
+            mesh.procs["inference"].env.pop(name, None)
+        mesh.wait_serving(mesh.respawn(mesh.procs["inference"]), 60)
+        supervised.paused.clear()
+    print(f"\npreempted: {dict(outcomes.counts)}; told {outcomes.told} tokens")
+    # New requests went to the other engine; requests in flight on the preempted one finished within its grace.
+    assert set(outcomes.counts) == {"200"}, outcomes.counts
+    deadline = time.monotonic() + 30
+    while (line := billed(mesh, key.key_id)).completion_tokens < outcomes.told:
+        assert time.monotonic() < deadline, f"billed {line.completion_tokens} tokens, clients were told {outcomes.told}"
+        time.sleep(0.3)
+    time.sleep(1.0)
+    assert billed(mesh, key.key_id).completion_tokens == outcomes.told

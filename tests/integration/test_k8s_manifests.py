@@ -18,8 +18,6 @@ from services.auth.keys import SECRET_PREFIX
 from services.billing.prices import Prices
 from services.inference.metrics import METRICS, QUEUE_DEPTH
 from services.router.admission import QUEUE_DEPTH as ROUTER_QUEUE_DEPTH
-from services.runtime import tls
-from services.runtime.callers import CALLERS
 
 ROOT = Path(__file__).resolve().parents[2]
 Doc = dict[str, Any]
@@ -44,6 +42,11 @@ def named(overlay: str, kind: str, name: str) -> Doc:
 
 def pod_specs(overlay: str) -> list[tuple[Doc, Doc]]:
     return [(w, w["spec"]["template"]["spec"]) for w in of_kind(overlay, *WORKLOADS)]
+
+
+def issued(overlay: str) -> dict[str, Doc]:
+    """cert-manager's Certificates by the Secret each fills."""
+    return {d["spec"]["secretName"]: d for d in of_kind(overlay, "Certificate")}
 
 
 def env(container: Doc) -> dict[str, Any]:
@@ -372,141 +375,18 @@ def test_routers_record_usage_to_billing_whose_ledger_and_prices_are_mounted(ove
     assert Prices.model_validate(prices) == Prices.from_yaml(ROOT / "deploy" / "local" / "prices.yaml")
 
 
-def issued(overlay: str) -> dict[str, Doc]:
-    """cert-manager's Certificates by the Secret each fills."""
-    return {d["spec"]["secretName"]: d for d in of_kind(overlay, "Certificate")}
-
-
-MESH_SERVICES = ("auth", "ratelimit", "billing", "router", "inference")
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_service_serves_and_calls_with_a_certificate_of_its_identity_from_the_mesh_ca(overlay: str) -> None:
-    certificates = issued(overlay)
-    issuers = {d["metadata"]["name"]: d for d in of_kind(overlay, "Issuer")}
-    [mesh_ca] = [c for c in certificates.values() if c["spec"].get("isCA")]
-    identities = set()
-    for workload, spec in pod_specs(overlay):
-        identity = workload["metadata"]["labels"]["app.kubernetes.io/name"]
-        if identity not in (*MESH_SERVICES, "edge", "redis"):
-            continue
-        identities.add(identity)
+def test_spend_budgets_are_priced_with_billings_table_where_they_are_decided(overlay: str) -> None:
+    for kind, name, variable in (
+        ("Deployment", "router", "MESHSERVE_ROUTER_LIMITS_PRICES"),
+        ("Deployment", "ratelimit", "MESHSERVE_RATELIMIT_PRICES"),
+    ):
+        spec = named(overlay, kind, name)["spec"]["template"]["spec"]
         container = spec["containers"][0]
-        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-        secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
-        secret = secrets[mounts["/var/run/secrets/meshserve/tls"]]
-        where = f"{overlay}/{workload['metadata']['name']}"
-        if identity in MESH_SERVICES:
-            prefix = f"MESHSERVE_{identity.upper()}_TLS_"
-            files = {k: v for k, v in env(container).items() if k.startswith(prefix)}
-            assert files == {
-                prefix + "CERT_FILE": "/var/run/secrets/meshserve/tls/tls.crt",
-                prefix + "KEY_FILE": "/var/run/secrets/meshserve/tls/tls.key",
-                prefix + "CA_FILE": "/var/run/secrets/meshserve/tls/ca.crt",
-            }, where
-        cert = certificates[secret]["spec"]
-        # The SPIFFE ID the services' caller matrix reads, and the DNS name each client checks.
-        assert cert["uris"] == [tls.spiffe_id(identity)], where
-        assert identity in cert["dnsNames"] and {"server auth", "client auth"} <= set(cert["usages"]), where
-        assert issuers[cert["issuerRef"]["name"]]["spec"]["ca"]["secretName"] == mesh_ca["spec"]["secretName"]
-        assert cert["privateKey"]["rotationPolicy"] == "Always", where
-    # Every identity the caller matrix names has a workload with its certificate ("admin" is the operator's).
-    assert identities >= set().union(*CALLERS.values()) - {"admin"}
-    # Redis is TLS only and wants a client certificate; its clients dial it over TLS by the name it carries.
-    [redis] = [c for w, spec in pod_specs(overlay) if w["metadata"]["name"] == "redis" for c in spec["containers"][:1]]
-    assert "--tls-auth-clients" in redis["args"] and redis["args"][redis["args"].index("--port") + 1] == "0"
-    urls = [
-        v for _, spec in pod_specs(overlay) for k, v in env(spec["containers"][0]).items() if k.endswith("REDIS_URL")
-    ]
-    # auth, ratelimit, billing, and the router's limits and stored responses.
-    assert len(urls) == 5 and set(urls) == {"rediss://redis:6379/0"}
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_edge_serves_tls_only_and_every_upstream_of_it_is_mutual_tls(overlay: str) -> None:
-    config_map = named(overlay, "ConfigMap", _generated(overlay, "envoy-config"))["data"]
-    config = yaml.safe_load(config_map["envoy.yaml"])
-    [listener] = config["static_resources"]["listeners"]
-    downstream = listener["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
-    assert downstream["alpn_protocols"] == ["h2", "http/1.1"]
-    assert downstream["tls_params"]["tls_minimum_protocol_version"] == "TLSv1_2"
-    edge_service = named(overlay, "Service", "edge")
-    assert [p["port"] for p in edge_service["spec"]["ports"]] == [443]
-    for cluster in config["static_resources"]["clusters"]:
-        if cluster["name"] == "otlp":  # the cluster's trace collector, outside the mesh
-            continue
-        socket = cluster["transport_socket"]["typed_config"]
-        assert socket["sni"] == cluster["name"]
-        sans = socket["common_tls_context"]["combined_validation_context"]["default_validation_context"]
-        assert sans["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": cluster["name"]}}]
-    # The SDS files name certificates in the edge's Secret volumes: its mesh identity and its server certificate.
-    edge = named(overlay, "Deployment", "edge")["spec"]["template"]["spec"]
-    mounted = {
-        m["mountPath"]: next(v["secret"]["secretName"] for v in edge["volumes"] if v["name"] == m["name"])
-        for m in edge["containers"][0]["volumeMounts"]
-        if any(v["name"] == m["name"] and "secret" in v for v in edge["volumes"])
-    }
-    certificates = issued(overlay)
-    for sds_file in ("sds-cert.yaml", "sds-ca.yaml", "sds-edge-server.yaml"):
-        [secret] = yaml.safe_load(config_map[sds_file])["resources"]
-        body = secret.get("tls_certificate") or secret["validation_context"]
-        folder = body["watched_directory"]["path"]
-        assert folder in mounted and mounted[folder] in certificates, sds_file
-    assert certificates[mounted["/var/run/secrets/meshserve/tls"]]["spec"]["uris"] == [tls.spiffe_id("edge")]
-
-
-def test_only_cpu_engines_run_native_rotary_embeddings() -> None:
-    # vLLM 0.32's CPU rotary kernel is wrong on some CPUs (the default leaves it out); its CUDA kernel is not.
-    from services.inference.config import InferenceSettings
-
-    assert "-rotary_embedding" in InferenceSettings().custom_ops_list()
-    for overlay, custom_ops in (("gpu", "all"), ("cpu-dev", None)):
-        engines = [d for d in of_kind(overlay, "Deployment") if d["metadata"]["name"].startswith("inference")]
-        assert engines, overlay
-        for deployment in engines:
-            container = deployment["spec"]["template"]["spec"]["containers"][0]
-            assert env(container).get("MESHSERVE_INFERENCE_CUSTOM_OPS") == custom_ops, overlay
-
-
-def test_the_spot_pool_runs_on_spot_nodes_leaves_within_the_notice_and_scales_first() -> None:
-    # gpu-spot is gpu plus components/spot: a second inference pool on spot nodes, on-demand as the floor.
-    on_demand, spot = named("gpu-spot", "Deployment", "inference"), named("gpu-spot", "Deployment", "inference-spot")
-    pools = {"on-demand": on_demand, "spot": spot}
-    for capacity, pool in pools.items():
-        assert pool["spec"]["selector"]["matchLabels"]["meshserve.dev/capacity"] == capacity
-        assert pool["spec"]["template"]["metadata"]["labels"]["meshserve.dev/capacity"] == capacity
-    # Both pools serve the same model on GPUs (the components that follow spot reach its pool too) and sit
-    # behind the one headless Service the router resolves: no second one, and its selector takes both.
-    served = {env(p["spec"]["template"]["spec"]["containers"][0])["MESHSERVE_INFERENCE_MODEL"] for p in pools.values()}
-    assert served == {
-        env(named("gpu", "Deployment", "inference")["spec"]["template"]["spec"]["containers"][0])[
-            "MESHSERVE_INFERENCE_MODEL"
-        ]
-    }
-    services = [s for s in of_kind("gpu-spot", "Service") if s["metadata"]["name"].startswith("inference")]
-    assert [s["metadata"]["name"] for s in services] == ["inference-headless"]
-    for pool in pools.values():
-        assert services[0]["spec"]["selector"].items() <= pool["spec"]["template"]["metadata"]["labels"].items()
-    spec = spot["spec"]["template"]["spec"]
-    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    keys = {e["key"] for term in terms for e in term["matchExpressions"]}
-    clouds = {"cloud.google.com/gke-spot", "eks.amazonaws.com/capacityType", "kubernetes.azure.com/scalesetpriority"}
-    assert keys == clouds
-    tolerated = {t["key"] for t in spec["tolerations"]}
-    assert {"cloud.google.com/gke-spot", "kubernetes.azure.com/scalesetpriority", "nvidia.com/gpu"} <= tolerated
-    assert "affinity" not in on_demand["spec"]["template"]["spec"]  # on-demand runs anywhere with a GPU
-    # Out within the shortest notice (30 s), the drain started by the preStop hook, the server's own drain
-    # and grace inside the pod's.
-    grace = spec["terminationGracePeriodSeconds"]
-    [container] = [c for c in spec["containers"] if c["name"] == "inference"]
-    drain = float(env(container)["MESHSERVE_INFERENCE_DRAIN_SECONDS"])
-    assert grace <= 30 and drain + float(env(container)["MESHSERVE_INFERENCE_GRACE_SECONDS"]) < grace
-    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sh", "-c", "kill -TERM 1"]
-    # Spot scales first (a lower queue target), on-demand is the floor (its minimum kept).
-    hpas = {h["spec"]["scaleTargetRef"]["name"]: h["spec"] for h in of_kind("gpu-spot", "HorizontalPodAutoscaler")}
-
-    def targets(hpa: Doc) -> list[float]:
-        return [float(m.get("external", m.get("pods"))["target"]["averageValue"]) for m in hpa["metrics"]]
-
-    assert hpas["inference"]["minReplicas"] >= 1
-    assert all(s < o for s, o in zip(targets(hpas["inference-spot"]), targets(hpas["inference"]), strict=True))
+        path = Path(env(container)[variable])
+        [mount] = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+        [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        table = named(overlay, "ConfigMap", volume["configMap"]["name"])["data"][path.name]
+        assert Prices.model_validate(yaml.safe_load(table)) == Prices.from_yaml(
+            ROOT / "deploy" / "local" / "prices.yaml"
+        )

@@ -104,6 +104,31 @@ def test_an_ejected_replica_is_skipped_then_probed_back_with_a_growing_backoff()
     assert bad.available  # a success reset the backoff
 
 
+def test_pool_weights_fill_the_preferred_pool_first_and_spill_to_the_other() -> None:
+    # Spot weighted 2, on-demand 1 (the catalogue's pool_weights): a spot replica counts half as loaded.
+    weights = {"spot": 2.0, "on-demand": 1.0}
+    spot, on_demand = replicas(0, 0, capacity=4)
+    spot.reported(LoadReport(running=0, capacity=4, pool="spot"))
+    on_demand.reported(LoadReport(running=0, capacity=4, pool="on-demand"))
+    balancer = Balancer(Strategy.LEAST_LOAD)
+    # Spot with 3 of 4 running (3/8 weighted) takes the request before on-demand with 2 of 4 (2/4)...
+    spot.report = LoadReport(running=3, capacity=4, pool="spot")
+    on_demand.report = LoadReport(running=2, capacity=4, pool="on-demand")
+    assert balancer.choose([spot, on_demand], pool_weights=weights) is spot
+    # ...which without weights (or for a pool without one) would have gone to on-demand (3/4 against 2/4).
+    assert balancer.choose([spot, on_demand]) is on_demand
+    assert balancer.choose([spot, on_demand], pool_weights={"other": 5.0}) is on_demand
+    # Past its weighted share spot spills to on-demand: 5/8 against 2/4.
+    spot.report = LoadReport(running=5, capacity=4, pool="spot")
+    assert balancer.choose([spot, on_demand], pool_weights=weights) is on_demand
+    # Affinity's load bound is over weighted capacity too: the key's replica spills only past it.
+    affine = Balancer(Strategy.AFFINITY)
+    spot.report = LoadReport(running=3, capacity=4, pool="spot")
+    on_demand.report = LoadReport(running=0, capacity=4, pool="on-demand")
+    chosen = {affine.choose([spot, on_demand], f"key-{i}", pool_weights={"spot": 10.0}) for i in range(20)}
+    assert chosen == {spot, on_demand}  # (3+1)/40 is under the floor: keys keep their replica
+
+
 def test_no_replica_in_rotation_is_none() -> None:
     silent = ReplicaState("10.0.0.9:50051")
     assert Balancer().choose([silent]) is None

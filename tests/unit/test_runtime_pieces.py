@@ -47,6 +47,12 @@ def test_catalogue_reads_models_and_rejects_entries_without_replicas(tmp_path: P
     bad.write_text("models:\n  - id: a\n")
     with pytest.raises(errors.InvalidArgument, match="replica"):
         Catalogue.from_yaml(bad)
+    pools = tmp_path / "pools.yaml"
+    pools.write_text("models:\n  - id: a\n    replicas: ['h:1']\n    pool_weights: {spot: 2, on-demand: 1}\n")
+    assert Catalogue.from_yaml(pools).get("a").versions[0].pool_weights == {"spot": 2.0, "on-demand": 1.0}
+    pools.write_text("models:\n  - id: a\n    replicas: ['h:1']\n    pool_weights: {spot: 0}\n")
+    with pytest.raises(errors.InvalidArgument, match="pool_weights"):
+        Catalogue.from_yaml(pools)
 
 
 def test_vllm_ipc_sockets_fit_a_unix_socket_path_from_any_checkout() -> None:
