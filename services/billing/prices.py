@@ -43,10 +43,14 @@ class Prices(BaseModel):
             where = ".".join(str(p) for p in first["loc"])
             raise InvalidArgument(f"{path}: {where}: {first['msg']}") from None
 
+    def price_of(self, model: str) -> Price | None:
+        """The model's price, or the default (None: it costs nothing)."""
+        return self.models.get(model, self.default)
+
     def cost(self, model: str, prompt_tokens: int, completion_tokens: int, rounding: str = ROUND_HALF_EVEN) -> Decimal:
         """The exact cost of the tokens, rounded to QUANTUM (spend budgets round up: a sum of costs rounded
         up is never below the ledger's cost of the summed tokens)."""
-        price = self.models.get(model, self.default)
+        price = self.price_of(model)
         if price is None:
             return Decimal(0).quantize(QUANTUM)
         raw = (prompt_tokens * price.prompt_per_1k + completion_tokens * price.completion_per_1k) / 1000

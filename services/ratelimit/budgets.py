@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import calendar
 import enum
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -46,6 +47,7 @@ class Budget:
     period: Period
 
     @classmethod
+    @functools.lru_cache(maxsize=4096)  # every request of a budgeted key carries the same text
     def parse(cls, text: str) -> Budget:
         """A budget written as "<amount>/<period>" (the identity header's form, `keys create --budget`)."""
         amount, _, period = text.partition("/")
@@ -80,12 +82,6 @@ class Budget:
         days = calendar.monthrange(at.year, at.month)[1]
         start = datetime(at.year, at.month, 1, tzinfo=UTC)
         return start.strftime("m%Y%m"), start.timestamp() + days * 86400 - now + KEPT_SECONDS
-
-    def reset_seconds(self, now: float) -> float | None:
-        """Seconds until the period starts again; None when it never does."""
-        if self.period is Period.NONE:
-            return None
-        return self.window(now)[1] - KEPT_SECONDS
 
 
 class _Amount(BaseModel):

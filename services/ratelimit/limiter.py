@@ -205,7 +205,7 @@ class Limiter:
             raise reservation
         if isinstance(held, BaseException) or (held is not None and not held.held):
             if reservation.held:  # the tokens held go back
-                await self.settle(request_id, replace(caller, key_budget=None), model, 0, 0, learn=False, spend=False)
+                await self.settle(request_id, caller, model, 0, 0, learn=False, spend=False)
             if isinstance(held, BaseException):
                 raise held
         if not tokens_fit or held is None:  # a guess that did not fit; or Redis failed and budgets fail open

@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
 
-from services.billing.prices import Prices
+from services.billing.prices import QUANTUM, Prices
 from services.ratelimit.budgets import Budget, micros, money
 from services.ratelimit.windows import ESTIMATE, Estimate
 
@@ -93,7 +93,7 @@ class Held:
 def allowance(prices: Prices, model: str, prompt_tokens: int, held: int) -> int | None:
     """The most completion tokens whose cost with the prompt's stays within what is held; None when
     completion tokens cost nothing."""
-    price = prices.models.get(model, prices.default)
+    price = prices.price_of(model)
     if price is None or price.completion_per_1k == 0:
         return None
     room = money(held) * 1000 - prompt_tokens * price.prompt_per_1k
@@ -142,9 +142,10 @@ class Spend:
         """Holds the prompt's cost and the completion estimate's in every budget, or in none (what the
         request held before is returned first)."""
         prices = self._prices()
-        price = prices.models.get(model, prices.default)
+        price = prices.price_of(model)
         base = micros(prices.cost(model, prompt_tokens, 0, ROUND_CEILING))
-        per_token = (price.completion_per_1k / 1000) / Decimal("0.000001") if price is not None else Decimal(0)
+        # A completion token's cost in millionths (the script rounds the estimate's cost up).
+        per_token = price.completion_per_1k / 1000 / QUANTUM if price is not None else Decimal(0)
         args: list[str | int | float] = ["hold", len(applied)]
         args += [a.budget.limit_micros for a in applied]
         args += [int(a.keep_seconds * 1000) for a in applied]
