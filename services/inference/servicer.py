@@ -14,6 +14,7 @@ from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.engine import Engine
 from services.inference.metering import Exchange, Reply
 from services.inference.openai_serving import OPERATIONS, Endpoint, ServingLayer
+from services.inference.schemes import Scheme
 from services.runtime.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, echo
 from services.runtime.interceptors import status_of
 from services.runtime.sampling import OPTIONAL_SAMPLING, Sampling
@@ -65,16 +66,22 @@ async def _follow(requests: AsyncIterator[inference_pb2.ServeRequest], exchange:
     exchange.caller_done()
 
 
-def _load_reply(engine: Engine, pool: str) -> inference_pb2.GetLoadResponse:
-    return inference_pb2.GetLoadResponse(**asdict(engine.load()), pool=pool)
+def _load_reply(engine: Engine, identity: inference_pb2.GetLoadResponse) -> inference_pb2.GetLoadResponse:
+    reply = inference_pb2.GetLoadResponse(**asdict(engine.load()))
+    reply.MergeFrom(identity)
+    return reply
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """meshserve.inference.v1.InferenceService over one Engine."""
 
-    def __init__(self, draining: asyncio.Event | None = None, pool: str = "") -> None:
+    def __init__(self, draining: asyncio.Event | None = None, pool: str = "", scheme: Scheme | None = None) -> None:
         self.engine: Engine | None = None
-        self._pool = pool
+        scheme = scheme or Scheme()
+        # What every load report says about the replica besides its load.
+        self._identity = inference_pb2.GetLoadResponse(
+            pool=pool, quantization=scheme.quantization, kv_cache_dtype=scheme.kv_cache_dtype
+        )
         self.serving: ServingLayer | None = None
         # Load streams end when the replica starts draining: routers take it out of rotation at once.
         self._draining = draining or asyncio.Event()
@@ -172,7 +179,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.CountTokensResponse(prompt_tokens=len(ids), max_model_len=engine.max_model_len)
 
     async def GetLoad(self, request: inference_pb2.GetLoadRequest, context: Context) -> inference_pb2.GetLoadResponse:
-        return _load_reply(self._engine(), self._pool)
+        return _load_reply(self._engine(), self._identity)
 
     async def WatchLoad(
         self, request: inference_pb2.WatchLoadRequest, context: Context
@@ -180,7 +187,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine = self._engine()
         interval = (request.interval_ms or 250) / 1000
         while not self._draining.is_set():
-            yield inference_pb2.WatchLoadResponse(load=_load_reply(engine, self._pool))
+            yield inference_pb2.WatchLoadResponse(load=_load_reply(engine, self._identity))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._draining.wait(), interval)
 

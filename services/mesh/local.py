@@ -213,6 +213,7 @@ class LocalMesh(Readiness):
             prefix + "DTYPE": self.options.dtype,
             # An embedding model runs with its own context (it is shorter than a chat model's).
             prefix + "MAX_MODEL_LEN": str(0 if model else self.options.max_model_len),
+            prefix + "KV_CACHE_DTYPE": "auto" if model else self.options.kv_cache_dtype,
             prefix + "CACHE_DIR": str((self.options.state_dir / "vllm-cache").resolve()),
         }
         return self.start_service(name, "services.inference", prefix, env)
@@ -234,7 +235,7 @@ class LocalMesh(Readiness):
         It reports SERVING once the model has a replica in rotation, unless required_for_ready is off."""
         if replicas is None:
             replicas = [f"{self.options.host}:{p.grpc_port}" for p in self.inference_replicas()]
-        models = [catalogue_entry(self.options.model, replicas, required_for_ready)]
+        models = [catalogue_entry(self.options.model, replicas, required_for_ready, self.options.kv_cache_dtype)]
         embed = self.procs.get("embed")
         if embed is not None and self.options.embedding_model:
             embedders = [f"{self.options.host}:{embed.grpc_port}"]

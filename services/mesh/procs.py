@@ -136,6 +136,8 @@ class MeshOptions:
     # Edge port; 0 picks a free one.
     edge_port: int = 0
     dtype: str = "auto"
+    # The chat model's KV cache dtype (auto, fp8: InferenceSettings.kv_cache_dtype).
+    kv_cache_dtype: str = "auto"
     max_model_len: int = 2048
     # Inference replicas of the model; the router spreads requests over them.
     replicas: int = 1
@@ -210,12 +212,18 @@ def wait_redis(url: str, files: tls.Files | None, check_alive: Callable[[], None
     raise MeshError(f"redis did not answer within {timeout:.0f}s")
 
 
-def catalogue_entry(model: str, replicas: list[str], required_for_ready: bool) -> dict[str, Any]:
-    """A model of the local router's catalogue, served by replicas (host:port)."""
-    return {
+def catalogue_entry(
+    model: str, replicas: list[str], required_for_ready: bool, kv_cache_dtype: str = "auto"
+) -> dict[str, Any]:
+    """A model of the local router's catalogue, served by replicas (host:port); one whose KV cache is not the
+    model's dtype says so (the router takes only replicas that report running it)."""
+    entry = {
         "id": model,
         "replicas": replicas,
         "owned_by": "meshserve",
         "created": int(time.time()),
         "required_for_ready": required_for_ready,
     }
+    if kv_cache_dtype != "auto":
+        entry["kv_cache_dtype"] = kv_cache_dtype
+    return entry

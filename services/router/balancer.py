@@ -40,6 +40,9 @@ class LoadReport:
     capacity: int = 1
     # The capacity pool it runs in (spot, on-demand); empty: none.
     pool: str = ""
+    # The quantization scheme and KV cache dtype its engine runs the model in (the model list says them).
+    quantization: str = ""
+    kv_cache_dtype: str = ""
 
 
 class ReplicaState:

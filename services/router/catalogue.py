@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from services.router.balancer import ReplicaState
 from services.runtime.errors import InvalidArgument, NotFound, echo
+
+log = logging.getLogger(__name__)
+
+# What a version may say its replicas must run, as they report it (GetLoad): a replica that runs another
+# scheme (a pod left from before a rollout to a quantized checkpoint) is kept out of the version's rotation.
+SCHEME_FIELDS = ("quantization", "kv_cache_dtype")
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,31 @@ class Version:
     # How much of a replica's capacity counts, by the pool it reports (spot, on-demand): a pool weighted 2
     # fills before one weighted 1. A pool without a weight counts 1.
     pool_weights: Mapping[str, float] = field(default_factory=dict, hash=False)
+    # (field, value) of SCHEME_FIELDS its replicas must report; empty: any.
+    scheme: tuple[tuple[str, str], ...] = ()
+
+    def serving(self, states: Sequence[ReplicaState]) -> Sequence[ReplicaState]:
+        """The states of replicas that run the scheme the version names (all, where it names none)."""
+        if not self.scheme:
+            return states
+        return [s for s in states if s.report is None or self._runs(s)]
+
+    def _runs(self, state: ReplicaState) -> bool:
+        for name, expected in self.scheme:
+            reported = getattr(state.report, name)
+            if reported != expected:
+                _mismatch(self.name, state.address, name, expected, reported)
+                return False
+        return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _mismatch(version: str, address: str, name: str, expected: str, reported: str) -> None:
+    """Logged once per replica and scheme (the check runs on every choice)."""
+    log.warning(
+        "replica kept out of rotation: it runs another scheme than its version names",
+        extra={"version": version, "replica": address, "field": name, "expected": expected, "reported": reported},
+    )
 
 
 @dataclass(frozen=True)
@@ -73,10 +107,23 @@ def _pool_weights(raw: Any, where: str) -> dict[str, float]:
     return {k: float(v) for k, v in raw.items()}
 
 
+def _scheme(
+    raw: dict[str, Any], where: str, inherited: tuple[tuple[str, str], ...] = ()
+) -> tuple[tuple[str, str], ...]:
+    named = dict(inherited)
+    for name in SCHEME_FIELDS:
+        if name in raw:
+            if not isinstance(raw[name], str) or not raw[name]:
+                raise InvalidArgument(f"{where}.{name}: must be a scheme as replicas report it, e.g. fp8")
+            named[name] = raw[name]
+    return tuple(sorted(named.items()))
+
+
 def _versions(raw: dict[str, Any], where: str) -> tuple[Version, ...]:
     weights = _pool_weights(raw.get("pool_weights"), where)
+    scheme = _scheme(raw, where)
     if "versions" not in raw:
-        return (Version("default", 1.0, _replicas(raw.get("replicas"), where), weights),)
+        return (Version("default", 1.0, _replicas(raw.get("replicas"), where), weights, scheme),)
     versions = []
     for j, v in enumerate(raw["versions"] or []):
         at = f"{where}.versions[{j}]"
@@ -85,7 +132,8 @@ def _versions(raw: dict[str, Any], where: str) -> tuple[Version, ...]:
         weight = float(v.get("weight", 1))
         if weight < 0:
             raise InvalidArgument(f"{at}: weight must not be negative")
-        versions.append(Version(str(v["name"]), weight, _replicas(v.get("replicas"), at), weights))
+        replicas = _replicas(v.get("replicas"), at)
+        versions.append(Version(str(v["name"]), weight, replicas, weights, _scheme(v, at, scheme)))
     if not versions or sum(v.weight for v in versions) <= 0:
         raise InvalidArgument(f"{where}: needs at least one version with a positive weight")
     return tuple(versions)
@@ -100,7 +148,8 @@ class Catalogue:
     @classmethod
     def from_yaml(cls, path: Path) -> Catalogue:
         """Reads `models: [{id, replicas: [...]} | {id, versions: [{name, weight, replicas}]}]`, each model with
-        optional `pool_weights: {pool: weight}`."""
+        optional `pool_weights: {pool: weight}`, and `quantization` and `kv_cache_dtype` on a model or a version
+        (what its replicas must report running)."""
         data = yaml.safe_load(path.read_text()) or {}
         entries = []
         for i, raw in enumerate(data.get("models") or []):

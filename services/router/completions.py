@@ -15,7 +15,7 @@ from meshserve.llm.v1 import llm_pb2
 from services.router import validation
 from services.router.accounting import Metered, TokenBudget, UsageSink
 from services.router.admission import Admission
-from services.router.balancer import Balancer
+from services.router.balancer import Balancer, LoadReport
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.failover import DEFAULT_POLICY, Attempt, Replica, ReplicaDirectory, RoutingPolicy, affinity_key
@@ -61,9 +61,11 @@ def _error_detail(exc: BaseException) -> llm_pb2.ErrorDetail:
     return llm_pb2.ErrorDetail(message=str(error["message"]), type=str(error["type"]), code=str(error["code"] or ""))
 
 
-def _model(entry: ModelEntry, message: type[M]) -> M:
-    """The model object, in the list (Model) or alone (RetrieveModelResponse: the same fields)."""
-    return message(id=entry.id, object="model", created=entry.created, owned_by=entry.owned_by)
+def _model(entry: ModelEntry, message: type[M], report: LoadReport | None) -> M:
+    """The model object, in the list (Model) or alone (RetrieveModelResponse: the same fields), with the
+    scheme its replicas report running (report: one of its replicas in rotation, if any)."""
+    scheme = {"quantization": report.quantization, "kv_cache_dtype": report.kv_cache_dtype} if report else {}
+    return message(id=entry.id, object="model", created=entry.created, owned_by=entry.owned_by, **scheme)
 
 
 def _engine_request(request_id: str, spec: GenerationSpec) -> inference_pb2.GenerateRequest:
@@ -137,13 +139,18 @@ class Completions:
         """The catalogue's models that the caller may use."""
         return llm_pb2.ListModelsResponse(
             object="list",
-            data=[_model(e, llm_pb2.Model) for e in self._catalogue().entries() if caller.may_use(e.id)],
+            data=[
+                _model(e, llm_pb2.Model, self.pipeline.report_of(e))
+                for e in self._catalogue().entries()
+                if caller.may_use(e.id)
+            ],
         )
 
     def retrieve_model(self, model: str, caller: Caller) -> llm_pb2.RetrieveModelResponse:
         """One model the caller may use; as for generation, permission is checked before existence."""
         caller.require(model)
-        return _model(self._catalogue().get(model), llm_pb2.RetrieveModelResponse)
+        entry = self._catalogue().get(model)
+        return _model(entry, llm_pb2.RetrieveModelResponse, self.pipeline.report_of(entry))
 
     def unready_models(self) -> list[str]:
         """Models the router must not report ready without: required, and no replica of theirs in rotation."""

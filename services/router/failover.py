@@ -131,7 +131,9 @@ class Failover:
         last_error: Unavailable | None = None
         while True:
             with tracing.span("router.choose_replica") as choice:
-                state = self._balancer.choose(self._replicas.states(version.replicas), key, tried, version.pool_weights)
+                state = self._balancer.choose(
+                    version.serving(self._replicas.states(version.replicas)), key, tried, version.pool_weights
+                )
                 choice.set_attribute("meshserve.attempt", len(tried) + 1)
                 choice.set_attribute("meshserve.replica", state.address if state is not None else "")
             if state is None:

@@ -16,9 +16,9 @@ from meshserve.inference.v1 import inference_pb2
 from services.router import metrics
 from services.router.accounting import HOLD_IF_ROOM, HOLD_NONE, Accounting, Metered, TokenBudget, UsageSink, Window
 from services.router.admission import Admission
-from services.router.balancer import Balancer
+from services.router.balancer import Balancer, LoadReport
 from services.router.caller import Caller, RouteHints
-from services.router.catalogue import Catalogue, Version
+from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.estimates import Guess, Hold
 from services.router.failover import Attempt, Failover, ReplicaDirectory, RoutingPolicy
 from services.runtime import genai, tracing
@@ -65,7 +65,7 @@ class Pipeline:
 
     def capacity(self, version: Version) -> int:
         """Requests the version's replicas in rotation can generate for at once."""
-        return sum(s.capacity for s in self.replicas.states(version.replicas) if s.available)
+        return sum(s.capacity for s in version.serving(self.replicas.states(version.replicas)) if s.available)
 
     def replicas_changed(self) -> None:
         """Lets queued requests in when replicas come into rotation."""
@@ -79,8 +79,16 @@ class Pipeline:
             e.id
             for e in self.catalogue().entries()
             if e.required_for_ready
-            and not any(s.available for v in e.versions for s in self.replicas.states(v.replicas))
+            and not any(s.available for v in e.versions for s in v.serving(self.replicas.states(v.replicas)))
         ]
+
+    def report_of(self, entry: ModelEntry) -> LoadReport | None:
+        """What a replica of entry in rotation last reported (of its most weighted version first), if any."""
+        for version in sorted(entry.versions, key=lambda v: -v.weight):
+            for state in version.serving(self.replicas.states(version.replicas)):
+                if state.available and state.report is not None:
+                    return state.report
+        return None
 
     async def generate(
         self,

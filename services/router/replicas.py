@@ -195,7 +195,15 @@ class GrpcReplica:
         try:
             async for reply in call:
                 load = reply.load
-                yield LoadReport(load.running, load.waiting, load.kv_cache_usage, max(1, load.max_num_seqs), load.pool)
+                yield LoadReport(
+                    load.running,
+                    load.waiting,
+                    load.kv_cache_usage,
+                    max(1, load.max_num_seqs),
+                    load.pool,
+                    load.quantization,
+                    load.kv_cache_dtype,
+                )
         except aio.AioRpcError as exc:
             raise domain_error(exc, self.address) from exc
         finally:

@@ -109,6 +109,9 @@ def test_models_list(mesh: LocalMesh) -> None:
     # The chat model and the embedding model the mesh serves beside it.
     assert [m.id for m in models.data] == [MODEL, EMBEDDING_MODEL]
     assert {m.object for m in models.data} == {"model"}
+    # What the replicas run, as they report it: both unquantized, the KV cache in the model's dtype.
+    assert [(m.model_extra or {}).get("quantization") for m in models.data] == ["none", "none"]
+    assert [(m.model_extra or {}).get("kv_cache_dtype") for m in models.data] == ["auto", "auto"]
 
 
 def test_unknown_model_is_not_found(mesh: LocalMesh) -> None:

@@ -75,3 +75,25 @@ def test_the_spot_pool_runs_on_spot_nodes_leaves_within_the_notice_and_scales_fi
     [weights] = [m["pool_weights"] for m in catalogue["models"]]
     assert weights["spot"] > weights["on-demand"]
     assert all(s < o for s, o in zip(targets(hpas["inference-spot"]), targets(hpas["inference"]), strict=True))
+
+
+def test_the_gpu_overlay_serves_a_quantized_checkpoint_with_an_fp8_kv_cache() -> None:
+    # Every pool of both GPU overlays: the FP8 checkpoint (its scheme read from its own config by vLLM), an FP8
+    # KV cache, and no override of the quantization method; the router's catalogue names the same model.
+    from services.inference.config import InferenceSettings
+
+    for overlay in ("gpu", "gpu-spot"):
+        engines = [d for d in of_kind(overlay, "Deployment") if d["metadata"]["name"].startswith("inference")]
+        for deployment in engines:
+            settings = env(deployment["spec"]["template"]["spec"]["containers"][0])
+            assert settings["MESHSERVE_INFERENCE_MODEL"] == "RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8"
+            assert settings["MESHSERVE_INFERENCE_KV_CACHE_DTYPE"] == "fp8"
+            assert "MESHSERVE_INFERENCE_QUANTIZATION" not in settings
+            # The names are the settings' own (a typo would leave the engine unquantized, silently).
+            assert {"kv_cache_dtype", "quantization"} <= InferenceSettings.model_fields.keys()
+        catalogue = yaml.safe_load(
+            named(overlay, "ConfigMap", _generated(overlay, "router-catalogue"))["data"]["catalogue.yaml"]
+        )
+        assert [m["id"] for m in catalogue["models"]] == ["RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8"]
+        # The routers take only replicas that report running what the engines are set to.
+        assert [m["kv_cache_dtype"] for m in catalogue["models"]] == ["fp8"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncGenerator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -314,3 +315,46 @@ async def test_a_session_stays_on_one_replica() -> None:
     for _ in range(9):
         await service.chat(chat(), ANY, RouteHints(session="conversation-42"))
     assert sorted(len(r.requests) for r in (a, b, c)) == [0, 0, 9]
+
+
+async def test_a_version_naming_a_scheme_takes_only_replicas_that_report_running_it() -> None:
+    quantized, stale = FakeReplica(steps("q"), address="quantized:1"), FakeReplica(steps("s"), address="stale:1")
+    directory = FakeDirectory(quantized, stale)
+    directory.state["stale:1"].reported(LoadReport(capacity=4, quantization="none", kv_cache_dtype="auto"))
+    scheme = (("kv_cache_dtype", "auto"), ("quantization", "compressed-tensors w8a8-fp8"))
+    version = Version("v1", 1.0, ("quantized:1", "stale:1"), scheme=scheme)
+    catalogue = Catalogue([ModelEntry("m", (version,), 1700000000, "meshserve")])
+    service = Completions(lambda: catalogue, directory, clock=lambda: 1700000123.0)
+    directory.state["quantized:1"].reported(
+        LoadReport(capacity=4, quantization="compressed-tensors w8a8-fp8", kv_cache_dtype="auto")
+    )
+    for _ in range(6):
+        await service.chat(chat(), ANY)
+    assert (len(quantized.requests), len(stale.requests)) == (6, 0)
+    [listed] = service.list_models(ANY).data
+    assert (listed.quantization, listed.kv_cache_dtype) == ("compressed-tensors w8a8-fp8", "auto")
+    assert service.unready_models() == []
+    # With no replica running it, the model has none in rotation: not ready, and a request is refused.
+    directory.state["quantized:1"].reported(LoadReport(capacity=4, quantization="none", kv_cache_dtype="auto"))
+    assert service.unready_models() == ["m"]
+    with pytest.raises(Unavailable):
+        await service.chat(chat(), ANY)
+    assert len(stale.requests) == 0
+
+
+def test_the_catalogue_reads_a_scheme_per_model_and_per_version(tmp_path: Path) -> None:
+    path = tmp_path / "catalogue.yaml"
+    path.write_text(
+        "models:\n"
+        "  - id: m\n"
+        "    kv_cache_dtype: fp8\n"
+        "    versions:\n"
+        "      - {name: v1, weight: 90, replicas: ['a:1']}\n"
+        "      - {name: v2, weight: 10, replicas: ['b:1'], quantization: compressed-tensors w8a8-fp8}\n"
+    )
+    v1, v2 = Catalogue.from_yaml(path).get("m").versions
+    assert v1.scheme == (("kv_cache_dtype", "fp8"),)
+    assert v2.scheme == (("kv_cache_dtype", "fp8"), ("quantization", "compressed-tensors w8a8-fp8"))
+    path.write_text("models:\n  - {id: m, replicas: ['a:1'], quantization: ''}\n")
+    with pytest.raises(InvalidArgument, match="quantization: must be a scheme"):
+        Catalogue.from_yaml(path)
