@@ -65,8 +65,8 @@ class ModelStore:
         with tempfile.TemporaryDirectory(dir=self.root, prefix=f".{name.replace('/', '_')}-") as tmp:
             staging = Path(tmp) / "entry"
             staging.mkdir()
-            writer(staging)
             try:
+                writer(staging)
                 schemes.check(staging, target=engine)
             except FailedPrecondition as refused:
                 raise FailedPrecondition(f"model {name!r} is not stored: {refused}") from None
@@ -139,12 +139,15 @@ def write_minilm(target: Path) -> None:
 BUILDERS: dict[str, Callable[[Path], None]] = {SMOLLM2: write_smollm2, MINILM: write_minilm}
 
 
-def hub_writer(repo_id: str) -> Callable[[Path], None]:
-    """Downloads a Hugging Face hub repository (weights, config, tokenizer) into the entry."""
+def hub_writer(repo_id: str, engine: schemes.Target | None = None) -> Callable[[Path], None]:
+    """Downloads a Hugging Face hub repository (weights, config, tokenizer) into the entry: its config first, so
+    a scheme the engine cannot run is refused before any weight is downloaded."""
 
     def write(target: Path) -> None:
         from huggingface_hub import snapshot_download
 
+        snapshot_download(repo_id=repo_id, local_dir=target, allow_patterns=["config.json"])
+        schemes.check(target, target=engine)
         snapshot_download(
             repo_id=repo_id,
             local_dir=target,
@@ -166,5 +169,5 @@ def ensure(store: ModelStore, name: str, target: schemes.Target | None = None) -
 
         return store.build(name, w8a8_writer(ensure(store, SMOLLM2, target)), target)
     if "/" in name:
-        return store.build(name, hub_writer(name), target)
+        return store.build(name, hub_writer(name, target), target)
     raise NotFound(f"model {name!r} is not in the model store and meshserve cannot build it")

@@ -358,3 +358,35 @@ def test_the_catalogue_reads_a_scheme_per_model_and_per_version(tmp_path: Path) 
     path.write_text("models:\n  - {id: m, replicas: ['a:1'], quantization: ''}\n")
     with pytest.raises(InvalidArgument, match="quantization: must be a scheme"):
         Catalogue.from_yaml(path)
+
+
+async def test_v1_generate_asks_its_budgets_for_all_it_may_generate_and_is_capped_at_what_they_pay() -> None:
+    from services.router.accounting import Allowance, Metered
+    from services.router.completions import _within_allowance
+    from services.runtime.errors import QuotaExceeded
+
+    asked: list[int] = []
+
+    def budgets(room: int | None) -> Allowance:
+        async def extend(more: int) -> int | None:
+            asked.append(more)
+            return room
+
+        return Allowance(tokens=10, extend=extend)
+
+    request = ipb.GenerateRequest(request_id="r", model="m", sampling=ipb.SamplingParams(max_tokens=100))
+    # Room for everything: the request goes as it is.
+    metered = Metered(started=0.0, budgeted=True, allowance=budgets(100))
+    assert await _within_allowance(request, metered, 100) is request and asked == [90]
+    # Room for 40 of 100: max_tokens lowered to 40 (the original untouched), the request marked stopped.
+    metered = Metered(started=0.0, budgeted=True, allowance=budgets(40))
+    capped = await _within_allowance(request, metered, 100)
+    assert capped.sampling.max_tokens == 40 and request.sampling.max_tokens == 100
+    assert metered.allowance.stopped
+    # No budget caps it (None): as it is.
+    metered = Metered(started=0.0, budgeted=True, allowance=budgets(None))
+    assert await _within_allowance(request, metered, 100) is request and not metered.allowance.stopped
+    # No room at all: refused, as at admission.
+    metered = Metered(started=0.0, budgeted=True, allowance=budgets(0))
+    with pytest.raises(QuotaExceeded, match="spend budget exhausted"):
+        await _within_allowance(request, metered, 100)

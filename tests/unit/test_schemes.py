@@ -113,3 +113,26 @@ def test_an_entry_built_before_records_were_kept_is_described_from_its_folder(tm
     store.build("m", lambda target: checkpoint(target, W8A8) and None, CPU)
     (tmp_path / "m" / "meshserve-entry.json").unlink()
     assert store.record("m")["quantization"] == "compressed-tensors w8a8-int8"
+
+
+def test_a_hub_checkpoint_the_engine_cannot_run_is_refused_before_its_weights_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    from services.inference import model_store
+
+    fetched: list[list[str]] = []
+
+    def snapshot_download(repo_id: str, local_dir: Path, allow_patterns: list[str]) -> None:
+        # The hub, as far as the store asks it: an NVFP4 checkpoint's config, then its weights.
+        fetched.append(allow_patterns)
+        checkpoint(Path(local_dir), NVFP4)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(FailedPrecondition, match=r"model 'org/nvfp4' is not stored: .*4-bit float weights"):
+        model_store.ensure(ModelStore(tmp_path), "org/nvfp4", CPU)
+    assert fetched == [["config.json"]]  # no weights asked for
+    assert ModelStore(tmp_path).names() == []
+    model_store.ensure(ModelStore(tmp_path), "org/nvfp4", GPU)
+    assert len(fetched) == 3 and ModelStore(tmp_path).names() == ["org/nvfp4"]
