@@ -69,11 +69,22 @@ CREATE TABLE IF NOT EXISTS meter_events (
     "CREATE INDEX IF NOT EXISTS meter_events_pending ON meter_events (seq) WHERE sent_at IS NULL",
 )
 
-COUNTS = ("requests", "prompt_tokens", "completion_tokens", "completed", "cancelled", "failed", "written_off_tokens")
+# The cached_* counts are of answers from the router's response cache (requests counts them too).
+CACHED = ("cached", "cached_prompt_tokens", "cached_completion_tokens")
+COUNTS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "completed",
+    "cancelled",
+    "failed",
+    "written_off_tokens",
+    *CACHED,
+)
 ROW_KEY = "tenant = ? AND key_id = ? AND model = ? AND hour = ? AND generation = ?"
 ROW_COLUMNS = ("tenant", "key_id", "model", "hour", "generation", *COUNTS, "cost", "updated_at")
 # Columns added after the first release, with what an older ledger's rows hold in them.
-ADDED_COLUMNS = {"written_off_tokens": "BIGINT NOT NULL DEFAULT 0"}
+ADDED_COLUMNS = {column: "BIGINT NOT NULL DEFAULT 0" for column in ("written_off_tokens", *CACHED)}
 
 UPSERT = f"""
 INSERT INTO usage_hours ({", ".join(ROW_COLUMNS)}) VALUES ({", ".join("?" for _ in ROW_COLUMNS)})
@@ -100,6 +111,10 @@ class UsageLine:
     cost: Decimal
     # Generated tokens no client received: recorded, not billed.
     written_off_tokens: int = 0
+    # Requests answered from the response cache (in requests too), and their answers' tokens.
+    cached: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -198,7 +213,14 @@ class SqlLedger:
                 old_requests, old_prompt, old_completion, old_cost = old if old else (0, 0, 0, "0")
                 if b.requests <= old_requests:
                     continue  # the same totals again, or an older snapshot than the row's
-                cost = prices.cost(b.model, b.prompt_tokens, b.completion_tokens)
+                cached = (b.cached, b.cached_prompt_tokens, b.cached_completion_tokens)
+                cost = prices.cost(
+                    b.model,
+                    b.prompt_tokens,
+                    b.completion_tokens,
+                    cached_prompt_tokens=b.cached_prompt_tokens,
+                    cached_completion_tokens=b.cached_completion_tokens,
+                )
                 counts = (
                     b.requests,
                     b.prompt_tokens,
@@ -207,6 +229,7 @@ class SqlLedger:
                     b.cancelled,
                     b.failed,
                     b.written_off_tokens,
+                    *cached,
                 )
                 cur.execute(self._sql(UPSERT), (*key, *counts, str(cost), now))
                 cur.execute(
@@ -240,14 +263,14 @@ class SqlLedger:
             cur.execute(
                 self._sql(
                     "SELECT tenant, key_id, model, requests, prompt_tokens, completion_tokens, cost, "
-                    "written_off_tokens FROM usage_hours "
+                    f"written_off_tokens, {', '.join(CACHED)} FROM usage_hours "
                     f"WHERE {' AND '.join(where)} ORDER BY tenant, key_id, model, hour"
                 ),
                 args,
             )
             rows = cur.fetchall()
         lines: dict[tuple[str, str, str], UsageLine] = {}
-        for t, k, m, requests, prompt, completion, cost, written_off in rows:
+        for t, k, m, requests, prompt, completion, cost, written_off, cached, cached_prompt, cached_completion in rows:
             old = lines.get((t, k, m)) or UsageLine(t, k, m, 0, 0, 0, Decimal(0))
             lines[(t, k, m)] = UsageLine(
                 t,
@@ -258,6 +281,9 @@ class SqlLedger:
                 old.completion_tokens + completion,
                 old.cost + Decimal(cost),
                 old.written_off_tokens + written_off,
+                old.cached + cached,
+                old.cached_prompt_tokens + cached_prompt,
+                old.cached_completion_tokens + cached_completion,
             )
         return list(lines.values())
 

@@ -20,16 +20,20 @@ from prometheus_client import Counter
 from services.billing.prices import Prices
 from services.runtime.errors import InvalidArgument
 
-OUTCOMES = ("completed", "cancelled", "failed")
+# cached: answered from the router's response cache (its tokens are counted apart, as cached_* tokens).
+OUTCOMES = ("completed", "cancelled", "failed", "cached")
 HOUR = 3600
 DIRTY = "mb:dirty"
 # Records per script call: big enough to amortise the round trip, small enough not to stall Redis.
 CHUNK = 512
 
+TOKEN_KINDS = ("prompt", "completion", "written_off", "cached_prompt", "cached_completion")
+
 RECORDS = Counter("meshserve_billing_records_total", "Usage records received, by result.", ["result"])
 TOKENS = Counter(
     "meshserve_billing_tokens_total",
-    "Tokens counted into the aggregates, by model and kind (prompt, completion, written_off: made, not received).",
+    "Tokens counted into the aggregates, by model and kind (prompt, completion, written_off: made, not received;"
+    " cached_prompt, cached_completion: of answers from the response cache).",
     ["model", "kind"],
 )
 SPEND = Counter(
@@ -79,6 +83,10 @@ class Bucket:
     # Set when Redis creates the bucket; a bucket Redis lost and recreated is a new generation.
     generation: str
     written_off_tokens: int = 0
+    # Requests answered from the response cache (in requests too), and the tokens their answers reported.
+    cached: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
 
 
 def bucket_key(tenant: str, key_id: str, model: str, hour: int) -> str:
@@ -152,17 +160,25 @@ class Meter:
         tokens: dict[str, list[int]] = {}
         for u, c in zip(records, counted, strict=True):
             if c:
-                totals = tokens.setdefault(u.model, [0, 0, 0])
-                totals[0] += u.prompt_tokens
-                totals[1] += u.completion_tokens
+                totals = tokens.setdefault(u.model, [0, 0, 0, 0, 0])
+                at = 3 if u.outcome == "cached" else 0
+                totals[at] += u.prompt_tokens
+                totals[at + 1] += u.completion_tokens
                 totals[2] += u.written_off_tokens
         prices = self._prices() if self._prices is not None else None
-        for model, (prompt, completion, written_off) in tokens.items():
-            TOKENS.labels(model, "prompt").inc(prompt)
-            TOKENS.labels(model, "completion").inc(completion)
-            TOKENS.labels(model, "written_off").inc(written_off)
+        for model, (prompt, completion, written_off, cached_prompt, cached_completion) in tokens.items():
+            counts = (prompt, completion, written_off, cached_prompt, cached_completion)
+            for kind, count in zip(TOKEN_KINDS, counts, strict=True):
+                TOKENS.labels(model, kind).inc(count)
             if prices is not None:
-                SPEND.labels(model, prices.currency).inc(float(prices.cost(model, prompt, completion)))
+                cost = prices.cost(
+                    model,
+                    prompt,
+                    completion,
+                    cached_prompt_tokens=cached_prompt,
+                    cached_completion_tokens=cached_completion,
+                )
+                SPEND.labels(model, prices.currency).inc(float(cost))
         accepted = sum(counted)
         RECORDS.labels("accepted").inc(accepted)
         RECORDS.labels("duplicate").inc(len(records) - accepted)
@@ -195,6 +211,9 @@ class Meter:
             version=f["version"],
             generation=f.get("generation", ""),
             written_off_tokens=int(f.get("written_off_tokens", 0)),
+            cached=int(f.get("cached", 0)),
+            cached_prompt_tokens=int(f.get("cached_prompt_tokens", 0)),
+            cached_completion_tokens=int(f.get("cached_completion_tokens", 0)),
         )
 
     async def forget(self, key: str) -> None:

@@ -1,4 +1,5 @@
-"""The price table: per model, a price per 1,000 prompt and per 1,000 completion tokens, in exact decimals."""
+"""The price table: per model, a price per 1,000 prompt and per 1,000 completion tokens, in exact decimals, and
+one for the tokens of answers served from the router's response cache (none by default: a cached answer is free)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class Price(BaseModel):
 
     prompt_per_1k: Decimal = Field(ge=0)
     completion_per_1k: Decimal = Field(ge=0)
+    # The tokens a cached answer reports (no engine worked for them).
+    cached_prompt_per_1k: Decimal = Field(default=Decimal(0), ge=0)
+    cached_completion_per_1k: Decimal = Field(default=Decimal(0), ge=0)
 
 
 class Prices(BaseModel):
@@ -47,13 +51,27 @@ class Prices(BaseModel):
         """The model's price, or the default (None: it costs nothing)."""
         return self.models.get(model, self.default)
 
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int, rounding: str = ROUND_HALF_EVEN) -> Decimal:
-        """The exact cost of the tokens, rounded to QUANTUM (spend budgets round up: a sum of costs rounded
-        up is never below the ledger's cost of the summed tokens)."""
+    def cost(
+        self,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        rounding: str = ROUND_HALF_EVEN,
+        cached_prompt_tokens: int = 0,
+        cached_completion_tokens: int = 0,
+    ) -> Decimal:
+        """The exact cost of the tokens (generated, and those of cached answers at the cache's price), rounded
+        to QUANTUM (spend budgets round up: a sum of costs rounded up is never below the ledger's cost of the
+        summed tokens)."""
         price = self.price_of(model)
         if price is None:
             return Decimal(0).quantize(QUANTUM)
-        raw = (prompt_tokens * price.prompt_per_1k + completion_tokens * price.completion_per_1k) / 1000
+        raw = (
+            prompt_tokens * price.prompt_per_1k
+            + completion_tokens * price.completion_per_1k
+            + cached_prompt_tokens * price.cached_prompt_per_1k
+            + cached_completion_tokens * price.cached_completion_per_1k
+        ) / 1000
         return raw.quantize(QUANTUM, rounding=rounding)
 
 

@@ -30,6 +30,7 @@ OUTCOMES = {
     billing_pb2.OUTCOME_COMPLETED: "completed",
     billing_pb2.OUTCOME_CANCELLED: "cancelled",
     billing_pb2.OUTCOME_FAILED: "failed",
+    billing_pb2.OUTCOME_CACHED: "cached",
 }
 
 
@@ -142,6 +143,9 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                     prompt_tokens=line.prompt_tokens,
                     completion_tokens=line.completion_tokens,
                     written_off_tokens=line.written_off_tokens,
+                    cached=line.cached,
+                    cached_prompt_tokens=line.cached_prompt_tokens,
+                    cached_completion_tokens=line.cached_completion_tokens,
                     cost=str(line.cost),
                 )
                 for line in lines

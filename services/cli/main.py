@@ -171,6 +171,9 @@ def up(
     state: Path = typer.Option(Path("var/run"), help="Folder for logs and generated configs."),
     dtype: str = typer.Option("auto", help="Weights dtype (auto, bfloat16, float32)."),
     kv_cache_dtype: str = typer.Option("auto", help="The chat model's KV cache dtype: auto or fp8."),
+    cache: str = typer.Option(
+        "off", help="Answer the chat model's deterministic requests again from a cache: off, tenant or shared."
+    ),
     rules: Path | None = typer.Option(None, help="Rate-limit rules YAML (default: deploy/local/ratelimits.yaml)."),
     replicas: int = typer.Option(1, min=1, max=8, help="Inference replicas; each is a vLLM engine (about 1.5 GiB)."),
     embedding_model: str = typer.Option(
@@ -189,12 +192,15 @@ def up(
 ) -> None:
     """Starts the local mesh (Redis, auth, rate limits, billing, inference on vLLM, router, Envoy edge) until Ctrl-C."""
     from services.inference import model_store, schemes
+    from services.router.catalogue import CACHE_SCOPES
     from services.runtime.errors import FailedPrecondition
 
     try:
         with console.status(f"model store: {model}"):
             for name in filter(None, (model, embedding_model)):
                 schemes.check(model_store.ensure(model_store.ModelStore(store), name), kv_cache_dtype=kv_cache_dtype)
+        if cache not in CACHE_SCOPES:
+            raise FailedPrecondition(f"--cache must be one of {', '.join(CACHE_SCOPES)}, got {cache!r}")
     except FailedPrecondition as refused:
         console.print(f"[red]refused[/]: {refused}")
         raise typer.Exit(1) from None
@@ -206,6 +212,7 @@ def up(
         edge_port=port,
         dtype=dtype,
         kv_cache_dtype=kv_cache_dtype,
+        cache=cache,
         replicas=replicas,
         embedding_model=embedding_model,
         otlp_endpoint=otlp_endpoint,

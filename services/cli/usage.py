@@ -11,7 +11,17 @@ from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
 from services.cli.keys import ADMIN_KEY, CA, EDGE, JSON, admin_channel, out, show_json
 
 BUDGET_AMOUNTS = ("limit", "spent", "held", "remaining")
-COLUMNS = ("tenant", "key", "model", "requests", "prompt tokens", "completion tokens", "written off", "cost")
+COLUMNS = (
+    "tenant",
+    "key",
+    "model",
+    "requests",
+    "prompt tokens",
+    "completion tokens",
+    "written off",
+    "cached",
+    "cost",
+)
 
 
 def usage(
@@ -45,6 +55,7 @@ def usage(
             f"{line.prompt_tokens:,}",
             f"{line.completion_tokens:,}",
             f"{line.written_off_tokens:,}",
+            f"{line.cached:,}",
             line.cost,
         )
     out.print(table)

@@ -235,7 +235,11 @@ class LocalMesh(Readiness):
         It reports SERVING once the model has a replica in rotation, unless required_for_ready is off."""
         if replicas is None:
             replicas = [f"{self.options.host}:{p.grpc_port}" for p in self.inference_replicas()]
-        models = [catalogue_entry(self.options.model, replicas, required_for_ready, self.options.kv_cache_dtype)]
+        models = [
+            catalogue_entry(
+                self.options.model, replicas, required_for_ready, self.options.kv_cache_dtype, self.options.cache
+            )
+        ]
         embed = self.procs.get("embed")
         if embed is not None and self.options.embedding_model:
             embedders = [f"{self.options.host}:{embed.grpc_port}"]
@@ -246,8 +250,9 @@ class LocalMesh(Readiness):
             "MESHSERVE_ROUTER_CATALOGUE": str(catalogue),
             "MESHSERVE_ROUTER_REQUIRE_CALLER": str(require_caller),
         }
-        if "redis" in self.procs:  # the Responses API's stored responses
+        if "redis" in self.procs:  # the Responses API's stored responses, and the response cache
             settings["MESHSERVE_ROUTER_RESPONSES_REDIS_URL"] = self.redis_url
+            settings["MESHSERVE_ROUTER_CACHE_REDIS_URL"] = self.redis_url
         billing = self.procs.get("billing")
         if billing is not None:
             settings["MESHSERVE_ROUTER_BILLING"] = f"{self.options.host}:{billing.grpc_port}"

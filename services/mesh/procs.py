@@ -138,6 +138,9 @@ class MeshOptions:
     dtype: str = "auto"
     # The chat model's KV cache dtype (auto, fp8: InferenceSettings.kv_cache_dtype).
     kv_cache_dtype: str = "auto"
+    # Whose deterministic requests for the chat model the router's response cache answers again: off,
+    # tenant (each tenant its own), shared (every tenant's).
+    cache: str = "off"
     max_model_len: int = 2048
     # Inference replicas of the model; the router spreads requests over them.
     replicas: int = 1
@@ -213,10 +216,11 @@ def wait_redis(url: str, files: tls.Files | None, check_alive: Callable[[], None
 
 
 def catalogue_entry(
-    model: str, replicas: list[str], required_for_ready: bool, kv_cache_dtype: str = "auto"
+    model: str, replicas: list[str], required_for_ready: bool, kv_cache_dtype: str = "auto", cache: str = "off"
 ) -> dict[str, Any]:
     """A model of the local router's catalogue, served by replicas (host:port); one whose KV cache is not the
-    model's dtype says so (the router takes only replicas that report running it)."""
+    model's dtype says so (the router takes only replicas that report running it), and one whose answers the
+    response cache keeps says for whom (tenant, shared)."""
     entry = {
         "id": model,
         "replicas": replicas,
@@ -226,4 +230,6 @@ def catalogue_entry(
     }
     if kv_cache_dtype != "auto":
         entry["kv_cache_dtype"] = kv_cache_dtype
+    if cache != "off":
+        entry["cache"] = cache
     return entry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
 from meshserve.llm.v2 import llm_pb2 as llm_v2_pb2
@@ -13,6 +14,7 @@ from services.ratelimit.build import open_limits
 from services.router.admission import Admission
 from services.router.balancer import Balancer
 from services.router.budget import GrpcTokenBudget
+from services.router.cache import ResponseCache
 from services.router.catalogue import Catalogue
 from services.router.completions import Completions
 from services.router.config import RouterSettings
@@ -93,15 +95,26 @@ def main() -> None:
             usage=usage,
         )
         llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(completions, settings.require_caller), rt.server)
-        store = ResponseStore(None, settings.responses_ttl_seconds)
-        if settings.responses_redis_url:
+
+        def redis_client(url: str) -> Any:
             import redis.asyncio
 
-            url = settings.responses_redis_url
             client = redis.asyncio.Redis.from_url(url, **redis_tls.options(url, rt.tls), socket_timeout=2.0)
             rt.on_shutdown(client.aclose)
-            store = ResponseStore(client, settings.responses_ttl_seconds)
-        api = OpenAIApi(completions.pipeline, settings.reserve_on_guess, store)
+            return client
+
+        store = ResponseStore(None, settings.responses_ttl_seconds)
+        if settings.responses_redis_url:
+            store = ResponseStore(redis_client(settings.responses_redis_url), settings.responses_ttl_seconds)
+        answers = None
+        if settings.cache_redis_url:
+            answers = ResponseCache(
+                redis_client(settings.cache_redis_url),
+                settings.cache_ttl_seconds,
+                settings.cache_max_bytes,
+                settings.cache_max_entry_bytes,
+            )
+        api = OpenAIApi(completions.pipeline, settings.reserve_on_guess, store, answers)
         openai = OpenAIServicer(api, settings.require_caller)
         llm_v2_pb2_grpc.add_LlmServiceServicer_to_server(openai, rt.server)
 

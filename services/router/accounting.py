@@ -95,6 +95,7 @@ USAGE_OUTCOMES = {
     "completed": billing_pb2.OUTCOME_COMPLETED,
     "cancelled": billing_pb2.OUTCOME_CANCELLED,
     "failed": billing_pb2.OUTCOME_FAILED,
+    "cached": billing_pb2.OUTCOME_CACHED,
 }
 
 
@@ -176,31 +177,69 @@ class Accounting:
         if metered.allowance.stopped:
             metrics.STOPPED_AT_BUDGET.labels(model).inc()
         metrics.finished(model, version.name, tenant, metered.outcome, prompt_tokens, completion_tokens)
-        entry = access.CURRENT.get()
-        if entry is not None:
-            entry.version, entry.outcome = version.name, metered.outcome
-            entry.prompt_tokens, entry.completion_tokens = prompt_tokens, completion_tokens
-            entry.ttft_ms = (metered.first_token - metered.started) * 1000 if metered.first_token else 0.0
+        _note_access(version, metered, prompt_tokens, completion_tokens)
         # A request the engine reported on was generated for, and is billed for what its client received:
         # a stream's tokens as they went out, whatever its outcome; a whole reply's only if it was sent.
         # Tokens nobody received are recorded as written off, never silently dropped.
-        if last is not None and self._usage is not None:
+        if last is not None:
             received = 0 if metered.unary and metered.outcome == "failed" else completion_tokens
-            ended = time.monotonic()
-            record = billing_pb2.UsageRecord(
-                request_id=request_id,
-                tenant=tenant,
-                key_id=caller.key_id,
-                model=model,
-                version=version.name,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=received,
-                written_off_tokens=completion_tokens - received,
-                outcome=USAGE_OUTCOMES[metered.outcome],
-                queue_seconds=metered.admitted - metered.started,
-                ttft_seconds=metered.first_token - metered.started,
-                total_seconds=ended - metered.started,
-                traceparent=tracing.traceparent(),
-            )
-            record.finished_at.FromNanoseconds(int(self._clock() * 1e9))
-            self._usage.record(record)
+            self._record(request_id, model, caller, version, metered, prompt_tokens, received, completion_tokens)
+
+    def cached(
+        self,
+        request_id: str,
+        model: str,
+        caller: Caller,
+        version: Version,
+        metered: Metered,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> None:
+        """Records a request answered from the response cache: the tokens its answer reports, outcome cached
+        (billing keeps them apart from generated tokens, at the cache's price)."""
+        metered.outcome = "cached"
+        metrics.REQUESTS.labels(model, version.name, metered.outcome).inc()
+        _note_access(version, metered, prompt_tokens, completion_tokens)
+        self._record(request_id, model, caller, version, metered, prompt_tokens, completion_tokens, completion_tokens)
+
+    def _record(
+        self,
+        request_id: str,
+        model: str,
+        caller: Caller,
+        version: Version,
+        metered: Metered,
+        prompt_tokens: int,
+        received: int,
+        completion_tokens: int,
+    ) -> None:
+        if self._usage is None:
+            return
+        ended = time.monotonic()
+        first_token = metered.first_token - metered.started if metered.first_token else 0.0
+        record = billing_pb2.UsageRecord(
+            request_id=request_id,
+            tenant=caller.tenant or "internal",
+            key_id=caller.key_id,
+            model=model,
+            version=version.name,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=received,
+            written_off_tokens=completion_tokens - received,
+            outcome=USAGE_OUTCOMES[metered.outcome],
+            queue_seconds=max(0.0, metered.admitted - metered.started),
+            ttft_seconds=first_token,
+            total_seconds=ended - metered.started,
+            traceparent=tracing.traceparent(),
+        )
+        record.finished_at.FromNanoseconds(int(self._clock() * 1e9))
+        self._usage.record(record)
+
+
+def _note_access(version: Version, metered: Metered, prompt_tokens: int, completion_tokens: int) -> None:
+    """What the request's access log line says of its generation."""
+    entry = access.CURRENT.get()
+    if entry is not None:
+        entry.version, entry.outcome = version.name, metered.outcome
+        entry.prompt_tokens, entry.completion_tokens = prompt_tokens, completion_tokens
+        entry.ttft_ms = (metered.first_token - metered.started) * 1000 if metered.first_token else 0.0

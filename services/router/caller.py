@@ -20,6 +20,8 @@ from services.runtime.identity import (
 # Routing hints a client may send (headers on REST, metadata on gRPC).
 VERSION_HEADER = "x-meshserve-version"
 SESSION_HEADER = "x-meshserve-session"
+# What the response cache may do for the request (no-cache, no-store: services/router/cache.py).
+CACHE_CONTROL_HEADER = "cache-control"
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,15 @@ def from_metadata(metadata: Mapping[str, str], required: bool) -> Caller:
 
 @dataclass(frozen=True)
 class RouteHints:
-    """How a client asked to be routed: a pinned model version, a session to keep on one replica."""
+    """How a client asked to be routed: a pinned model version, a session to keep on one replica, what the
+    response cache may do."""
 
     version: str | None = None
     session: str | None = None
     # The model the edge read from the body, to which its per-model request limits applied.
     edge_model: str | None = None
+    # The request's Cache-Control, for the response cache.
+    cache_control: str | None = None
 
 
 def hints_from_metadata(metadata: Mapping[str, str]) -> RouteHints:
@@ -83,4 +88,5 @@ def hints_from_metadata(metadata: Mapping[str, str]) -> RouteHints:
         version=metadata.get(VERSION_HEADER) or None,
         session=metadata.get(SESSION_HEADER) or None,
         edge_model=metadata.get(MODEL_HEADER) or None,
+        cache_control=metadata.get(CACHE_CONTROL_HEADER) or None,
     )

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 # What a version may say its replicas must run, as they report it (GetLoad): a replica that runs another
 # scheme (a pod left from before a rollout to a quantized checkpoint) is kept out of the version's rotation.
 SCHEME_FIELDS = ("quantization", "kv_cache_dtype")
+# Who a model's cached answers are kept for (the router's response cache, cache.py): nobody (off), the tenant
+# that asked (tenant), or every tenant (shared: one tenant's answer may be served to another).
+CACHE_SCOPES = ("off", "tenant", "shared")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class ModelEntry:
     # The router reports ready only once this model has a replica in rotation; False lets it be ready
     # without (a model whose replicas start later, or scale from zero).
     required_for_ready: bool = True
+    # Whose deterministic requests the response cache answers again (CACHE_SCOPES).
+    cache: str = "off"
 
     def pick(self, rng: random.Random) -> Version:
         """A version drawn by weight (a 90/10 canary sends about 10% of requests to the second)."""
@@ -148,14 +153,18 @@ class Catalogue:
     @classmethod
     def from_yaml(cls, path: Path) -> Catalogue:
         """Reads `models: [{id, replicas: [...]} | {id, versions: [{name, weight, replicas}]}]`, each model with
-        optional `pool_weights: {pool: weight}`, and `quantization` and `kv_cache_dtype` on a model or a version
-        (what its replicas must report running)."""
+        optional `pool_weights: {pool: weight}`, `quantization` and `kv_cache_dtype` on a model or a version
+        (what its replicas must report running), and `cache: off | tenant | shared` (CACHE_SCOPES)."""
         data = yaml.safe_load(path.read_text()) or {}
         entries = []
         for i, raw in enumerate(data.get("models") or []):
             where = f"{path}: models[{i}]"
             if not isinstance(raw, dict) or not raw.get("id"):
                 raise InvalidArgument(f"{where}: needs an id")
+            cache = raw.get("cache", "off")
+            cache = "off" if cache is False else cache  # YAML reads a bare `off` as false
+            if cache not in CACHE_SCOPES:
+                raise InvalidArgument(f"{where}.cache: must be one of {', '.join(CACHE_SCOPES)}, got {echo(cache)}")
             entries.append(
                 ModelEntry(
                     id=str(raw["id"]),
@@ -163,6 +172,7 @@ class Catalogue:
                     created=int(raw.get("created", 0)),
                     owned_by=str(raw.get("owned_by", "meshserve")),
                     required_for_ready=bool(raw.get("required_for_ready", True)),
+                    cache=cache,
                 )
             )
         return cls(entries)

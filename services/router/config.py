@@ -47,6 +47,14 @@ class RouterSettings(ServiceSettings):
     responses_redis_url: str = ""
     # How long a stored response stays readable (OpenAI keeps them 30 days; a day bounds Redis memory).
     responses_ttl_seconds: int = 86_400
+    # The Redis of the response cache (deterministic requests answered again from it, for models whose
+    # catalogue entry says `cache: tenant` or `shared`); empty keeps no cache.
+    cache_redis_url: str = ""
+    # How long a cached answer is served, the most bytes the cache holds (least recently used answers go
+    # first), and the largest answer it keeps.
+    cache_ttl_seconds: int = 3600
+    cache_max_bytes: int = 64 * 1024 * 1024
+    cache_max_entry_bytes: int = 1024 * 1024
     # Hold tokens for a guess in the first reservation, while the replica renders the prompt (estimates.py),
     # instead of reserving them after: no call to the rate-limit service waits on the rendering.
     reserve_on_guess: bool = True

@@ -4,11 +4,12 @@ request text. Imports no gRPC."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
     "meshserve_router_requests_total",
-    "Generations that were admitted, by model, version and outcome (completed, cancelled, failed).",
+    "Generations that were admitted, by model, version and outcome (completed, cancelled, failed; cached:"
+    " answered from the response cache).",
     ["model", "version", "outcome"],
 )
 QUEUE_WAIT = Histogram(
@@ -38,6 +39,23 @@ STOPPED_AT_BUDGET = Counter(
     "meshserve_router_stopped_at_budget_total",
     "Generations ended early because no spend budget had room for more tokens, by model.",
     ["model"],
+)
+
+CACHE_LOOKUPS = Counter(
+    "meshserve_router_cache_lookups_total",
+    "Response cache lookups of deterministic requests, by model and result (hit, miss, error: Redis away).",
+    ["model", "result"],
+)
+CACHE_STORED_BYTES = Counter(
+    "meshserve_router_cache_stored_bytes_total", "Bytes of answers kept in the response cache, by model.", ["model"]
+)
+CACHE_EVICTIONS = Counter(
+    "meshserve_router_cache_evictions_total",
+    "Answers evicted from the response cache to keep it within its memory bound, by model.",
+    ["model"],
+)
+CACHE_HELD_BYTES = Gauge(
+    "meshserve_router_cache_bytes", "Bytes the response cache held (every model, every router) after its last write."
 )
 
 

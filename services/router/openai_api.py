@@ -15,18 +15,18 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshserve.inference.v1 import inference_pb2
-from services.router import access, embeddings, responses
+from services.router import access, cache, embeddings, responses
 from services.router import messages as anthropic
 from services.router.accounting import Metered, Window
 from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Version
 from services.router.estimates import PromptEstimator, most_generated
 from services.router.failover import Attempt, Replica, opening, prefix_key
-from services.router.pipeline import Pipeline, Reserve
+from services.router.pipeline import FINISHED, Pipeline, Reserve
 from services.router.validation import MAX_STOP, finite, in_range, number
 from services.runtime.errors import DomainError, Internal, InvalidArgument, Unavailable, bounded, echo
 from services.runtime.genai import CHAT as CHAT_OPERATION
@@ -79,10 +79,13 @@ class ResponseMeta:
     windows: tuple[Window, ...] = ()
     # The generation was stopped where its spend budgets had no room for more (a whole reply's header).
     stopped: bool = False
+    # hit or miss, where the model's answers are cached (services/router/cache.py); empty: not cached.
+    cache: str = ""
 
     def headers(self) -> tuple[tuple[str, str], ...]:
         stopped = ((STOPPED_HEADER, STOPPED_AT_BUDGET),) if self.stopped else ()
-        return tuple(header for window in self.windows for header in window.headers()) + stopped
+        cached = ((cache.HEADER, self.cache),) if self.cache else ()
+        return tuple(header for window in self.windows for header in window.headers()) + stopped + cached
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class Body:
     opening: str
     # The most tokens it may generate over every choice, where the body says (estimates.most_generated).
     most_generated: int | None = None
+    # The body's fields as parsed (the response cache keys on them).
+    fields: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 def _contract(fields: dict[str, Any]) -> None:
@@ -167,7 +172,7 @@ def parse(endpoint: int, data: bytes, stream: bool, prefix_chars: int) -> Body:
         fields["stream"] = stream
         data = json.dumps(fields).encode()
     generated = 0 if endpoint == EMBEDDINGS else most_generated(endpoint != COMPLETIONS, fields)
-    return Body(data, model, _opening(endpoint, fields, prefix_chars), generated)
+    return Body(data, model, _opening(endpoint, fields, prefix_chars), generated, fields)
 
 
 def error_event(endpoint: int, exc: BaseException) -> bytes:
@@ -200,28 +205,75 @@ class OpenAIApi:
     """Chat and completions as OpenAI's API, over the pipeline."""
 
     def __init__(
-        self, pipeline: Pipeline, reserve_on_guess: bool = False, store: responses.ResponseStore | None = None
+        self,
+        pipeline: Pipeline,
+        reserve_on_guess: bool = False,
+        store: responses.ResponseStore | None = None,
+        answers: cache.ResponseCache | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._estimator = PromptEstimator()
         self._reserve_on_guess = reserve_on_guess
         self._store = store or responses.ResponseStore(None, 0)
+        self._cache = answers
 
     async def get_response(self, response_id: str, caller: Caller) -> bytes:
         """A stored response of the caller's tenant (GET /v1/responses/{id})."""
         return await self._store.get(caller.tenant, response_id)
 
-    def _replies(
-        self, endpoint: int, data: bytes, stream: bool, caller: Caller, hints: RouteHints, meta: ResponseMeta
-    ) -> tuple[str, AsyncGenerator[inference_pb2.ServeResponse, None]]:
-        pipeline = self._pipeline
-        body = parse(endpoint, data, stream, pipeline.policy.prefix_chars)
+    def _body(self, endpoint: int, data: bytes, stream: bool, hints: RouteHints) -> Body:
+        body = parse(endpoint, data, stream, self._pipeline.policy.prefix_chars)
         if hints.edge_model is not None and hints.edge_model != body.model:
             # The edge limited the request by the model it read; the body must not name another.
             raise InvalidArgument(f"model: the edge read {echo(hints.edge_model)}, the body names {echo(body.model)}")
         entry = access.CURRENT.get()
         if entry is not None:
             entry.model = body.model
+        return body
+
+    def _plan(
+        self, endpoint: int, body: Body, stream: bool, caller: Caller, hints: RouteHints, meta: ResponseMeta
+    ) -> tuple[cache.Plan | None, RouteHints]:
+        """What the response cache does for a request (None: nothing), and its hints with the version it goes
+        to pinned (the version is part of the cache's key). A request refused by its model or its key goes
+        the pipeline's way, to hear why in the pipeline's order."""
+        if self._cache is None or endpoint not in (CHAT, COMPLETIONS):
+            return None, hints
+        try:
+            entry, version = self._pipeline.route(body.model, caller, hints)
+        except DomainError:
+            return None, hints
+        if entry.cache == "off":
+            return None, hints
+        meta.cache = cache.MISS
+        read, keep = cache.directive(hints.cache_control)
+        if not cache.deterministic(body.fields) or not (read or keep):
+            return None, hints
+        owner = "*" if entry.cache == "shared" else caller.tenant
+        key = cache.key_of(body.model, owner, version.name, endpoint, stream, body.fields)
+        return cache.Plan(key, body.model, read, keep), replace(hints, version=version.name)
+
+    async def _cached(
+        self, endpoint: int, plan: cache.Plan | None, caller: Caller, hints: RouteHints, meta: ResponseMeta
+    ) -> tuple[bytes, ...] | None:
+        """A kept answer's events under a new request id, counted and recorded as the pipeline does; None on
+        a miss."""
+        if self._cache is None or plan is None or not plan.read:
+            return None
+        answer = await self._cache.get(plan)
+        if answer is None:
+            return None
+        request_id = f"{ID_PREFIX[endpoint]}{uuid.uuid4().hex}"
+        _, version = self._pipeline.route(plan.model, caller, hints)
+        told = (answer.prompt_tokens, answer.completion_tokens)
+        meta.windows = await self._pipeline.cached(request_id, plan.model, caller, version, *told)
+        meta.cache = cache.HIT
+        return answer.replayed(request_id)
+
+    def _replies(
+        self, endpoint: int, body: Body, stream: bool, caller: Caller, hints: RouteHints, meta: ResponseMeta
+    ) -> tuple[str, AsyncGenerator[inference_pb2.ServeResponse, None]]:
+        pipeline = self._pipeline
         request_id = f"{ID_PREFIX[endpoint]}{uuid.uuid4().hex}"
 
         estimator, size = self._estimator, len(body.data)
@@ -251,17 +303,32 @@ class OpenAIApi:
         replies = pipeline.generate(request_id, body.model, key, caller, hints, attempt, not stream, guess, operation)
         return request_id, replies
 
+    def _keep(
+        self, plan: cache.Plan | None, request_id: str, events: tuple[bytes, ...], last: Any, meta: ResponseMeta
+    ) -> None:
+        """Keeps an answer whose last reply finished it (stop or length; not failed, not stopped at a spend
+        budget) in the cache."""
+        if self._cache is None or plan is None or meta.stopped or last.failed or last.finish_reason not in FINISHED:
+            return
+        self._cache.keep(plan, cache.Answer(request_id, events, last.prompt_tokens, last.completion_tokens))
+
     async def whole(self, endpoint: int, data: bytes, caller: Caller, hints: RouteHints, meta: ResponseMeta) -> bytes:
         """A whole response body."""
         turn = await self._store.turn(caller.tenant, data) if endpoint == RESPONSES else None
-        _, replies = self._replies(endpoint, data if turn is None else turn.data, False, caller, hints, meta)
-        out = b""
+        body = self._body(endpoint, data if turn is None else turn.data, False, hints)
+        plan, hints = self._plan(endpoint, body, False, caller, hints, meta)
+        if (kept := await self._cached(endpoint, plan, caller, hints, meta)) is not None:
+            return kept[0]
+        request_id, replies = self._replies(endpoint, body, False, caller, hints, meta)
+        out, last = b"", None
         async with aclosing(replies):
             async for reply in replies:
                 out += reply.data
                 meta.stopped = meta.stopped or reply.stopped_at_allowance
-        if not out:
+                last = reply
+        if not out or last is None:
             raise Unavailable("the engine ended the request without answering")
+        self._keep(plan, request_id, (out,), last, meta)
         return out if turn is None else await responses.finish_whole(self._store, turn, out)
 
     async def stream(
@@ -270,10 +337,25 @@ class OpenAIApi:
         """SSE events as vLLM's server sends them, ending with `data: [DONE]` (Anthropic's message_stop); meta is
         filled before the first."""
         turn = await self._store.turn(caller.tenant, data) if endpoint == RESPONSES else None
-        request_id, replies = self._replies(endpoint, data if turn is None else turn.data, True, caller, hints, meta)
+        body = self._body(endpoint, data if turn is None else turn.data, True, hints)
+        plan, hints = self._plan(endpoint, body, True, caller, hints, meta)
+        if (kept := await self._cached(endpoint, plan, caller, hints, meta)) is not None:
+            for event in kept:
+                yield event
+            return
+        request_id, replies = self._replies(endpoint, body, True, caller, hints, meta)
         store = self._store
+        # The events as sent, for the cache (none past the largest answer it keeps).
+        events: list[bytes] | None = [] if plan is not None and plan.keep else None
+        size = 0
 
         async def finished(event: bytes) -> bytes:
+            nonlocal events, size
+            if events is not None:
+                events.append(event)
+                size += len(event)
+                if self._cache is None or not self._cache.fits(size):
+                    events = None
             return event if turn is None else await responses.finish_event(store, turn, event)
 
         # Until the first event an error is still a status code (a 4xx/5xx on REST); after it, in-band.
@@ -281,11 +363,12 @@ class OpenAIApi:
         if first is None:
             raise Unavailable("the engine ended the stream before its first event")
         yield await finished(first.data)
-        done = _ends(endpoint, first.data)
+        done, last = _ends(endpoint, first.data), first
         try:
             async for reply in replies:
-                done = _ends(endpoint, reply.data)
+                done, last = _ends(endpoint, reply.data), reply
                 if done and reply.stopped_at_allowance:
+                    meta.stopped = True
                     yield STOPPED_EVENT
                 yield await finished(reply.data)
         except Exception as exc:
@@ -296,6 +379,8 @@ class OpenAIApi:
             await replies.aclose()
         if not done:
             yield error_event(endpoint, Unavailable("the engine ended the stream without finishing"))
+        elif events is not None:
+            self._keep(plan, request_id, tuple(events), last, meta)
 
 
 def _ends(endpoint: int, event: bytes) -> bool:

@@ -116,10 +116,7 @@ class Pipeline:
         if metered.early is not None:
             await asyncio.sleep(0)  # the count goes out first: it is what the engine's go-ahead waits for
         try:
-            # Permission before existence: a key learns nothing about models it may not use.
-            caller.require(model)
-            entry = self.catalogue().get(model)
-            version = entry.version(hints.version) if hints.version else entry.pick(self._rng)
+            _, version = self.route(model, caller, hints)
         except DomainError:
             await self._counted(metered)  # a request over its limit hears that first, as from the edge before
             raise
@@ -158,6 +155,26 @@ class Pipeline:
         finally:
             if queued.is_recording():
                 queued.end()
+
+    def route(self, model: str, caller: Caller, hints: RouteHints) -> tuple[ModelEntry, Version]:
+        """The model's entry and the version a request goes to (pinned, or drawn by weight)."""
+        # Permission before existence: a key learns nothing about models it may not use.
+        caller.require(model)
+        entry = self.catalogue().get(model)
+        return entry, entry.version(hints.version) if hints.version else entry.pick(self._rng)
+
+    async def cached(
+        self, request_id: str, model: str, caller: Caller, version: Version, prompt_tokens: int, completion_tokens: int
+    ) -> tuple[Window, ...]:
+        """A request answered from the response cache: counted against its request limits (ResourceExhausted
+        where one is reached; no tokens are held, no engine works) and recorded with outcome cached. The
+        windows its count left."""
+        metered = Metered(started=time.monotonic(), budgeted=self.budget is not None and bool(caller.tenant))
+        self.count(request_id, caller, model, metered, None)
+        await self._counted(metered)
+        self._accounting.cached(request_id, model, caller, version, metered, prompt_tokens, completion_tokens)
+        counted = metered.early.result() if metered.early is not None else None
+        return cast(tuple[Window, ...], counted.reserved.windows) if counted is not None else ()
 
     def count(self, request_id: str, caller: Caller, model: str, metered: Metered, guess: Guess | None) -> None:
         """Sends the first reservation, which counts the request against its request limits and holds the

@@ -15,7 +15,7 @@ import redis.asyncio as redis
 
 from services.billing.flush import flush_once
 from services.billing.ledger import SCHEMA, Ledger, PostgresLedger, SqliteLedger
-from services.billing.meter import Meter, Usage
+from services.billing.meter import TOKENS, Meter, Usage
 from services.billing.prices import Prices
 from services.billing.webhook import WebhookSink
 from services.runtime.errors import InvalidArgument
@@ -93,6 +93,23 @@ async def test_written_off_tokens_are_kept_apart_from_billed_ones(client: redis.
     assert line.cost == PRICES.cost(MODEL, 20, 5)
 
 
+async def test_cached_answers_are_counted_apart_at_the_cache_price(client: redis.Redis, ledger: Ledger) -> None:
+    meter = Meter(client)
+    generated = TOKENS.labels(MODEL, "completion")._value.get()
+    await meter.record([usage("made"), usage("hit-1", outcome="cached"), usage("hit-2", 4, 3, outcome="cached")])
+    # Drift compares generated tokens with billed ones: no engine made the cached answers' tokens.
+    assert TOKENS.labels(MODEL, "completion")._value.get() == generated + 5
+    await flush_once(meter, ledger, PRICES)
+    [line] = ledger.usage(0, int(time.time()) + 3600)
+    assert (line.requests, line.prompt_tokens, line.completion_tokens) == (3, 10, 5)
+    assert (line.cached, line.cached_prompt_tokens, line.cached_completion_tokens) == (2, 14, 8)
+    assert line.cost == PRICES.cost(MODEL, 10, 5)  # cached tokens cost nothing by default
+    priced = Prices.model_validate(
+        {"models": {MODEL: {**PRICES.models[MODEL].model_dump(), "cached_completion_per_1k": Decimal("0.0001")}}}
+    )
+    assert priced.cost(MODEL, 10, 5, cached_prompt_tokens=14, cached_completion_tokens=8) == Decimal("0.000006")
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_a_ledger_from_before_written_off_tokens_is_migrated_in_place(
     request: pytest.FixtureRequest, tmp_path: Path, backend: str
@@ -116,7 +133,7 @@ def test_a_ledger_from_before_written_off_tokens_is_migrated_in_place(
         ledger = PostgresLedger(dsn)
     try:
         [line] = ledger.usage(0, 3600)
-        assert (line.requests, line.completion_tokens, line.written_off_tokens) == (1, 5, 0)
+        assert (line.requests, line.completion_tokens, line.written_off_tokens, line.cached) == (1, 5, 0, 0)
     finally:
         ledger.close()
 

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshserve/billing/v1/billing.proto\x12\x14meshserve.billing.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x02\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12.\n\x07outcome\x18\x08 \x01(\x0e\x32\x1d.meshserve.billing.v1.Outcome\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rqueue_seconds\x18\n \x01(\x01\x12\x14\n\x0cttft_seconds\x18\x0b \x01(\x01\x12\x15\n\rtotal_seconds\x18\x0c \x01(\x01\x12\x13\n\x0btraceparent\x18\r \x01(\t\x12\x1a\n\x12written_off_tokens\x18\x0e \x01(\r\"H\n\x12RecordUsageRequest\x12\x32\n\x07records\x18\x01 \x03(\x0b\x32!.meshserve.billing.v1.UsageRecord\";\n\x13RecordUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\x94\x01\n\x0fGetUsageRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"\xa8\x01\n\tUsageLine\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x04\x12\x0c\n\x04\x63ost\x18\x07 \x01(\t\x12\x1a\n\x12written_off_tokens\x18\x08 \x01(\x04\"\x87\x01\n\x10GetUsageResponse\x12.\n\x05lines\x18\x01 \x03(\x0b\x32\x1f.meshserve.billing.v1.UsageLine\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x31\n\x07\x62udgets\x18\x03 \x03(\x0b\x32 .meshserve.billing.v1.BudgetLine\"\x8b\x01\n\nBudgetLine\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0e\n\x06period\x18\x04 \x01(\t\x12\r\n\x05limit\x18\x05 \x01(\t\x12\r\n\x05spent\x18\x06 \x01(\t\x12\x0c\n\x04held\x18\x07 \x01(\t\x12\x11\n\tremaining\x18\x08 \x01(\t*d\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMPLETED\x10\x01\x12\x15\n\x11OUTCOME_CANCELLED\x10\x02\x12\x12\n\x0eOUTCOME_FAILED\x10\x03\x32\xe4\x01\n\x0e\x42illingService\x12\x64\n\x0bRecordUsage\x12(.meshserve.billing.v1.RecordUsageRequest\x1a).meshserve.billing.v1.RecordUsageResponse(\x01\x12l\n\x08GetUsage\x12%.meshserve.billing.v1.GetUsageRequest\x1a&.meshserve.billing.v1.GetUsageResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/usageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshserve/billing/v1/billing.proto\x12\x14meshserve.billing.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x02\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12.\n\x07outcome\x18\x08 \x01(\x0e\x32\x1d.meshserve.billing.v1.Outcome\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rqueue_seconds\x18\n \x01(\x01\x12\x14\n\x0cttft_seconds\x18\x0b \x01(\x01\x12\x15\n\rtotal_seconds\x18\x0c \x01(\x01\x12\x13\n\x0btraceparent\x18\r \x01(\t\x12\x1a\n\x12written_off_tokens\x18\x0e \x01(\r\"H\n\x12RecordUsageRequest\x12\x32\n\x07records\x18\x01 \x03(\x0b\x32!.meshserve.billing.v1.UsageRecord\";\n\x13RecordUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\x94\x01\n\x0fGetUsageRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"\xf8\x01\n\tUsageLine\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x04\x12\x0c\n\x04\x63ost\x18\x07 \x01(\t\x12\x1a\n\x12written_off_tokens\x18\x08 \x01(\x04\x12\x0e\n\x06\x63\x61\x63hed\x18\t \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\n \x01(\x04\x12 \n\x18\x63\x61\x63hed_completion_tokens\x18\x0b \x01(\x04\"\x87\x01\n\x10GetUsageResponse\x12.\n\x05lines\x18\x01 \x03(\x0b\x32\x1f.meshserve.billing.v1.UsageLine\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x31\n\x07\x62udgets\x18\x03 \x03(\x0b\x32 .meshserve.billing.v1.BudgetLine\"\x8b\x01\n\nBudgetLine\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0e\n\x06period\x18\x04 \x01(\t\x12\r\n\x05limit\x18\x05 \x01(\t\x12\r\n\x05spent\x18\x06 \x01(\t\x12\x0c\n\x04held\x18\x07 \x01(\t\x12\x11\n\tremaining\x18\x08 \x01(\t*x\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMPLETED\x10\x01\x12\x15\n\x11OUTCOME_CANCELLED\x10\x02\x12\x12\n\x0eOUTCOME_FAILED\x10\x03\x12\x12\n\x0eOUTCOME_CACHED\x10\x04\x32\xe4\x01\n\x0e\x42illingService\x12\x64\n\x0bRecordUsage\x12(.meshserve.billing.v1.RecordUsageRequest\x1a).meshserve.billing.v1.RecordUsageResponse(\x01\x12l\n\x08GetUsage\x12%.meshserve.billing.v1.GetUsageRequest\x1a&.meshserve.billing.v1.GetUsageResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/usageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BILLINGSERVICE'].methods_by_name['GetUsage']._loaded_options = None
   _globals['_BILLINGSERVICE'].methods_by_name['GetUsage']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/usage'
-  _globals['_OUTCOME']._serialized_start=1224
-  _globals['_OUTCOME']._serialized_end=1324
+  _globals['_OUTCOME']._serialized_start=1304
+  _globals['_OUTCOME']._serialized_end=1424
   _globals['_USAGERECORD']._serialized_start=124
   _globals['_USAGERECORD']._serialized_end=485
   _globals['_RECORDUSAGEREQUEST']._serialized_start=487
@@ -46,11 +46,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSAGEREQUEST']._serialized_start=623
   _globals['_GETUSAGEREQUEST']._serialized_end=771
   _globals['_USAGELINE']._serialized_start=774
-  _globals['_USAGELINE']._serialized_end=942
-  _globals['_GETUSAGERESPONSE']._serialized_start=945
-  _globals['_GETUSAGERESPONSE']._serialized_end=1080
-  _globals['_BUDGETLINE']._serialized_start=1083
-  _globals['_BUDGETLINE']._serialized_end=1222
-  _globals['_BILLINGSERVICE']._serialized_start=1327
-  _globals['_BILLINGSERVICE']._serialized_end=1555
+  _globals['_USAGELINE']._serialized_end=1022
+  _globals['_GETUSAGERESPONSE']._serialized_start=1025
+  _globals['_GETUSAGERESPONSE']._serialized_end=1160
+  _globals['_BUDGETLINE']._serialized_start=1163
+  _globals['_BUDGETLINE']._serialized_end=1302
+  _globals['_BILLINGSERVICE']._serialized_start=1427
+  _globals['_BILLINGSERVICE']._serialized_end=1655
 # @@protoc_insertion_point(module_scope)

@@ -17,10 +17,12 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_COMPLETED: _ClassVar[Outcome]
     OUTCOME_CANCELLED: _ClassVar[Outcome]
     OUTCOME_FAILED: _ClassVar[Outcome]
+    OUTCOME_CACHED: _ClassVar[Outcome]
 OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_COMPLETED: Outcome
 OUTCOME_CANCELLED: Outcome
 OUTCOME_FAILED: Outcome
+OUTCOME_CACHED: Outcome
 
 class UsageRecord(_message.Message):
     __slots__ = ("request_id", "tenant", "key_id", "model", "version", "prompt_tokens", "completion_tokens", "outcome", "finished_at", "queue_seconds", "ttft_seconds", "total_seconds", "traceparent", "written_off_tokens")
@@ -83,7 +85,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class UsageLine(_message.Message):
-    __slots__ = ("tenant", "key_id", "model", "requests", "prompt_tokens", "completion_tokens", "cost", "written_off_tokens")
+    __slots__ = ("tenant", "key_id", "model", "requests", "prompt_tokens", "completion_tokens", "cost", "written_off_tokens", "cached", "cached_prompt_tokens", "cached_completion_tokens")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,9 @@ class UsageLine(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     WRITTEN_OFF_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     key_id: str
     model: str
@@ -100,7 +105,10 @@ class UsageLine(_message.Message):
     completion_tokens: int
     cost: str
     written_off_tokens: int
-    def __init__(self, tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost: _Optional[str] = ..., written_off_tokens: _Optional[int] = ...) -> None: ...
+    cached: int
+    cached_prompt_tokens: int
+    cached_completion_tokens: int
+    def __init__(self, tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost: _Optional[str] = ..., written_off_tokens: _Optional[int] = ..., cached: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., cached_completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
     __slots__ = ("lines", "currency", "budgets")
