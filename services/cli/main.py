@@ -120,11 +120,15 @@ def k8s_render(
 def gen() -> None:
     """Regenerates what is generated and committed: the Python stubs in gen/ from protos/, and the inputs the
     Kubernetes overlays build from (deploy/k8s/*/generated/)."""
-    from deploy.k8s.render import generate
+    import subprocess
+    import sys
+
     from services.cli import protogen
 
     protogen.main()
-    generate()
+    # In a fresh interpreter: the Envoy config embeds the public API's descriptors, which this process
+    # imported from the stubs as they were before protogen rewrote them.
+    subprocess.run([sys.executable, "-c", "from deploy.k8s.render import generate; generate()"], check=True)
 
 
 def _examples(url: str, model: str, key: str, admin_file: Path, key_file: Path, rules: Path, ca: Path | None) -> str:
