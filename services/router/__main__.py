@@ -125,6 +125,7 @@ def main() -> None:
             if budget is not None:
                 await budget.close()
             await fleet.close()
+            await completions.pipeline.providers.close()
             if usage is not None:
                 await usage.close()
 

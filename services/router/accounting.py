@@ -148,6 +148,9 @@ class Metered:
     # A whole reply (not a stream): the client receives its tokens only if it completes.
     unary: bool = False
     allowance: Allowance = field(default_factory=Allowance)
+    # The backend that took it (local, or a provider's name) and why (local, only, fallback, overflow).
+    backend: str = "local"
+    use: str = "local"
 
 
 class Accounting:
@@ -177,6 +180,7 @@ class Accounting:
         if metered.allowance.stopped:
             metrics.STOPPED_AT_BUDGET.labels(model).inc()
         metrics.finished(model, version.name, tenant, metered.outcome, prompt_tokens, completion_tokens)
+        metrics.BACKENDS.labels(model, metered.backend, metered.use).inc()
         _note_access(version, metered, prompt_tokens, completion_tokens)
         # A request the engine reported on was generated for, and is billed for what its client received:
         # a stream's tokens as they went out, whatever its outcome; a whole reply's only if it was sent.
@@ -221,7 +225,7 @@ class Accounting:
             request_id=request_id,
             tenant=caller.tenant or "internal",
             key_id=caller.key_id,
-            model=model,
+            model=billed_as(model, metered.backend),
             version=version.name,
             prompt_tokens=prompt_tokens,
             completion_tokens=received,
@@ -234,6 +238,13 @@ class Accounting:
         )
         record.finished_at.FromNanoseconds(int(self._clock() * 1e9))
         self._usage.record(record)
+
+
+def billed_as(model: str, backend: str) -> str:
+    """The name usage is metered and priced under: the model's own for its replicas' answers, model@provider for
+    a provider's (their own ledger rows and usage lines, priced by that name's entry in the price table, and
+    outside the drift rule: no engine of the mesh generated them)."""
+    return model if backend == "local" else f"{model}@{backend}"
 
 
 def _note_access(version: Version, metered: Metered, prompt_tokens: int, completion_tokens: int) -> None:

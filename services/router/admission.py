@@ -7,6 +7,7 @@ of piling work onto engines that cannot start it. Imports no gRPC.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -55,6 +56,16 @@ class Admission:
     def depth(self, key: Key) -> int:
         line = self._lines.get(key)
         return len(line.waiters) if line is not None else 0
+
+    def expected_wait(self, key: Key, capacity: int) -> float:
+        """Seconds a request let in now would wait for a slot: 0 with one free, infinite with the queue full
+        (it would be refused), else the queue ahead over the rate slots free up."""
+        line = self._lines.get(key)
+        if line is None or (line.in_flight + line.granted < capacity and not line.waiters):
+            return 0.0
+        if len(line.waiters) >= self._queue_size or capacity <= 0:
+            return math.inf
+        return (len(line.waiters) + 1) * line.hold_seconds / capacity
 
     def _retry_after(self, line: _Line, capacity: int) -> float:
         # The queue ahead drains capacity requests per average hold time.

@@ -20,6 +20,7 @@ from services.router.caller import Caller, RouteHints
 from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.failover import DEFAULT_POLICY, Attempt, Replica, ReplicaDirectory, RoutingPolicy, affinity_key
 from services.router.pipeline import Pipeline
+from services.router.providers import Providers
 from services.router.validation import GenerationSpec
 from services.runtime.errors import DomainError, Internal, QuotaExceeded, Unavailable
 from services.runtime.genai import CHAT, TEXT_COMPLETION
@@ -120,6 +121,7 @@ class Completions:
         admission: Admission | None = None,
         policy: RoutingPolicy = DEFAULT_POLICY,
         usage: UsageSink | None = None,
+        providers: Providers | None = None,
     ) -> None:
         self._catalogue = catalogue
         self._clock = clock
@@ -133,6 +135,7 @@ class Completions:
             balancer or Balancer(),
             admission or Admission(queue_size=256, queue_timeout_seconds=30.0),
             policy,
+            providers,
         )
 
     def list_models(self, caller: Caller) -> llm_pb2.ListModelsResponse:

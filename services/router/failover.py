@@ -115,6 +115,12 @@ def affinity_key(spec: GenerationSpec, hints: RouteHints, prefix_chars: int) -> 
     return prefix_key(prompt, hints, prefix_chars)
 
 
+class Backend(Replica, Protocol):
+    """A backend tried in a fixed order (an external provider): a replica with its own routing state."""
+
+    state: ReplicaState
+
+
 class Failover:
     """The steps of one generation from a replica the balancer chose, moving on when one fails before its first step."""
 
@@ -142,28 +148,67 @@ class Failover:
                     f"no replica of {model} version {version.name} is in rotation{failed}",
                     retry_after_seconds=NO_REPLICA_RETRY_SECONDS,
                 )
-            replica = self._replicas.replica(state.address)
-            state.in_flight += 1
-            started = False
             try:
-                async with aclosing(attempt(replica)) as stream:
+                async with aclosing(self._on(state, self._replicas.replica(state.address), attempt)) as stream:
                     async for step in stream:
-                        started = True
                         yield step
-                state.succeeded()
                 return
-            except Unavailable as exc:
-                if started:
-                    raise
-                state.eject(self._policy.eject_seconds, self._policy.eject_max_seconds)
+            except _FailedFirst as failed:
                 tried.append(state.address)
-                last_error = exc
-                FAILOVERS.labels(model).inc()
-                log.warning(
-                    "replica failed before the first token; ejected",
-                    extra={"request_id": request_id, "replica": state.address, "error": str(exc)},
-                )
+                last_error = self._failed(failed.error, state, request_id, model)
                 if len(tried) >= self._policy.failover_attempts:
-                    raise
-            finally:
-                state.in_flight -= 1
+                    raise failed.error from None
+
+    async def ordered(
+        self, attempt: Attempt[S], request_id: str, model: str, backends: Sequence[Backend]
+    ) -> AsyncGenerator[S, None]:
+        """The steps of the first backend in rotation that does not fail before its first step (in order:
+        the catalogue's order of a model's providers); one that does is ejected and the next tried."""
+        errors: list[str] = []
+        for backend in backends:
+            if not backend.state.available:
+                continue
+            try:
+                async with aclosing(self._on(backend.state, backend, attempt)) as stream:
+                    async for step in stream:
+                        yield step
+                return
+            except _FailedFirst as failed:
+                errors.append(str(self._failed(failed.error, backend.state, request_id, model)))
+        tried = f": {'; '.join(errors)}" if errors else ": every one is out of rotation after failures"
+        retry = NO_REPLICA_RETRY_SECONDS
+        raise Unavailable(f"no provider backend of {model} answered{tried}", retry_after_seconds=retry)
+
+    async def _on(self, state: ReplicaState, replica: Replica, attempt: Attempt[S]) -> AsyncGenerator[S, None]:
+        """One try on one replica; Unavailable before its first step comes out as _FailedFirst."""
+        state.in_flight += 1
+        started = False
+        try:
+            async with aclosing(attempt(replica)) as stream:
+                async for step in stream:
+                    started = True
+                    yield step
+            state.succeeded()
+        except Unavailable as exc:
+            if started:
+                raise
+            raise _FailedFirst(exc) from exc
+        finally:
+            state.in_flight -= 1
+
+    def _failed(self, error: Unavailable, state: ReplicaState, request_id: str, model: str) -> Unavailable:
+        state.eject(self._policy.eject_seconds, self._policy.eject_max_seconds)
+        FAILOVERS.labels(model).inc()
+        log.warning(
+            "replica failed before the first token; ejected",
+            extra={"request_id": request_id, "replica": state.address, "error": str(error)},
+        )
+        return error
+
+
+class _FailedFirst(Exception):
+    """A try that failed before its first step (the next is tried)."""
+
+    def __init__(self, error: Unavailable) -> None:
+        super().__init__(str(error))
+        self.error = error

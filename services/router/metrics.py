@@ -41,6 +41,11 @@ STOPPED_AT_BUDGET = Counter(
     ["model"],
 )
 
+BACKENDS = Counter(
+    "meshserve_router_backend_requests_total",
+    "Generations by the backend that took them (local, or a provider) and why (local, only, fallback, overflow).",
+    ["model", "backend", "use"],
+)
 CACHE_LOOKUPS = Counter(
     "meshserve_router_cache_lookups_total",
     "Response cache lookups of deterministic requests, by model and result (hit, miss, error: Redis away).",

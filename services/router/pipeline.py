@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -18,11 +19,14 @@ from services.router.accounting import HOLD_IF_ROOM, HOLD_NONE, Accounting, Mete
 from services.router.admission import Admission
 from services.router.balancer import Balancer, LoadReport
 from services.router.caller import Caller, RouteHints
-from services.router.catalogue import Catalogue, ModelEntry, Version
+from services.router.catalogue import Catalogue, ModelEntry, ProviderRoute, Version
 from services.router.estimates import Guess, Hold
-from services.router.failover import Attempt, Failover, ReplicaDirectory, RoutingPolicy
+from services.router.failover import Attempt, Failover, Replica, ReplicaDirectory, RoutingPolicy
+from services.router.providers import Providers, backend_of
 from services.runtime import genai, tracing
-from services.runtime.errors import DomainError, ResourceExhausted
+from services.runtime.errors import DomainError, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
 
 FINISHED = (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
 # The GenAI semantic conventions' operation names of what the router generates.
@@ -35,6 +39,8 @@ AttemptFactory = Callable[[Metered, Version], Attempt[S]]
 Reserve = Callable[[int, int], Awaitable[tuple[Window, ...]]]
 # The most (key, model) pairs whose last refusal by a request limit the router remembers.
 REFUSALS_KEPT = 10_000
+# The admission lane of a model's provider backends (a version's lane is its name).
+PROVIDERS_LANE = "providers"
 
 
 class Pipeline:
@@ -51,8 +57,10 @@ class Pipeline:
         balancer: Balancer,
         admission: Admission,
         policy: RoutingPolicy,
+        providers: Providers | None = None,
     ) -> None:
         self.catalogue = catalogue
+        self.providers = providers or Providers(lambda: catalogue().providers)
         self.replicas = replicas
         self.budget = budget
         self.policy = policy
@@ -79,6 +87,7 @@ class Pipeline:
             e.id
             for e in self.catalogue().entries()
             if e.required_for_ready
+            and e.targets()  # a model served by providers only has no replica to wait for
             and not any(s.available for v in e.versions for s in v.serving(self.replicas.states(v.replicas)))
         ]
 
@@ -116,18 +125,22 @@ class Pipeline:
         if metered.early is not None:
             await asyncio.sleep(0)  # the count goes out first: it is what the engine's go-ahead waits for
         try:
-            _, version = self.route(model, caller, hints)
+            entry, version = self.route(model, caller, hints)
         except DomainError:
             await self._counted(metered)  # a request over its limit hears that first, as from the edge before
             raise
+        routes, use = self._external(entry, version, caller)
+        fallback = entry.routes("fallback") if not routes else ()
         timer = metrics.GenerationTimer(model, metered.started)
         attributes = {"meshserve.model": model, "meshserve.version": version.name, "meshserve.tenant": caller.tenant}
         queued = tracing.start_span("router.queue_wait", attributes)
         first = True
         try:
-            lane = (model, version.name)
+            # Provider backends have a lane of their own, as many slots as they take requests at once.
+            lane = (model, PROVIDERS_LANE if routes else version.name)
+            capacity = functools.partial(self._provider_capacity, routes) if routes else lambda: self.capacity(version)
             # A request over its limit never waits in the queue: it is counted before it joins it.
-            async with self._admission.slot(lane, lambda: self.capacity(version), lambda: self._counted(metered)):
+            async with self._admission.slot(lane, capacity, lambda: self._counted(metered)):
                 queued.end()
                 metered.admitted = time.monotonic()
                 timer.admitted(metered.admitted)
@@ -137,7 +150,15 @@ class Pipeline:
                 with tracing.span(genai.span_name(operation, model), described) as span:
                     try:
                         # aclosing: a consumer that stops early closes the replica's stream (aborts the engine) now.
-                        replica_steps = self._failover.steps(attempt(metered, version), request_id, model, version, key)
+                        tries = _tracked(attempt(metered, version), metered)
+                        metered.use = use
+                        if routes:
+                            backends = [self.providers.backend(r) for r in routes]
+                            replica_steps = self._failover.ordered(tries, request_id, model, backends)
+                        else:
+                            replica_steps = self._failover.steps(tries, request_id, model, version, key)
+                        if fallback:
+                            replica_steps = self._falling_back(replica_steps, tries, request_id, metered, fallback)
                         steps = _timed(replica_steps, metered, timer, span)
                         async with aclosing(steps):
                             async for step in steps:
@@ -146,6 +167,7 @@ class Pipeline:
                     finally:
                         # Runs however the stream ends: finished, failed, or closed early by a client gone away.
                         span.set_attribute("meshserve.outcome", metered.outcome)
+                        span.set_attribute("meshserve.backend", metered.backend)
                         _gen_ai_usage(span, metered)
                         self._accounting.account(request_id, model, caller, version, metered)
         except DomainError:
@@ -155,6 +177,53 @@ class Pipeline:
         finally:
             if queued.is_recording():
                 queued.end()
+
+    def _external(self, entry: ModelEntry, version: Version, caller: Caller) -> tuple[tuple[ProviderRoute, ...], str]:
+        """The provider backends a request goes to instead of the local replicas (none: it stays local), and why:
+        the model has no replicas (only), none is in rotation (fallback), or its tenant may overflow and the
+        local queue's expected wait passes the model's threshold (overflow)."""
+        if only := entry.routes("only"):
+            return only, "only"
+        capacity = self.capacity(version)
+        if (fallback := entry.routes("fallback")) and capacity == 0:
+            return fallback, "fallback"
+        overflow = entry.routes("overflow")
+        if overflow and caller.tenant in entry.overflow_tenants:
+            if self._admission.expected_wait((entry.id, version.name), capacity) > entry.overflow_wait_seconds:
+                return overflow, "overflow"
+        return (), "local"
+
+    def _provider_capacity(self, routes: tuple[ProviderRoute, ...]) -> int:
+        """Requests the providers of routes take at once (those in rotation)."""
+        states = [self.providers.backend(r).state for r in routes]
+        return sum(s.capacity for s in states if s.available) or (1 if states else 0)
+
+    async def _falling_back(
+        self,
+        local: AsyncGenerator[S, None],
+        tries: Attempt[S],
+        request_id: str,
+        metered: Metered,
+        routes: tuple[ProviderRoute, ...],
+    ) -> AsyncGenerator[S, None]:
+        """The local replicas' steps; where every one tried failed before its first step, the fallback
+        providers' (the request keeps the local lane's slot: it was admitted there)."""
+        started = False
+        try:
+            async with aclosing(local) as steps:
+                async for step in steps:
+                    started = True
+                    yield step
+            return
+        except Unavailable as exc:
+            if started:
+                raise
+            log.warning("every local replica failed: the fallback providers answer", extra={"error": str(exc)})
+        metered.use = "fallback"
+        backends = [self.providers.backend(r) for r in routes]
+        async with aclosing(self._failover.ordered(tries, request_id, routes[0].model, backends)) as steps:
+            async for step in steps:
+                yield step
 
     def route(self, model: str, caller: Caller, hints: RouteHints) -> tuple[ModelEntry, Version]:
         """The model's entry and the version a request goes to (pinned, or drawn by weight)."""
@@ -253,6 +322,16 @@ class Pipeline:
             return None
         metered.allowance.tokens = held.reserved.allowance
         return held.guess.prompt_tokens, held.guess.max_tokens
+
+
+def _tracked(attempt: Attempt[S], metered: Metered) -> Attempt[S]:
+    """attempt, noting in metered the backend of each try (the last is the one that answered)."""
+
+    def on(replica: Replica) -> AsyncGenerator[S, None]:
+        metered.backend = backend_of(replica.address)
+        return attempt(replica)
+
+    return on
 
 
 def _gen_ai_usage(span: trace.Span, metered: Metered) -> None:

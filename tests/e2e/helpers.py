@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 import urllib.request
+from collections.abc import Callable
 
 import grpc
 from openai import OpenAI
 
 from meshserve.auth.v1 import auth_pb2
+from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
 from meshserve.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.llm.v1 import llm_pb2_grpc
 from services.cli import top
@@ -100,3 +103,20 @@ def served_certificate(port: int, context: ssl.SSLContext, server_hostname: str)
             der = tls_socket.getpeercert(binary_form=True)
     assert der is not None
     return der
+
+
+def usage_lines(
+    mesh: LocalMesh, key_id: str, done: Callable[[list[billing_pb2.UsageLine]], bool]
+) -> list[billing_pb2.UsageLine]:
+    """A key's lines of billing's usage report, asked again (the ledger catches up within seconds) until done
+    says they hold what is waited for, or 30 s have passed."""
+    deadline = time.monotonic() + 30
+    while True:
+        with mesh.channel("billing", "admin") as channel:
+            reply = billing_pb2_grpc.BillingServiceStub(channel).GetUsage(
+                billing_pb2.GetUsageRequest(key_id=key_id), timeout=10
+            )
+        lines = list(reply.lines)
+        if done(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.25)

@@ -12,9 +12,9 @@ import httpx
 import pytest
 import yaml
 
-from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
+from meshserve.billing.v1 import billing_pb2
 from services.mesh.local import LocalMesh
-from tests.e2e.helpers import MODEL, QUESTION, create_key, openai_client, scrape, value
+from tests.e2e.helpers import MODEL, QUESTION, create_key, openai_client, scrape, usage_lines, value
 
 pytestmark = pytest.mark.mesh
 
@@ -60,15 +60,7 @@ def ask(mesh: LocalMesh, secret: str, **kw: Any) -> tuple[str, str, Any]:
 
 
 def ledger(mesh: LocalMesh, key_id: str, requests: int) -> billing_pb2.UsageLine:
-    deadline = time.monotonic() + 30
-    while True:
-        with mesh.channel("billing", "admin") as channel:
-            reply = billing_pb2_grpc.BillingServiceStub(channel).GetUsage(
-                billing_pb2.GetUsageRequest(key_id=key_id), timeout=10
-            )
-        if (reply.lines and reply.lines[0].requests >= requests) or time.monotonic() > deadline:
-            return reply.lines[0]
-        time.sleep(0.25)
+    return usage_lines(mesh, key_id, lambda lines: bool(lines) and lines[0].requests >= requests)[0]
 
 
 def test_a_second_identical_request_is_a_hit_with_the_same_answer_and_billed_as_cached(cached: LocalMesh) -> None:
