@@ -82,6 +82,7 @@ def main() -> None:
     stats: dict[str, dict[str, list[float]]] = {n: {k: [] for k in kinds} for n in TENANTS}
     latencies: dict[str, list[float]] = {n: [] for n in TENANTS}
     settings = InferenceSettings(cache_dir=str(state / "vllm-cache"))
+    (state / "provider").mkdir(exist_ok=True)
     with vllm_server(model_dir, state / "provider", settings) as provider:
         mesh = LocalMesh(options)
         try:
