@@ -83,6 +83,8 @@ def _error(exc: Exception, provider: str) -> DomainError:
         return Unavailable(f"provider {provider} did not answer in time")
     if isinstance(exc, openai.APIConnectionError):
         return Unavailable(f"provider {provider} cannot be reached")
+    if isinstance(exc, openai.APIError):  # an error event in its stream
+        return Unavailable(f"provider {provider} failed: {bounded(exc.message)}")
     if isinstance(exc, DomainError):
         return exc
     return Unavailable(f"provider {provider} failed: {type(exc).__name__}")

@@ -5,18 +5,20 @@ provider's key (never the client's) upstream, and the ledger's rows per backend.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
 from meshserve.billing.v1 import billing_pb2
-from services.mesh.local import LocalMesh
+from services.mesh.local import LocalMesh, MeshOptions
 from tests.e2e.helpers import MODEL, QUESTION, create_key, openai_client, scrape, usage_lines, value
 
 pytestmark = pytest.mark.mesh
@@ -153,3 +155,67 @@ def test_a_request_the_contract_refuses_never_reaches_a_provider(providers: Loca
     # A request the contract refuses never reaches a backend, local or external.
     assert reply.status_code == 400 and "n: must be at least 1" in reply.json()["error"]["message"]
     assert not Down.seen
+
+
+@pytest.fixture(scope="module")
+def saturated(model_dir: Path, vllm_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """A mesh of its own whose replica takes 2 requests at once and whose router queues 2 more, the chat
+    model overflowing to vLLM's own server for tenant burst-on as soon as a request would wait."""
+    state = tmp_path_factory.mktemp("saturated")
+    secret = state / "provider-key"
+    secret.write_text(PROVIDER_KEY)
+    env = {"MESHSERVE_INFERENCE_MAX_NUM_SEQS": "2", "MESHSERVE_ROUTER_QUEUE_SIZE": "2"}
+    rules = Path(__file__).with_name("ratelimits.yaml")
+    options = MeshOptions(state_dir=state, model=MODEL, model_store=model_dir.parent, ratelimit_rules=rules, env=env)
+    mesh = LocalMesh(options)
+    try:
+        mesh.start(timeout=600)
+        path = state / "router.catalogue.yaml"
+        catalogue = yaml.safe_load(path.read_text())
+        catalogue["providers"] = [{"name": "vllm", "base_url": f"{vllm_url}/v1", "api_key_file": str(secret)}]
+        [chat] = [m for m in catalogue["models"] if m["id"] == MODEL]
+        chat["providers"] = [{"provider": "vllm", "model": MODEL, "use": "overflow"}]
+        chat["overflow"] = {"tenants": ["burst-on"], "wait_seconds": 0}
+        catalogue["models"].append({"id": REMOTE, "providers": [{"provider": "vllm", "model": MODEL}]})
+        path.write_text(yaml.safe_dump(catalogue))
+        _, probe = create_key(mesh, "burst-probe")
+        deadline = time.monotonic() + 30
+        while REMOTE not in {m.id for m in openai_client(mesh, probe).models.list()}:
+            assert time.monotonic() < deadline, "the router did not take the catalogue's providers"
+            time.sleep(0.5)
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def burst(mesh: LocalMesh, secret: str, requests: int) -> list[int]:
+    """The status codes of requests chat requests sent at once."""
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+
+    async def all_at_once() -> list[int]:
+        headers = {"authorization": f"Bearer {secret}"}
+        async with httpx.AsyncClient(base_url=mesh.edge_url, headers=headers, timeout=120) as client:
+            replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(requests)))
+        return [r.status_code for r in replies]
+
+    return asyncio.run(all_at_once())
+
+
+def test_under_saturation_the_excess_of_a_tenant_allowed_to_overflow_goes_to_the_provider_not_to_429(
+    saturated: LocalMesh,
+) -> None:
+    mesh = saturated
+    _, refused = create_key(mesh, "burst-off")
+    key, allowed = create_key(mesh, "burst-on")
+    codes = burst(mesh, refused, 8)
+    # 2 generating and 2 queued: a tenant that may not overflow hears 429 for the rest.
+    assert codes.count(429) >= 1 and codes.count(200) >= 4, codes
+    assert value(scrape(mesh, "router"), BACKENDS, model=MODEL, use="overflow") == 0
+    codes = burst(mesh, allowed, 8)
+    assert codes == [200] * 8
+    overflowed = value(scrape(mesh, "router"), BACKENDS, model=MODEL, backend="vllm", use="overflow")
+    assert overflowed >= 4
+    # The ledger keeps the provider's answers apart, one row per backend, as many as the metric counted.
+    lines = usage_lines(mesh, key.key_id, lambda ls: sum(line.requests for line in ls) >= 8)
+    by_model = {line.model: line.requests for line in lines}
+    assert by_model == {f"{MODEL}@vllm": overflowed, MODEL: 8 - overflowed}

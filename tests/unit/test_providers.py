@@ -35,8 +35,9 @@ PROVIDER_KEY = "sk-provider-secret"
 class Upstream:
     """An OpenAI-compatible provider as an httpx transport: answers chat, records what it was sent."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, broken: bool = False) -> None:
         self.status = status
+        self.broken = broken  # a stream that fails after its first chunk
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
 
     def handle(self, request: httpx.Request) -> httpx.Response:
@@ -55,6 +56,8 @@ class Upstream:
             {**chunk, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}], "usage": None}
             for text in ("Par", "is")
         ]
+        if self.broken:
+            events[1:] = [{"error": {"message": "the provider's engine died", "type": "server_error"}}]
         events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None})
         events.append({**chunk, "choices": [], "usage": usage})
         sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
@@ -290,3 +293,15 @@ async def test_fallback_answers_when_every_local_replica_fails_before_its_first_
     events = [e async for e in openai_api.stream(CHAT, chat(), ACME, RouteHints(), ResponseMeta())]
     assert events[-1] == b"data: [DONE]\n\n" and len(cloud.requests) == 1
     assert [r.model for r in usage.records] == ["m@cloud"]
+
+
+async def test_a_provider_failing_after_its_first_token_is_an_in_band_error_and_billed_as_received() -> None:
+    cloud = Upstream(broken=True)
+    openai_api, usage = api(only(ProviderRoute("cloud", "b", "only")), {"cloud": cloud})
+    events = [e async for e in openai_api.stream(CHAT, chat(), ACME, RouteHints(), ResponseMeta())]
+    first = json.loads(events[0].removeprefix(b"data: "))
+    assert first["choices"][0]["delta"]["content"] == "Par"
+    error = json.loads(events[1].removeprefix(b"data: ").split(b"\n\n")[0])
+    assert "provider cloud failed: the provider's engine died" in error["error"]["message"] and events[-1].endswith(b"data: [DONE]\n\n")
+    [record] = usage.records
+    assert record.outcome == billing_pb2.OUTCOME_FAILED and record.model == "m@cloud"
