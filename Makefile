@@ -24,6 +24,8 @@ bench:
 	@.venv/bin/python -m bench.billing
 	@.venv/bin/python -m bench.tracing
 	@.venv/bin/python -m bench.tracing --engine vllm
+	@.venv/bin/python -m bench.response_cache
+	@.venv/bin/python -m bench.overflow
 
 gen:
 	@.venv/bin/meshserve gen
