@@ -253,7 +253,8 @@ def _new_client(config: ProviderConfig, key: str) -> openai.AsyncOpenAI:
 
 
 class Providers:
-    """The provider backends the catalogue names, one openai client per provider configuration."""
+    """The provider backends the catalogue names: one per provider and model (its routing state kept while the
+    provider's configuration stays the same), one openai client per provider and key."""
 
     def __init__(
         self,
@@ -262,27 +263,30 @@ class Providers:
     ) -> None:
         self._providers: Callable[[], Mapping[str, ProviderConfig]] = providers or dict
         self._new_client = client or _new_client
-        self._clients: dict[ProviderConfig, tuple[str, openai.AsyncOpenAI]] = {}
-        self._backends: dict[tuple[ProviderConfig, ProviderRoute], ProviderBackend] = {}
+        # By provider name: the configuration and key its client was made with. A client replaced (the
+        # catalogue changed it, or its Secret was rotated) is dropped, not closed: calls still on it finish.
+        self._clients: dict[str, tuple[ProviderConfig, str, openai.AsyncOpenAI]] = {}
+        self._backends: dict[str, ProviderBackend] = {}
 
     def backend(self, route: ProviderRoute) -> ProviderBackend:
-        """The backend of a route (its state kept while its provider's configuration stays the same)."""
+        """The backend of a route."""
         config = self._providers().get(route.provider)
         if config is None:
             raise Unavailable(f"provider {route.provider} is not in the catalogue")
-        backend = self._backends.get((config, route))
-        if backend is None:
-            client = functools.partial(self._client, config)
-            backend = self._backends[(config, route)] = ProviderBackend(config, route, client)
+        named = address(route)
+        backend = self._backends.get(named)
+        if backend is None or backend.config != config:
+            client = functools.partial(self._client, route.provider, config)
+            backend = self._backends[named] = ProviderBackend(config, route, client)
         return backend
 
-    def _client(self, config: ProviderConfig) -> openai.AsyncOpenAI:
-        key = api_key(config)
-        kept = self._clients.get(config)
-        if kept is None or kept[0] != key:  # a rotated key (a Secret rewritten) takes a new client
-            kept = self._clients[config] = (key, self._new_client(config, key))
-        return kept[1]
+    def _client(self, name: str, config: ProviderConfig) -> openai.AsyncOpenAI:
+        key = api_key(config)  # read on every call: a rotated Secret takes effect on the next request
+        kept = self._clients.get(name)
+        if kept is None or kept[:2] != (config, key):
+            kept = self._clients[name] = (config, key, self._new_client(config, key))
+        return kept[2]
 
     async def close(self) -> None:
-        for _, client in self._clients.values():
+        for _, _, client in self._clients.values():
             await client.close()

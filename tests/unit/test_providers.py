@@ -68,14 +68,20 @@ CLOUD = ProviderConfig("cloud", "http://cloud.test/v1", api_key_env="CLOUD_KEY",
 SPARE = ProviderConfig("spare", "http://spare.test/v1", api_key_env="SPARE_KEY", max_tokens=64)
 
 
-def providers(upstreams: dict[str, Upstream], configs: tuple[ProviderConfig, ...] = (CLOUD, SPARE)) -> Providers:
+def clients(upstreams: dict[str, Upstream]) -> Callable[[ProviderConfig, str], openai.AsyncOpenAI]:
+    """The openai clients of providers, each over its upstream's transport."""
+
     def client(config: ProviderConfig, key: str) -> openai.AsyncOpenAI:
         transport = httpx.MockTransport(upstreams[config.name].handle)
         return openai.AsyncOpenAI(
             base_url=config.base_url, api_key=key, max_retries=0, http_client=httpx.AsyncClient(transport=transport)
         )
 
-    return Providers(lambda: {c.name: c for c in configs}, client)
+    return client
+
+
+def providers(upstreams: dict[str, Upstream], configs: tuple[ProviderConfig, ...] = (CLOUD, SPARE)) -> Providers:
+    return Providers(lambda: {c.name: c for c in configs}, clients(upstreams))
 
 
 @pytest.fixture(autouse=True)
@@ -306,3 +312,24 @@ async def test_a_provider_failing_after_its_first_token_is_an_in_band_error_and_
     assert events[-1].endswith(b"data: [DONE]\n\n")
     [record] = usage.records
     assert record.outcome == billing_pb2.OUTCOME_FAILED and record.model == "m@cloud"
+
+
+async def test_a_rotated_key_is_used_from_the_next_request_and_a_changed_provider_gets_a_fresh_backend(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "api-key"
+    secret.write_text("sk-old")
+    config = ProviderConfig("cloud", "http://cloud.test/v1", api_key_file=str(secret))
+    configs = {"cloud": config}
+    cloud = Upstream()
+    backends = Providers(lambda: configs, clients({"cloud": cloud}))
+    route = ProviderRoute("cloud", "b", "only")
+    start = ipb.ServeStart(endpoint=CHAT, model="m", body=chat())
+    backend = backends.backend(route)
+    _ = [r async for r in backend.serve(start, None)]
+    secret.write_text("sk-new")
+    _ = [r async for r in backends.backend(route).serve(start, None)]
+    assert [h["authorization"] for h, _ in cloud.requests] == ["Bearer sk-old", "Bearer sk-new"]
+    assert backends.backend(route) is backend  # the same routing state while the configuration stands
+    configs["cloud"] = ProviderConfig("cloud", "http://cloud.test/v1", api_key_file=str(secret), timeout_seconds=5)
+    assert backends.backend(route) is not backend
