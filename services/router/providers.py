@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +150,12 @@ class ProviderBackend:
             replies = self._stream(start.endpoint, fields, client_model, wanted, estimate)
         else:
             replies = self._whole(start.endpoint, fields, client_model)
-        async for reply in replies:
-            if stopped_at and reply.finish_reason == inference_pb2.FINISH_REASON_LENGTH:
-                reply.stopped_at_allowance = True
-            yield reply
+        # aclosing: a client gone away closes the upstream call now, not when the generator is collected.
+        async with aclosing(replies):
+            async for reply in replies:
+                if stopped_at and reply.finish_reason == inference_pb2.FINISH_REASON_LENGTH:
+                    reply.stopped_at_allowance = True
+                yield reply
 
     async def generate(
         self, request: inference_pb2.GenerateRequest
