@@ -39,7 +39,7 @@ class ProviderConfig:
     api_key_env: str = ""
     api_key_file: str = ""
     timeout_seconds: float = 60.0
-    # Requests the router sends it at once (its admission lane's capacity).
+    # Requests of one model the router sends it at once (the capacity of the model's provider lane).
     max_concurrency: int = 64
     # The most tokens a request that names no maximum may generate (its tokens are reserved up front).
     max_tokens: int = 1024
