@@ -129,8 +129,9 @@ class Pipeline:
         except DomainError:
             await self._counted(metered)  # a request over its limit hears that first, as from the edge before
             raise
-        routes, use = self._external(entry, version, caller)
-        fallback = entry.routes("fallback") if not routes else ()
+        # A model without providers (the common case) costs the hot path nothing more.
+        routes, use = self._external(entry, version, caller) if entry.providers else ((), "local")
+        fallback = entry.routes("fallback") if entry.providers and not routes else ()
         timer = metrics.GenerationTimer(model, metered.started)
         attributes = {"meshserve.model": model, "meshserve.version": version.name, "meshserve.tenant": caller.tenant}
         queued = tracing.start_span("router.queue_wait", attributes)
