@@ -140,7 +140,7 @@ def serving(vllm: subprocess.Popen[bytes], port: int, mesh: LocalMesh) -> Iterat
         mesh.start(timeout=600)
         yield {
             "vllm-serve": (f"http://127.0.0.1:{port}", {}),
-            # The whole mesh path: ext_authz with a real API key, router, inference.
+            # The whole mesh path: a real API key (checked by the router), limits, billing, router, inference.
             "meshserve": (mesh.edge_url, {"authorization": f"Bearer {mesh.user_key}"}),
         }
     finally:

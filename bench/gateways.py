@@ -276,8 +276,8 @@ def main() -> None:
         "",
         f"Chat completions of {TOKENS} tokens from engines that cost nothing: a mock OpenAI server (aiohttp) alone "
         f"and behind LiteLLM {_version(litellm)} (master key, no database); a scripted replica behind meshserve's "
-        "whole path (ext_authz with a real key, the request counted and its tokens reserved and settled, billing, "
-        "Redis, mutual TLS inside) and behind Envoy and the router alone. wrk with keep-alive connections, "
+        "whole path (a real key, checked by the router; the request counted and its tokens reserved and settled; "
+        "billing, Redis, mutual TLS inside) and behind Envoy and the router alone. wrk with keep-alive connections, "
         f"{args.rounds} rounds of {args.seconds} s alternating between the targets; medians of the rounds. "
         "Gateway CPU: every process of the gateway (LiteLLM's process tree; Envoy, auth, the rate-limit service, "
         "billing, the router and Redis), the engines excluded. Machine: 2 cores, shared. "

@@ -24,6 +24,7 @@ from deploy.envoy.settings import (
 )
 from services.auth.keys import ADMIN_PATH_PREFIX
 from services.runtime import keepalive
+from services.runtime.identity import IDENTITY_HEADERS
 
 __all__ = ["Address", "EdgeConfig", "Tracing", "lua_source", "render", "write"]
 
@@ -80,6 +81,21 @@ HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection
 STREAMING_METHODS = ("StreamChatCompletion", "StreamCompletion", "StreamMessage", "StreamResponse")
 
 
+def _router_checks_keys() -> dict[str, Any]:
+    """A generation route's own settings where the router checks API keys: no ext_authz (the key goes on to the
+    router), and no identity headers from the client (the router never reads them on these calls; dropped so no
+    one downstream can)."""
+    return {
+        "typed_per_filter_config": {
+            "envoy.filters.http.ext_authz": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                "disabled": True,
+            }
+        },
+        "request_headers_to_remove": list(IDENTITY_HEADERS),
+    }
+
+
 def _llm_routes(cfg: EdgeConfig) -> list[dict[str, Any]]:
     """The API's routes, matched on the gRPC path the transcoder made (or the native client sent):
     streams last as long as generation does and are bounded by idleness; whole replies by a timeout.
@@ -97,19 +113,20 @@ def _llm_routes(cfg: EdgeConfig) -> list[dict[str, Any]]:
         "retry_back_off": {"base_interval": "0.25s", "max_interval": "1s"},
     }
     idle = {"idle_timeout": f"{cfg.stream_idle_timeout_s}s", "retry_policy": retry}
+    checked = _router_checks_keys() if cfg.auth is not None and cfg.router_checks_keys else {}
     served = [(service, m) for service in (OPENAI_SERVICE, LLM_SERVICE) for m in service_methods(service)]
     streams = [
-        {"match": {"path": f"/{service}/{m}"}, "route": {"cluster": "router", "timeout": "0s", **idle}}
+        {"match": {"path": f"/{service}/{m}"}, "route": {"cluster": "router", "timeout": "0s", **idle}, **checked}
         for service, m in served
         if m in STREAMING_METHODS
     ]
     unary = {"cluster": "router", "timeout": f"{cfg.unary_timeout_s}s", **idle}
     generation = [
-        {"match": {"path": f"/{service}/{m}"}, "route": unary}
+        {"match": {"path": f"/{service}/{m}"}, "route": unary, **checked}
         for service, m in served
         if m in GENERATION_METHODS and m not in STREAMING_METHODS
     ]
-    generation += [{"match": {"path": path}, "route": unary} for path in generation_rest_paths()]
+    generation += [{"match": {"path": path}, "route": unary, **checked} for path in generation_rest_paths()]
     return [*streams, *generation, {"match": {"prefix": "/"}, "route": {**unary, **limits}}]
 
 

@@ -77,6 +77,9 @@ class EdgeConfig:
     router: Address
     # The auth service; None runs the edge without ext_authz (only for tests of the edge itself).
     auth: Address | None = None
+    # The router checks the API key of generation calls itself (its MESHSERVE_ROUTER_AUTH_REDIS_URL): the edge
+    # skips ext_authz on generation's routes and passes the key on; every other route keeps the check.
+    router_checks_keys: bool = False
     # The rate-limit service; None runs the edge without request limits.
     ratelimit: Address | None = None
     # The billing service, for usage queries (GET /v1/usage); None leaves them out of the edge.

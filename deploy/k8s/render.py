@@ -44,6 +44,8 @@ def edge(traced: bool = False) -> EdgeConfig:
         admin=Address("0.0.0.0", 9901),
         router=Address("router", 50051),
         auth=Address("auth", 50051),
+        # The router checks generation's API keys itself (base/router.yaml's MESHSERVE_ROUTER_AUTH_REDIS_URL).
+        router_checks_keys=True,
         ratelimit=Address("ratelimit", 50051),
         billing=Address("billing", 50051),
         ratelimit_fail_closed=Rules.from_yaml(RULES).failure_mode(Kind.REQUESTS) is FailureMode.CLOSED,

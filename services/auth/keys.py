@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -43,6 +44,18 @@ def parse_bearer(header: str | None) -> str:
     if not token.startswith(SECRET_PREFIX) or not 20 <= len(token) <= 200:
         raise Unauthenticated(f"malformed API key: meshserve keys start with '{SECRET_PREFIX}'")
     return token
+
+
+# Anthropic's SDK sends the key alone in this header; the Authorization header wins where both are sent.
+API_KEY_HEADER = "x-api-key"
+
+
+def authorization(headers: Mapping[str, str]) -> str | None:
+    """The request's credential as an Authorization header value, from Authorization or x-api-key."""
+    if headers.get("authorization"):
+        return headers["authorization"]
+    key = headers.get(API_KEY_HEADER, "").strip()
+    return f"Bearer {key}" if key else None
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -17,7 +16,7 @@ from opentelemetry import trace
 
 from meshserve.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.authenticator import Authenticator
-from services.auth.keys import ADMIN_PATH_PREFIX, KeyRecord, validate_new_key
+from services.auth.keys import ADMIN_PATH_PREFIX, API_KEY_HEADER, KeyRecord, authorization, validate_new_key
 from services.auth.store import KeyStore
 from services.ratelimit.budgets import Budget
 from services.runtime.errors import DomainError, PermissionDenied, Unauthenticated, Unavailable
@@ -83,17 +82,6 @@ def _allowed(record: KeyRecord, admin_call: bool) -> external_auth_pb2.CheckResp
     )
 
 
-# Anthropic's SDK sends the key alone in this header; the Authorization header wins where both are sent.
-API_KEY_HEADER = "x-api-key"
-
-
-def _authorization(headers: Mapping[str, str]) -> str | None:
-    if headers.get("authorization"):
-        return headers["authorization"]
-    key = headers.get(API_KEY_HEADER, "").strip()
-    return f"Bearer {key}" if key else None
-
-
 class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     """envoy.service.auth.v3.Authorization: every request through the edge is checked here."""
 
@@ -106,7 +94,7 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
         # The call's own span (the runtime's) is the auth check's: it gets the outcome.
         span = trace.get_current_span()
         try:
-            record = await self._auth.check(_authorization(http.headers), admin_call)
+            record = await self._auth.check(authorization(http.headers), admin_call)
         except (Unauthenticated, PermissionDenied, Unavailable) as exc:
             span.set_attribute("meshserve.denied", type(exc).__name__)
             return _denied(exc)

@@ -250,6 +250,8 @@ class LocalMesh(Readiness):
             "MESHSERVE_ROUTER_CATALOGUE": str(catalogue),
             "MESHSERVE_ROUTER_REQUIRE_CALLER": str(require_caller),
         }
+        if "auth" in self.procs and require_caller:  # generation's API keys checked in the router (the edge skips)
+            settings["MESHSERVE_ROUTER_AUTH_REDIS_URL"] = self.redis_url
         if "redis" in self.procs:  # the Responses API's stored responses, and the response cache
             settings["MESHSERVE_ROUTER_RESPONSES_REDIS_URL"] = self.redis_url
             settings["MESHSERVE_ROUTER_CACHE_REDIS_URL"] = self.redis_url
@@ -282,6 +284,7 @@ class LocalMesh(Readiness):
                 admin=self.admin,
                 router=Address(self.options.host, router.grpc_port),
                 auth=Address(self.options.host, auth.grpc_port) if auth is not None else None,
+                router_checks_keys=bool(router.env.get("MESHSERVE_ROUTER_AUTH_REDIS_URL")),
                 ratelimit=Address(self.options.host, ratelimit.grpc_port) if ratelimit is not None else None,
                 ratelimit_fail_closed=ratelimit is not None and not self._fail_open(Kind.REQUESTS),
                 billing=Address(self.options.host, billing.grpc_port) if billing is not None else None,

@@ -10,6 +10,7 @@ from typing import Any
 from meshserve.llm.v1 import llm_pb2, llm_pb2_grpc
 from meshserve.llm.v2 import llm_pb2 as llm_v2_pb2
 from meshserve.llm.v2 import llm_pb2_grpc as llm_v2_pb2_grpc
+from services.auth.build import open_keys
 from services.ratelimit.build import open_limits
 from services.router.admission import Admission
 from services.router.balancer import Balancer
@@ -24,7 +25,7 @@ from services.router.limits import LocalTokenBudget
 from services.router.openai_api import OpenAIApi
 from services.router.openai_servicer import OpenAIServicer
 from services.router.responses import ResponseStore
-from services.router.servicer import LlmServicer
+from services.router.servicer import Identify, LlmServicer
 from services.router.usage import GrpcUsageSink
 from services.runtime import redis_tls
 from services.runtime.server import Runtime, serve
@@ -94,7 +95,19 @@ def main() -> None:
             policy=RoutingPolicy(prefix_chars=settings.prefix_chars, failover_attempts=settings.failover_attempts),
             usage=usage,
         )
-        llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(completions, settings.require_caller), rt.server)
+        keys = None
+        if settings.auth_redis_url:
+            keys = open_keys(
+                settings.auth_redis_url,
+                rt.tls,
+                settings.auth_cache_entries,
+                settings.auth_cache_max_age_seconds,
+                settings.auth_outage_grace_seconds,
+            )
+            rt.warm_up_with(keys.ready)
+            rt.on_shutdown(keys.close)
+        identify = Identify(settings.require_caller, keys.authenticator if keys is not None else None)
+        llm_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(completions, identify), rt.server)
 
         def redis_client(url: str) -> Any:
             import redis.asyncio
@@ -115,7 +128,7 @@ def main() -> None:
                 settings.cache_max_entry_bytes,
             )
         api = OpenAIApi(completions.pipeline, settings.reserve_on_guess, store, answers)
-        openai = OpenAIServicer(api, settings.require_caller)
+        openai = OpenAIServicer(api, identify)
         llm_v2_pb2_grpc.add_LlmServiceServicer_to_server(openai, rt.server)
 
         watcher = asyncio.create_task(catalogue.follow(settings.catalogue_poll_seconds))

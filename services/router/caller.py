@@ -1,10 +1,12 @@
-"""Who is calling: the identity the edge's auth check attached to the request."""
+"""Who is calling: the key the router checked itself (generation), or the identity the edge's auth check
+attached to the request (every other call)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from services.auth.keys import KeyRecord
 from services.runtime.errors import PermissionDenied, Unauthenticated, echo
 from services.runtime.identity import (
     KEY_BUDGET_HEADER,
@@ -66,6 +68,18 @@ def from_metadata(metadata: Mapping[str, str], required: bool) -> Caller:
         tokens_per_minute=int(tpm) if tpm.isdigit() else 0,
         requests_per_minute=int(rpm) if rpm.isdigit() else 0,
         budget=budget if (budget := metadata.get(KEY_BUDGET_HEADER, NO_BUDGET)) != NO_BUDGET else "",
+    )
+
+
+def from_key(record: KeyRecord) -> Caller:
+    """The caller a checked key makes (its record, as the edge's auth check would have put it in headers)."""
+    return Caller(
+        tenant=record.tenant,
+        key_id=record.key_id,
+        allowed_models=frozenset(record.allowed_models) if record.allowed_models else None,
+        tokens_per_minute=record.tokens_per_minute,
+        requests_per_minute=record.requests_per_minute,
+        budget=record.budget,
     )
 
 

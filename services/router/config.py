@@ -20,6 +20,16 @@ class RouterSettings(ServiceSettings):
     # Refuse calls without the identity headers the edge's auth check adds. Turn off only for a
     # router that trusted internal callers reach directly (never one behind a public edge).
     require_caller: bool = True
+    # The Redis of the auth service's key store (its MESHSERVE_AUTH_REDIS_URL): set, the router checks the API key
+    # of every generation call itself, from an in-process cache of the store that its change channel keeps
+    # correct, and the edge must skip its auth check on generation's routes (EdgeConfig.router_checks_keys;
+    # the local mesh and the Kubernetes render pair them). Empty: the edge's auth check identifies every call.
+    auth_redis_url: str = ""
+    # Most keys in that cache, and seconds a cached key is trusted without hearing of a change (a safety net).
+    auth_cache_entries: int = 100_000
+    auth_cache_max_age_seconds: float = 60.0
+    # Seconds into a key store outage that keys checked before it still pass (the auth service's setting).
+    auth_outage_grace_seconds: float = 60.0
     # host:port of the rate-limit service; empty turns token limits, and generation's request limits (the
     # router counts those; the edge checks the other routes'), off for this router.
     ratelimit: str = ""

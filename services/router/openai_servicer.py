@@ -10,9 +10,8 @@ from grpc import aio
 
 from meshserve.llm.v2 import llm_pb2, llm_pb2_grpc
 from services.router import access
-from services.router.caller import Caller, RouteHints
 from services.router.openai_api import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES, OpenAIApi, ResponseMeta
-from services.router.servicer import identify, status_name
+from services.router.servicer import Identify, status_name
 
 Context = aio.ServicerContext[Any, Any]
 JSON = "application/json"
@@ -22,17 +21,14 @@ SSE = "text/event-stream"
 class OpenAIServicer(llm_pb2_grpc.LlmServiceServicer):
     """meshserve.llm.v2.LlmService over OpenAIApi."""
 
-    def __init__(self, api: OpenAIApi, require_caller: bool) -> None:
+    def __init__(self, api: OpenAIApi, identify: Identify) -> None:
         self._api = api
-        self._require_caller = require_caller
-
-    def _caller(self, context: Context, entry: access.Access) -> tuple[Caller, RouteHints]:
-        return identify(context, entry, self._require_caller)
+        self._identify = identify
 
     async def _whole(self, method: str, endpoint: int, body: httpbody_pb2.HttpBody, context: Context) -> Any:
         with access.opened(method, status_name) as entry:
             meta = ResponseMeta()
-            data = await self._api.whole(endpoint, body.data, *self._caller(context, entry), meta)
+            data = await self._api.whole(endpoint, body.data, *await self._identify.generation(context, entry), meta)
             if headers := meta.headers():
                 await context.send_initial_metadata(headers)
             return httpbody_pb2.HttpBody(content_type=JSON, data=data)
@@ -43,7 +39,8 @@ class OpenAIServicer(llm_pb2_grpc.LlmServiceServicer):
         with access.opened(method, status_name) as entry:
             meta = ResponseMeta()
             first = True
-            async for event in self._api.stream(endpoint, body.data, *self._caller(context, entry), meta):
+            who, hints = await self._identify.generation(context, entry)
+            async for event in self._api.stream(endpoint, body.data, who, hints, meta):
                 if first and (headers := meta.headers()):
                     # As response headers (the transcoder makes them so), before the first event.
                     await context.send_initial_metadata(headers)
@@ -91,7 +88,7 @@ class OpenAIServicer(llm_pb2_grpc.LlmServiceServicer):
 
     async def GetResponse(self, request: llm_pb2.GetResponseRequest, context: Context) -> httpbody_pb2.HttpBody:
         with access.opened("GetResponse", status_name) as entry:
-            caller, _ = self._caller(context, entry)
+            caller, _ = self._identify.edge(context, entry)
             return httpbody_pb2.HttpBody(
                 content_type=JSON, data=await self._api.get_response(request.response_id, caller)
             )

@@ -13,6 +13,16 @@ KEY_TPM_HEADER = "x-meshserve-key-tpm"
 # client sent, where it might skip an empty value).
 KEY_BUDGET_HEADER = "x-meshserve-key-budget"
 NO_BUDGET = "none"
+# Every header of the identity above (what the edge drops from a client where it makes no auth check).
+IDENTITY_HEADERS = (
+    TENANT_HEADER,
+    KEY_ID_HEADER,
+    ADMIN_HEADER,
+    MODELS_HEADER,
+    KEY_RPM_HEADER,
+    KEY_TPM_HEADER,
+    KEY_BUDGET_HEADER,
+)
 # The model a request names, read from its body by the edge, for per-model request limits. Set only by the edge.
 MODEL_HEADER = "x-meshserve-model"
 # Largest gRPC metadata (headers) a service accepts: above the edge's own header limit, so an oversized

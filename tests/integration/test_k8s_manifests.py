@@ -358,6 +358,26 @@ def test_the_rate_limit_failure_modes_agree_across_edge_router_and_rules() -> No
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_routers_check_generations_keys_on_auths_store_and_the_edge_skips_its_check_only_there(overlay: str) -> None:
+    [router] = named(overlay, "Deployment", "router")["spec"]["template"]["spec"]["containers"]
+    [auth] = named(overlay, "Deployment", "auth")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in router["env"]}
+    assert (
+        env["MESHSERVE_ROUTER_AUTH_REDIS_URL"]
+        == {e["name"]: e.get("value") for e in auth["env"]}["MESHSERVE_AUTH_REDIS_URL"]
+    )
+    config = yaml.safe_load(named(overlay, "ConfigMap", _generated(overlay, "envoy-config"))["data"]["envoy.yaml"])
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    skipped = [
+        r["match"].get("path", "")
+        for r in hcm["route_config"]["virtual_hosts"][0]["routes"]
+        if r.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_authz", {}).get("disabled")
+    ]
+    assert "/v1/chat/completions" in skipped and "/meshserve.llm.v2.LlmService/StreamChatCompletion" in skipped
+    assert all(p.startswith(("/v1/", "/meshserve.llm.")) and "Model" not in p for p in skipped), skipped
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_routers_record_usage_to_billing_whose_ledger_and_prices_are_mounted(overlay: str) -> None:
     [router] = named(overlay, "Deployment", "router")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in router["env"]}

@@ -52,8 +52,8 @@ def test_every_service_serves_and_calls_with_a_certificate_of_its_identity_from_
     urls = [
         v for _, spec in pod_specs(overlay) for k, v in env(spec["containers"][0]).items() if k.endswith("REDIS_URL")
     ]
-    # auth, ratelimit, billing, and the router's limits, stored responses and response cache.
-    assert len(urls) == 6 and set(urls) == {"rediss://redis:6379/0"}
+    # auth, ratelimit, billing, and the router's key store, limits, stored responses and response cache.
+    assert len(urls) == 7 and set(urls) == {"rediss://redis:6379/0"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -269,3 +269,29 @@ def test_the_edge_serves_tls_with_both_http_versions_only_when_asked(tmp_path: P
     assert context["alpn_protocols"] == ["h2", "http/1.1"]
     assert context["tls_params"]["tls_minimum_protocol_version"] == "TLSv1_2"
     assert context["tls_certificate_sds_secret_configs"][0]["name"] == mesh_tls.SERVER_SECRET
+
+
+def test_where_the_router_checks_keys_only_generation_routes_skip_ext_authz_and_drop_forged_identity() -> None:
+    from deploy.envoy.settings import GENERATION_METHODS, generation_rest_paths
+    from services.runtime.identity import IDENTITY_HEADERS
+
+    def routes(cfg: EdgeConfig) -> list[dict]:  # type: ignore[type-arg]
+        hcm = render(cfg)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        return list(hcm["route_config"]["virtual_hosts"][0]["routes"])
+
+    def skipped(route: dict) -> bool:  # type: ignore[type-arg]
+        config = route.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_authz", {})
+        return bool(config.get("disabled"))
+
+    checked = dataclasses.replace(CFG, auth=Address("auth", 1), router_checks_keys=True)
+    generation = {f"/meshserve.llm.{v}.LlmService/{m}" for v in ("v1", "v2") for m in GENERATION_METHODS}
+    generation = {p for p in generation if p.startswith("/meshserve.llm.v2") or "Chat" in p or "Completion" in p}
+    generation |= set(generation_rest_paths())
+    skipping = {r["match"].get("path", r["match"].get("prefix")) for r in routes(checked) if skipped(r)}
+    assert skipping == generation
+    for route in routes(checked):
+        if skipped(route):
+            assert set(route["request_headers_to_remove"]) == set(IDENTITY_HEADERS)
+    # Without the router's check (or without auth), every route keeps the edge's.
+    assert not any(skipped(r) for r in routes(dataclasses.replace(checked, router_checks_keys=False)))
+    assert not any(skipped(r) for r in routes(dataclasses.replace(checked, auth=None)))
