@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, cast
@@ -99,7 +98,10 @@ def _proceed(allowance: Allowance | None, prompt_tokens: int = 0, max_tokens: in
 async def _go_ahead_on_condition(
     call: Any, cover: Callable[[], Awaitable[tuple[int, int] | None]], allowance: Allowance | None
 ) -> tuple[int, int] | None:
-    """Sends the go-ahead on condition once tokens reserved on a guess hold; what it covers, or None."""
+    """Sends the go-ahead on condition once tokens reserved on a guess hold; what it covers, or None.
+
+    Awaited before the first read, not beside it: the replica sends nothing past its measurement until it has a
+    go-ahead, so reading sooner would not start anything sooner (and a task per request costs CPU)."""
     covered = await cover()
     if covered is not None:
         await call.write(_proceed(allowance, max(1, covered[0]), covered[1]))
@@ -136,7 +138,7 @@ class GrpcReplica:
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         with tracing.client_call(SERVE) as metadata:
             call = self._channel.stub.Serve(metadata=metadata)
-            covering: asyncio.Task[tuple[int, int] | None] | None = None
+            covered: tuple[int, int] | None = None
             max_tokens = 0
             try:
                 # Nothing to reserve: the replica generates at once, without waiting for a go-ahead.
@@ -147,7 +149,7 @@ class GrpcReplica:
                 if reserve is None:
                     await call.done_writing()
                 elif cover is not None:
-                    covering = asyncio.ensure_future(_go_ahead_on_condition(call, cover, allowance))
+                    covered = await _go_ahead_on_condition(call, cover, allowance)
                 while (read := await call.read()) is not aio.EOF:
                     reply = cast(inference_pb2.ServeResponse, read)
                     if reply.HasField("error"):
@@ -156,7 +158,6 @@ class GrpcReplica:
                         if reserve is not None:
                             max_tokens = reply.max_tokens
                             await reserve(reply.prompt_tokens, reply.max_tokens)
-                            covered = await covering if covering is not None else None
                             # The replica decides as this does: within what the guess covers, it went ahead.
                             if covered is None or not _within(reply, covered):
                                 await call.write(_proceed(allowance))
@@ -172,8 +173,6 @@ class GrpcReplica:
             except aio.AioRpcError as exc:
                 raise domain_error(exc, self.address) from exc
             finally:
-                if covering is not None:
-                    covering.cancel()
                 # Closing early (client gone, router stopping) must abort the generation on the engine.
                 call.cancel()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import uvloop
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -166,7 +167,15 @@ def serve(
     """Runs a service until SIGTERM or SIGINT, then drains and stops it."""
     configure_logging(name, settings.log_level, settings.log_json)
     tracing.configure(name)
-    asyncio.run(_run(name, settings, service_names, setup))
+    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+        runner.run(_run(name, settings, service_names, setup))
+
+
+def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop a service runs on (None: asyncio's own)."""
+    if kind == "uvloop":
+        return uvloop.new_event_loop
+    return None
 
 
 def check_health(

@@ -60,8 +60,8 @@ def test_sigterm_lets_a_running_stream_finish(mesh: LocalMesh) -> None:
                 stream=True,
                 stream_options=llm_pb2.StreamOptions(include_usage=True),
             )
-            # Straight to the router, with the identity headers the edge's auth check would add.
-            identity = (("x-meshserve-key-id", "key_test"), ("x-meshserve-tenant", "test"), ("x-meshserve-models", "*"))
+            # Straight to the router, with a key (the router checks generation's keys itself).
+            identity = (("authorization", f"Bearer {mesh.user_key}"),)
             chunks = stub.StreamChatCompletion(
                 llm_pb2.StreamChatCompletionRequest(params=params), timeout=120, metadata=identity
             )
