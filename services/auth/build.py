@@ -44,11 +44,12 @@ class Keys:
 def open_keys(
     redis_url: str,
     files: tls.Files | None,
-    cache_entries: int = 100_000,
-    cache_max_age_seconds: float = 60.0,
-    outage_grace_seconds: float = 60.0,
+    cache_entries: int,
+    cache_max_age_seconds: float,
+    outage_grace_seconds: float,
 ) -> Keys:
-    """The key store on redis_url (mutual TLS with files on a rediss:// URL) and its in-process cache."""
+    """The key store on redis_url (mutual TLS with files on a rediss:// URL) and its in-process cache (the
+    settings' meanings: services/auth/config.py)."""
     # Well inside Envoy's 1 s for a check: an unreachable Redis is noticed in time for the cache to answer.
     # A broken pooled connection is retried once on a fresh one (after a Redis restart), nothing else.
     client = redis.Redis.from_url(

@@ -47,23 +47,20 @@ class Identify:
     def edge(self, context: Context, entry: access.Access) -> tuple[Caller, RouteHints]:
         """From the identity headers of the edge's auth check."""
         metadata = text_metadata(context)
-        return self._noted(caller.from_metadata(metadata, self._require_caller), entry), caller.hints_from_metadata(
-            metadata
-        )
+        return self._noted(caller.from_metadata(metadata, self._require_caller), metadata, entry)
 
     async def generation(self, context: Context, entry: access.Access) -> tuple[Caller, RouteHints]:
         """From the call's API key where the router checks keys; else as edge()."""
         if self._keys is None:
             return self.edge(context, entry)
         metadata = text_metadata(context)
-        who = caller.from_key(await self._keys.check(authorization(metadata)))
-        return self._noted(who, entry), caller.hints_from_metadata(metadata)
+        return self._noted(caller.from_key(await self._keys.check(authorization(metadata))), metadata, entry)
 
     @staticmethod
-    def _noted(who: Caller, entry: access.Access) -> Caller:
+    def _noted(who: Caller, metadata: dict[str, str], entry: access.Access) -> tuple[Caller, RouteHints]:
         entry.tenant = who.tenant or "internal"
         trace.get_current_span().set_attribute("meshserve.tenant", entry.tenant)
-        return who
+        return who, caller.hints_from_metadata(metadata)
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
