@@ -21,6 +21,7 @@ bench:
 	@.venv/bin/python -m bench.gateways
 	@.venv/bin/python -m bench.affinity
 	@.venv/bin/python -m bench.embeddings
+	@.venv/bin/python -m bench.stream_tokens
 	@.venv/bin/python -m bench.billing
 	@.venv/bin/python -m bench.tracing
 	@.venv/bin/python -m bench.tracing --engine vllm
