@@ -70,6 +70,8 @@ def start_vllm_server(
         *(("--max-model-len", str(settings.max_model_len)) if settings.max_model_len else ()),
         "--max-num-seqs",
         str(settings.max_num_seqs),
+        "--stream-interval",
+        str(settings.stream_interval),
         "--enforce-eager",
         "--compilation-config",
         json.dumps({"custom_ops": settings.custom_ops_list()}),
@@ -105,18 +107,19 @@ def vllm_server(model_dir: Path, state: Path, settings: InferenceSettings, serve
 
 
 def side_by_side(
-    mtls: bool, otlp_endpoint: str = "", embeddings: bool = False
+    mtls: bool, otlp_endpoint: str = "", embeddings: bool = False, stream_interval: int = 1
 ) -> tuple[subprocess.Popen[bytes], int, LocalMesh]:
     """vLLM's own server started on a free port (wait for it with wait_http) and a mesh not yet started, on
     the same model and engine settings; the mesh with otlp_endpoint traces every request. With embeddings,
-    vLLM's server serves the embedding model (at its own context length) and the mesh serves it beside chat."""
+    vLLM's server serves the embedding model (at its own context length) and the mesh serves it beside chat.
+    stream_interval: tokens per streamed event on both (vLLM's --stream-interval)."""
     store = model_store.ModelStore(ROOT / "var" / "models")
     chat_dir = model_store.ensure(store, MODEL)
     served = model_store.MINILM if embeddings else MODEL
     model_dir = model_store.ensure(store, served)
     state = ROOT / "var" / ("bench-embeddings" if embeddings else "bench")
     state.mkdir(parents=True, exist_ok=True)
-    settings = InferenceSettings(cache_dir=str(state / "vllm-cache"))
+    settings = InferenceSettings(cache_dir=str(state / "vllm-cache"), stream_interval=stream_interval)
     if embeddings:
         settings.max_model_len = 0
     settings.ipc_dir().mkdir(mode=0o700, exist_ok=True)
@@ -127,6 +130,7 @@ def side_by_side(
     options.ratelimit_rules = state / "ratelimits.yaml"
     options.ratelimit_rules.write_text(yaml.safe_dump(RULES))
     options.embedding_model = model_store.MINILM if embeddings else ""
+    options.env["MESHSERVE_INFERENCE_STREAM_INTERVAL"] = str(stream_interval)
     if otlp_endpoint:
         options.otlp_endpoint, options.trace_sample_ratio = otlp_endpoint, 1.0
     return vllm, port, LocalMesh(options)

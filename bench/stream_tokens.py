@@ -10,7 +10,11 @@ worker are child processes and excluded), on vLLM's side its API server process 
 its HTTP server). Reports µs of CPU per streamed token (completion tokens as the usage chunks say) per
 process, the medians of the rounds.
 
-    python -m bench.stream_tokens [--streams 64] [--max-tokens 64] [--rounds 3]
+    python -m bench.stream_tokens [--streams 64] [--max-tokens 64] [--rounds 3] [--stream-interval N]
+
+With --stream-interval N both servers send a stream's tokens N at a time after the first (vLLM's
+--stream-interval; the replica's MESHSERVE_INFERENCE_STREAM_INTERVAL): every hop handles N times fewer
+events. The report then goes to stream_tokens_interval_N.md.
 """
 
 from __future__ import annotations
@@ -76,9 +80,11 @@ def report(rows: dict[str, list[dict[str, float]]], args: argparse.Namespace, st
         "# CPU per streamed token: meshserve's edge vs vLLM's own server",
         "",
         f"{args.streams} concurrent streamed chat completions of {args.max_tokens} tokens each ({MODEL}, greedy, "
-        f"ignore_eos), {args.rounds} rounds alternating between the targets; the mesh's whole path (a real key, "
-        f"limits, billing, mutual TLS inside). CPU from /proc around each round, divided by the completion "
-        f"tokens streamed; medians of the rounds. The engine core and its worker are excluded on both sides. "
+        f"ignore_eos), {args.stream_interval} token(s) per streamed event after the first "
+        f"(vLLM's --stream-interval, on both), {args.rounds} rounds alternating between the targets; "
+        f"the mesh's whole path (a real key, limits, billing, mutual TLS inside). "
+        f"CPU from /proc around each round, divided by the completion tokens streamed; medians of the rounds. "
+        f"The engine core and its worker are excluded on both sides. "
         f"Machine: 2 cores, shared. Ran {time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC "
         f"for {time.time() - started:.0f} s.",
         "",
@@ -104,10 +110,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each round")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "stream_tokens.md")
+    parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed event, on both")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    suffix = f"_interval_{args.stream_interval}" if args.stream_interval > 1 else ""
+    args.out = args.out or ROOT / "bench" / "reports" / f"stream_tokens{suffix}.md"
     started = time.time()
-    vllm, port, mesh = side_by_side(mtls=True)
+    vllm, port, mesh = side_by_side(mtls=True, stream_interval=args.stream_interval)
     rows: dict[str, list[dict[str, float]]] = {"vllm-serve": [], "meshserve": []}
     with serving(vllm, port, mesh) as targets:
         pids = {

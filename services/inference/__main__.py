@@ -52,6 +52,7 @@ def main() -> None:
             kv_cache_dtype=settings.kv_cache_dtype,
             max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs,
+            stream_interval=settings.stream_interval,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             custom_ops=tuple(settings.custom_ops_list()),
         )

@@ -6,6 +6,7 @@ import hashlib
 import tempfile
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.runtime.settings import ServiceSettings
@@ -38,6 +39,11 @@ class InferenceSettings(ServiceSettings):
     max_model_len: int = 2048
     # Most requests the engine batches at once.
     max_num_seqs: int = 64
+    # Tokens per streamed event (vLLM's --stream-interval): 1 sends every token as it is made, as OpenAI does;
+    # N sends a stream's first token at once and then N at a time, so every hop handles N times fewer events.
+    # Each event costs the mesh about 0.46 ms of CPU over Envoy, the router and the replica's frontend on these
+    # cores (bench/reports/stream_tokens.md): a busy GPU replica may trade smoother streams for CPU here.
+    stream_interval: int = Field(default=1, ge=1)
     # KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE); vLLM takes about 8 unset.
     cpu_kv_cache_gib: int = 1
     # Run vLLM's engine core inside this process (faster start, shares the event loop).

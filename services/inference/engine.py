@@ -29,11 +29,36 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     max_model_len: int = 2048
     max_num_seqs: int = 64
+    # Tokens per streamed event (vLLM's stream_interval); see InferenceSettings.stream_interval.
+    stream_interval: int = 1
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.9
     seed: int = 0
     # vLLM's custom ops in eager mode (its compilation_config.custom_ops); see InferenceSettings.custom_ops.
     custom_ops: tuple[str, ...] = ("all",)
+
+
+def engine_args(config: EngineConfig) -> Any:
+    """vLLM's AsyncEngineArgs for config."""
+    from vllm.config import CompilationConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(
+        model=str(config.model_dir),
+        served_model_name=[config.model_name],
+        dtype=config.dtype,  # type: ignore[arg-type]  # checked by vLLM, named in settings
+        quantization=config.quantization or None,
+        kv_cache_dtype=config.kv_cache_dtype,  # type: ignore[arg-type]  # checked by vLLM
+        # 0: the model's own context (None: vLLM derives it from the model's config).
+        max_model_len=config.max_model_len or None,  # type: ignore[arg-type]
+        max_num_seqs=config.max_num_seqs,
+        stream_interval=config.stream_interval,
+        enforce_eager=config.enforce_eager,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        seed=config.seed,
+        compilation_config=CompilationConfig(custom_ops=list(config.custom_ops)),
+        disable_log_stats=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -88,28 +113,12 @@ class Engine:
     @classmethod
     def start(cls, config: EngineConfig) -> Engine:
         """Builds the engine and loads the model; takes seconds to minutes."""
-        from vllm.config import CompilationConfig
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from services.inference.vllm_stats import stat_logger_factory
 
         sink = _StatsSink()
-        args = AsyncEngineArgs(
-            model=str(config.model_dir),
-            served_model_name=[config.model_name],
-            dtype=config.dtype,  # type: ignore[arg-type]  # checked by vLLM, named in settings
-            quantization=config.quantization or None,
-            kv_cache_dtype=config.kv_cache_dtype,  # type: ignore[arg-type]  # checked by vLLM
-            # 0: the model's own context (None: vLLM derives it from the model's config).
-            max_model_len=config.max_model_len or None,  # type: ignore[arg-type]
-            max_num_seqs=config.max_num_seqs,
-            enforce_eager=config.enforce_eager,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            seed=config.seed,
-            compilation_config=CompilationConfig(custom_ops=list(config.custom_ops)),
-            disable_log_stats=False,
-        )
+        args = engine_args(config)
         started = time.monotonic()
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(sink)])
         tokenizer = llm.tokenizer
