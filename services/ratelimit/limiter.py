@@ -28,7 +28,13 @@ from services.ratelimit.decisions import (
 from services.ratelimit.rules import FailureMode, Kind, Limit, Rules, Scope
 from services.ratelimit.spend import Held, Spend
 from services.ratelimit.windows import Admission, Ask, SlidingWindows, WindowState, tightest
-from services.runtime.errors import InvalidArgument, QuotaExceeded, ResourceExhausted, Unavailable, echo
+from services.runtime.errors import (
+    InvalidArgument,
+    LimitsUnavailable,
+    QuotaExceeded,
+    ResourceExhausted,
+    echo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +118,7 @@ class Limiter:
                 extra={"kind": kind.value, "mode": mode.value, "error": str(exc)},
             )
         if mode is FailureMode.CLOSED:
-            raise Unavailable(f"{kind.value} limits cannot be checked right now (Redis unreachable)") from exc
+            raise LimitsUnavailable(f"{kind.value} limits cannot be checked right now (Redis unreachable)") from exc
 
     def _answered(self, kind: Kind) -> None:
         if self._redis_down[kind]:
@@ -183,7 +189,9 @@ class Limiter:
         if not budgets:
             return await self._reserve_tokens(request_id, caller, model, prompt_tokens, max_tokens, count_request, hold)
         if self._spend is None:  # never spend unbudgeted
-            raise Unavailable("spend budgets apply to this request, but no price table is configured to price them")
+            raise LimitsUnavailable(
+                "spend budgets apply to this request, but no price table is configured to price them"
+            )
         applied = self._spend.applied(budgets, self._clock(), caller.tenant, model, caller.key_id)
         hold_key = rules.spend_key(caller.tenant, request_id)
         estimate_key = rules.estimate_key(caller.tenant, caller.key_id, model)

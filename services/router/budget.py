@@ -178,7 +178,7 @@ class GrpcTokenBudget:
                 raise errors.InvalidArgument(exc.details() or "") from None
             if not (self._requests_fail_open if count_request else self._fail_open):
                 kind = "request" if count_request else "token"
-                raise errors.Unavailable(f"{kind} limits cannot be checked right now") from None
+                raise errors.LimitsUnavailable(f"{kind} limits cannot be checked right now") from None
             UNCHECKED.inc()
             log.warning(
                 "rate-limit service unreachable; generating without checking its limits (fail-open)",

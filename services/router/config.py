@@ -49,9 +49,11 @@ class RouterSettings(ServiceSettings):
     # The price table that prices spend budgets (billing's MESHSERVE_BILLING_PRICES); required where budgets are.
     limits_prices: str = ""
     # Seconds a Redis call may take before the decision follows the failure mode. Longer than the service's
-    # 0.25: the router's event loop also relays every stream, and a reply that came in time but waited for a
-    # busy loop reads as a timeout (measured: 64 clients chatting at once on 2 cores failed a decision open).
-    limits_redis_timeout_seconds: float = 1.0
+    # 0.25: the router's event loop also relays every stream and checks every key, and a reply that came in
+    # time but waited for a busy loop reads as a timeout. Measured on 2 cores, the router at nice 10 beside a
+    # busy engine: 64 clients chatting at once failed a decision open at 0.25 s, and 64 with spend budgets
+    # stalled the loop 1.4 s, failing decisions closed at 1 s (503s).
+    limits_redis_timeout_seconds: float = 3.0
     # The Redis where the Responses API keeps stored responses (store: true, previous_response_id, GET
     # /v1/responses/{id}), per tenant; empty keeps none (previous_response_id is then refused with a 400).
     responses_redis_url: str = ""

@@ -18,7 +18,7 @@ from services.router.caller import RouteHints
 from services.router.catalogue import Version
 from services.router.validation import GenerationSpec
 from services.runtime import tracing
-from services.runtime.errors import Unavailable
+from services.runtime.errors import LimitsUnavailable, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ class Failover:
         raise Unavailable(f"no provider backend of {model} answered{tried}", retry_after_seconds=retry)
 
     async def _on(self, state: ReplicaState, replica: Replica, attempt: Attempt[S]) -> AsyncGenerator[S, None]:
-        """One try on one replica; Unavailable before its first step comes out as _FailedFirst."""
+        """One try on one replica; Unavailable before its first step comes out as _FailedFirst, unless it is the
+        request's own limits that cannot be checked (the replica is not at fault: nothing is ejected or retried)."""
         state.in_flight += 1
         started = False
         try:
@@ -190,7 +191,7 @@ class Failover:
                     yield step
             state.succeeded()
         except Unavailable as exc:
-            if started:
+            if started or isinstance(exc, LimitsUnavailable):
                 raise
             raise _FailedFirst(exc) from exc
         finally:

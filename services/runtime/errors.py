@@ -69,6 +69,11 @@ class Unavailable(DomainError):
     http_status = 503
 
 
+class LimitsUnavailable(Unavailable):
+    """A request's limits cannot be checked right now (Redis or the rate-limit service away, and the rules fail
+    closed): the request is refused as Unavailable, and no engine replica is at fault (none is ejected)."""
+
+
 class FailedPrecondition(DomainError):
     """The service is not in a state to do this (e.g. the model is not loaded)."""
 
