@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,6 +16,7 @@ from services.router.catalogue import Version
 from services.router.failover import Failover, RoutingPolicy
 from services.router.fleet import Fleet
 from services.runtime.errors import LimitsUnavailable, ResourceExhausted, Unavailable
+from tests.unit.test_completions import FakeDirectory, FakeReplica
 
 
 class Clock:
@@ -243,30 +244,17 @@ def test_several_cpu_engines_get_disjoint_cores(monkeypatch: pytest.MonkeyPatch)
     assert core_sets(6) == ["nobind"] * 6
 
 
-class _Refusing:
+class _Refusing(FakeReplica):
     """A replica whose every try fails before its first step with the given error."""
 
     def __init__(self, address: str, error: Exception) -> None:
-        self.address, self.error, self.tries = address, error, 0
+        super().__init__([], address=address)
+        self.error, self.tries = error, 0
 
     async def serve(self) -> AsyncIterator[str]:
         self.tries += 1
         raise self.error
         yield ""
-
-
-class _Directory:
-    def __init__(self, *replicas: _Refusing) -> None:
-        self.replicas = {r.address: r for r in replicas}
-        self.state = {r.address: ReplicaState(r.address) for r in replicas}
-        for state in self.state.values():
-            state.reported(LoadReport(capacity=4))
-
-    def states(self, targets: Sequence[str]) -> list[ReplicaState]:
-        return [self.state[t] for t in targets if t in self.state]
-
-    def replica(self, address: str) -> _Refusing:
-        return self.replicas[address]
 
 
 @pytest.mark.parametrize(
@@ -277,8 +265,8 @@ async def test_only_the_replicas_own_failure_ejects_it(error: Exception, ejected
     """A request whose limits cannot be checked (Redis away, failing closed) is refused as Unavailable, and the
     replica it was to run on stays in rotation: the fault is not the replica's, and no other replica is tried."""
     first, second = _Refusing("10.0.0.1:50051", error), _Refusing("10.0.0.2:50051", error)
-    directory = _Directory(first, second)
-    failover = Failover(directory, Balancer(Strategy.ROUND_ROBIN), RoutingPolicy())  # type: ignore[arg-type]
+    directory = FakeDirectory(first, second)
+    failover = Failover(directory, Balancer(Strategy.ROUND_ROBIN), RoutingPolicy())
     version = Version("v1", 1.0, (first.address, second.address))
     with pytest.raises(type(error)):
         async for _ in failover.steps(lambda replica: replica.serve(), "r", "m", version, None):
