@@ -1,5 +1,5 @@
 """A thin typed helper over meshserve's generated stubs: the edge's channel, the API key, whole and streamed
-JSON calls of `meshserve.llm.v2` (the OpenAI-shaped API over native gRPC). Python 3.10+; grpcio and protobuf only.
+JSON calls of `meshserve.llm.v2` (the OpenAI-shaped API over native gRPC). Python 3.9+; grpcio and protobuf only.
 
 The stubs themselves are importable as `meshserve.<service>.<version>` for everything else (the typed
 `meshserve.llm.v1` messages, the admin API of `meshserve.auth.v1`, usage from `meshserve.billing.v1`).
