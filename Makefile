@@ -31,11 +31,10 @@ bench:
 gen:
 	@.venv/bin/meshserve gen
 
-# The services image's install set, pinned with hashes (deploy/docker/services.lock), from pyproject.toml's
-# dependencies for the image's Python and platform; a test fails when it no longer satisfies them.
+# Every install set pinned with hashes (bootstrap's and each image's), resolved from pyproject.toml: see
+# scripts/lock.sh. Run it after changing the dependencies; a test fails when a lock no longer satisfies them.
 lock:
-	@.venv/bin/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
-		--python-platform x86_64-manylinux_2_28 --no-header --quiet -o deploy/docker/services.lock
+	@scripts/lock.sh
 
 # The long fuzz run of the edge (10,000 cases per property); the report goes to bench/reports/fuzz.md.
 fuzz:

