@@ -14,6 +14,7 @@ test:
 bench:
 	@scripts/bootstrap.sh
 	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null
+	@command -v strace >/dev/null || apt-get install -y -q strace >/dev/null
 	@.venv/bin/python -m bench.edge_vs_vllm $(ARGS)
 	@.venv/bin/python -m bench.auth_overhead
 	@.venv/bin/python -m bench.mtls
@@ -22,6 +23,7 @@ bench:
 	@.venv/bin/python -m bench.affinity
 	@.venv/bin/python -m bench.embeddings
 	@.venv/bin/python -m bench.stream_tokens
+	@.venv/bin/python -m bench.syscalls
 	@.venv/bin/python -m bench.billing
 	@.venv/bin/python -m bench.tracing
 	@.venv/bin/python -m bench.tracing --engine vllm
