@@ -14,6 +14,8 @@ import collections
 import json
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -48,6 +50,30 @@ def top(collapsed: Path, most: int) -> tuple[list[tuple[str, float]], list[tuple
     )
 
 
+@contextmanager
+def whole_path(name: str) -> Iterator[tuple[LocalMesh, str, dict[str, str], Path]]:
+    """The whole mesh over a scripted replica in wrk state `name`, warmed up: (mesh, the chat completions URL,
+    a real key's headers, wrk's script of a unary chat of TOKENS tokens); stopped after."""
+    state = wrk_state(name)
+    rules = state / "ratelimits.yaml"
+    rules.write_text(yaml.safe_dump(RULES))
+    mesh = LocalMesh(MeshOptions(state_dir=state / "full", model=MODEL, model_store=Path("unused")))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": TOKENS}
+    script = state / "post-unary.lua"
+    script.write_text(
+        f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    try:
+        scripted_inference.full_mesh(mesh, rules, TOKENS, 0)
+        url = f"{mesh.edge_url}/v1/chat/completions"
+        headers = {"authorization": f"Bearer {mesh.user_key}"}
+        wrk(url, 1, 3, headers, script)  # warm
+        yield mesh, url, headers, script
+    finally:
+        mesh.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=20)
@@ -55,23 +81,8 @@ def main() -> None:
     parser.add_argument("--most", type=int, default=25)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "profile_path.md")
     args = parser.parse_args()
-    state = wrk_state("bench-profile")
-    rules = state / "ratelimits.yaml"
-    rules.write_text(yaml.safe_dump(RULES))
-    mesh = LocalMesh(MeshOptions(state_dir=state / "full", model=MODEL, model_store=Path("unused")))
     out = Path(tempfile.mkdtemp())
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": TOKENS}
-    script = state / "post-unary.lua"
-    script.write_text(
-        f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
-    url = ""
-    try:
-        scripted_inference.full_mesh(mesh, rules, TOKENS, 0)
-        url = f"{mesh.edge_url}/v1/chat/completions"
-        headers = {"authorization": f"Bearer {mesh.user_key}"}
-        wrk(url, 1, 3, headers, script)  # warm
+    with whole_path("bench-profile") as (mesh, url, headers, script):
         spies = []
         for name in SERVICES:
             record = [args.py_spy, "record", "-p", str(mesh.procs[name].popen.pid), "-d", str(args.seconds)]
@@ -80,8 +91,6 @@ def main() -> None:
         result = wrk(url, 1, args.seconds, headers, script)
         for spy in spies:
             spy.wait(60)
-    finally:
-        mesh.stop()
     lines = [
         "# Where the control path's CPU goes",
         "",

@@ -14,7 +14,6 @@ down, so the latency wrk reports is not the product's; the counts per request ar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -25,16 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import yaml
-
-from bench.loadgen import write_report, wrk, wrk_state
-from bench.tracing import MODEL, RULES
-from services.mesh.local import LocalMesh, MeshOptions
-from tests.integration import scripted_inference
+from bench.loadgen import write_report, wrk
+from bench.profile_path import TOKENS, whole_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("envoy", "router", "auth", "ratelimit", "billing", "redis")
-TOKENS = 4
 T = TypeVar("T")
 WAKE_UPS = ("futex", "write", "epoll_wait", "epoll_pwait", "poll", "sendmsg", "sendto")
 
@@ -97,27 +91,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "syscalls.md")
     args = parser.parse_args()
-    state = wrk_state("bench-syscalls")
-    rules = state / "ratelimits.yaml"
-    rules.write_text(yaml.safe_dump(RULES))
-    mesh = LocalMesh(MeshOptions(state_dir=state / "full", model=MODEL, model_store=Path("unused")))
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": TOKENS}
-    script = state / "post-unary.lua"
-    script.write_text(
-        f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
     work = Path(tempfile.mkdtemp())
-    try:
-        scripted_inference.full_mesh(mesh, rules, TOKENS, 0)
-        url = f"{mesh.edge_url}/v1/chat/completions"
-        headers = {"authorization": f"Bearer {mesh.user_key}"}
-        wrk(url, 1, 3, headers, script)  # warm
+    with whole_path("bench-syscalls") as (mesh, url, headers, script):
         pids = {name: mesh.procs[name].popen.pid for name in SERVICES}
         idle, _ = traced(pids, work / "idle", lambda: time.sleep(args.seconds))
         busy, result = traced(pids, work / "busy", lambda: wrk(url, 1, args.seconds, headers, script))
-    finally:
-        mesh.stop()
     requests = max(1.0, result["rps"] * args.seconds)
     per = {
         name: {call: (busy[name].get(call, 0) - idle[name].get(call, 0)) / requests for call in busy[name]}
