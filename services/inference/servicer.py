@@ -55,7 +55,8 @@ def _serve_response(reply: Reply) -> inference_pb2.ServeResponse:
 
 
 async def _follow(requests: AsyncIterator[inference_pb2.ServeRequest], exchange: Exchange) -> None:
-    """The caller's go-aheads, until it half-closes or ends the call."""
+    """The caller's go-aheads and allowances, until it half-closes or the call ends (the router does not
+    half-close: this is cancelled once the last reply is sent)."""
     async for message in requests:
         if message.HasField("proceed"):
             proceed = message.proceed
