@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from services.billing.prices import Prices
 from services.ratelimit.limiter import Limiter
 from services.ratelimit.rules import Rules
+from services.ratelimit.scripts import Scripts
 from services.ratelimit.spend import Spend
 from services.ratelimit.windows import SlidingWindows
 from services.runtime import redis_tls, tls
@@ -30,6 +31,7 @@ class Limits:
 
     limiter: Limiter
     client: redis.Redis
+    scripts: Scripts
     rules: WatchedFile[Rules]
     prices: WatchedFile[Prices] | None = None
     _watchers: list[asyncio.Task[None]] = field(default_factory=list, init=False)
@@ -45,14 +47,21 @@ class Limits:
     async def close(self) -> None:
         for watcher in self._watchers:
             watcher.cancel()
+        await self.scripts.close()
         await self.client.aclose()
 
 
 def open_limits(
-    redis_url: str, rules: Path, files: tls.Files | None, timeout_seconds: float, prices: Path | None = None
+    redis_url: str,
+    rules: Path,
+    files: tls.Files | None,
+    timeout_seconds: float,
+    prices: Path | None = None,
+    settle_delay_seconds: float = 0.0,
 ) -> Limits:
     """The limiter on redis_url (mutual TLS with files on a rediss:// URL) under the rules file; spend budgets
-    priced by the price table, where one is given."""
+    priced by the price table, where one is given; settlements batched over up to settle_delay_seconds
+    (scripts.py)."""
     watched = WatchedFile(rules, Rules.from_yaml, "rate-limit rules")
     # A decision never waits on a sick Redis: a short timeout and no retry of one, then the failure mode.
     # A broken connection is retried once, on a fresh one: after a Redis restart every pooled
@@ -69,8 +78,10 @@ def open_limits(
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
     client = redis.Redis(connection_pool=pool)
+    scripts = Scripts(client, settle_delay_seconds)
     spend, table = None, None
     if prices is not None:
         table = WatchedFile(prices, Prices.from_yaml, "price table")
-        spend = Spend(client, lambda: table.current)
-    return Limits(Limiter(lambda: watched.current, SlidingWindows(client), spend), client, watched, table)
+        spend = Spend(scripts, lambda: table.current)
+    limiter = Limiter(lambda: watched.current, SlidingWindows(scripts), spend)
+    return Limits(limiter, client, scripts, watched, table)

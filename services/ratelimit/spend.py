@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from services.billing.prices import QUANTUM, Prices
 from services.ratelimit.budgets import Budget, micros, money
+from services.ratelimit.scripts import Scripts, scripts_of
 from services.ratelimit.windows import ESTIMATE, Estimate
 
 _LIB = (Path(__file__).parent / "spend_lib.lua").read_text()
@@ -105,13 +106,14 @@ class Spend:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | Scripts,
         prices: Callable[[], Prices],
         estimate: Estimate | None = None,
         hold_seconds: float = HOLD_SECONDS,
     ) -> None:
-        self._hold = redis.register_script(_HOLD)
-        self._settle = redis.register_script(_SETTLE)
+        scripts = scripts_of(redis)
+        self._hold = scripts.register(_HOLD)
+        self._settle = scripts.register(_SETTLE)
         self._prices = prices
         self._estimate = estimate or Estimate()
         self._hold_ms = int(hold_seconds * 1000)
@@ -185,7 +187,7 @@ class Spend:
         charge (a tenant with budgets of its own, else "other")."""
         cost = micros(self._prices().cost(model, prompt_tokens, completion_tokens, ROUND_CEILING))
         learned = completion_tokens if learn else -1
-        settled, returned = await self._settle(
+        settled, returned = await self._settle.later(
             keys=[hold_key, estimate_key], args=[cost, learned, self._estimate.samples, hold_key]
         )
         if settled:

@@ -9,6 +9,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from services.ratelimit.rules import Limit
+from services.ratelimit.scripts import Scripts, scripts_of
 
 # estimate.lua's function first: admit.lua uses it.
 ESTIMATE = (Path(__file__).parent / "estimate.lua").read_text()
@@ -118,12 +119,13 @@ class Ask:
 class SlidingWindows:
     """Admit, settle and read sliding windows kept in Redis."""
 
-    def __init__(self, redis: Redis, estimate: Estimate = Estimate()) -> None:
+    def __init__(self, redis: Redis | Scripts, estimate: Estimate = Estimate()) -> None:
+        scripts = scripts_of(redis)
         self._redis = redis
         self._estimate = estimate
-        self._admit = redis.register_script(_ADMIT)
-        self._admit_then = redis.register_script(_ADMIT_THEN)
-        self._settle = redis.register_script(_SETTLE)
+        self._admit = scripts.register(_ADMIT)
+        self._admit_then = scripts.register(_ADMIT_THEN)
+        self._settle = scripts.register(_SETTLE)
 
     async def admit(
         self,
@@ -167,5 +169,5 @@ class SlidingWindows:
         keys = [*_keys(limits), reservation_key, estimate_key]
         learn = -1 if learn_completion is None else learn_completion
         args: list[str | int] = [len(limits), member, real_amount, learn, self._estimate.samples]
-        settled, returned = (int(x) for x in await self._settle(keys=keys, args=args))
+        settled, returned = (int(x) for x in await self._settle.later(keys=keys, args=args))
         return bool(settled), returned

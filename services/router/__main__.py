@@ -50,6 +50,7 @@ def main() -> None:
                 rt.tls,
                 settings.limits_redis_timeout_seconds,
                 Path(settings.limits_prices) if settings.limits_prices else None,
+                settings.limits_settle_delay_seconds,
             )
             limits.follow(settings.limits_rules_poll_seconds)
             rt.warm_up_with(limits.ready)
