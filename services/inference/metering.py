@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.runtime import genai, tracing
-from services.runtime.errors import Unavailable
+from services.runtime.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,31 @@ class Exchange:
     allowance: int | None = None
     allowance_changed: asyncio.Event = field(default_factory=asyncio.Event)
     stopped: bool = False
-    # The caller sends nothing more (it half-closed): an allowance used up cannot grow.
+    # The caller sends nothing more (it half-closed): an allowance used up cannot grow, no go-ahead will come.
     caller_closed: bool = False
+    # The start let the request go ahead (proceed, or a go-ahead that covers it): the measured counts ride on
+    # its first reply with data instead of a message of their own, until then.
+    go_ahead_from_start: bool = False
+    unsent_measure: bool = False
+    # A go-ahead holds (proceed is also set, without this, to wake a request that will get none).
+    released: bool = False
 
     def reply(self, **fields: Any) -> Reply:
+        if self.unsent_measure and fields.get("data"):
+            self.unsent_measure = False
+            fields |= {"measured": True, "max_tokens": self.max_tokens}
         return Reply(
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, stopped=self.stopped, **fields
         )
+
+    def unsent(self) -> Reply | None:
+        """The measured counts not yet sent (a request ending before its first reply with data), if any."""
+        return self.reply(measured=True, max_tokens=self.max_tokens) if self.unsent_measure else None
+
+    def release(self) -> None:
+        """Lets the measured request generate."""
+        self.released = True
+        self.proceed.set()
 
     def allow(self, completion_tokens: int) -> None:
         """The caller's answer to wants_allowance: the most completion tokens the request may now send."""
@@ -74,6 +92,7 @@ class Exchange:
     def caller_done(self) -> None:
         self.caller_closed = True
         self.allowance_changed.set()
+        self.proceed.set()  # a request waiting for a go-ahead gets none: _measured refuses it
 
     async def room_for(self, more: int) -> bool:
         """Whether `more` completion tokens may be sent now, asking the caller for more room first where the
@@ -93,7 +112,7 @@ class Exchange:
         if allowance is not None:
             self.allowance = allowance
         if prompt_tokens == 0:
-            self.proceed.set()
+            self.release()
             return
         self.covered = (prompt_tokens, max_tokens)
         self.release_if_covered()
@@ -102,7 +121,7 @@ class Exchange:
         if self.covered is not None and self.measured:
             prompt_tokens, max_tokens = self.covered
             if self.prompt_tokens <= prompt_tokens and self.max_tokens <= max_tokens:
-                self.proceed.set()
+                self.release()
 
 
 EXCHANGE: contextvars.ContextVar[Exchange] = contextvars.ContextVar("meshserve_exchange")
@@ -124,9 +143,16 @@ async def _measured(exchange: Exchange) -> None:
     they are whole here), then waits for the caller's go-ahead."""
     if not exchange.measured:
         exchange.measured = True
-        exchange.replies.put_nowait(exchange.reply(measured=True, max_tokens=exchange.max_tokens))
         exchange.release_if_covered()  # a go-ahead on condition may have come before the measurement
+        if exchange.go_ahead_from_start and exchange.released:
+            exchange.unsent_measure = True  # on the first reply with data: one message less
+        else:
+            exchange.replies.put_nowait(exchange.reply(measured=True, max_tokens=exchange.max_tokens))
     await exchange.proceed.wait()
+    if not exchange.released:
+        raise InvalidArgument(
+            "the caller half-closed without a go-ahead that covers the measured request: call again with one"
+        )
 
 
 class MeteredEngine:

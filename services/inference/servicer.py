@@ -138,6 +138,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 served = asyncio.create_task(self._serve(first.start, exchange))
                 while (reply := await exchange.replies.get()) is not None:
                     if isinstance(reply, BaseException):
+                        if (measure := exchange.unsent()) is not None:
+                            yield _serve_response(measure)  # what the caller settles by, before why it failed
                         raise reply
                     yield _serve_response(reply)
             except DomainError as exc:
@@ -168,7 +170,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             exchange.replies.put_nowait(exc)
             return
         if start.proceed:
-            exchange.proceed.set()
+            exchange.release()
+        elif start.HasField("go_ahead"):
+            go = start.go_ahead
+            exchange.go_ahead(go.prompt_tokens, go.max_tokens, go.allowance_tokens if go.capped else None)
+        exchange.go_ahead_from_start = start.proceed or start.HasField("go_ahead")
         exchange.operation, exchange.model = OPERATIONS[ENDPOINTS[start.endpoint]], start.model
         await self.serving.serve(ENDPOINTS[start.endpoint], start.body, start.request_id, start.model, exchange)
 

@@ -48,12 +48,14 @@ class Replica(Protocol):
         reserve: Callable[[int, int], Awaitable[object]] | None,
         cover: Callable[[], Awaitable[tuple[int, int] | None]] | None = None,
         allowance: Allowance | None = None,
+        whole: bool = False,
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         """Streams an OpenAI request's replies; reserve (prompt tokens, most tokens) runs once the replica
         has measured the rendered prompt, before it generates (None: it generates at once). cover(), once
         done, is what tokens reserved on a guess cover (the most prompt and generated tokens): the replica
         then goes ahead on its own when its measurement falls within. allowance caps what it generates where
-        spend budgets hold money for it, raised as it asks. Closing it aborts the generation."""
+        spend budgets hold money for it, raised as it asks. whole: the reply is one body (no first token to
+        show), and the replica may wait for cover() before it starts. Closing it aborts the generation."""
         ...
 
 

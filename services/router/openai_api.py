@@ -294,7 +294,7 @@ class OpenAIApi:
                 cover = (
                     functools.partial(pipeline.covered, metered) if reserve is not None and guess is not None else None
                 )
-                return replica.serve(start, reserve, cover, metered.allowance)
+                return replica.serve(start, reserve, cover, metered.allowance, metered.unary)
 
             return replies
 

@@ -124,6 +124,7 @@ class ProviderBackend:
         reserve: Callable[[int, int], Awaitable[object]] | None,
         cover: Callable[[], Awaitable[tuple[int, int] | None]] | None = None,
         allowance: Allowance | None = None,
+        whole: bool = False,
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         """The provider's answer as the engine's replies: tokens reserved first (the prompt estimated from the
         body's size, generation bounded by the request's maximum or the provider's), then the upstream call."""

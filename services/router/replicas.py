@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, cast
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc import aio
@@ -87,6 +88,11 @@ def _within(reply: inference_pb2.ServeResponse, covered: tuple[int, int]) -> boo
     return reply.prompt_tokens <= covered[0] and reply.max_tokens <= covered[1]
 
 
+def _bare(reply: inference_pb2.ServeResponse) -> bool:
+    """A measurement on its own (not riding on a reply with data, as it does where the start let it go ahead)."""
+    return reply.measured and not (reply.data or reply.finish_reason or reply.failed)
+
+
 def _proceed(allowance: Allowance | None, prompt_tokens: int = 0, max_tokens: int = 0) -> inference_pb2.ServeRequest:
     """A go-ahead (on condition where prompt_tokens is set), capped where spend budgets pay for the tokens."""
     proceed = inference_pb2.ServeProceed(prompt_tokens=prompt_tokens, max_tokens=max_tokens)
@@ -108,12 +114,32 @@ async def _go_ahead_on_condition(
     return covered
 
 
+if TYPE_CHECKING:  # the generated stub, as typed on an asyncio channel
+    _Stub = inference_pb2_grpc.InferenceServiceAsyncStub
+else:
+    _Stub = inference_pb2_grpc.InferenceServiceStub
+
+
+class _ReplicaStub(_Stub):
+    """The replica's stub, and its Serve called with one request message: gRPC sends the call's headers, the
+    message and the half-close in one operation (three as a bidirectional call, 3 of the router's system calls
+    per request and as many wake-ups of the replica)."""
+
+    def __init__(self, channel: aio.Channel) -> None:
+        super().__init__(channel)
+        self.ServeOnce = channel.unary_stream(
+            SERVE,
+            request_serializer=inference_pb2.ServeRequest.SerializeToString,
+            response_deserializer=inference_pb2.ServeResponse.FromString,
+        )
+
+
 class GrpcReplica:
     """One inference replica."""
 
     def __init__(self, address: str, files: tls.Files | None = None) -> None:
         self.address = address
-        self._channel = tls.MeshChannel(address, files, "inference", inference_pb2_grpc.InferenceServiceStub, _OPTIONS)
+        self._channel = tls.MeshChannel(address, files, "inference", _ReplicaStub, _OPTIONS)
 
     async def generate(
         self, request: inference_pb2.GenerateRequest
@@ -130,6 +156,66 @@ class GrpcReplica:
                 call.cancel()
 
     async def serve(
+        self,
+        start: inference_pb2.ServeStart,
+        reserve: Callable[[int, int], Awaitable[object]] | None,
+        cover: Callable[[], Awaitable[tuple[int, int] | None]] | None = None,
+        allowance: Allowance | None = None,
+        whole: bool = False,
+    ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
+        covered: tuple[int, int] | None = None
+        if whole and reserve is not None and cover is not None:
+            # A whole reply shows no first token: waiting for the guess's reservation before the call (instead of
+            # beside the rendering) lets its go-ahead go with the start.
+            covered = await cover()
+        once = (reserve is None or covered is not None) and (allowance is None or allowance.tokens is None)
+        # Nothing more to say after the start (no go-ahead to wait for, no allowance to raise): one message.
+        served = self._serve_once(start, reserve, covered) if once else self._serve(start, reserve, cover, allowance)
+        async with aclosing(served) as replies:
+            async for reply in replies:
+                yield reply
+
+    async def _serve_once(
+        self,
+        start: inference_pb2.ServeStart,
+        reserve: Callable[[int, int], Awaitable[object]] | None,
+        covered: tuple[int, int] | None,
+    ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
+        """The start with its go-ahead (or proceed), half-closed at once; where the replica's measurement falls
+        outside the go-ahead, its counts are reserved and the request is served again with a go-ahead."""
+        opening = inference_pb2.ServeStart()
+        opening.CopyFrom(start)
+        if covered is None:
+            opening.proceed = True
+        else:
+            opening.go_ahead.prompt_tokens, opening.go_ahead.max_tokens = max(1, covered[0]), covered[1]
+        uncovered = False
+        with tracing.client_call(SERVE) as metadata:
+            # Serve's own method, called with one request message: gRPC sends it, and the half-close, at once.
+            call = self._channel.stub.ServeOnce(inference_pb2.ServeRequest(start=opening), metadata=metadata)
+            try:
+                async for reply in call:
+                    if reply.HasField("error"):
+                        raise _in_band(reply.error, self.address)
+                    if reply.measured and reserve is not None:
+                        await reserve(reply.prompt_tokens, reply.max_tokens)
+                        # The replica decides as this does: outside what the go-ahead covers, it waits no more.
+                        if covered is None or not _within(reply, covered):
+                            uncovered = True
+                            break
+                    if _bare(reply):
+                        continue  # on its own only where it was not covered
+                    yield reply
+            except aio.AioRpcError as exc:
+                raise domain_error(exc, self.address) from exc
+            finally:
+                call.cancel()
+        if uncovered:  # reserved as measured: served again, going ahead at once
+            async with aclosing(self._serve(start, None)) as again:
+                async for reply in again:
+                    yield reply
+
+    async def _serve(
         self,
         start: inference_pb2.ServeStart,
         reserve: Callable[[int, int], Awaitable[object]] | None,
@@ -162,7 +248,8 @@ class GrpcReplica:
                             # The replica decides as this does: within what the guess covers, it went ahead.
                             if covered is None or not _within(reply, covered):
                                 await call.write(_proceed(allowance))
-                        continue
+                        if _bare(reply):
+                            continue
                     if reply.wants_allowance and allowance is not None:
                         more = await allowance.raise_for(reply.completion_tokens, max_tokens)
                         room = inference_pb2.ServeAllowance(completion_tokens=more)

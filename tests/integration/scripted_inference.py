@@ -101,13 +101,21 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
         chat = start.endpoint == ipb.ENDPOINT_CHAT_COMPLETIONS
         prompt = _prompt_of(body, chat)
         steps = self.Generate(ipb.GenerateRequest(request_id=start.request_id, input=ipb.Input(text=prompt)), context)
-        if not start.proceed:
-            most = body.get("max_tokens") or 16
+        most = body.get("max_tokens") or 16
+
+        def covers(go: ipb.ServeProceed) -> bool:
+            return go.prompt_tokens == 0 or (go.prompt_tokens >= 3 and go.max_tokens >= most)
+
+        # As vLLM's replica: where the start lets it go ahead, the counts ride on the first reply with data.
+        ahead = start.proceed or (start.HasField("go_ahead") and covers(start.go_ahead))
+        measure = {"measured": True, "max_tokens": most} if ahead else {}
+        if not ahead:
             yield ipb.ServeResponse(measured=True, prompt_tokens=3, max_tokens=most)
             async for message in requests:  # a go-ahead, or one on condition that covers the measurement
-                go = message.proceed
-                if go.prompt_tokens == 0 or (go.prompt_tokens >= 3 and go.max_tokens >= most):
+                if covers(message.proceed):
                     break
+            else:
+                return  # half-closed without one: ended, as the replica ends it
         rid = ("chatcmpl-" if chat else "cmpl-") + start.request_id
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "model": start.model}
         texts: list[str] = []
@@ -117,8 +125,9 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
                 choice = {"index": 0, "delta": {"content": step.text}} if chat else {"index": 0, "text": step.text}
                 event = {**head, "object": head["object"] + ".chunk" if chat else head["object"], "choices": [choice]}
                 yield ipb.ServeResponse(
-                    data=f"data: {_json(event)}\n\n".encode(), prompt_tokens=3, completion_tokens=len(texts)
+                    data=f"data: {_json(event)}\n\n".encode(), prompt_tokens=3, completion_tokens=len(texts), **measure
                 )
+                measure = {}
         usage = {"prompt_tokens": 3, "completion_tokens": len(texts) - 1, "total_tokens": len(texts) + 2}
         done = {"prompt_tokens": 3, "completion_tokens": len(texts) - 1, "finish_reason": ipb.FINISH_REASON_STOP}
         if body.get("stream"):
@@ -131,12 +140,12 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
             if (body.get("stream_options") or {}).get("include_usage"):
                 event["usage"] = usage
             data = f"data: {_json(event)}\n\ndata: [DONE]\n\n".encode()
-            yield ipb.ServeResponse(data=data, **done)  # type: ignore[arg-type]
+            yield ipb.ServeResponse(data=data, **done, **measure)  # type: ignore[arg-type]
             return
         text = "".join(texts)
         choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
         whole = {**head, "choices": [{**choice, "finish_reason": "stop"}], "usage": usage}
-        yield ipb.ServeResponse(data=_json(whole).encode(), **done)  # type: ignore[arg-type]
+        yield ipb.ServeResponse(data=_json(whole).encode(), **done, **measure)  # type: ignore[arg-type]
 
     async def CountTokens(self, request: ipb.CountTokensRequest, context: Any) -> ipb.CountTokensResponse:
         # Every prompt is 3 tokens, as Generate reports; a context of 2048 like the packaged model's.

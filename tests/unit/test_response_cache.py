@@ -109,6 +109,7 @@ class ServingReplica:
         reserve: Callable[[int, int], Awaitable[object]] | None,
         cover: Any = None,
         allowance: Any = None,
+        whole: bool = False,
     ) -> AsyncGenerator[ipb.ServeResponse, None]:
         self.served.append(start)
         if reserve is not None:

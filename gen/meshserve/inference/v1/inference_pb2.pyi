@@ -34,18 +34,20 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
 
 class ServeStart(_message.Message):
-    __slots__ = ("request_id", "model", "endpoint", "body", "proceed")
+    __slots__ = ("request_id", "model", "endpoint", "body", "proceed", "go_ahead")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
     PROCEED_FIELD_NUMBER: _ClassVar[int]
+    GO_AHEAD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     endpoint: Endpoint
     body: bytes
     proceed: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., endpoint: _Optional[_Union[Endpoint, str]] = ..., body: _Optional[bytes] = ..., proceed: _Optional[bool] = ...) -> None: ...
+    go_ahead: ServeProceed
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., endpoint: _Optional[_Union[Endpoint, str]] = ..., body: _Optional[bytes] = ..., proceed: _Optional[bool] = ..., go_ahead: _Optional[_Union[ServeProceed, _Mapping]] = ...) -> None: ...
 
 class ServeProceed(_message.Message):
     __slots__ = ("prompt_tokens", "max_tokens", "capped", "allowance_tokens")

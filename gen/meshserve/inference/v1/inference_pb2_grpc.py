@@ -122,7 +122,12 @@ class InferenceServiceServicer:
         condition before, having reserved a guess). Then come the body
         (one message) or the stream's SSE events (one per message), each with
         the token counts so far; the last has finish_reason. Cancelling the call
-        aborts the generation.
+        aborts the generation. A caller with nothing more to say (no allowance to
+        raise) may put its go-ahead in the start and half-close at once: one
+        message each way less, and the measured counts then ride on the first
+        message with data. A request the start's go-ahead does not cover still
+        gets its measured message, and is ended: the caller reserves those counts
+        and calls again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,7 +63,12 @@ class InferenceServiceStub:
     condition before, having reserved a guess). Then come the body
     (one message) or the stream's SSE events (one per message), each with
     the token counts so far; the last has finish_reason. Cancelling the call
-    aborts the generation.
+    aborts the generation. A caller with nothing more to say (no allowance to
+    raise) may put its go-ahead in the start and half-close at once: one
+    message each way less, and the measured counts then ride on the first
+    message with data. A request the start's go-ahead does not cover still
+    gets its measured message, and is ended: the caller reserves those counts
+    and calls again.
     """
 
 @_typing.type_check_only
@@ -99,7 +104,12 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     condition before, having reserved a guess). Then come the body
     (one message) or the stream's SSE events (one per message), each with
     the token counts so far; the last has finish_reason. Cancelling the call
-    aborts the generation.
+    aborts the generation. A caller with nothing more to say (no allowance to
+    raise) may put its go-ahead in the start and half-close at once: one
+    message each way less, and the measured counts then ride on the first
+    message with data. A request the start's go-ahead does not cover still
+    gets its measured message, and is ended: the caller reserves those counts
+    and calls again.
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -168,7 +178,12 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         condition before, having reserved a guess). Then come the body
         (one message) or the stream's SSE events (one per message), each with
         the token counts so far; the last has finish_reason. Cancelling the call
-        aborts the generation.
+        aborts the generation. A caller with nothing more to say (no allowance to
+        raise) may put its go-ahead in the start and half-close at once: one
+        message each way less, and the measured counts then ride on the first
+        message with data. A request the start's go-ahead does not cover still
+        gets its measured message, and is ended: the caller reserves those counts
+        and calls again.
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
