@@ -6,37 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
 
-from services.mesh.local import LocalMesh, MeshOptions
 from services.ratelimit.rules import Limit, Scope
 from services.ratelimit.scripts import Scripts
 from services.ratelimit.windows import SlidingWindows
 
 TOKENS = [Limit(Scope.KEY, 100, 60, "test:{s}:tok:60")]
 KEYS = {"estimate_key": "test:{s}:est"}
-
-
-@pytest.fixture(scope="module")
-def redis_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    m = LocalMesh(MeshOptions(state_dir=tmp_path_factory.mktemp("rl-scripts"), model="m", model_store=Path("unused")))
-    try:
-        m.start_redis()
-        yield m
-    finally:
-        m.stop()
-
-
-@pytest.fixture
-async def client(redis_mesh: LocalMesh) -> AsyncIterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_mesh.redis_url, **redis_mesh.redis_options())
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 async def hold(windows: SlidingWindows, member: str, amount: int) -> bool:
@@ -101,7 +80,7 @@ async def test_a_batch_after_a_restart_loads_its_scripts_again(client: redis.Red
     assert await used(client) == 30
 
 
-async def test_a_broken_connection_fails_every_call_of_its_batch(redis_mesh: LocalMesh) -> None:
+async def test_a_broken_connection_fails_every_call_of_its_batch() -> None:
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
     windows = SlidingWindows(Scripts(dead, delay_seconds=30))
     waiting = settle(windows, "a", 1)
