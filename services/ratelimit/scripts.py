@@ -1,12 +1,13 @@
-"""The limiter's Lua scripts on one Redis: a decision runs now; a settlement may wait, a few milliseconds at most,
-to go to Redis in one pipeline with the settlements beside it and with the next decision.
+"""The limiter's Lua scripts on one Redis: a decision runs now; a settlement may wait, up to a delay (20 ms in
+the router), to go to Redis in one pipeline with the settlements beside it and with the next decision.
 
 A settlement sent on its own was the largest part of the control path's CPU that nothing waits for: one
 round trip from the router and one script in Redis per request, about a tenth of the mesh's CPU per unary
-request at concurrency 1 (bench.gateways). Waiting costs no exactness: a decision takes every settlement
-waiting at that moment to Redis ahead of itself, in the same pipeline, so Redis applies them first and the
-decision sees every settlement that had ended before it was asked, as it did when each went alone. Until a
-settlement lands its reservation counts in full, as it did while its own round trip was on the way.
+request at concurrency 1 (measured side by side, batching on and off). Waiting costs no exactness: a decision
+takes every settlement waiting at that moment to Redis ahead of itself, in the same pipeline, so Redis applies
+them first and the decision sees every settlement that had ended before it was asked, as it did when each went
+alone. Until a settlement lands its reservation counts in full, as it did while its own round trip was on the
+way.
 """
 
 from __future__ import annotations

@@ -122,8 +122,8 @@ else:
 
 class _ReplicaStub(_Stub):
     """The replica's stub, and its Serve called with one request message: gRPC sends the call's headers, the
-    message and the half-close in one operation (three as a bidirectional call, 3 of the router's system calls
-    per request and as many wake-ups of the replica)."""
+    message and the half-close in one operation (three as a bidirectional call: headers, start and go-ahead,
+    each its own write and wake-up of the replica)."""
 
     def __init__(self, channel: aio.Channel) -> None:
         super().__init__(channel)
