@@ -27,10 +27,9 @@ MAX_CONNECTIONS = 256
 
 @dataclass
 class Limits:
-    """A Limiter with the Redis client and the followed rules file it owns."""
+    """A Limiter with the scripts on the Redis client and the followed rules file it owns."""
 
     limiter: Limiter
-    client: redis.Redis
     scripts: Scripts
     rules: WatchedFile[Rules]
     prices: WatchedFile[Prices] | None = None
@@ -42,13 +41,13 @@ class Limits:
         self._watchers = [asyncio.create_task(f.follow(poll_seconds)) for f in files]
 
     async def ready(self) -> None:
-        await redis_tls.answering(self.client)
+        await redis_tls.answering(self.scripts.redis)
 
     async def close(self) -> None:
         for watcher in self._watchers:
             watcher.cancel()
         await self.scripts.close()
-        await self.client.aclose()
+        await self.scripts.redis.aclose()
 
 
 def open_limits(
@@ -84,4 +83,4 @@ def open_limits(
         table = WatchedFile(prices, Prices.from_yaml, "price table")
         spend = Spend(scripts, lambda: table.current)
     limiter = Limiter(lambda: watched.current, SlidingWindows(scripts), spend)
-    return Limits(limiter, client, scripts, watched, table)
+    return Limits(limiter, scripts, watched, table)
