@@ -5,9 +5,13 @@
 -- and a running sum of their amounts. Entries older than the window are dropped and
 -- subtracted first, so the check is exact: at most `limit` in any window.
 --
+-- An admission made ahead of its request (a spare: services/ratelimit/spares.py) is stamped `ahead_ms` after
+-- now, the latest its request may take it: it counts in every window until a whole window after any use.
+--
 -- KEYS: zset_1, sum_1, ..., zset_n, sum_n [, reservation, estimates]
 -- ARGV: now_ms ("" = Redis TIME), id, base, max_extra (-1: none), percentile,
---       min_samples, dry (1: only report), n, limit_1, window_ms_1, ..., limit_n, window_ms_n
+--       min_samples, dry (1: only report), n, limit_1, window_ms_1, ..., limit_n, window_ms_n [, ahead_ms
+--       [, times]]
 -- Returns: {admitted, amount, retry_ms (-1: never fits), now, estimate, used_1, oldest_1, ...}
 
 local now
@@ -22,12 +26,21 @@ local amount = tonumber(ARGV[3])
 local max_extra = tonumber(ARGV[4])
 local dry = ARGV[7] == "1"
 local n = tonumber(ARGV[8])
+local ahead = tonumber(ARGV[9 + 2 * n] or "0")
+local stamp = now + ahead
+-- A spare holds the tokens of `times` requests: `base` their prompts, and a completion estimate for each.
+local times = tonumber(ARGV[10 + 2 * n] or "1")
 
 -- The completion estimate: a high percentile of this key's recent completions, never above max_extra.
 local estimate = 0
 if max_extra >= 0 then
   estimate = completion_estimate(KEYS[2 * n + 2], max_extra, tonumber(ARGV[5]), tonumber(ARGV[6]))
-  amount = amount + estimate
+  amount = amount + estimate * times
+end
+
+-- A key lives at least ms from now: never shorter than an entry stamped ahead needs.
+local function last_for(key, ms)
+  if redis.call("PTTL", key) < ms then redis.call("PEXPIRE", key, ms) end
 end
 
 local function amount_of(member)
@@ -96,17 +109,18 @@ if admitted == 1 and not dry then
   local member = id .. ":" .. amount
   for i = 1, n do
     local z, s = KEYS[2 * i - 1], KEYS[2 * i]
-    redis.call("ZADD", z, now, member)
+    redis.call("ZADD", z, stamp, member)
     used[i] = used[i] + amount
-    redis.call("SET", s, used[i], "PX", windows[i])
-    redis.call("PEXPIRE", z, windows[i])
+    redis.call("SET", s, used[i], "KEEPTTL")
+    last_for(s, windows[i] + ahead)
+    last_for(z, windows[i] + ahead)
   end
   local rec = KEYS[2 * n + 1]
   if rec then
     local longest = 0
     for i = 1, n do if windows[i] > longest then longest = windows[i] end end
-    redis.call("HSET", rec, "ts", now, "amount", amount)
-    redis.call("PEXPIRE", rec, longest)
+    redis.call("HSET", rec, "ts", stamp, "amount", amount)
+    redis.call("PEXPIRE", rec, longest + ahead)
   end
 end
 

@@ -99,6 +99,14 @@ class Limiter:
         for kind in Kind:
             REDIS_UP.labels(kind.value).set(1)
 
+    @property
+    def rules(self) -> Rules:
+        return self._rules()
+
+    @property
+    def windows(self) -> SlidingWindows:
+        return self._windows
+
     def _failed(self, exc: Exception, *kinds: Kind, closed: bool = False) -> None:
         """Redis failed one call deciding these kinds: raises Unavailable where a kind fails closed."""
         REDIS_ERRORS.labels(type(exc).__name__).inc()
@@ -136,7 +144,7 @@ class Limiter:
         self._answered(kind)
         return result
 
-    def _request_ask(self, descriptors: Sequence[Mapping[str, str]], hits: int) -> tuple[list[list[Limit]], Ask]:
+    def request_ask(self, descriptors: Sequence[Mapping[str, str]], hits: int) -> tuple[list[list[Limit]], Ask]:
         groups = [_descriptor_limits(self._rules(), d) for d in descriptors]
         return groups, Ask([lim for group in groups for lim in group], secrets.token_hex(8), max(1, hits))
 
@@ -159,7 +167,7 @@ class Limiter:
 
     async def check_requests(self, descriptors: Sequence[Mapping[str, str]], hits: int = 1) -> RequestDecision:
         """Admits one request (hits units) against every descriptor's windows, or against none."""
-        groups, ask = self._request_ask(descriptors, hits)
+        groups, ask = self.request_ask(descriptors, hits)
         return await self._count(groups, ask, hits)
 
     async def _count(self, groups: list[list[Limit]], ask: Ask, hits: int) -> RequestDecision:
@@ -261,7 +269,7 @@ class Limiter:
             )
         requests, admission, asked = None, None, False
         if count_request:
-            groups, ask = self._request_ask(caller.descriptors(model), 1)
+            groups, ask = self.request_ask(caller.descriptors(model), 1)
             if ask.limits and tokens is not None:
                 asked = True
                 # Failed open (None): the request is not counted and no token is held.

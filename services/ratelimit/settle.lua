@@ -1,7 +1,9 @@
 -- Replaces a reservation's amount with the real one in every window it was admitted to.
 --
 -- KEYS: zset_1, sum_1, ..., zset_n, sum_n, reservation, estimates
--- ARGV: n, id, real amount, completion tokens to learn from (-1: none), estimates kept
+-- ARGV: n, id, real amount, completion tokens to learn from (-1: none; several, comma-separated, for a spare's
+--       requests: spares.py), estimates kept, keep (1: the reservation stays, to be settled again: a spare's
+--       part settled while some of its requests are still running)
 -- Returns: {settled, returned}: returned is negative when more was charged.
 
 local n = tonumber(ARGV[1])
@@ -9,7 +11,9 @@ local id = ARGV[2]
 local real = tonumber(ARGV[3])
 local rec, est = KEYS[2 * n + 1], KEYS[2 * n + 2]
 
-learn_completion(est, tonumber(ARGV[4]), tonumber(ARGV[5]))
+for tokens in string.gmatch(ARGV[4], "-?%d+") do
+  learn_completion(est, tonumber(tokens), tonumber(ARGV[5]))
+end
 
 local fields = redis.call("HMGET", rec, "ts", "amount")
 if not fields[1] then
@@ -24,5 +28,9 @@ for i = 1, n do
     redis.call("INCRBY", s, real - reserved)
   end
 end
-redis.call("DEL", rec)
+if ARGV[6] == "1" then
+  redis.call("HSET", rec, "amount", real)
+else
+  redis.call("DEL", rec)
+end
 return {1, reserved - real}

@@ -76,6 +76,10 @@ class Ask:
     estimate_key: str | None = None
     dry: bool = False
     now_ms: int | None = None
+    # Stamped this long after now: an admission made ahead of its request (spares.py).
+    ahead_ms: int = 0
+    # The requests it holds tokens for: amount is their prompts, and it adds an estimate for each.
+    times: int = 1
 
     def keys(self) -> list[str]:
         keys = _keys(self.limits)
@@ -98,6 +102,8 @@ class Ask:
         ]
         for limit in self.limits:
             args += [limit.limit, limit.seconds * 1000]
+        if self.ahead_ms or self.times != 1:
+            args += [self.ahead_ms, self.times]
         return args
 
     def admission(self, reply: Sequence[int | bytes]) -> Admission:
@@ -163,11 +169,15 @@ class SlidingWindows:
         *,
         reservation_key: str,
         estimate_key: str,
-        learn_completion: int | None,
+        learn_completion: int | Sequence[int] | None,
+        keep: bool = False,
     ) -> tuple[bool, int]:
-        """Replaces the reservation's amount with real_amount; (settled, tokens returned)."""
+        """Replaces the reservation's amount with real_amount, learning the completions given; (settled, tokens
+        returned). Kept, it may be settled again."""
         keys = [*_keys(limits), reservation_key, estimate_key]
-        learn = -1 if learn_completion is None else learn_completion
-        args: list[str | int] = [len(limits), member, real_amount, learn, self._estimate.samples]
+        if isinstance(learn_completion, int):
+            learn_completion = (learn_completion,)
+        learn = ",".join(str(c) for c in learn_completion) if learn_completion else -1
+        args: list[str | int] = [len(limits), member, real_amount, learn, self._estimate.samples, 1 if keep else 0]
         settled, returned = (int(x) for x in await self._settle.later(keys=keys, args=args))
         return bool(settled), returned

@@ -12,6 +12,7 @@ from meshserve.llm.v2 import llm_pb2 as llm_v2_pb2
 from meshserve.llm.v2 import llm_pb2_grpc as llm_v2_pb2_grpc
 from services.auth.build import open_keys
 from services.ratelimit.build import open_limits
+from services.ratelimit.spares import Spares
 from services.router.admission import Admission
 from services.router.balancer import Balancer
 from services.router.budget import GrpcTokenBudget
@@ -55,7 +56,8 @@ def main() -> None:
             limits.follow(settings.limits_rules_poll_seconds)
             rt.warm_up_with(limits.ready)
             rt.on_shutdown(limits.close)
-            budget = LocalTokenBudget(limits.limiter)
+            spares = Spares(limits.limiter, settings.limits_spare_seconds) if settings.limits_spare_seconds else None
+            budget = LocalTokenBudget(limits.limiter, spares=spares)
         elif settings.ratelimit:
             budget = GrpcTokenBudget(
                 settings.ratelimit,

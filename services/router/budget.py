@@ -97,10 +97,12 @@ class Settler:
         self._refused = refused
         self._pending: set[asyncio.Task[None]] = set()
 
-    def settle(self, request_id: str, call: Callable[[], Awaitable[None]]) -> None:
+    def settle(self, request_id: str, call: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """Runs call until it lands; the task ends then, or once it gave up (it never raises)."""
         task = asyncio.get_running_loop().create_task(self._run(request_id, call))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
     async def _run(self, request_id: str, call: Callable[[], Awaitable[None]]) -> None:
         delay = 0.1

@@ -59,6 +59,10 @@ class RouterSettings(ServiceSettings):
     # next decision (services/ratelimit/scripts.py); 0 sends each alone. Its reservation counts in full until
     # then. Waiting 20 ms took ~0.37 ms of mesh CPU off each unary request at concurrency 1 (side by side with 0).
     limits_settle_delay_seconds: float = Field(default=0.02, ge=0.0, le=1.0)
+    # The longest a spare admission lives (services/ratelimit/spares.py): the decision of a busy key's next
+    # request, made before it comes, stamped ahead by this (at most a twentieth of the shortest window it counts
+    # in) so that limits stay exact; 0 makes none, and every request waits for its own decision.
+    limits_spare_seconds: float = Field(default=0.05, ge=0.0, le=1.0)
     # The Redis where the Responses API keeps stored responses (store: true, previous_response_id, GET
     # /v1/responses/{id}), per tenant; empty keeps none (previous_response_id is then refused with a 400).
     responses_redis_url: str = ""

@@ -11,12 +11,14 @@ from __future__ import annotations
 from services.ratelimit.budgets import Budget
 from services.ratelimit.decisions import Reservation, TokenCaller, TokenHold
 from services.ratelimit.limiter import Limiter
+from services.ratelimit.spares import Spares
 from services.ratelimit.windows import WindowState
 from services.router.accounting import HOLD_IF_ROOM, HOLD_NONE, HOLD_REQUIRED, Reserved, Window
 from services.router.budget import Settler
 from services.router.caller import Caller
+from services.router.spares import SpareKeeper
 from services.runtime import tracing
-from services.runtime.errors import InvalidArgument, Unavailable
+from services.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 HOLDS = {HOLD_REQUIRED: TokenHold.REQUIRED, HOLD_IF_ROOM: TokenHold.IF_ROOM, HOLD_NONE: TokenHold.NONE}
 
@@ -45,12 +47,13 @@ def _caller(caller: Caller) -> TokenCaller:
 class LocalTokenBudget:
     """The TokenBudget of accounting.py over a Limiter in this process."""
 
-    def __init__(self, limiter: Limiter, settle_attempts: int = 5) -> None:
+    def __init__(self, limiter: Limiter, settle_attempts: int = 5, spares: Spares | None = None) -> None:
         self._limiter = limiter
         # Retried while Redis is away and the rules fail closed; a refusal (InvalidArgument) is not retried.
         self._settler = Settler(
             settle_attempts, (Unavailable, InvalidArgument), lambda exc: isinstance(exc, InvalidArgument)
         )
+        self._spares = SpareKeeper(spares, self._settler.settle) if spares is not None else None
 
     async def reserve(
         self,
@@ -64,18 +67,33 @@ class LocalTokenBudget:
     ) -> Reserved:
         """Counts the request when asked and holds the tokens as hold says, or raises ResourceExhausted (with
         a retry delay) before any GPU work; Unavailable where Redis is down and the rules fail closed."""
+        who = _caller(caller)
+        spares = self._spares if count_request and hold == HOLD_IF_ROOM else None
+        if spares is not None and (taken := spares.take(request_id, who, model, prompt_tokens, max_tokens)):
+            spares.decided(who, model, prompt_tokens, max_tokens)
+            return reserved(taken)
+        if self._spares is not None:
+            self._spares.leave(request_id)  # its measured counts, held under its own id
         attributes = {"meshserve.request_counted": count_request, "meshserve.hold": hold}
         with tracing.span("router.reserve", attributes) as span:
-            reservation = await self._limiter.reserve(
-                request_id,
-                _caller(caller),
-                model,
-                prompt_tokens,
-                max_tokens,
-                count_request=count_request,
-                hold=HOLDS[hold],
-            )
+            try:
+                reservation = await self._limiter.reserve(
+                    request_id, who, model, prompt_tokens, max_tokens, count_request=count_request, hold=HOLDS[hold]
+                )
+            except ResourceExhausted:
+                if spares is None:
+                    raise
+                # Refused while a spare was on its way or held: the room it holds is this request's; or while one
+                # gave its room back: decided again once that landed.
+                coming, again = await spares.after_refusal(request_id, who, model, prompt_tokens, max_tokens)
+                if coming is None and not again:
+                    raise
+                reservation = coming or await self._limiter.reserve(
+                    request_id, who, model, prompt_tokens, max_tokens, count_request=count_request, hold=HOLDS[hold]
+                )
             span.set_attribute("meshserve.reserved_tokens", reservation.reserved_tokens)
+        if spares is not None and reservation.held:
+            spares.decided(who, model, prompt_tokens, max_tokens)
         return reserved(reservation)
 
     def settle(
@@ -84,6 +102,8 @@ class LocalTokenBudget:
         """Settles in the background with retries; never raises, never delays the response."""
         who = _caller(caller)
         learn = outcome == "completed"
+        if self._spares is not None and self._spares.settle(request_id, prompt_tokens, completion_tokens, learn):
+            return  # into the spare it took from, settled with the spare's other requests
 
         async def settle() -> None:
             await self._limiter.settle(request_id, who, model, prompt_tokens, completion_tokens, learn)
@@ -99,5 +119,7 @@ class LocalTokenBudget:
         return held.allowance if held is not None else None
 
     async def close(self) -> None:
-        """Waits for pending settlements."""
+        """Releases the spares held, and waits for pending settlements."""
+        if self._spares is not None:
+            await self._spares.close()
         await self._settler.close()

@@ -4,6 +4,7 @@ and settlement off the request's path, retried while Redis is away."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -85,3 +86,72 @@ async def test_a_settlement_the_limiter_refuses_is_not_retried() -> None:
     budget.settle("r1", CALLER, "m", 1, 1, "failed")
     await asyncio.wait_for(budget.close(), 5)
     assert len(limiter.calls) == 1
+
+
+class FakeSpares:
+    """Makes every spare asked for (remembering how many requests each decides), never usable past a deadline."""
+
+    life_seconds = 0.2
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock = clock
+        self.made: list[int] = []
+        self.settled: list[tuple[int | None, int, tuple[int, ...], bool]] = []
+
+    async def make(self, caller: TokenCaller, model: str, requests: int, prompt: int, most: int) -> Any:
+        from services.ratelimit.spares import Spare
+        from services.ratelimit.windows import Admission, Ask
+
+        self.made.append(requests)
+        counted = Admission(True, requests, 0, 0.0, (replace(PER_MINUTE, used=30),))
+        held = Admission(True, requests * 15, 5, 0.0, (replace(TOKENS, used=1000),))
+        ask = Ask([], "s", 0)
+        return Spare("s", requests, prompt, most, prompt + 5, 5, self.clock[0] + 0.1, ask, ask, counted, held)
+
+    def usable(self, spare: Any) -> bool:
+        return bool(self.clock[0] < spare.deadline)
+
+    @staticmethod
+    def taken() -> None:
+        pass
+
+    async def settle(self, spare: Any, taken: int | None, tokens: int, completions: Any, final: bool) -> None:
+        self.settled.append((taken, tokens, tuple(completions), final))
+
+
+async def test_a_key_that_comes_often_gets_spares_sized_to_its_pace_and_each_settles_once() -> None:
+    from services.router.spares import SpareKeeper
+
+    clock = [100.0]
+    fake = FakeSpares(clock)
+    settled: list[str] = []
+
+    def settle(name: str, call: Any) -> asyncio.Task[None]:
+        settled.append(name)
+        return asyncio.get_running_loop().create_task(call())
+
+    keeper = SpareKeeper(fake, settle, clock=lambda: clock[0])  # type: ignore[arg-type]
+    who = TokenCaller("acme", "key_1")
+    keeper.decided(who, "m", 10, 5)
+    await asyncio.sleep(0)
+    assert fake.made == []  # seen once: not yet a key that comes often
+    clock[0] += 0.01
+    keeper.decided(who, "m", 10, 5)
+    await asyncio.sleep(0)
+    assert len(fake.made) == 1
+    # Each taker's windows are as its own decision would have left them: the spare's later requests not yet in.
+    first = keeper.take("r1", who, "m", 10, 5)
+    assert first is not None and first.requests is not None and first.tightest is not None
+    assert (first.requests.used, first.tightest.used) == (30 - (fake.made[0] - 1), 1000 - (fake.made[0] - 1) * 15)
+    assert keeper.take("r2", who, "m", 11, 5) is None  # a larger prompt than the spare's: decided on its own
+    await asyncio.sleep(0)
+    # Closed by the request that did not fit: the untaken room back at once, the taker's share held until it settles.
+    assert fake.settled == [(1, 15, (), False)]
+    assert keeper.settle("r1", 10, 3, learn=True) and not keeper.settle("r2", 10, 3, learn=True)
+    await asyncio.sleep(0)
+    assert fake.settled[1:] == [(None, 13, (3,), True)]
+    clock[0] += 1.0  # a key that went quiet gets no spare
+    keeper.decided(who, "m", 10, 5)
+    await asyncio.sleep(0)
+    assert len(fake.made) == 1
+    await keeper.close()
