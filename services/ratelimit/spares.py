@@ -48,8 +48,7 @@ class Spare:
     requests: int
     prompt_tokens: int
     max_tokens: int
-    # Tokens held for each request: its prompt and a completion estimate.
-    share: int
+    # The completion estimate held for each request, beside its prompt.
     estimate: int
     # time.monotonic() from which none may be taken any more.
     deadline: float
@@ -57,6 +56,11 @@ class Spare:
     tokens: Ask
     counted: Admission
     held: Admission
+
+    @property
+    def share(self) -> int:
+        """Tokens held for each request: its prompt and a completion estimate."""
+        return self.prompt_tokens + self.estimate
 
     def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
         return prompt_tokens <= self.prompt_tokens and max_tokens <= self.max_tokens
@@ -97,7 +101,10 @@ class Spares:
             return None
         spare_id = f"spare-{secrets.token_hex(8)}"
         count = replace(
-            count, member=spare_id, reservation_key=rules.reservation_key(caller.tenant, f"{spare_id}:count")
+            count,
+            member=spare_id,
+            reservation_key=rules.reservation_key(caller.tenant, f"{spare_id}:count"),
+            ahead_ms=ahead,
         )
         tokens = Ask(
             limits,
@@ -106,12 +113,12 @@ class Spares:
             max_extra=max_tokens,
             reservation_key=rules.reservation_key(caller.tenant, spare_id),
             estimate_key=rules.estimate_key(caller.tenant, caller.key_id, model),
+            ahead_ms=ahead,
+            times=requests,
         )
         sent = self._clock()
         try:
-            counted, held = await self._limiter.windows.admit_then(
-                replace(count, ahead_ms=ahead), replace(tokens, ahead_ms=ahead, times=requests)
-            )
+            counted, held = await self._limiter.windows.admit_then(count, tokens)
         except (RedisError, OSError):
             return None
         # Taken no later than half its life after it was asked for: the script ran after that, and stamped it a
@@ -123,9 +130,8 @@ class Spares:
                 await self._settle(count, 0, ())
             return None
         SPARES.labels("made").inc()
-        share = prompt_tokens + held.estimate
         return Spare(
-            spare_id, requests, prompt_tokens, max_tokens, share, held.estimate, deadline, count, tokens, counted, held
+            spare_id, requests, prompt_tokens, max_tokens, held.estimate, deadline, count, tokens, counted, held
         )
 
     def usable(self, spare: Spare) -> bool:

@@ -8,6 +8,8 @@ modes are the rules' own, as in the service; settlement runs off the request's p
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from services.ratelimit.budgets import Budget
 from services.ratelimit.decisions import Reservation, TokenCaller, TokenHold
 from services.ratelimit.limiter import Limiter
@@ -75,11 +77,15 @@ class LocalTokenBudget:
         if self._spares is not None:
             self._spares.leave(request_id)  # its measured counts, held under its own id
         attributes = {"meshserve.request_counted": count_request, "meshserve.hold": hold}
+
+        def decide() -> Awaitable[Reservation]:
+            return self._limiter.reserve(
+                request_id, who, model, prompt_tokens, max_tokens, count_request=count_request, hold=HOLDS[hold]
+            )
+
         with tracing.span("router.reserve", attributes) as span:
             try:
-                reservation = await self._limiter.reserve(
-                    request_id, who, model, prompt_tokens, max_tokens, count_request=count_request, hold=HOLDS[hold]
-                )
+                reservation = await decide()
             except ResourceExhausted:
                 if spares is None:
                     raise
@@ -88,9 +94,7 @@ class LocalTokenBudget:
                 coming, again = await spares.after_refusal(request_id, who, model, prompt_tokens, max_tokens)
                 if coming is None and not again:
                     raise
-                reservation = coming or await self._limiter.reserve(
-                    request_id, who, model, prompt_tokens, max_tokens, count_request=count_request, hold=HOLDS[hold]
-                )
+                reservation = coming or await decide()
             span.set_attribute("meshserve.reserved_tokens", reservation.reserved_tokens)
         if spares is not None and reservation.held:
             spares.decided(who, model, prompt_tokens, max_tokens)

@@ -145,8 +145,8 @@ class SpareKeeper:
             if len(self._seen) > MOST_KEYS_SEEN:
                 del self._seen[next(iter(self._seen))]
             return
-        often = now - seen.last <= self._spares.life_seconds
         gap = now - seen.last
+        often = gap <= self._spares.life_seconds
         seen.gap = gap if seen.gap < 0 else seen.gap + GAP_WEIGHT * (gap - seen.gap)
         seen.last = now
         self._seen[key] = seen

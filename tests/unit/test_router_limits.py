@@ -106,7 +106,7 @@ class FakeSpares:
         counted = Admission(True, requests, 0, 0.0, (replace(PER_MINUTE, used=30),))
         held = Admission(True, requests * 15, 5, 0.0, (replace(TOKENS, used=1000),))
         ask = Ask([], "s", 0)
-        return Spare("s", requests, prompt, most, prompt + 5, 5, self.clock[0] + 0.1, ask, ask, counted, held)
+        return Spare("s", requests, prompt, most, 5, self.clock[0] + 0.1, ask, ask, counted, held)
 
     def usable(self, spare: Any) -> bool:
         return bool(self.clock[0] < spare.deadline)
