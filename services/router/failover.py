@@ -54,8 +54,9 @@ class Replica(Protocol):
         has measured the rendered prompt, before it generates (None: it generates at once). cover(), once
         done, is what tokens reserved on a guess cover (the most prompt and generated tokens): the replica
         then goes ahead on its own when its measurement falls within. allowance caps what it generates where
-        spend budgets hold money for it, raised as it asks. whole: the reply is one body (no first token to
-        show), and the replica may wait for cover() before it starts. Closing it aborts the generation."""
+        spend budgets hold money for it, raised as it asks. whole: cover() is awaited before the call, so
+        that its go-ahead goes with the start (a reply that is one body, whose reservation has landed).
+        Closing it aborts the generation."""
         ...
 
 

@@ -294,7 +294,11 @@ class OpenAIApi:
                 cover = (
                     functools.partial(pipeline.covered, metered) if reserve is not None and guess is not None else None
                 )
-                return replica.serve(start, reserve, cover, metered.allowance, metered.unary)
+                # A whole reply shows no first token, so its go-ahead waits to go with the start, where its first
+                # reservation has landed (decided locally); one still on its way to Redis is sent on its own when
+                # it lands, while the replica renders the prompt (bidirectional: one more message each way).
+                whole = metered.unary and pipeline.landed(metered)
+                return replica.serve(start, reserve, cover, metered.allowance, whole)
 
             return replies
 

@@ -316,6 +316,11 @@ class Pipeline:
         return reserve
 
     @staticmethod
+    def landed(metered: Metered) -> bool:
+        """Whether the request's first reservation has its answer (or there is none to wait for)."""
+        return metered.early is None or metered.early.done()
+
+    @staticmethod
     async def covered(metered: Metered) -> tuple[int, int] | None:
         """What tokens reserved on a guess cover once they hold (prompt tokens, most generated), or None."""
         held = await asyncio.shield(metered.early) if metered.early is not None else None

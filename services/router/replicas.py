@@ -165,8 +165,7 @@ class GrpcReplica:
     ) -> AsyncGenerator[inference_pb2.ServeResponse, None]:
         covered: tuple[int, int] | None = None
         if whole and reserve is not None and cover is not None:
-            # A whole reply shows no first token: waiting for the guess's reservation before the call (instead of
-            # beside the rendering) lets its go-ahead go with the start.
+            # The caller says the guess's reservation has landed: its go-ahead goes with the start.
             covered = await cover()
         once = (reserve is None or covered is not None) and (allowance is None or allowance.tokens is None)
         # Nothing more to say after the start (no go-ahead to wait for, no allowance to raise): one message.
