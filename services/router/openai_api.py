@@ -294,9 +294,7 @@ class OpenAIApi:
                 cover = (
                     functools.partial(pipeline.covered, metered) if reserve is not None and guess is not None else None
                 )
-                # A whole reply shows no first token, so its go-ahead waits to go with the start, where its first
-                # reservation has landed (decided locally); one still on its way to Redis is sent on its own when
-                # it lands, while the replica renders the prompt (bidirectional: one more message each way).
+                # A reservation still on its way to Redis is not waited for: the replica renders meanwhile.
                 whole = metered.unary and pipeline.landed(metered)
                 return replica.serve(start, reserve, cover, metered.allowance, whole)
 

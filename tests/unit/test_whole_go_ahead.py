@@ -9,8 +9,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from meshserve.inference.v1 import inference_pb2 as ipb
-from services.router.accounting import HOLD_REQUIRED, Reserved
-from services.router.caller import Caller, RouteHints
+from services.router.accounting import Reserved
+from services.router.caller import RouteHints
 from services.router.catalogue import Catalogue, ModelEntry, Version
 from services.router.completions import Completions
 from services.router.estimates import MIN_SAMPLES
@@ -29,18 +29,9 @@ class SlowBudget(FakeBudget):
         self.answer = asyncio.Event()
         self.answer.set()
 
-    async def reserve(
-        self,
-        request_id: str,
-        caller: Caller,
-        model: str,
-        prompt_tokens: int,
-        max_tokens: int,
-        count_request: bool = False,
-        hold: str = HOLD_REQUIRED,
-    ) -> Reserved:
+    async def reserve(self, *args: Any, **kwargs: Any) -> Reserved:
         await self.answer.wait()
-        return await super().reserve(request_id, caller, model, prompt_tokens, max_tokens, count_request, hold)
+        return await super().reserve(*args, **kwargs)
 
 
 class Recording(ServingReplica):
