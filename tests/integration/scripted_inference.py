@@ -152,6 +152,7 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
         return ipb.CountTokensResponse(prompt_tokens=3, max_model_len=2048)
 
     async def WatchLoad(self, request: ipb.WatchLoadRequest, context: Any) -> AsyncIterator[ipb.WatchLoadResponse]:
+        sent = None
         while not self.draining.is_set():
             load = ipb.GetLoadResponse(
                 running=min(self.running, self.capacity),
@@ -159,7 +160,9 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
                 in_flight=self.running,
                 max_num_seqs=self.capacity,
             )
-            yield ipb.WatchLoadResponse(load=load)
+            if load != sent:  # as a real replica reports: a change, once
+                yield ipb.WatchLoadResponse(load=load)
+                sent = load
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.draining.wait(), (request.interval_ms or 250) / 1000)
 

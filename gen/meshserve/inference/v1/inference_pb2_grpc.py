@@ -95,10 +95,11 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchLoad(self, request, context):
-        """WatchLoad streams the replica's load: one message at once, then one per
-        interval for as long as the call stays open. Routers keep one open per
-        replica and route by it; a replica whose stream breaks is out of rotation
-        until a new stream opens.
+        """WatchLoad streams the replica's load: one message at once, then one at the
+        end of each interval in which the load changed, for as long as the call
+        stays open (an unchanged load is not sent again: the last message stays
+        true). Routers keep one open per replica and route by it; a replica whose
+        stream breaks is out of rotation until a new stream opens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,10 +45,11 @@ class InferenceServiceStub:
     GetLoad: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetLoadRequest, _inference_pb2.GetLoadResponse]
     """GetLoad reports the replica's current load."""
     WatchLoad: _grpc.UnaryStreamMultiCallable[_inference_pb2.WatchLoadRequest, _inference_pb2.WatchLoadResponse]
-    """WatchLoad streams the replica's load: one message at once, then one per
-    interval for as long as the call stays open. Routers keep one open per
-    replica and route by it; a replica whose stream breaks is out of rotation
-    until a new stream opens.
+    """WatchLoad streams the replica's load: one message at once, then one at the
+    end of each interval in which the load changed, for as long as the call
+    stays open (an unchanged load is not sent again: the last message stays
+    true). Routers keep one open per replica and route by it; a replica whose
+    stream breaks is out of rotation until a new stream opens.
     """
     GetModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetModelRequest, _inference_pb2.GetModelResponse]
     """GetModel describes the model this replica serves."""
@@ -86,10 +87,11 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     GetLoad: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetLoadRequest, _inference_pb2.GetLoadResponse]  # type: ignore[assignment]
     """GetLoad reports the replica's current load."""
     WatchLoad: _aio.UnaryStreamMultiCallable[_inference_pb2.WatchLoadRequest, _inference_pb2.WatchLoadResponse]  # type: ignore[assignment]
-    """WatchLoad streams the replica's load: one message at once, then one per
-    interval for as long as the call stays open. Routers keep one open per
-    replica and route by it; a replica whose stream breaks is out of rotation
-    until a new stream opens.
+    """WatchLoad streams the replica's load: one message at once, then one at the
+    end of each interval in which the load changed, for as long as the call
+    stays open (an unchanged load is not sent again: the last message stays
+    true). Routers keep one open per replica and route by it; a replica whose
+    stream breaks is out of rotation until a new stream opens.
     """
     GetModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetModelRequest, _inference_pb2.GetModelResponse]  # type: ignore[assignment]
     """GetModel describes the model this replica serves."""
@@ -148,10 +150,11 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.WatchLoadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.WatchLoadResponse], _abc.AsyncIterator[_inference_pb2.WatchLoadResponse]]:
-        """WatchLoad streams the replica's load: one message at once, then one per
-        interval for as long as the call stays open. Routers keep one open per
-        replica and route by it; a replica whose stream breaks is out of rotation
-        until a new stream opens.
+        """WatchLoad streams the replica's load: one message at once, then one at the
+        end of each interval in which the load changed, for as long as the call
+        stays open (an unchanged load is not sent again: the last message stays
+        true). Routers keep one open per replica and route by it; a replica whose
+        stream breaks is out of rotation until a new stream opens.
         """
 
     @_abc_1.abstractmethod
