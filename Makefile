@@ -22,6 +22,7 @@ bench:
 	@.venv/bin/python -m bench.gateways
 	@.venv/bin/python -m bench.affinity
 	@.venv/bin/python -m bench.embeddings
+	@.venv/bin/python -m bench.wakeups
 	@.venv/bin/python -m bench.stream_tokens
 	@.venv/bin/python -m bench.syscalls
 	@.venv/bin/python -m bench.billing
