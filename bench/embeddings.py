@@ -1,9 +1,11 @@
 """Embeddings through meshserve's edge against vLLM's own server: same model (all-MiniLM-L6-v2 from the
 model store), engine settings and machine, one run.
 
-Both serve at once; each concurrency level alternates rounds (vLLM, mesh, vLLM, mesh) so drift on a shared
-machine hits both alike. Each request embeds a batch of sentences; reports inputs/s and tokens/s (prompt
-tokens as each server counted them) and the mesh/vLLM ratio of each, the median over paired rounds.
+Both serve at once; each concurrency level measures them in pairs of rounds back to back, which one goes first
+alternating from pair to pair (vLLM then mesh, mesh then vLLM), so drift on a shared machine and the order hit
+both alike. Each request embeds a batch of sentences; reports inputs/s and tokens/s (prompt tokens as each
+server counted them) and the mesh/vLLM ratio of each: the median over pairs, and its spread (the middle half
+of the pairs' ratios), since on these shared machines one pair can differ from the next by 10%.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ async def measure(args: argparse.Namespace, targets: dict[str, Target]) -> dict[
         rows: dict[str, list[float]] = {f"{n} {m}": [] for n in targets for m in ("inputs/s", "tokens/s")}
         for target in targets.values():  # warm both up: the first batches pay for lazy start-up
             await one_round(target, concurrency, concurrency, args.batch)
-        for _ in range(args.rounds):
-            for name, target in targets.items():
+        order = list(targets.items())
+        for pair in range(args.rounds):
+            for name, target in order if pair % 2 == 0 else order[::-1]:
                 await asyncio.sleep(args.settle)
                 inputs, tokens = await one_round(target, concurrency, args.requests, args.batch)
                 rows[f"{name} inputs/s"].append(inputs)
@@ -71,10 +74,19 @@ async def measure(args: argparse.Namespace, targets: dict[str, Target]) -> dict[
     return results
 
 
-def paired(rows: dict[str, list[float]], metric: str) -> float:
-    """Median over rounds of mesh/vLLM, each pair measured back to back."""
+def paired(rows: dict[str, list[float]], metric: str) -> tuple[float, float, float]:
+    """Mesh/vLLM over pairs of rounds, each pair measured back to back: (median, 25th, 75th percentile)."""
     mesh, vllm = rows[f"meshserve {metric}"], rows[f"vllm-serve {metric}"]
-    return statistics.median(m / v for m, v in zip(mesh, vllm, strict=True))
+    ratios = [m / v for m, v in zip(mesh, vllm, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), low, high
+
+
+def _ratio(rows: dict[str, list[float]], metric: str) -> str:
+    median, low, high = paired(rows, metric)
+    return f"{median:.3f} ({low:.3f}-{high:.3f})"
 
 
 def report(results: dict[int, dict[str, list[float]]], args: argparse.Namespace, started: float) -> str:
@@ -84,7 +96,8 @@ def report(results: dict[int, dict[str, list[float]]], args: argparse.Namespace,
         f"all-MiniLM-L6-v2 on vLLM's pooling runner (CPU), batches of {args.batch} sentences, "
         f"{args.requests} requests per round, {args.rounds} paired rounds; mesh with mutual TLS, a real API key, "
         f"token limits and billing. Ran {time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC "
-        f"for {time.time() - started:.0f} s. Ratios: median over rounds of mesh/vLLM, each pair back to back.",
+        f"for {time.time() - started:.0f} s. Ratios: median over pairs of rounds of mesh/vLLM, each pair back to "
+        "back (which goes first alternates), and in brackets the middle half of the pairs' ratios.",
         "",
         "| concurrency | vLLM inputs/s | mesh inputs/s | ratio inputs/s "
         "| vLLM tokens/s | mesh tokens/s | ratio tokens/s |",
@@ -97,8 +110,8 @@ def report(results: dict[int, dict[str, list[float]]], args: argparse.Namespace,
 
         lines.append(
             f"| {concurrency} | {med('vllm-serve inputs/s')} | {med('meshserve inputs/s')} | "
-            f"{paired(rows, 'inputs/s'):.3f} | {med('vllm-serve tokens/s')} | {med('meshserve tokens/s')} | "
-            f"{paired(rows, 'tokens/s'):.3f} |"
+            f"{_ratio(rows, 'inputs/s')} | {med('vllm-serve tokens/s')} | {med('meshserve tokens/s')} | "
+            f"{_ratio(rows, 'tokens/s')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -108,7 +121,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--requests", type=int, default=40, help="requests per round")
     parser.add_argument("--batch", type=int, default=16, help="sentences per request")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8, help="pairs of rounds")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds of quiet before each round")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reports" / "embeddings.md")
     args = parser.parse_args()
