@@ -31,7 +31,8 @@ IDLE_SECONDS = 10
 
 
 def _on_cpu_ms(pid: int) -> float:
-    """Milliseconds every thread of pid has run on a CPU (the scheduler's own count, not sampled ticks)."""
+    """Milliseconds every thread of pid has run on a CPU: the scheduler's own count, in nanoseconds (not
+    bench.ratelimit.cpu_seconds's 10 ms ticks, longer than most services spend on one request)."""
     total = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
