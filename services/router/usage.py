@@ -1,8 +1,9 @@
 """Usage records from the router to billing: batched off the request's path, spooled to disk while billing is away.
 
 record() only queues. A sender batches what is queued (up to 256 records or 100 ms) and sends each batch
-on one RecordUsage client stream. A batch billing did not acknowledge is written to the spool folder
-(fsynced, renamed into place), and a replayer sends the spooled batches once billing answers again.
+on one RecordUsage call (a client stream of one message). A batch billing did not acknowledge is written to
+the spool folder (fsynced, renamed into place), and a replayer sends the spooled batches once billing answers
+again.
 Billing counts each request id once, so a batch sent twice (acknowledged, but the answer was lost) costs
 nothing.
 """
@@ -20,14 +21,32 @@ from pathlib import Path
 from grpc import aio
 from prometheus_client import Counter, Gauge
 
-from meshserve.billing.v1 import billing_pb2, billing_pb2_grpc
+from meshserve.billing.v1 import billing_pb2
 from services.runtime import keepalive, tls
 
 log = logging.getLogger(__name__)
 
+RECORD_USAGE = f"/{billing_pb2.DESCRIPTOR.services_by_name['BillingService'].full_name}/RecordUsage"
+
 SENT = Counter("meshserve_router_usage_records_sent_total", "Usage records billing acknowledged.")
 SPOOLED = Counter("meshserve_router_usage_records_spooled_total", "Usage records written to the spool.")
 SPOOL_FILES = Gauge("meshserve_router_usage_spool_batches", "Batches waiting in the spool for billing.")
+
+
+class _OneBatch:
+    """Billing's RecordUsage called with one batch as a unary call: on the wire the same as a client stream of
+    one message, which is what billing's method reads. grpc.aio hands every finished operation from its poller
+    thread to the event loop, waking both; a stream call has about four (the metadata, the message, the
+    half-close, the reply and status), a unary one one. Measured on the whole path over a scripted replica, one
+    unary chat per 70 ms, 2 x 3 rounds alternated: the router's threads were put on a CPU 67.4 times per request
+    with the stream, 61.2 with this; billing's 18.8 and 15.0."""
+
+    def __init__(self, channel: aio.Channel) -> None:
+        self.record_usage = channel.unary_unary(
+            RECORD_USAGE,
+            request_serializer=billing_pb2.RecordUsageRequest.SerializeToString,
+            response_deserializer=billing_pb2.RecordUsageResponse.FromString,
+        )
 
 
 class GrpcUsageSink:
@@ -43,9 +62,7 @@ class GrpcUsageSink:
         timeout_seconds: float = 5.0,
         files: tls.Files | None = None,
     ) -> None:
-        self._channel = tls.MeshChannel(
-            address, files, "billing", billing_pb2_grpc.BillingServiceStub, keepalive.channel_options()
-        )
+        self._channel = tls.MeshChannel(address, files, "billing", _OneBatch, keepalive.channel_options())
         self._spool = spool
         self._batch_size = batch_size
         self._linger = linger_seconds
@@ -65,7 +82,7 @@ class GrpcUsageSink:
 
     async def _send(self, batch: billing_pb2.RecordUsageRequest) -> bool:
         try:
-            await self._channel.stub.RecordUsage(iter([batch]), timeout=self._timeout)
+            await self._channel.stub.record_usage(batch, timeout=self._timeout)
         except aio.AioRpcError as exc:
             log.warning("billing unreachable; spooling usage", extra={"error": exc.code().name})
             return False
