@@ -17,7 +17,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.runtime import files, keepalive, tls, tracing
+from services.runtime import files, gc_heap, keepalive, tls, tracing
 from services.runtime.identity import METADATA_BYTES
 from services.runtime.interceptors import ServiceInterceptor
 from services.runtime.logs import configure_logging
@@ -76,6 +76,7 @@ async def _run(
     service_names: Sequence[str],
     setup: Callable[[Runtime], Awaitable[None]],
 ) -> None:
+    gc_heap.time_pauses(name)
     rt = Runtime(name, settings, service_names)
     health_pb2_grpc.add_HealthServicer_to_server(rt.health, rt.server)
     await rt.set_serving(False)
@@ -115,8 +116,9 @@ async def _run(
     async def warm_up() -> None:
         for hook in rt._warmups:
             await hook()
+        frozen = gc_heap.freeze() if settings.gc_freeze else 0
         await rt.set_serving(True)
-        log.info("serving")
+        log.info("serving", extra={"gc_frozen_objects": frozen})
 
     warming = asyncio.create_task(warm_up())
     stopping = asyncio.create_task(stop.wait())

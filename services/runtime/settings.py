@@ -47,6 +47,8 @@ class ServiceSettings(BaseSettings):
     # A plaintext port serving grpc.health.v1 alone, for probes that cannot present a certificate
     # (Kubernetes' gRPC probes); 0 picks a free one, -1 (the default) serves none.
     health_port: int = -1
+    # Freeze the start-up heap once warm, so that full garbage collections leave it out (services/runtime/gc_heap.py).
+    gc_freeze: bool = True
 
     def tls_files(self) -> tls.Files | None:
         """The mTLS files, or None for plaintext; some but not all set is a configuration error."""

@@ -135,3 +135,36 @@ def test_a_client_pinging_like_envoy_keeps_its_stream(tmp_path: Path) -> None:
     finally:
         sample.proc.kill()
         sample.proc.wait()
+
+
+def _serving_line(sample: Sample) -> dict[str, object]:
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in sample.log.read_text().splitlines() if line.startswith("{")]
+        if serving := [line for line in lines if line.get("msg") == "serving"]:
+            return serving[0]
+        assert time.monotonic() < deadline, sample.log.read_text()
+        time.sleep(0.05)
+
+
+def test_the_start_up_heap_is_frozen_once_warm_and_every_pause_is_timed(sample: Sample) -> None:
+    sample.gate.write_text("go")
+    wait_status(sample, health_pb2.HealthCheckResponse.SERVING)
+    assert int(str(_serving_line(sample)["gc_frozen_objects"])) > 10_000
+    with urllib.request.urlopen(f"http://127.0.0.1:{sample.metrics_port}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    # The freeze's own full collection, timed like any other.
+    full = [line for line in body.splitlines() if line.startswith("meshserve_gc_pause_seconds_count")]
+    sample_full = [line for line in full if 'generation="2"' in line and 'service="sample"' in line]
+    assert sample_full and float(sample_full[0].split()[-1]) >= 1
+
+
+def test_the_freeze_can_be_turned_off(tmp_path: Path) -> None:
+    sample = Sample(tmp_path, 0.0, MESHSERVE_GC_FREEZE="false")
+    try:
+        sample.gate.write_text("go")
+        wait_status(sample, health_pb2.HealthCheckResponse.SERVING)
+        assert _serving_line(sample)["gc_frozen_objects"] == 0
+    finally:
+        sample.proc.kill()
+        sample.proc.wait()
