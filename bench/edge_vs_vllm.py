@@ -23,7 +23,7 @@ import yaml
 
 from bench.loadgen import RoundResult, percentile, run_round, write_report
 from bench.tracing import RULES
-from services.inference import model_store
+from services.inference import model_store, schemes
 from services.inference.config import InferenceSettings
 from services.mesh.local import LocalMesh, MeshOptions, free_port, wait_http_ok
 
@@ -63,7 +63,8 @@ def start_vllm_server(
         "--port",
         str(port),
         "--dtype",
-        settings.dtype,
+        # As the replica resolves auto (float32 where this CPU only emulates the checkpoint's half precision).
+        schemes.weights_dtype(model_dir, settings.dtype, settings.quantization),
         "--kv-cache-dtype",
         settings.kv_cache_dtype,
         *(("--quantization", settings.quantization) if settings.quantization else ()),

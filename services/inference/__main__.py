@@ -37,6 +37,7 @@ def main() -> None:
         model_dir = ModelStore(Path(settings.model_store)).path(settings.model)
         # Refused here, with the reason, where the engine cannot run the scheme: not a stack trace at load.
         scheme = schemes.check(model_dir, settings.quantization, settings.kv_cache_dtype)
+        dtype = schemes.weights_dtype(model_dir, settings.dtype, settings.quantization)
     except DomainError as refused:
         sys.exit(f"inference: {refused}")
     vllm_environment(settings)
@@ -47,7 +48,7 @@ def main() -> None:
         config = EngineConfig(
             model_name=settings.served_name or settings.model,
             model_dir=model_dir,
-            dtype=settings.dtype,
+            dtype=dtype,
             quantization=settings.quantization,
             kv_cache_dtype=settings.kv_cache_dtype,
             max_model_len=settings.max_model_len,

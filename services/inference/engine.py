@@ -122,7 +122,9 @@ class Engine:
         started = time.monotonic()
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(sink)])
         tokenizer = llm.tokenizer
-        log.info("engine started", extra={"seconds": round(time.monotonic() - started, 1)})
+        # The dtype as loaded: the setting's auto resolved by vLLM (or by schemes.weights_dtype before it).
+        dtype = str(llm.model_config.dtype).removeprefix("torch.")
+        log.info("engine started", extra={"seconds": round(time.monotonic() - started, 1), "dtype": dtype})
         return cls(config, llm, tokenizer, sink)
 
     @property

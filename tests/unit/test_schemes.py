@@ -136,3 +136,55 @@ def test_a_hub_checkpoint_the_engine_cannot_run_is_refused_before_its_weights_do
     assert ModelStore(tmp_path).names() == []
     model_store.ensure(ModelStore(tmp_path), "org/nvfp4", GPU)
     assert len(fetched) == 3 and ModelStore(tmp_path).names() == ["org/nvfp4"]
+
+
+AVX2 = schemes.Target(cpu=True, cpu_flags=frozenset({"sse2", "avx2"}))
+BF16_CPU = schemes.Target(cpu=True, cpu_flags=frozenset({"sse2", "avx2", "avx512f", "avx512_bf16"}))
+AMX_CPU = schemes.Target(cpu=True, cpu_flags=frozenset({"sse2", "avx512f", "amx_bf16", "amx_fp16"}))
+ARM = schemes.Target(cpu=True, cpu_flags=frozenset())  # /proc/cpuinfo says "Features" there, not "flags"
+
+
+def stored(folder: Path, dtype: str | None, key: str = "dtype", quantization: object = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config: dict[str, object] = {"architectures": ["LlamaForCausalLM"]}
+    if dtype is not None:
+        config[key] = dtype
+    if quantization is not None:
+        config["quantization_config"] = quantization
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("target", "checkpoint_dtype", "expected"),
+    [
+        # A half precision the CPU only emulates: the checkpoint's weights upcast to float32.
+        (AVX2, "bfloat16", "float32"),
+        (AVX2, "float16", "float32"),
+        (BF16_CPU, "float16", "float32"),
+        # A float32 checkpoint (or one that does not say), which vLLM's auto would downcast.
+        (AVX2, "float32", "float32"),
+        (AVX2, None, "float32"),
+        (BF16_CPU, "float32", "bfloat16"),
+        # Native, or not ours to judge: vLLM's auto.
+        (BF16_CPU, "bfloat16", "auto"),
+        (AMX_CPU, "float16", "auto"),
+        (AMX_CPU, None, "auto"),
+        (GPU, "bfloat16", "auto"),
+        (ARM, "bfloat16", "auto"),
+    ],
+)
+def test_auto_is_resolved_where_the_cpu_would_only_emulate_a_half_precision(
+    tmp_path: Path, target: schemes.Target, checkpoint_dtype: str | None, expected: str
+) -> None:
+    assert schemes.weights_dtype(stored(tmp_path, checkpoint_dtype), "auto", "", target) == expected
+
+
+def test_transformers_older_key_is_read_too(tmp_path: Path) -> None:
+    assert schemes.weights_dtype(stored(tmp_path, "bfloat16", key="torch_dtype"), target=AVX2) == "float32"
+
+
+def test_a_dtype_set_or_a_quantized_checkpoint_is_left_as_it_is(tmp_path: Path) -> None:
+    assert schemes.weights_dtype(stored(tmp_path / "a", "bfloat16"), "bfloat16", "", AVX2) == "bfloat16"
+    assert schemes.weights_dtype(stored(tmp_path / "b", "bfloat16", quantization=W8A8), target=AVX2) == "auto"
+    assert schemes.weights_dtype(stored(tmp_path / "c", "bfloat16"), "auto", "fp8", AVX2) == "auto"
