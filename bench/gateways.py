@@ -17,7 +17,6 @@ medians of per-round ratios of meshserve's full path to LiteLLM.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.loadgen import EdgeResults, compare_edges, median, write_report, wrk_state
+from bench.loadgen import EdgeResults, compare_edges, median, post_script, write_report, wrk_state
 from bench.ratelimit import cpu_seconds
 from bench.tracing import MODEL, RULES, tree_cpu_seconds
 from meshserve.auth.v1 import auth_pb2
@@ -164,12 +163,7 @@ def _script(state: Path, stream: bool) -> Path:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": TOKENS}
     if stream:
         body["stream"] = True
-    path = state / f"post-{'stream' if stream else 'unary'}.lua"
-    path.write_text(
-        f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
-    return path
+    return post_script(state / f"post-{'stream' if stream else 'unary'}.lua", body)
 
 
 Round = dict[str, float]

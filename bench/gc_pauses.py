@@ -17,7 +17,6 @@ of 8 tokens), whose start-up heap holds vLLM, PyTorch and the tokenizer; the rep
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -30,7 +29,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.edge_vs_vllm import MODEL
-from bench.loadgen import write_report, wrk, wrk_state
+from bench.loadgen import post_script, write_report, wrk, wrk_state
 from bench.profile_path import whole_path
 from services.inference import model_store
 from services.mesh.local import LocalMesh, MeshOptions
@@ -82,11 +81,7 @@ def real_path(name: str) -> Iterator[tuple[LocalMesh, str, dict[str, str], Path]
     chat_dir = model_store.ensure(model_store.ModelStore(ROOT / "var" / "models"), MODEL)
     mesh = LocalMesh(MeshOptions(state_dir=state / "mesh", model=MODEL, model_store=chat_dir.parent))
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
-    script = state / "post-unary.lua"
-    script.write_text(
-        f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    script = post_script(state / "post-unary.lua", body)
     try:
         mesh.start(timeout=600)
         yield mesh, f"{mesh.edge_url}/v1/chat/completions", {"authorization": f"Bearer {mesh.user_key}"}, script
@@ -99,7 +94,6 @@ def one_round(mode: str, args: argparse.Namespace) -> tuple[dict[str, float], Pa
     for prefix in PREFIXES:
         os.environ[prefix + "GC_FREEZE"] = MODES[mode]
     path = real_path if args.engine == "vllm" else whole_path
-    seconds = args.seconds
     with path(f"bench-gc-{mode.replace(' ', '-')}") as (mesh, url, headers, script):
         urls = {
             name: f"http://127.0.0.1:{proc.metrics_port}/metrics"
@@ -108,12 +102,12 @@ def one_round(mode: str, args: argparse.Namespace) -> tuple[dict[str, float], Pa
         }
         before = {name: pauses(u) for name, u in urls.items()}
         # A real engine on these CPUs can take longer than wrk's default timeout of 2 s.
-        result = wrk(url, args.connections, seconds, headers, script, timeout_seconds=120)
+        result = wrk(url, args.connections, args.seconds, headers, script, timeout_seconds=120)
         after = {name: pauses(u) for name, u in urls.items()}
     rows = {}
     for name in urls:
         row = {k: after[name][k] - before[name][k] for k in ("full", "full ms", "all ms")}
-        row["all ms per s"] = row.pop("all ms") / seconds
+        row["all ms per s"] = row.pop("all ms") / args.seconds
         row["largest full ms"] = largest(before[name], after[name])
         row["start-up full ms"] = largest({}, before[name])
         rows[name] = row

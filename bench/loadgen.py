@@ -113,6 +113,15 @@ async def run_round(
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
+def post_script(path: Path, body: dict[str, object]) -> Path:
+    """A wrk Lua script at path that POSTs body as JSON; path."""
+    path.write_text(
+        f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return path
+
+
 def wrk(
     url: str,
     connections: int,

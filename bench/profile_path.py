@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.loadgen import write_report, wrk, wrk_state
+from bench.loadgen import post_script, write_report, wrk, wrk_state
 from bench.tracing import MODEL, RULES
 from services.mesh.local import LocalMesh, MeshOptions
 from tests.integration import scripted_inference
@@ -59,11 +58,7 @@ def whole_path(name: str) -> Iterator[tuple[LocalMesh, str, dict[str, str], Path
     rules.write_text(yaml.safe_dump(RULES))
     mesh = LocalMesh(MeshOptions(state_dir=state / "full", model=MODEL, model_store=Path("unused")))
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": TOKENS}
-    script = state / "post-unary.lua"
-    script.write_text(
-        f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    script = post_script(state / "post-unary.lua", body)
     try:
         scripted_inference.full_mesh(mesh, rules, TOKENS, 0)
         url = f"{mesh.edge_url}/v1/chat/completions"

@@ -83,13 +83,15 @@ def _fp4(config: Mapping[str, Any]) -> bool:
     )
 
 
+def _config_json(model_dir: Path) -> dict[str, Any]:
+    """The checkpoint's config.json (empty where it has none)."""
+    path = model_dir / "config.json"
+    return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+
 def checkpoint_config(model_dir: Path) -> dict[str, Any]:
     """The checkpoint's quantization_config (empty for an unquantized model)."""
-    path = model_dir / "config.json"
-    if not path.is_file():
-        return {}
-    config = json.loads(path.read_text()).get("quantization_config") or {}
-    return dict(config)
+    return dict(_config_json(model_dir).get("quantization_config") or {})
 
 
 def read(model_dir: Path, quantization: str = "", kv_cache_dtype: str = "auto") -> Scheme:
@@ -168,8 +170,7 @@ def weights_dtype(model_dir: Path, dtype: str = "auto", quantization: str = "", 
         return dtype
     machine = target or this_machine()
     native = [half for half in CPU_HALF_FLAGS if not machine.emulates(half)]
-    path = model_dir / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = _config_json(model_dir)
     stored = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     if stored in CPU_HALF_FLAGS:
         return dtype if stored in native else "float32"

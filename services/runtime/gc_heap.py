@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any
+from collections.abc import Callable
 
 from prometheus_client import Histogram
 
@@ -33,7 +33,7 @@ def freeze() -> int:
 class PauseTimer:
     """A gc callback that observes each collection's pause in GC_PAUSE."""
 
-    def __init__(self, service: str, clock: Any = time.perf_counter) -> None:
+    def __init__(self, service: str, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock = clock
         self._started = 0.0
         self._pauses = [GC_PAUSE.labels(service, str(generation)) for generation in range(3)]
