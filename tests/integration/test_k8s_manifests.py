@@ -1,11 +1,9 @@
-"""The rendered Kubernetes manifests of every overlay: schema-valid, secure, wired together."""
+"""The rendered Kubernetes manifests of every overlay: schema-valid, secure, and each workload reachable, mounted
+and scaled as its services need (how the services are wired to each other: test_k8s_wiring.py)."""
 
 from __future__ import annotations
 
 import subprocess
-from functools import cache
-from pathlib import Path
-from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -13,44 +11,21 @@ import yaml
 from cloudcoil.models.cert_manager import v1 as cert_manager
 from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
 
-from deploy.k8s.render import OVERLAYS, render, stale_files
+from deploy.k8s.render import OVERLAYS, stale_files
 from services.auth.keys import SECRET_PREFIX
-from services.billing.prices import Prices
 from services.inference.metrics import METRICS, QUEUE_DEPTH
 from services.router.admission import QUEUE_DEPTH as ROUTER_QUEUE_DEPTH
-
-ROOT = Path(__file__).resolve().parents[2]
-Doc = dict[str, Any]
-WORKLOADS = ("Deployment", "StatefulSet", "Job")
-# Secrets the operator creates before applying, each with the command deploy/README.md gives for it.
-OPERATOR_SECRETS = {"meshserve-admin": "kubectl -n meshserve create secret generic meshserve-admin"}
-
-
-@cache
-def docs(overlay: str) -> tuple[Doc, ...]:
-    return tuple(d for d in yaml.safe_load_all(render(overlay)) if d)
-
-
-def of_kind(overlay: str, *kinds: str) -> list[Doc]:
-    return [d for d in docs(overlay) if d["kind"] in kinds]
-
-
-def named(overlay: str, kind: str, name: str) -> Doc:
-    [doc] = [d for d in of_kind(overlay, kind) if d["metadata"]["name"] == name]
-    return doc
-
-
-def pod_specs(overlay: str) -> list[tuple[Doc, Doc]]:
-    return [(w, w["spec"]["template"]["spec"]) for w in of_kind(overlay, *WORKLOADS)]
-
-
-def issued(overlay: str) -> dict[str, Doc]:
-    """cert-manager's Certificates by the Secret each fills."""
-    return {d["spec"]["secretName"]: d for d in of_kind(overlay, "Certificate")}
-
-
-def env(container: Doc) -> dict[str, Any]:
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+from tests.integration.k8s_docs import (
+    OPERATOR_SECRETS,
+    ROOT,
+    docs,
+    env,
+    generated,
+    issued,
+    named,
+    of_kind,
+    pod_specs,
+)
 
 
 def test_the_overlays_are_the_documented_ones() -> None:
@@ -187,7 +162,7 @@ def test_the_inference_hpa_scales_on_queue_metrics_the_router_and_the_engines_ex
     behavior = hpa["spec"]["behavior"]
     assert behavior["scaleUp"]["stabilizationWindowSeconds"] < behavior["scaleDown"]["stabilizationWindowSeconds"]
     rules = yaml.safe_load(
-        named(overlay, "ConfigMap", _generated(overlay, "prometheus-adapter-rules"))["data"]["config.yaml"]
+        named(overlay, "ConfigMap", generated(overlay, "prometheus-adapter-rules"))["data"]["config.yaml"]
     )
     assert any(QUEUE_DEPTH in r["seriesQuery"] for r in rules["rules"])
     assert any(ROUTER_QUEUE_DEPTH._name in r["seriesQuery"] for r in rules["externalRules"])
@@ -205,16 +180,10 @@ def test_the_inference_hpa_scales_on_queue_metrics_the_router_and_the_engines_ex
         assert selector["version"] == target["spec"]["template"]["metadata"]["labels"]["meshserve.dev/version"]
 
 
-def _generated(overlay: str, prefix: str) -> str:
-    """The hashed name kustomize gave a generated ConfigMap."""
-    [name] = [d["metadata"]["name"] for d in of_kind(overlay, "ConfigMap") if d["metadata"]["name"].startswith(prefix)]
-    return name
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_router_discovers_inference_through_headless_services(overlay: str) -> None:
     catalogue = yaml.safe_load(
-        named(overlay, "ConfigMap", _generated(overlay, "router-catalogue"))["data"]["catalogue.yaml"]
+        named(overlay, "ConfigMap", generated(overlay, "router-catalogue"))["data"]["catalogue.yaml"]
     )
     router = named(overlay, "Deployment", "router")["spec"]["template"]["spec"]
     assert any(v.get("configMap", {}).get("name", "").startswith("router-catalogue") for v in router["volumes"])
@@ -240,7 +209,7 @@ def test_the_router_discovers_inference_through_headless_services(overlay: str) 
 
 def test_the_canary_splits_90_10_over_two_versions() -> None:
     catalogue = yaml.safe_load(
-        named("canary", "ConfigMap", _generated("canary", "router-catalogue"))["data"]["catalogue.yaml"]
+        named("canary", "ConfigMap", generated("canary", "router-catalogue"))["data"]["catalogue.yaml"]
     )
     [model] = catalogue["models"]
     assert [(v["name"], v["weight"]) for v in model["versions"]] == [("v1", 90), ("v2", 10)]
@@ -275,7 +244,7 @@ def test_only_the_edge_is_reachable_from_outside(overlay: str) -> None:
 
 
 def test_the_edge_config_map_holds_the_generated_envoy_config_for_in_cluster_services() -> None:
-    config = yaml.safe_load(named("gpu", "ConfigMap", _generated("gpu", "envoy-config"))["data"]["envoy.yaml"])
+    config = yaml.safe_load(named("gpu", "ConfigMap", generated("gpu", "envoy-config"))["data"]["envoy.yaml"])
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     assert {clusters[n]["type"] for n in ("router", "auth", "ratelimit", "billing")} == {"STRICT_DNS"}
     listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
@@ -290,7 +259,7 @@ def test_the_edge_config_map_holds_the_generated_envoy_config_for_in_cluster_ser
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_network_policies_let_the_edge_reach_every_upstream_of_its_config(overlay: str) -> None:
-    config = yaml.safe_load(named(overlay, "ConfigMap", _generated(overlay, "envoy-config"))["data"]["envoy.yaml"])
+    config = yaml.safe_load(named(overlay, "ConfigMap", generated(overlay, "envoy-config"))["data"]["envoy.yaml"])
     upstreams = {c["name"] for c in config["static_resources"]["clusters"]}
     reachable = set()
     for p in of_kind(overlay, "NetworkPolicy"):
@@ -303,110 +272,3 @@ def test_the_network_policies_let_the_edge_reach_every_upstream_of_its_config(ov
     in_namespace = upstreams - {"otlp"}
     assert in_namespace == {"router", "auth", "ratelimit", "billing"}
     assert in_namespace <= reachable
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_gpu_installs_trace_the_edge_and_every_service_to_one_collector(overlay: str) -> None:
-    config = yaml.safe_load(named(overlay, "ConfigMap", _generated(overlay, "envoy-config"))["data"]["envoy.yaml"])
-    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    services = [
-        (w["metadata"]["name"], env(spec["containers"][0]))
-        for w, spec in pod_specs(overlay)
-        if w["kind"] != "Job" and w["metadata"]["labels"]["app.kubernetes.io/name"] not in ("edge", "redis")
-    ]
-    assert {name for name, _ in services} >= {"auth", "ratelimit", "billing", "router", "inference"}
-    if overlay == "cpu-dev":
-        assert "tracing" not in hcm and "otlp" not in clusters
-        assert not any(k.startswith("OTEL_") for _, variables in services for k in variables)
-        return
-    [endpoint] = clusters["otlp"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    address = endpoint["endpoint"]["address"]["socket_address"]
-    collector = f"{address['address']}:{address['port_value']}"
-    assert collector == "otel-collector.observability:4317"
-    assert hcm["tracing"]["random_sampling"]["value"] == 10
-    for name, variables in services:
-        assert variables["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == f"http://{collector}", name
-        assert variables["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio", name
-        assert float(variables["OTEL_TRACES_SAMPLER_ARG"]) == 0.1, name
-
-
-def test_the_rate_limit_failure_modes_agree_across_edge_router_and_rules() -> None:
-    from services.ratelimit.rules import FailureMode, Kind, Rules
-
-    rules = Rules.from_yaml(ROOT / "deploy" / "local" / "ratelimits.yaml")
-    shipped = yaml.safe_load(named("gpu", "ConfigMap", _generated("gpu", "ratelimit-rules"))["data"]["ratelimits.yaml"])
-    assert Rules.parse(shipped).failure_mode(Kind.TOKENS) is rules.failure_mode(Kind.TOKENS)
-    config = yaml.safe_load(named("gpu", "ConfigMap", _generated("gpu", "envoy-config"))["data"]["envoy.yaml"])
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    [ratelimit] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ratelimit"]
-    assert ratelimit["typed_config"]["failure_mode_deny"] == (rules.failure_mode(Kind.REQUESTS) is FailureMode.CLOSED)
-    # The router decides generation's limits under the very rules file the service reads (its failure modes
-    # with it), on the service's Redis.
-    deployment = named("gpu", "Deployment", "router")["spec"]["template"]["spec"]
-    [router] = deployment["containers"]
-    env = {e["name"]: e.get("value") for e in router["env"]}
-    [service] = named("gpu", "Deployment", "ratelimit")["spec"]["template"]["spec"]["containers"]
-    service_env = {e["name"]: e.get("value") for e in service["env"]}
-    assert env["MESHSERVE_ROUTER_LIMITS_REDIS_URL"] == service_env["MESHSERVE_RATELIMIT_REDIS_URL"]
-    rules_path = Path(env["MESHSERVE_ROUTER_LIMITS_RULES"])
-    [mount] = [m for m in router["volumeMounts"] if m["mountPath"] == str(rules_path.parent)]
-    [volume] = [v for v in deployment["volumes"] if v["name"] == mount["name"]]
-    assert volume["configMap"]["name"].startswith("ratelimit-rules")
-    assert rules_path.name == Path(service_env["MESHSERVE_RATELIMIT_RULES"]).name
-    assert "MESHSERVE_ROUTER_RATELIMIT" not in env
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_routers_check_generations_keys_on_auths_store_and_the_edge_skips_its_check_only_there(overlay: str) -> None:
-    [router] = named(overlay, "Deployment", "router")["spec"]["template"]["spec"]["containers"]
-    [auth] = named(overlay, "Deployment", "auth")["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e.get("value") for e in router["env"]}
-    assert (
-        env["MESHSERVE_ROUTER_AUTH_REDIS_URL"]
-        == {e["name"]: e.get("value") for e in auth["env"]}["MESHSERVE_AUTH_REDIS_URL"]
-    )
-    config = yaml.safe_load(named(overlay, "ConfigMap", _generated(overlay, "envoy-config"))["data"]["envoy.yaml"])
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    skipped = [
-        r["match"].get("path", "")
-        for r in hcm["route_config"]["virtual_hosts"][0]["routes"]
-        if r.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_authz", {}).get("disabled")
-    ]
-    assert "/v1/chat/completions" in skipped and "/meshserve.llm.v2.LlmService/StreamChatCompletion" in skipped
-    assert all(p.startswith(("/v1/", "/meshserve.llm.")) and "Model" not in p for p in skipped), skipped
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_routers_record_usage_to_billing_whose_ledger_and_prices_are_mounted(overlay: str) -> None:
-    [router] = named(overlay, "Deployment", "router")["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e.get("value") for e in router["env"]}
-    host, _, port = env["MESHSERVE_ROUTER_BILLING"].partition(":")
-    service = named(overlay, "Service", host)
-    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
-    assert any(m["mountPath"] == env["MESHSERVE_ROUTER_USAGE_SPOOL"] for m in router["volumeMounts"])
-    billing = named(overlay, "StatefulSet", "billing")
-    [container] = billing["spec"]["template"]["spec"]["containers"]
-    benv = {e["name"]: e.get("value") for e in container["env"]}
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert Path(benv["MESHSERVE_BILLING_LEDGER"]).parent == Path(mounts["ledger"])
-    assert [t["metadata"]["name"] for t in billing["spec"]["volumeClaimTemplates"]] == ["ledger"]
-    prices = yaml.safe_load(named(overlay, "ConfigMap", _generated(overlay, "billing-prices"))["data"]["prices.yaml"])
-    assert Prices.model_validate(prices) == Prices.from_yaml(ROOT / "deploy" / "local" / "prices.yaml")
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_spend_budgets_are_priced_with_billings_table_where_they_are_decided(overlay: str) -> None:
-    for kind, name, variable in (
-        ("Deployment", "router", "MESHSERVE_ROUTER_LIMITS_PRICES"),
-        ("Deployment", "ratelimit", "MESHSERVE_RATELIMIT_PRICES"),
-    ):
-        spec = named(overlay, kind, name)["spec"]["template"]["spec"]
-        container = spec["containers"][0]
-        path = Path(env(container)[variable])
-        [mount] = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
-        [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
-        table = named(overlay, "ConfigMap", volume["configMap"]["name"])["data"][path.name]
-        assert Prices.model_validate(yaml.safe_load(table)) == Prices.from_yaml(
-            ROOT / "deploy" / "local" / "prices.yaml"
-        )
