@@ -8,7 +8,11 @@ that handle tokens once the engine has made them: on the mesh Envoy, the router 
 frontend (its main process: AsyncLLM's output handling and the gRPC servicer; the engine core and its
 worker are child processes and excluded), on vLLM's side its API server process (the same frontend and
 its HTTP server). Reports µs of CPU per streamed token (completion tokens as the usage chunks say) per
-process, the medians of the rounds.
+process, the medians of the rounds, in all and above idle: before each round, in its seconds of quiet, each
+process's idle CPU (timers, load reports, pollers) is measured, and what it would have spent idle over the
+round's wall time is taken off. With a slow engine the idle share is large: a process that spends 7 ms a
+second on nothing adds 60 µs to every token of a 115 tokens/s round. On-CPU time is the scheduler's own count
+(/proc schedstat, in nanoseconds), not 10 ms ticks, which are too coarse for an idle window.
 
     python -m bench.stream_tokens [--streams 64] [--max-tokens 64] [--rounds 3] [--stream-interval N]
 
@@ -30,7 +34,7 @@ import httpx
 
 from bench.edge_vs_vllm import MODEL, ROOT, Target, serving, side_by_side
 from bench.loadgen import write_report
-from bench.ratelimit import cpu_seconds
+from bench.wakeups import on_cpu_ms
 
 PROMPT = "Write a long story about a lighthouse keeper and the ships she guides home."
 
@@ -57,17 +61,28 @@ async def _stream(client: httpx.AsyncClient, max_tokens: int) -> int:
     return tokens
 
 
-async def one_round(target: Target, streams: int, max_tokens: int, pids: dict[str, int]) -> dict[str, float]:
-    """µs of CPU per streamed token of each process in pids over one round, and the tokens streamed."""
+async def one_round(
+    target: Target, streams: int, max_tokens: int, pids: dict[str, int], quiet: float = 0.0
+) -> dict[str, float]:
+    """µs of CPU per streamed token of each process in pids over one round, in all and above its idle CPU (ms
+    per second, measured over `quiet` seconds of nothing sent first), and the tokens streamed."""
+    idle = {name: 0.0 for name in pids}
+    if quiet > 0:
+        before = {name: on_cpu_ms(pid) for name, pid in pids.items()}
+        await asyncio.sleep(quiet)
+        idle = {name: (on_cpu_ms(pid) - before[name]) / quiet for name, pid in pids.items()}
     url, headers = target
     limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        before = {name: on_cpu_ms(pid) for name, pid in pids.items()}
         started = time.perf_counter()
         tokens = sum(await asyncio.gather(*(_stream(client, max_tokens) for _ in range(streams))))
         wall = time.perf_counter() - started
-        after = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    row = {name: (after[name] - before[name]) * 1e6 / max(1, tokens) for name in pids}
+        spent = {name: on_cpu_ms(pid) - before[name] for name, pid in pids.items()}
+    per_token = 1000 / max(1, tokens)
+    row = {name: spent[name] * per_token for name in pids}
+    row |= {f"{name} above idle": (spent[name] - idle[name] * wall) * per_token for name in pids}
+    row |= {f"{name} idle": idle[name] for name in pids}
     return {**row, "tokens": float(tokens), "tokens/s": tokens / wall}
 
 
@@ -83,19 +98,26 @@ def report(rows: dict[str, list[dict[str, float]]], args: argparse.Namespace, st
         f"ignore_eos), {args.stream_interval} token(s) per streamed event after the first "
         f"(vLLM's --stream-interval, on both), {args.rounds} rounds alternating between the targets; "
         f"the mesh's whole path (a real key, limits, billing, mutual TLS inside). "
-        f"CPU from /proc around each round, divided by the completion tokens streamed; medians of the rounds. "
+        f"On-CPU time from /proc schedstat around each round, divided by the completion tokens streamed, in all "
+        f"and above idle (the idle CPU each process spent in the {args.settle:g} s of quiet before the round, "
+        f"scaled to the round's wall time, taken off); medians of the rounds. "
         f"The engine core and its worker are excluded on both sides. "
         f"Machine: 2 cores, shared. Ran {time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC "
         f"for {time.time() - started:.0f} s.",
         "",
-        "| target | process | CPU µs per streamed token |",
-        "|---|---|---|",
+        "| target | process | idle ms/s | CPU µs per streamed token | above idle |",
+        "|---|---|---|---|---|",
     ]
-    for part in mesh_parts:
-        lines.append(f"| meshserve | {part} | {med('meshserve', part):.1f} |")
-    mesh_total = statistics.median(sum(r[p] for p in mesh_parts) for r in rows["meshserve"])
-    lines.append(f"| meshserve | **Envoy + router + inference frontend** (target ≤ 40) | **{mesh_total:.1f}** |")
-    lines.append(f"| vllm-serve | API server (frontend and HTTP) | {med('vllm-serve', 'api server'):.1f} |")
+
+    def row(target: str, label: str, parts: tuple[str, ...]) -> str:
+        def total(suffix: str) -> float:
+            return statistics.median(sum(r[p + suffix] for p in parts) for r in rows[target])
+
+        return f"| {target} | {label} | {total(' idle'):.1f} | {total(''):.1f} | {total(' above idle'):.1f} |"
+
+    lines += [row("meshserve", part, (part,)) for part in mesh_parts]
+    lines.append(row("meshserve", "**Envoy + router + inference frontend** (target ≤ 40)", mesh_parts))
+    lines.append(row("vllm-serve", "API server (frontend and HTTP)", ("api server",)))
     lines += [
         "",
         f"Tokens/s: meshserve {med('meshserve', 'tokens/s'):.1f}, vLLM's server {med('vllm-serve', 'tokens/s'):.1f}; "
@@ -109,7 +131,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each round")
+    parser.add_argument(
+        "--settle", type=float, default=3.0, help="seconds of quiet before each round (the idle CPU is measured in it)"
+    )
     parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed event, on both")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -131,8 +155,9 @@ def main() -> None:
             asyncio.run(one_round(target, 4, 8, pids[name]))
         for _ in range(args.rounds):
             for name, target in targets.items():
-                time.sleep(args.settle)
-                rows[name].append(asyncio.run(one_round(target, args.streams, args.max_tokens, pids[name])))
+                rows[name].append(
+                    asyncio.run(one_round(target, args.streams, args.max_tokens, pids[name], quiet=args.settle))
+                )
     write_report(report(rows, args, started).splitlines(), args.out)
 
 

@@ -30,7 +30,7 @@ PAUSES = (0.0, 0.01, 0.03, 0.07, 0.15)
 IDLE_SECONDS = 10
 
 
-def _on_cpu_ms(pid: int) -> float:
+def on_cpu_ms(pid: int) -> float:
     """Milliseconds every thread of pid has run on a CPU: the scheduler's own count, in nanoseconds (not
     bench.ratelimit.cpu_seconds's 10 ms ticks, longer than most services spend on one request)."""
     total = 0
@@ -73,19 +73,19 @@ def main() -> None:
     per_request: dict[float, dict[str, list[float]]] = {p: {} for p in PAUSES}
     with whole_path("bench-wakeups") as (mesh, url, headers, _):
         pids = {name: proc.popen.pid for name, proc in mesh.procs.items()}
-        before = {name: _on_cpu_ms(pid) for name, pid in pids.items()}
+        before = {name: on_cpu_ms(pid) for name, pid in pids.items()}
         time.sleep(IDLE_SECONDS)
-        idle = {name: (_on_cpu_ms(pid) - before[name]) / IDLE_SECONDS for name, pid in pids.items()}
+        idle = {name: (on_cpu_ms(pid) - before[name]) / IDLE_SECONDS for name, pid in pids.items()}
         with httpx.Client(headers=headers, timeout=30) as client:
             for _ in range(args.rounds):
                 for pause in PAUSES:
-                    before = {name: _on_cpu_ms(pid) for name, pid in pids.items()}
+                    before = {name: on_cpu_ms(pid) for name, pid in pids.items()}
                     for _ in range(args.requests):
                         if pause:
                             time.sleep(pause)
                         client.post(url, json=body).raise_for_status()
                     for name, pid in pids.items():
-                        spent = (_on_cpu_ms(pid) - before[name]) / args.requests
+                        spent = (on_cpu_ms(pid) - before[name]) / args.requests
                         per_request[pause].setdefault(name, []).append(spent)
     names = sorted(pids, key=lambda n: -statistics.median(per_request[0.0][n]))
 
