@@ -24,6 +24,7 @@ bench:
 	@.venv/bin/python -m bench.embeddings
 	@.venv/bin/python -m bench.wakeups
 	@.venv/bin/python -m bench.stream_tokens
+	@.venv/bin/python -m bench.grpc_messages
 	@.venv/bin/python -m bench.syscalls
 	@.venv/bin/python -m bench.billing
 	@.venv/bin/python -m bench.tracing
