@@ -16,7 +16,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from deploy.k8s.render import OVERLAYS
-from tests.integration.test_k8s_manifests import pod_specs
+from tests.integration.k8s_docs import pod_specs
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((ROOT / "deploy" / "docker").glob("*Dockerfile"))

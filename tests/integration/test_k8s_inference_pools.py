@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import yaml
 
-from tests.integration.test_k8s_manifests import Doc, _generated, env, named, of_kind
+from tests.integration.k8s_docs import Doc, env, generated, named, of_kind
 
 
 def test_only_cpu_engines_run_native_rotary_embeddings() -> None:
@@ -70,7 +70,7 @@ def test_the_spot_pool_runs_on_spot_nodes_leaves_within_the_notice_and_scales_fi
         "spot": "spot",
     }
     catalogue = yaml.safe_load(
-        named("gpu-spot", "ConfigMap", _generated("gpu-spot", "router-catalogue"))["data"]["catalogue.yaml"]
+        named("gpu-spot", "ConfigMap", generated("gpu-spot", "router-catalogue"))["data"]["catalogue.yaml"]
     )
     [weights] = [m["pool_weights"] for m in catalogue["models"]]
     assert weights["spot"] > weights["on-demand"]
@@ -92,7 +92,7 @@ def test_the_gpu_overlay_serves_a_quantized_checkpoint_with_an_fp8_kv_cache() ->
             # The names are the settings' own (a typo would leave the engine unquantized, silently).
             assert {"kv_cache_dtype", "quantization"} <= InferenceSettings.model_fields.keys()
         catalogue = yaml.safe_load(
-            named(overlay, "ConfigMap", _generated(overlay, "router-catalogue"))["data"]["catalogue.yaml"]
+            named(overlay, "ConfigMap", generated(overlay, "router-catalogue"))["data"]["catalogue.yaml"]
         )
         assert [m["id"] for m in catalogue["models"]] == ["RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8"]
         # The routers take only replicas that report running what the engines are set to.

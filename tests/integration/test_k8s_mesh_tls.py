@@ -9,7 +9,7 @@ import yaml
 from deploy.k8s.render import OVERLAYS
 from services.runtime import tls
 from services.runtime.callers import CALLERS
-from tests.integration.test_k8s_manifests import _generated, env, issued, named, of_kind, pod_specs
+from tests.integration.k8s_docs import env, generated, issued, named, of_kind, pod_specs
 
 MESH_SERVICES = ("auth", "ratelimit", "billing", "router", "inference")
 
@@ -58,7 +58,7 @@ def test_every_service_serves_and_calls_with_a_certificate_of_its_identity_from_
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_edge_serves_tls_only_and_every_upstream_of_it_is_mutual_tls(overlay: str) -> None:
-    config_map = named(overlay, "ConfigMap", _generated(overlay, "envoy-config"))["data"]
+    config_map = named(overlay, "ConfigMap", generated(overlay, "envoy-config"))["data"]
     config = yaml.safe_load(config_map["envoy.yaml"])
     [listener] = config["static_resources"]["listeners"]
     downstream = listener["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]

@@ -33,17 +33,17 @@ def test_the_drift_alert_fires_on_unbilled_tokens_and_only_then() -> None:
 
 
 def test_the_cluster_ships_the_same_rules_and_dashboard() -> None:
-    from tests.integration.test_k8s_manifests import _generated, named
+    from tests.integration.k8s_docs import generated, named
 
-    shipped = named("gpu", "ConfigMap", _generated("gpu", "prometheus-rules"))["data"]["meshserve.rules.yaml"]
+    shipped = named("gpu", "ConfigMap", generated("gpu", "prometheus-rules"))["data"]["meshserve.rules.yaml"]
     assert shipped == (RULES / "rules.yaml").read_text()
-    dashboard = named("gpu", "ConfigMap", _generated("gpu", "grafana-dashboard-meshserve"))
+    dashboard = named("gpu", "ConfigMap", generated("gpu", "grafana-dashboard-meshserve"))
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["data"]["meshserve.json"] == (RULES.parent / "grafana" / "meshserve.json").read_text()
 
 
 def test_prometheus_operator_scrapes_every_service_and_loads_the_same_rules() -> None:
-    from tests.integration.test_k8s_manifests import of_kind, pod_specs
+    from tests.integration.k8s_docs import of_kind, pod_specs
 
     [rule] = of_kind("gpu", "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load((RULES / "rules.yaml").read_text())["groups"]
