@@ -27,7 +27,7 @@ import uvloop
 from grpc import aio
 
 from bench.loadgen import write_report
-from bench.wakeups import on_cpu_ms
+from bench.wakeups import idle_ms_per_s, on_cpu_ms
 from services.mesh.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +58,7 @@ def _serve(port: int, ready: Any) -> None:
 async def _round(channel: aio.Channel, mode: str, args: argparse.Namespace, server: int) -> dict[str, float]:
     """µs per event on each end, above the idle CPU of the quiet before it."""
     pids = {"sender": server, "receiver": os.getpid()}
-    before = {n: on_cpu_ms(p) for n, p in pids.items()}
-    await asyncio.sleep(args.settle)
-    idle = {n: (on_cpu_ms(p) - before[n]) / args.settle for n, p in pids.items()}
+    idle = await idle_ms_per_s(pids, args.settle)
     call = channel.unary_stream(METHOD)
     calls, streams = (args.streams, 1) if mode == "per stream" else (1, args.streams)
 

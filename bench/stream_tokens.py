@@ -34,7 +34,7 @@ import httpx
 
 from bench.edge_vs_vllm import MODEL, ROOT, Target, serving, side_by_side
 from bench.loadgen import write_report
-from bench.wakeups import on_cpu_ms
+from bench.wakeups import idle_ms_per_s, on_cpu_ms
 
 PROMPT = "Write a long story about a lighthouse keeper and the ships she guides home."
 
@@ -66,11 +66,7 @@ async def one_round(
 ) -> dict[str, float]:
     """µs of CPU per streamed token of each process in pids over one round, in all and above its idle CPU (ms
     per second, measured over `quiet` seconds of nothing sent first), and the tokens streamed."""
-    idle = {name: 0.0 for name in pids}
-    if quiet > 0:
-        before = {name: on_cpu_ms(pid) for name, pid in pids.items()}
-        await asyncio.sleep(quiet)
-        idle = {name: (on_cpu_ms(pid) - before[name]) / quiet for name, pid in pids.items()}
+    idle = await idle_ms_per_s(pids, quiet) if quiet > 0 else {name: 0.0 for name in pids}
     url, headers = target
     limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:

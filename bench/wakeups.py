@@ -13,6 +13,7 @@ share of the effect, with no mesh involved).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
 import statistics
@@ -38,6 +39,13 @@ def on_cpu_ms(pid: int) -> float:
         with open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
             total += int(stat.read().split()[0])
     return total / 1e6
+
+
+async def idle_ms_per_s(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """Each process's on-CPU ms per second over `seconds` of nothing sent (what it spends idle)."""
+    before = {name: on_cpu_ms(pid) for name, pid in pids.items()}
+    await asyncio.sleep(seconds)
+    return {name: (on_cpu_ms(pid) - before[name]) / seconds for name, pid in pids.items()}
 
 
 def _walk(objects: list[dict[str, int]], order: list[int]) -> int:
@@ -73,9 +81,7 @@ def main() -> None:
     per_request: dict[float, dict[str, list[float]]] = {p: {} for p in PAUSES}
     with whole_path("bench-wakeups") as (mesh, url, headers, _):
         pids = {name: proc.popen.pid for name, proc in mesh.procs.items()}
-        before = {name: on_cpu_ms(pid) for name, pid in pids.items()}
-        time.sleep(IDLE_SECONDS)
-        idle = {name: (on_cpu_ms(pid) - before[name]) / IDLE_SECONDS for name, pid in pids.items()}
+        idle = asyncio.run(idle_ms_per_s(pids, IDLE_SECONDS))
         with httpx.Client(headers=headers, timeout=30) as client:
             for _ in range(args.rounds):
                 for pause in PAUSES:
